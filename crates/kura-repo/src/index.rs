@@ -1,0 +1,171 @@
+//! The blob index: which pack holds each blob. Index files are sealed lists of pack headers, so
+//! the index is a cache of the packs and can always be rebuilt from them.
+
+use crate::crypto::MasterKey;
+use crate::id::Id;
+use crate::pack::{BlobKind, Compression, PackEntry};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Magic at the start of an index file.
+pub const INDEX_MAGIC: &[u8; 8] = b"KURAIDX1";
+
+/// One pack's entries, as stored in an index file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IndexPack {
+    /// The pack's id (hash of its bytes).
+    pub id: Id,
+    /// Its blobs.
+    pub blobs: Vec<PackEntry>,
+}
+
+/// The plaintext of an index file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct IndexFile {
+    /// Record version (1).
+    pub version: u32,
+    /// Packs covered by this file.
+    pub packs: Vec<IndexPack>,
+}
+
+impl IndexFile {
+    /// Seals to the stored form: magic ‖ nonce ‖ ciphertext ‖ tag.
+    pub fn encode(&self, key: &MasterKey) -> Option<Vec<u8>> {
+        let plain = postcard::to_stdvec(self).ok()?;
+        let mut out = INDEX_MAGIC.to_vec();
+        key.seal_into(&plain, INDEX_MAGIC, &mut out).ok()?;
+        Some(out)
+    }
+
+    /// Opens a stored index file.
+    pub fn decode(key: &MasterKey, bytes: &[u8]) -> Result<IndexFile, String> {
+        if bytes.len() < 8 || &bytes[..8] != INDEX_MAGIC {
+            return Err("not an index file (magic missing)".into());
+        }
+        let plain = key.open(&bytes[8..], INDEX_MAGIC).map_err(|_| "failed authentication")?;
+        let f: IndexFile = postcard::from_bytes(&plain).map_err(|e| e.to_string())?;
+        if f.version != 1 {
+            return Err(format!("unsupported index version {}", f.version));
+        }
+        Ok(f)
+    }
+}
+
+/// Where a blob is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLoc {
+    /// Position of the pack in [`Index::packs`].
+    pub pack: u32,
+    /// Data or tree.
+    pub kind: BlobKind,
+    /// Encoding.
+    pub compression: Compression,
+    /// Offset in the pack.
+    pub offset: u32,
+    /// Sealed length.
+    pub length: u32,
+    /// Plaintext length.
+    pub raw_length: u32,
+}
+
+/// The in-memory index of every blob in the repository.
+#[derive(Debug, Default)]
+pub struct Index {
+    packs: Vec<Id>,
+    pack_pos: HashMap<Id, u32>,
+    blobs: HashMap<Id, BlobLoc>,
+}
+
+impl Index {
+    /// Adds one pack's entries (idempotent).
+    pub fn add_pack(&mut self, pack: Id, entries: &[PackEntry]) {
+        let pos = *self.pack_pos.entry(pack).or_insert_with(|| {
+            self.packs.push(pack);
+            (self.packs.len() - 1) as u32
+        });
+        for e in entries {
+            self.blobs.entry(e.id).or_insert(BlobLoc {
+                pack: pos,
+                kind: e.kind,
+                compression: e.compression,
+                offset: e.offset,
+                length: e.length,
+                raw_length: e.raw_length,
+            });
+        }
+    }
+
+    /// Looks a blob up.
+    pub fn get(&self, id: &Id) -> Option<(Id, BlobLoc)> {
+        let loc = *self.blobs.get(id)?;
+        Some((self.packs[loc.pack as usize], loc))
+    }
+
+    /// True when the blob is indexed.
+    pub fn contains(&self, id: &Id) -> bool {
+        self.blobs.contains_key(id)
+    }
+
+    /// True when the pack is covered by some index entry.
+    pub fn has_pack(&self, id: &Id) -> bool {
+        self.pack_pos.contains_key(id)
+    }
+
+    /// All packs the index knows.
+    pub fn packs(&self) -> &[Id] {
+        &self.packs
+    }
+
+    /// Number of blobs.
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+
+    /// Every blob with its pack.
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, Id, &BlobLoc)> {
+        self.blobs.iter().map(|(id, loc)| (id, self.packs[loc.pack as usize], loc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_file_round_trip_and_garbage() {
+        let k = MasterKey::from_secret([4; 32]);
+        let e = PackEntry {
+            id: Id([2; 32]),
+            kind: BlobKind::Tree,
+            compression: Compression::Zstd,
+            offset: 0,
+            length: 50,
+            raw_length: 70,
+        };
+        let f = IndexFile { version: 1, packs: vec![IndexPack { id: Id([3; 32]), blobs: vec![e] }] };
+        let bytes = f.encode(&k).unwrap();
+        assert_eq!(IndexFile::decode(&k, &bytes).unwrap(), f);
+        let mut flipped = bytes.clone();
+        flipped[20] ^= 0x40;
+        assert!(IndexFile::decode(&k, &flipped).is_err());
+        assert!(IndexFile::decode(&k, &bytes[..bytes.len() - 1]).is_err());
+        assert!(IndexFile::decode(&k, &[]).is_err());
+        let mut idx = Index::default();
+        idx.add_pack(Id([3; 32]), &f.packs[0].blobs);
+        assert_eq!(idx.get(&Id([2; 32])).unwrap().0, Id([3; 32]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let k = MasterKey::from_secret([4; 32]);
+            let mut b = INDEX_MAGIC.to_vec(); b.extend_from_slice(&bytes);
+            proptest::prop_assert!(IndexFile::decode(&k, &b).is_err());
+        }
+    }
+}

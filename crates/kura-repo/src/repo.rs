@@ -1,0 +1,486 @@
+//! The open repository: keys, index, blob reads with verification, and the thread-safe blob
+//! writer that packs, uploads and indexes new blobs in the order FORMAT.md requires.
+
+use crate::chunker::Chunker;
+use crate::config::Config;
+use crate::crypto::MasterKey;
+use crate::error::RepoError;
+use crate::id::Id;
+use crate::index::{Index, IndexFile, IndexPack};
+use crate::keyfile::{KdfParams, KeyFile, KeyFileError};
+use crate::pack::{self, BlobKind, Compression, PackBuilder};
+use crate::snapshot::Snapshot;
+use crate::tree::Tree;
+use kura_store::{Kind, ObjectName, Store, StoreError};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// After this many new packs an index file is written, so a killed backup loses little.
+const PACKS_PER_INDEX: usize = 32;
+
+/// A listed key file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    /// Key id (hash of the key file).
+    pub id: String,
+    /// True for the key that opened this session.
+    pub current: bool,
+    /// Creation time.
+    pub created: String,
+    /// Host that added it.
+    pub host: String,
+    /// User that added it.
+    pub user: String,
+}
+
+/// An open repository.
+pub struct Repository {
+    store: Arc<dyn Store>,
+    key: MasterKey,
+    config: Config,
+    key_id: String,
+    chunker: Chunker,
+    index: RwLock<Index>,
+    pending: Mutex<HashSet<Id>>,
+    packer: Mutex<PackBuilder>,
+    unindexed: Mutex<Vec<IndexPack>>,
+    stored_bytes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn pack_name(id: &Id) -> ObjectName {
+    ObjectName::new(Kind::Pack, &id.to_hex())
+}
+
+fn host_user() -> (String, String) {
+    let host = rustix_hostname();
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    (host, user)
+}
+
+fn rustix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+impl Repository {
+    /// Creates a repository in an empty store: key first, config last, so a crash leaves no
+    /// half-made repository that looks valid.
+    pub fn init(
+        store: Arc<dyn Store>,
+        password: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Repository, RepoError> {
+        if !store.list(Kind::Config)?.is_empty() {
+            return Err(RepoError::AlreadyExists(store.location()));
+        }
+        let config = Config::new().map_err(|e| RepoError::Config { location: store.location(), source: e })?;
+        let key = MasterKey::generate().map_err(|e| RepoError::KeyRefused(format!("no randomness: {e}")))?;
+        let (host, user) = host_user();
+        let kf = KeyFile::wrap(&key, password, kdf, &host, &user)
+            .map_err(|e| RepoError::Key { id: "new".into(), source: e })?;
+        let bytes = kf.encode();
+        let key_id = Id::of_stored(&bytes).to_hex();
+        store.put_new(Kind::Key, &key_id, &bytes)?;
+        store.put_new(Kind::Config, "config", &config.encode())?;
+        Ok(Self::assemble(store, key, config, key_id))
+    }
+
+    fn assemble(store: Arc<dyn Store>, key: MasterKey, config: Config, key_id: String) -> Self {
+        let chunker = Chunker::new(config.chunker, key.chunker_seed());
+        Repository {
+            store,
+            key,
+            config,
+            key_id,
+            chunker,
+            index: RwLock::new(Index::default()),
+            pending: Mutex::new(HashSet::new()),
+            packer: Mutex::new(PackBuilder::new()),
+            unindexed: Mutex::new(Vec::new()),
+            stored_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Opens a repository with a password; tries every key file.
+    pub fn open(store: Arc<dyn Store>, password: &[u8]) -> Result<Repository, RepoError> {
+        let location = store.location();
+        let cfg_bytes = store.get(Kind::Config, "config").map_err(|e| match e {
+            StoreError::NotFound(_) => RepoError::NotFound(location.clone()),
+            e => e.into(),
+        })?;
+        let config = Config::decode(&cfg_bytes)
+            .map_err(|e| RepoError::Config { location: location.clone(), source: e })?;
+        let keys = store.list(Kind::Key)?;
+        let mut last_other = None;
+        for k in &keys {
+            let bytes = store.get(Kind::Key, &k.name)?;
+            let kf = match KeyFile::decode(&bytes) {
+                Ok(kf) => kf,
+                Err(e) => {
+                    last_other = Some(RepoError::Key { id: k.name.clone(), source: e });
+                    continue;
+                }
+            };
+            match kf.unwrap(password) {
+                Ok(key) => return Ok(Self::assemble(store, key, config, k.name.clone())),
+                Err(KeyFileError::WrongPassword) => {}
+                Err(e) => last_other = Some(RepoError::Key { id: k.name.clone(), source: e }),
+            }
+        }
+        match last_other {
+            Some(e) if keys.len() == 1 => Err(e),
+            _ => Err(RepoError::WrongPassword { location, keys: keys.len() }),
+        }
+    }
+
+    /// The storage backend.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The master key.
+    pub fn key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// The chunker for this repository.
+    pub fn chunker(&self) -> &Chunker {
+        &self.chunker
+    }
+
+    /// Bytes written to packs by this session.
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Loads every index file. Unreadable ones are returned as errors beside the count of good
+    /// ones; their packs then look unindexed and [`Repository::index_orphan_packs`] recovers them.
+    pub fn load_index(&self) -> Result<Vec<RepoError>, RepoError> {
+        let mut problems = Vec::new();
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for l in self.store.list(Kind::Index)? {
+            let obj = ObjectName::new(Kind::Index, &l.name);
+            let bytes = match self.store.get(Kind::Index, &l.name) {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if Id::of_stored(&bytes).to_hex() != l.name {
+                problems.push(RepoError::corrupt(&obj, "content does not match its name"));
+                continue;
+            }
+            match IndexFile::decode(&self.key, &bytes) {
+                Ok(f) => {
+                    for p in &f.packs {
+                        idx.add_pack(p.id, &p.blobs);
+                    }
+                }
+                Err(d) => problems.push(RepoError::corrupt(&obj, d)),
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Read access to the index.
+    pub fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a pack's header (footer first, then the header range).
+    pub fn read_pack_header(&self, id: &Id, size: u64) -> Result<pack::PackHeader, RepoError> {
+        let name = id.to_hex();
+        let obj = pack_name(id);
+        if size < pack::FOOTER_LEN as u64 {
+            return Err(RepoError::corrupt(&obj, format!("truncated to {size} bytes")));
+        }
+        let footer = self.store.get_range(Kind::Pack, &name, size - pack::FOOTER_LEN as u64, pack::FOOTER_LEN as u64)?;
+        let hlen = pack::parse_footer(&footer, size).map_err(|e| RepoError::corrupt(&obj, e))? as u64;
+        let hstart = size - pack::FOOTER_LEN as u64 - hlen;
+        let sealed = self.store.get_range(Kind::Pack, &name, hstart, hlen)?;
+        pack::decode_header(&self.key, &sealed, hstart).map_err(|e| RepoError::corrupt(&obj, e))
+    }
+
+    /// Finds packs no index file covers (left by a killed backup, or whose index file is
+    /// damaged), reads their headers and writes an index file for them. Returns how many were
+    /// recovered and the packs that could not be read.
+    pub fn index_orphan_packs(&self) -> Result<(usize, Vec<RepoError>), RepoError> {
+        let listed = self.store.list(Kind::Pack)?;
+        let mut recovered = Vec::new();
+        let mut bad = Vec::new();
+        for l in listed {
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            if self.index().has_pack(&id) {
+                continue;
+            }
+            match self.read_pack_header(&id, l.size) {
+                Ok(h) => recovered.push(IndexPack { id, blobs: h.entries }),
+                Err(e) => bad.push(e),
+            }
+        }
+        let n = recovered.len();
+        if n > 0 {
+            {
+                let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+                for p in &recovered {
+                    idx.add_pack(p.id, &p.blobs);
+                }
+            }
+            self.write_index_file(recovered)?;
+        }
+        Ok((n, bad))
+    }
+
+    fn write_index_file(&self, packs: Vec<IndexPack>) -> Result<(), RepoError> {
+        let f = IndexFile { version: 1, packs };
+        let bytes = f.encode(&self.key).ok_or_else(|| RepoError::KeyRefused("cannot encode index".into()))?;
+        match self.store.put_new(Kind::Index, &Id::of_stored(&bytes).to_hex(), &bytes) {
+            Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads, authenticates, decompresses and verifies one blob.
+    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>, RepoError> {
+        let (pack, loc) = self.index().get(id).ok_or(RepoError::BlobMissing(*id))?;
+        let sealed = self.store.get_range(Kind::Pack, &pack.to_hex(), loc.offset as u64, loc.length as u64)
+            .map_err(|e| match e {
+                StoreError::Short { name, len, .. } => RepoError::corrupt(name, format!("truncated to {len} bytes")),
+                e => e.into(),
+            })?;
+        self.decode_blob(id, &pack, loc.compression, loc.raw_length, &sealed)
+    }
+
+    /// Verifies sealed blob bytes already read from `pack`.
+    pub fn decode_blob(
+        &self,
+        id: &Id,
+        pack: &Id,
+        compression: Compression,
+        raw_length: u32,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, RepoError> {
+        let obj = pack_name(pack);
+        let plain = self
+            .key
+            .open(sealed, &id.0)
+            .map_err(|_| RepoError::corrupt(&obj, format!("blob {} failed authentication", id.short())))?;
+        let plain = match compression {
+            Compression::None => plain,
+            Compression::Zstd => zstd::bulk::decompress(&plain, raw_length as usize)
+                .map_err(|e| RepoError::corrupt(&obj, format!("blob {} does not decompress: {e}", id.short())))?,
+        };
+        if plain.len() != raw_length as usize || self.key.blob_id(&plain) != *id {
+            return Err(RepoError::corrupt(&obj, format!("blob {} does not match its id", id.short())));
+        }
+        Ok(plain)
+    }
+
+    /// Reads a tree blob.
+    pub fn read_tree(&self, id: &Id) -> Result<Tree, RepoError> {
+        let bytes = self.read_blob(id)?;
+        Tree::decode(&bytes).map_err(|d| RepoError::corrupt(format!("tree {}", id.short()), d))
+    }
+
+    /// Stores a blob unless the repository already has it (or another thread is storing it).
+    /// Returns its id and whether it was new. Thread-safe; the blob is durable only after
+    /// [`Repository::flush`].
+    pub fn save_blob(&self, kind: BlobKind, data: &[u8]) -> Result<(Id, bool), RepoError> {
+        let id = self.key.blob_id(data);
+        if self.index().contains(&id) || !lock(&self.pending).insert(id) {
+            return Ok((id, false));
+        }
+        let compressed = zstd::bulk::compress(data, self.config.zstd_level).ok();
+        let (comp, body) = match &compressed {
+            Some(c) if c.len() < data.len() => (Compression::Zstd, c.as_slice()),
+            _ => (Compression::None, data),
+        };
+        let sealed = self.key.seal(body, &id.0).map_err(|_| RepoError::KeyRefused("cannot encrypt".into()))?;
+        let full = {
+            let mut p = lock(&self.packer);
+            p.add(id, kind, comp, &sealed, data.len() as u32);
+            if p.len() >= self.config.pack_size as usize { Some(std::mem::take(&mut *p)) } else { None }
+        };
+        if let Some(p) = full {
+            self.upload_pack(p)?;
+        }
+        Ok((id, true))
+    }
+
+    /// Uploads a finished pack, then makes it visible in the in-memory index; every
+    /// `PACKS_PER_INDEX` packs an index file is written. A pack is always durable before any
+    /// index file names it.
+    fn upload_pack(&self, p: PackBuilder) -> Result<(), RepoError> {
+        let (pid, bytes, entries) =
+            p.finish(&self.key).map_err(|_| RepoError::KeyRefused("cannot encrypt pack header".into()))?;
+        match self.store.put_new(Kind::Pack, &pid.to_hex(), &bytes) {
+            Ok(()) | Err(StoreError::Exists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.stored_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.index.write().unwrap_or_else(|p| p.into_inner()).add_pack(pid, &entries);
+        {
+            let mut pend = lock(&self.pending);
+            for e in &entries {
+                pend.remove(&e.id);
+            }
+        }
+        let batch = {
+            let mut u = lock(&self.unindexed);
+            u.push(IndexPack { id: pid, blobs: entries });
+            if u.len() >= PACKS_PER_INDEX { Some(std::mem::take(&mut *u)) } else { None }
+        };
+        if let Some(b) = batch {
+            self.write_index_file(b)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the partly filled pack and writes the index file for every pack not yet covered.
+    /// After it returns, every blob saved so far is durable and indexed.
+    pub fn flush(&self) -> Result<(), RepoError> {
+        let p = std::mem::take(&mut *lock(&self.packer));
+        if !p.is_empty() {
+            self.upload_pack(p)?;
+        }
+        let batch = std::mem::take(&mut *lock(&self.unindexed));
+        if !batch.is_empty() {
+            self.write_index_file(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot object; call only after [`Repository::flush`]. Returns its id.
+    pub fn save_snapshot(&self, snap: &Snapshot) -> Result<Id, RepoError> {
+        let bytes = snap.encode(&self.key).ok_or_else(|| RepoError::KeyRefused("cannot encode snapshot".into()))?;
+        let id = Id::of_stored(&bytes);
+        self.store.put_new(Kind::Snapshot, &id.to_hex(), &bytes)?;
+        Ok(id)
+    }
+
+    /// Reads and verifies one snapshot.
+    pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot, RepoError> {
+        let obj = ObjectName::new(Kind::Snapshot, &id.to_hex());
+        let bytes = self.store.get(Kind::Snapshot, &id.to_hex())?;
+        if Id::of_stored(&bytes) != *id {
+            return Err(RepoError::corrupt(&obj, "content does not match its name"));
+        }
+        Snapshot::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
+    }
+
+    /// Every snapshot, each decoded or the error that names it; sorted by time.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Result<Snapshot, RepoError>)>, RepoError> {
+        let mut out = Vec::new();
+        for l in self.store.list(Kind::Snapshot)? {
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            out.push((id, self.read_snapshot(&id)));
+        }
+        out.sort_by_key(|(id, s)| (s.as_ref().map(|s| s.time()).ok(), *id));
+        Ok(out)
+    }
+
+    /// Resolves `latest` or a unique id prefix among readable snapshots; `filter` narrows
+    /// `latest` (e.g. to one host).
+    pub fn find_snapshot(
+        &self,
+        spec: &str,
+        filter: impl Fn(&Snapshot) -> bool,
+    ) -> Result<(Id, Snapshot), RepoError> {
+        let all = self.snapshots()?;
+        if spec == "latest" {
+            let mut problems = Vec::new();
+            let mut best: Option<(Id, Snapshot)> = None;
+            for (id, s) in all {
+                match s {
+                    Ok(s) if filter(&s) => {
+                        if best.as_ref().is_none_or(|(_, b)| s.time() >= b.time()) {
+                            best = Some((id, s));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => problems.push(e),
+                }
+            }
+            return match (best, problems.into_iter().next()) {
+                (Some(b), _) => Ok(b),
+                (None, Some(e)) => Err(e),
+                (None, None) => Err(RepoError::NoSnapshot(spec.into())),
+            };
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        let mut hits = all.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec_l));
+        match (hits.next(), hits.next()) {
+            (None, _) => Err(RepoError::NoSnapshot(spec.into())),
+            (Some(_), Some(_)) => Err(RepoError::Ambiguous(spec.into())),
+            (Some((id, s)), None) => s.map(|s| (id, s)),
+        }
+    }
+
+    /// Lists key files.
+    pub fn keys(&self) -> Result<Vec<KeyInfo>, RepoError> {
+        let mut out = Vec::new();
+        for l in self.store.list(Kind::Key)? {
+            let bytes = self.store.get(Kind::Key, &l.name)?;
+            let kf = KeyFile::decode(&bytes).map_err(|e| RepoError::Key { id: l.name.clone(), source: e })?;
+            out.push(KeyInfo {
+                current: l.name == self.key_id,
+                id: l.name,
+                created: kf.created,
+                host: kf.host,
+                user: kf.user,
+            });
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(out)
+    }
+
+    /// Adds a key file for `password`; returns its id.
+    pub fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<String, RepoError> {
+        let (host, user) = host_user();
+        let kf = KeyFile::wrap(&self.key, password, kdf, &host, &user)
+            .map_err(|e| RepoError::Key { id: "new".into(), source: e })?;
+        let bytes = kf.encode();
+        let id = Id::of_stored(&bytes).to_hex();
+        self.store.put_new(Kind::Key, &id, &bytes)?;
+        Ok(id)
+    }
+
+    /// Removes a key file by id or unique prefix; refuses the key in use and the last key.
+    pub fn remove_key(&self, prefix: &str) -> Result<String, RepoError> {
+        let keys = self.keys()?;
+        let hits: Vec<_> = keys.iter().filter(|k| k.id.starts_with(prefix) && !prefix.is_empty()).collect();
+        let k = match hits.as_slice() {
+            [k] => k,
+            [] => return Err(RepoError::KeyRefused(format!("no key matches {prefix:?}"))),
+            _ => return Err(RepoError::KeyRefused(format!("key prefix {prefix:?} is ambiguous"))),
+        };
+        if k.current {
+            return Err(RepoError::KeyRefused(format!(
+                "key {} opened this session; remove it with another key's password", &k.id[..8]
+            )));
+        }
+        if keys.len() < 2 {
+            return Err(RepoError::KeyRefused("refusing to remove the last key".into()));
+        }
+        self.store.delete(Kind::Key, &k.id)?;
+        Ok(k.id.clone())
+    }
+
+    /// Replaces the current key's password: adds the new key, then removes the old one.
+    pub fn change_password(&mut self, password: &[u8], kdf: KdfParams) -> Result<String, RepoError> {
+        let new_id = self.add_key(password, kdf)?;
+        let old = std::mem::replace(&mut self.key_id, new_id.clone());
+        self.store.delete(Kind::Key, &old)?;
+        Ok(new_id)
+    }
+}

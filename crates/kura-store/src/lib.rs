@@ -1,0 +1,227 @@
+//! Storage for kura repositories: a flat namespace of write-once objects grouped by kind.
+//!
+//! The [`Store`] trait is all the repository format needs from a backend: create an object that
+//! must not exist yet, read it (whole or a range), list a kind, delete (admin jobs only). The
+//! local directory backend ([`LocalStore`]) is the embedded default; an S3 backend (OpenDAL) and
+//! the kura server's HTTP client implement the same trait, so operations never see the difference.
+//!
+//! ```
+//! use kura_store::{Kind, LocalStore, Store};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = LocalStore::create(dir.path()).unwrap();
+//! store.put_new(Kind::Snapshot, "abcd", b"bytes").unwrap();
+//! assert_eq!(store.get(Kind::Snapshot, "abcd").unwrap(), b"bytes");
+//! ```
+
+mod local;
+
+pub use local::LocalStore;
+
+use std::fmt;
+
+/// The kinds of object a repository stores; each is a separate listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// The repository's `config` object (one, named `config`).
+    Config,
+    /// Passphrase-wrapped copies of the master key.
+    Key,
+    /// Pack files holding encrypted blobs.
+    Pack,
+    /// Index files mapping blobs to packs.
+    Index,
+    /// Snapshot objects.
+    Snapshot,
+}
+
+impl Kind {
+    /// Every kind, in the order a full listing walks them.
+    pub const ALL: [Kind; 5] = [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot];
+
+    /// The directory (or key prefix) objects of this kind live under.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Config => "",
+            Kind::Key => "keys",
+            Kind::Pack => "data",
+            Kind::Index => "index",
+            Kind::Snapshot => "snapshots",
+        }
+    }
+}
+
+/// An object's full name for messages: `data/ab/abcdef…`, `snapshots/…`, `config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectName {
+    /// The kind of object.
+    pub kind: Kind,
+    /// Its name within the kind.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            Kind::Config => write!(f, "{}", self.name),
+            Kind::Pack if self.name.len() >= 2 => {
+                write!(f, "data/{}/{}", &self.name[..2], self.name)
+            }
+            k => write!(f, "{}/{}", k.dir(), self.name),
+        }
+    }
+}
+
+impl ObjectName {
+    /// Names an object.
+    pub fn new(kind: Kind, name: &str) -> Self {
+        ObjectName { kind, name: name.to_string() }
+    }
+}
+
+/// What a store operation was doing when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// Reading an object.
+    Read,
+    /// Writing an object.
+    Write,
+    /// Listing a kind.
+    List,
+    /// Deleting an object.
+    Delete,
+    /// Opening or creating the store itself.
+    Open,
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verb::Read => "read",
+            Verb::Write => "write",
+            Verb::List => "list",
+            Verb::Delete => "delete",
+            Verb::Open => "open",
+        })
+    }
+}
+
+/// Errors of a storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("object {0} not found")]
+    NotFound(ObjectName),
+    /// `put_new` found the object already there; nothing was written.
+    #[error("object {0} already exists")]
+    Exists(ObjectName),
+    /// The store itself (the repository location) does not exist.
+    #[error("no repository at {0}")]
+    NoStore(String),
+    /// A name that is not a valid object name (path separators, dots, empty).
+    #[error("invalid object name {0:?}")]
+    InvalidName(String),
+    /// A range read reached past the end of the object.
+    #[error("object {name} is shorter than expected: wanted bytes {offset}..{end}, it has {len}")]
+    Short {
+        /// The object.
+        name: ObjectName,
+        /// Start of the wanted range.
+        offset: u64,
+        /// End of the wanted range.
+        end: u64,
+        /// Actual length.
+        len: u64,
+    },
+    /// The medium failed: permission, full disk, I/O error.
+    #[error("cannot {verb} {target}")]
+    Io {
+        /// What was being done.
+        verb: Verb,
+        /// The object or location.
+        target: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// True when the medium ran out of space (the caller may free space and run again).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(28))
+    }
+
+    /// True for errors worth retrying (network hiccups); the local store has none.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut))
+    }
+}
+
+/// A listed object: its name and stored size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Name within its kind.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A storage backend. All methods are blocking and safe to call from several threads.
+///
+/// Durability contract: when `put_new` returns `Ok`, the object is durable (survives a power
+/// loss) and visible to `get` and `list` with exactly the given bytes. An object is never
+/// visible half-written. Objects are never overwritten: the only way to change a name's bytes
+/// is `delete` followed by `put_new`, and only admin operations delete.
+pub trait Store: Send + Sync {
+    /// Creates `kind/name` with `data`. Fails with [`StoreError::Exists`] (and writes nothing)
+    /// when the name is taken. Durable on return.
+    fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError>;
+
+    /// Reads a whole object.
+    fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError>;
+
+    /// Reads `len` bytes at `offset`; fails with [`StoreError::Short`] past the end.
+    fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64)
+    -> Result<Vec<u8>, StoreError>;
+
+    /// Lists the objects of a kind (any order). In-progress writes are never listed.
+    fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError>;
+
+    /// Deletes an object; deleting a missing object is `NotFound`. Durable on return.
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError>;
+
+    /// A human description of where the store is, for messages.
+    fn location(&self) -> String;
+}
+
+/// Checks that `name` is a plain object name: no separators, not `.`/`..`, not empty, and not
+/// starting with `.` (reserved for in-progress temporary files).
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok { Ok(()) } else { Err(StoreError::InvalidName(name.to_string())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_separators_or_dots_are_refused() {
+        for bad in ["", ".", "..", "a/b", ".tmp-x", "a b", "../x"] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["config", "abcdef0123", "key-1_x"] {
+            assert!(check_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn object_names_display_as_paths() {
+        assert_eq!(ObjectName::new(Kind::Pack, "abcdef").to_string(), "data/ab/abcdef");
+        assert_eq!(ObjectName::new(Kind::Snapshot, "12").to_string(), "snapshots/12");
+        assert_eq!(ObjectName::new(Kind::Config, "config").to_string(), "config");
+    }
+}

@@ -1,0 +1,239 @@
+//! The local directory backend: one file per object, written to a temporary name, fsynced,
+//! then hard-linked into place (so an existing name is never replaced) and the directory fsynced.
+
+use crate::{Kind, Listed, ObjectName, Store, StoreError, Verb, check_name};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A repository stored in a local directory (or a mounted filesystem).
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io(verb: Verb, target: impl std::fmt::Display, source: std::io::Error) -> StoreError {
+    StoreError::Io { verb, target: target.to_string(), source }
+}
+
+impl LocalStore {
+    /// Opens an existing store; [`StoreError::NoStore`] when the directory or its `config` is
+    /// missing.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        if !root.join("config").is_file() {
+            return Err(StoreError::NoStore(root.display().to_string()));
+        }
+        Ok(LocalStore { root: root.to_path_buf() })
+    }
+
+    /// Creates the directory layout (idempotent). The repository only exists once its `config`
+    /// object has been written, which the caller does last.
+    pub fn create(root: &Path) -> Result<Self, StoreError> {
+        let mk = |p: &Path| fs::create_dir_all(p).map_err(|e| io(Verb::Open, p.display(), e));
+        mk(root)?;
+        for kind in [Kind::Key, Kind::Index, Kind::Snapshot] {
+            mk(&root.join(kind.dir()))?;
+        }
+        for i in 0..=255u8 {
+            mk(&root.join("data").join(format!("{i:02x}")))?;
+        }
+        sync_dir(root)?;
+        Ok(LocalStore { root: root.to_path_buf() })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir_of(&self, kind: Kind, name: &str) -> PathBuf {
+        match kind {
+            Kind::Config => self.root.clone(),
+            Kind::Pack => self.root.join("data").join(name.get(..2).unwrap_or("00")),
+            k => self.root.join(k.dir()),
+        }
+    }
+
+    fn path_of(&self, kind: Kind, name: &str) -> Result<PathBuf, StoreError> {
+        check_name(name)?;
+        if kind == Kind::Config && name != "config" {
+            return Err(StoreError::InvalidName(name.to_string()));
+        }
+        Ok(self.dir_of(kind, name).join(name))
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(Verb::Write, dir.display(), e))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 8];
+    // A failing OS random source only weakens temp-name uniqueness, which O_EXCL still guards.
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Store for LocalStore {
+    fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.path_of(kind, name)?;
+        let obj = ObjectName::new(kind, name);
+        let dir = self.dir_of(kind, name);
+        if path.exists() {
+            return Err(StoreError::Exists(obj));
+        }
+        let tmp = dir.join(format!(".tmp-{}", random_suffix()));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(Verb::Write, obj, e));
+        }
+        // link() refuses an existing name, so a concurrent writer of the same name cannot be
+        // overwritten; rename() would silently replace it.
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => sync_dir(&dir),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(StoreError::Exists(obj)),
+            Err(e) => Err(io(Verb::Write, obj, e)),
+        }
+    }
+
+    fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.path_of(kind, name)?;
+        fs::read(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => StoreError::NotFound(ObjectName::new(kind, name)),
+            _ => io(Verb::Read, ObjectName::new(kind, name), e),
+        })
+    }
+
+    fn get_range(
+        &self,
+        kind: Kind,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let path = self.path_of(kind, name)?;
+        let obj = || ObjectName::new(kind, name);
+        let f = File::open(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => StoreError::NotFound(obj()),
+            _ => io(Verb::Read, obj(), e),
+        })?;
+        let size = f.metadata().map_err(|e| io(Verb::Read, obj(), e))?.len();
+        let end = offset.saturating_add(len);
+        if end > size {
+            return Err(StoreError::Short { name: obj(), offset, end, len: size });
+        }
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset).map_err(|e| io(Verb::Read, obj(), e))?;
+        Ok(buf)
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
+        let dirs: Vec<PathBuf> = match kind {
+            Kind::Config => {
+                return Ok(fs::metadata(self.root.join("config"))
+                    .map(|m| vec![Listed { name: "config".into(), size: m.len() }])
+                    .unwrap_or_default());
+            }
+            Kind::Pack => {
+                let data = self.root.join("data");
+                let rd = fs::read_dir(&data).map_err(|e| io(Verb::List, data.display(), e))?;
+                rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect()
+            }
+            k => vec![self.root.join(k.dir())],
+        };
+        let mut out = Vec::new();
+        for dir in dirs {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(Verb::List, dir.display(), e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| io(Verb::List, dir.display(), e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if check_name(&name).is_err() {
+                    continue; // temporary files of interrupted writes and foreign files
+                }
+                let size = entry.metadata().map_err(|e| io(Verb::List, dir.display(), e))?.len();
+                out.push(Listed { name, size });
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
+        let path = self.path_of(kind, name)?;
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => StoreError::NotFound(ObjectName::new(kind, name)),
+            _ => io(Verb::Delete, ObjectName::new(kind, name), e),
+        })?;
+        sync_dir(&self.dir_of(kind, name))
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn put_new_never_overwrites() {
+        let (_d, s) = store();
+        s.put_new(Kind::Index, "aa11", b"first").unwrap();
+        let err = s.put_new(Kind::Index, "aa11", b"second").unwrap_err();
+        assert!(matches!(err, StoreError::Exists(_)));
+        assert_eq!(s.get(Kind::Index, "aa11").unwrap(), b"first");
+    }
+
+    #[test]
+    fn temporary_files_are_not_listed() {
+        let (d, s) = store();
+        s.put_new(Kind::Pack, "ab12", b"x").unwrap();
+        fs::write(d.path().join("data/ab/.tmp-dead"), b"half").unwrap();
+        let names: Vec<_> = s.list(Kind::Pack).unwrap().into_iter().map(|l| l.name).collect();
+        assert_eq!(names, vec!["ab12".to_string()]);
+    }
+
+    #[test]
+    fn range_past_end_is_short_not_a_panic() {
+        let (_d, s) = store();
+        s.put_new(Kind::Pack, "cd34", b"0123456789").unwrap();
+        assert_eq!(s.get_range(Kind::Pack, "cd34", 2, 3).unwrap(), b"234");
+        assert!(matches!(s.get_range(Kind::Pack, "cd34", 8, 5), Err(StoreError::Short { .. })));
+        assert!(matches!(s.get_range(Kind::Pack, "cd34", u64::MAX, 5), Err(StoreError::Short { .. })));
+        assert!(matches!(s.get(Kind::Pack, "ef56"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn open_without_config_is_no_store() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(matches!(LocalStore::open(&d.path().join("nope")), Err(StoreError::NoStore(_))));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_name_is_either_refused_or_stays_inside(name in ".{0,12}") {
+            let (d, s) = store();
+            if s.put_new(Kind::Snapshot, &name, b"v").is_ok() {
+                proptest::prop_assert!(d.path().join("snapshots").join(&name).is_file());
+            }
+        }
+    }
+}
