@@ -1,1 +1,75 @@
-fn main() {}
+//! The `kura` binary: parses the command line, runs one command, prints one line per error and
+//! exits with a code restic users know (0 ok, 1 fatal, 3 partial, 10 no repository, 12 wrong
+//! password, 130 interrupted).
+
+mod args;
+mod cmd;
+mod open;
+mod output;
+
+use args::{Cli, Command};
+use clap::Parser;
+use kura_ops::OpsError;
+use kura_repo::RepoError;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How a command ended when it did not fail.
+pub enum Outcome {
+    /// Everything done.
+    Ok,
+    /// Snapshot saved but some source files were unreadable.
+    Partial,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        let repo = cause.downcast_ref::<RepoError>().or_else(|| match cause.downcast_ref::<OpsError>() {
+            Some(OpsError::Repo(r)) => Some(r),
+            _ => None,
+        });
+        match repo {
+            Some(RepoError::NotFound(_)) => return 10,
+            Some(RepoError::WrongPassword { .. }) => return 12,
+            _ => {}
+        }
+        if matches!(cause.downcast_ref::<OpsError>(), Some(OpsError::Interrupted)) {
+            return 130;
+        }
+    }
+    if INTERRUPTED.load(Ordering::Relaxed) { 130 } else { 1 }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<Outcome> {
+    match &cli.command {
+        Command::Init => cmd::backup::init(cli),
+        Command::Backup(a) => cmd::backup::run(cli, a, &INTERRUPTED),
+        Command::Snapshots(f) => cmd::info::snapshots(cli, f),
+        Command::Ls { snapshot, path } => cmd::info::ls(cli, snapshot, path.as_deref()),
+        Command::Restore(a) => cmd::restore::run(cli, a, &INTERRUPTED),
+        Command::Diff { a, b } => cmd::info::diff(cli, a, b),
+        Command::Check(a) => cmd::backup::run_check(cli, a),
+        Command::Cat { kind, id } => cmd::info::cat(cli, kind, id.as_deref()),
+        Command::Key(k) => cmd::key::run(cli, k),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // First Ctrl-C: stop cleanly at the next chunk; second: leave at once.
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+    });
+    match run(&cli) {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Partial) => ExitCode::from(3),
+        Err(e) => {
+            eprintln!("kura: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}

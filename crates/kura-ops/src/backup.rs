@@ -1,0 +1,693 @@
+//! Backup: walk the sources into an in-memory tree (reusing unchanged files from the parent
+//! snapshot), read changed files on all cores (read → chunk → hash → compress → seal → pack),
+//! then write trees bottom-up, flush packs and index, and write the snapshot last.
+
+use crate::error::OpsError;
+use crate::fsmeta::{node_from_meta, read_xattrs, unchanged};
+use crate::progress::Progress;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use kura_repo::{BlobKind, Id, Node, NodeKind, Repository, Snapshot, SnapshotBody, SnapshotPublic, Summary, Tree};
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// What to back up and how.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Source paths (files or directories).
+    pub paths: Vec<PathBuf>,
+    /// Gitignore-style exclude patterns.
+    pub excludes: Vec<String>,
+    /// Files of exclude patterns, one per line.
+    pub exclude_files: Vec<PathBuf>,
+    /// Do not cross filesystem boundaries.
+    pub one_file_system: bool,
+    /// Tags to record.
+    pub tags: Vec<String>,
+    /// Host name to record.
+    pub host: String,
+    /// Snapshot time to record (default: now).
+    pub time: Option<jiff::Timestamp>,
+    /// Explicit parent snapshot id; `None` picks the latest with the same host and paths.
+    pub parent: Option<String>,
+    /// Read every file even if unchanged.
+    pub force: bool,
+    /// Worker threads (0 = number of cores + 1).
+    pub threads: usize,
+}
+
+/// A file that could not be backed up (the snapshot is still saved).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceError {
+    /// The path.
+    pub path: String,
+    /// Why.
+    pub error: String,
+}
+
+/// The outcome of a backup.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupResult {
+    /// The new snapshot's id.
+    pub snapshot: String,
+    /// Its parent, if any.
+    pub parent: Option<String>,
+    /// Counters.
+    pub summary: Summary,
+    /// Entries that could not be read (exit code 3).
+    pub errors: Vec<SourceError>,
+    /// Files that kept changing while being read; saved as last read.
+    pub changed_during_backup: Vec<String>,
+    /// Packs indexed from an earlier interrupted run.
+    pub recovered_packs: usize,
+}
+
+struct Built {
+    node: Node,
+    children: Vec<usize>,
+}
+
+struct Job {
+    arena: usize,
+    path: PathBuf,
+    alias_of: Option<usize>,
+}
+
+struct Walker<'a> {
+    repo: &'a Repository,
+    opts: &'a BackupOptions,
+    ignore: Gitignore,
+    arena: Vec<Built>,
+    jobs: Vec<Job>,
+    inodes: HashMap<(u64, u64), usize>,
+    errors: Vec<SourceError>,
+    summary: Summary,
+    progress: &'a dyn Progress,
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, OpsError> {
+    let abs = std::path::absolute(p).map_err(|e| OpsError::io("cannot resolve", p, e))?;
+    // Resolve `.`/`..` lexically, like restic: a symlink named as a source is kept as a symlink.
+    let mut out = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+impl<'a> Walker<'a> {
+    fn add(&mut self, node: Node) -> usize {
+        self.arena.push(Built { node, children: Vec::new() });
+        self.arena.len() - 1
+    }
+
+    fn error(&mut self, path: &Path, e: impl std::fmt::Display) {
+        let msg = format!("{}: {e}", path.display());
+        self.progress.warn(&msg);
+        self.errors.push(SourceError { path: path.display().to_string(), error: e.to_string() });
+        self.summary.errors += 1;
+    }
+
+    fn parent_children(&mut self, tree: Option<Id>) -> HashMap<Vec<u8>, Node> {
+        let Some(t) = tree else { return HashMap::new() };
+        match self.repo.read_tree(&t) {
+            Ok(t) => t.nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            // A damaged parent only costs re-reading files; the new snapshot stays complete.
+            Err(e) => {
+                self.progress.warn(&format!("parent tree unreadable, reading files again: {e}"));
+                HashMap::new()
+            }
+        }
+    }
+
+    /// Adds the entry at `path` (already lstat'ed) under `dir`.
+    fn visit(&mut self, dir: usize, path: &Path, meta: &fs::Metadata, old: Option<&Node>, root_dev: u64) {
+        let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
+        let mut node = node_from_meta(&name, meta);
+        node.xattrs = read_xattrs(path);
+        match node.kind {
+            NodeKind::Dir => {
+                self.summary.dirs += 1;
+                let idx = self.add(node);
+                self.arena[dir].children.push(idx);
+                if !self.opts.one_file_system || meta.dev() == root_dev {
+                    let parent_tree = old.filter(|o| o.kind == NodeKind::Dir).and_then(|o| o.subtree);
+                    self.walk_dir(idx, path, parent_tree, root_dev);
+                }
+            }
+            NodeKind::Symlink => {
+                match fs::read_link(path) {
+                    Ok(t) => node.target = t.as_os_str().as_bytes().to_vec(),
+                    Err(e) => return self.error(path, e),
+                }
+                let idx = self.add(node);
+                self.arena[dir].children.push(idx);
+            }
+            NodeKind::File => {
+                self.summary.files += 1;
+                self.summary.bytes_total += node.size;
+                let reuse = !self.opts.force
+                    && old.is_some_and(|o| {
+                        unchanged(o, &node) && {
+                            let idx = self.repo.index();
+                            o.content.iter().all(|c| idx.contains(c))
+                        }
+                    });
+                let hard = node.nlink > 1;
+                let key = (node.dev, node.inode);
+                if reuse {
+                    node.content = old.map(|o| o.content.clone()).unwrap_or_default();
+                    self.summary.files_unchanged += 1;
+                } else if old.is_some() {
+                    self.summary.files_changed += 1;
+                } else {
+                    self.summary.files_new += 1;
+                }
+                let idx = self.add(node);
+                self.arena[dir].children.push(idx);
+                if !reuse {
+                    let alias_of = if hard { self.inodes.get(&key).copied() } else { None };
+                    if hard && alias_of.is_none() {
+                        self.inodes.insert(key, self.jobs.len());
+                    }
+                    self.jobs.push(Job { arena: idx, path: path.to_path_buf(), alias_of });
+                }
+            }
+            _ => {
+                let idx = self.add(node);
+                self.arena[dir].children.push(idx);
+            }
+        }
+    }
+
+    fn walk_dir(&mut self, idx: usize, path: &Path, parent_tree: Option<Id>, root_dev: u64) {
+        let rd = match fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) => return self.error(path, e),
+        };
+        let mut names = Vec::new();
+        for e in rd {
+            match e {
+                Ok(e) => names.push(e.file_name()),
+                Err(e) => self.error(path, e),
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let old = self.parent_children(parent_tree);
+        for n in names {
+            let child = path.join(&n);
+            let meta = match fs::symlink_metadata(&child) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+                Err(e) => {
+                    self.error(&child, e);
+                    continue;
+                }
+            };
+            if self.ignore.matched(&child, meta.is_dir()).is_ignore() {
+                continue;
+            }
+            self.visit(idx, &child, &meta, old.get(n.as_bytes()), root_dev);
+        }
+    }
+
+    /// Inserts a source path below the virtual root, creating ancestor directory nodes from the
+    /// real ancestors' metadata.
+    fn add_source(&mut self, root: usize, path: &Path, parent_root: Option<Id>) -> Result<(), OpsError> {
+        let meta = fs::symlink_metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => OpsError::SourceMissing(path.to_path_buf()),
+            _ => OpsError::io("cannot read", path, e),
+        })?;
+        let mut dir = root;
+        let mut old_tree = parent_root;
+        let mut cur = PathBuf::from("/");
+        let comps: Vec<_> = path.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+        for (i, c) in comps.iter().enumerate() {
+            let name = c.as_os_str().as_bytes().to_vec();
+            cur.push(c);
+            let old = self.parent_children(old_tree);
+            let old_node = old.get(&name).cloned();
+            if i + 1 == comps.len() {
+                self.visit(dir, &cur, &meta, old_node.as_ref(), meta.dev());
+                return Ok(());
+            }
+            let existing = self.arena[dir].children.iter().copied().find(|&ch| self.arena[ch].node.name == name);
+            dir = match existing {
+                Some(ch) => ch,
+                None => {
+                    let m = fs::symlink_metadata(&cur).map_err(|e| OpsError::io("cannot read", &cur, e))?;
+                    let node = node_from_meta(&name, &m);
+                    let idx = self.add(node);
+                    self.arena[dir].children.push(idx);
+                    idx
+                }
+            };
+            old_tree = old_node.and_then(|n| n.subtree);
+        }
+        Ok(())
+    }
+}
+
+fn build_ignore(opts: &BackupOptions) -> Result<Gitignore, OpsError> {
+    let mut b = GitignoreBuilder::new("/");
+    for p in &opts.excludes {
+        b.add_line(None, p).map_err(|e| OpsError::Invalid(format!("bad exclude pattern {p:?}: {e}")))?;
+    }
+    for f in &opts.exclude_files {
+        let text = fs::read_to_string(f).map_err(|e| OpsError::io("cannot read exclude file", f, e))?;
+        for line in text.lines() {
+            b.add_line(Some(f.clone()), line)
+                .map_err(|e| OpsError::Invalid(format!("bad pattern {line:?} in {}: {e}", f.display())))?;
+        }
+    }
+    b.build().map_err(|e| OpsError::Invalid(format!("exclude patterns: {e}")))
+}
+
+/// Result of reading one file.
+struct ReadOutcome {
+    content: Vec<Id>,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    changed: bool,
+}
+
+/// Stores the chunks of `r`; returns the chunk ids and bytes read.
+pub fn store_stream(
+    repo: &Repository,
+    r: impl Read,
+    buf: &mut Vec<u8>,
+    stats: &Stats,
+    interrupt: Option<&AtomicBool>,
+    progress: &dyn Progress,
+) -> Result<(Vec<Id>, u64), OpsError> {
+    let mut ids = Vec::new();
+    let n = repo.chunker().for_each_chunk::<_, ChunkErr>(r, buf, |chunk| {
+        if interrupt.is_some_and(|i| i.load(Ordering::Relaxed)) {
+            return Err(ChunkErr::Ops(OpsError::Interrupted));
+        }
+        let (id, new) = repo.save_blob(BlobKind::Data, chunk).map_err(|e| ChunkErr::Ops(e.into()))?;
+        if new {
+            stats.blobs_added.fetch_add(1, Ordering::Relaxed);
+            stats.bytes_added.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        progress.advance(0, chunk.len() as u64);
+        ids.push(id);
+        Ok(())
+    });
+    match n {
+        Ok(n) => {
+            stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+            Ok((ids, n))
+        }
+        Err(ChunkErr::Io(e)) => Err(OpsError::io("cannot read", PathBuf::from("-"), e)),
+        Err(ChunkErr::Ops(e)) => Err(e),
+    }
+}
+
+/// Counters shared by the worker threads.
+#[derive(Default)]
+pub struct Stats {
+    blobs_added: AtomicU64,
+    bytes_added: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+enum ChunkErr {
+    Io(std::io::Error),
+    Ops(OpsError),
+}
+impl From<std::io::Error> for ChunkErr {
+    fn from(e: std::io::Error) -> Self {
+        ChunkErr::Io(e)
+    }
+}
+
+const O_NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+
+fn ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+/// Reads one file; a file that changes while being read is read again (up to three times).
+fn read_file(
+    repo: &Repository,
+    path: &Path,
+    expect: &Node,
+    buf: &mut Vec<u8>,
+    stats: &Stats,
+    interrupt: Option<&AtomicBool>,
+    progress: &dyn Progress,
+) -> Result<Result<ReadOutcome, std::io::Error>, OpsError> {
+    let mut attempt = 0;
+    let (mut size, mut mtime) = (expect.size, expect.mtime_ns);
+    loop {
+        let f = match File::options().read(true).custom_flags(O_NOFOLLOW).open(path) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let (content, n) = match store_stream(repo, &f, buf, stats, interrupt, progress) {
+            Ok(x) => x,
+            Err(OpsError::Io { source, .. }) => return Ok(Err(source)),
+            Err(e) => return Err(e),
+        };
+        let after = match f.metadata() {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(e)),
+        };
+        let (amtime, actime) = (ns(after.mtime(), after.mtime_nsec()), ns(after.ctime(), after.ctime_nsec()));
+        let stable = after.size() == n && n == size && amtime == mtime;
+        attempt += 1;
+        if stable || attempt >= 3 {
+            return Ok(Ok(ReadOutcome { content, size: n, mtime_ns: amtime, ctime_ns: actime, changed: !stable }));
+        }
+        size = after.size();
+        mtime = amtime;
+    }
+}
+
+/// Runs a backup of `opts.paths` into `repo` (index must be loaded).
+pub fn backup(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    interrupt: Option<&AtomicBool>,
+) -> Result<BackupResult, OpsError> {
+    let started = std::time::Instant::now();
+    if opts.paths.is_empty() {
+        return Err(OpsError::Invalid("no source paths given".into()));
+    }
+    let (recovered_packs, _) = repo.index_orphan_packs()?;
+    let mut paths: Vec<PathBuf> = opts.paths.iter().map(|p| absolute(p)).collect::<Result<_, _>>()?;
+    paths.sort();
+    paths.dedup();
+    // A path inside another source is already covered by it.
+    let covered: Vec<bool> = paths
+        .iter()
+        .map(|p| paths.iter().any(|q| q != p && p.starts_with(q)))
+        .collect();
+    let paths: Vec<PathBuf> = paths.into_iter().zip(covered).filter(|(_, c)| !c).map(|(p, _)| p).collect();
+    for p in &paths {
+        if fs::symlink_metadata(p).is_err() {
+            return Err(OpsError::SourceMissing(p.clone()));
+        }
+    }
+    let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let parent = find_parent(repo, opts, &path_strings)?;
+    let mut w = Walker {
+        repo,
+        opts,
+        ignore: build_ignore(opts)?,
+        arena: Vec::new(),
+        jobs: Vec::new(),
+        inodes: HashMap::new(),
+        errors: Vec::new(),
+        summary: Summary::default(),
+        progress,
+    };
+    let root = w.add(Node::new(Vec::new(), NodeKind::Dir));
+    let parent_root = parent.as_ref().map(|(_, s)| s.body.tree);
+    for p in &paths {
+        w.add_source(root, p, parent_root)?;
+    }
+    let total: u64 = w.jobs.iter().filter(|j| j.alias_of.is_none()).map(|j| w.arena[j.arena].node.size).sum();
+    progress.start(w.jobs.len() as u64, total);
+
+    let stats = Stats::default();
+    let outcomes = read_all(repo, &w.jobs, &w.arena, &stats, interrupt, progress)?;
+    let mut changed = Vec::new();
+    let mut skip = HashSet::new();
+    for (i, job) in w.jobs.iter().enumerate() {
+        let out = match job.alias_of {
+            Some(a) => &outcomes[a],
+            None => &outcomes[i],
+        };
+        match out {
+            Ok(o) => {
+                let n = &mut w.arena[job.arena].node;
+                n.content = o.content.clone();
+                n.size = o.size;
+                n.mtime_ns = o.mtime_ns;
+                n.ctime_ns = o.ctime_ns;
+                if o.changed && job.alias_of.is_none() {
+                    changed.push(job.path.display().to_string());
+                    progress.warn(&format!("{}: file changed while being read; saved as last read", job.path.display()));
+                }
+            }
+            Err(e) => {
+                if job.alias_of.is_none() {
+                    let msg = format!("{}: {e}", job.path.display());
+                    progress.warn(&msg);
+                    w.errors.push(SourceError { path: job.path.display().to_string(), error: e.to_string() });
+                    w.summary.errors += 1;
+                }
+                skip.insert(job.arena);
+            }
+        }
+    }
+    if interrupt.is_some_and(|i| i.load(Ordering::Relaxed)) {
+        return Err(OpsError::Interrupted);
+    }
+
+    let mut referenced = HashSet::new();
+    let tree = save_tree(repo, &w.arena, root, &skip, &mut referenced, &stats)?;
+    repo.flush()?;
+    let packs = {
+        let idx = repo.index();
+        let mut packs = HashSet::new();
+        for id in &referenced {
+            let (p, _) = idx.get(id).ok_or(kura_repo::RepoError::BlobMissing(*id))?;
+            packs.insert(p);
+        }
+        let mut v: Vec<Id> = packs.into_iter().collect();
+        v.sort();
+        v
+    };
+    let mut summary = w.summary;
+    summary.bytes_read = stats.bytes_read.load(Ordering::Relaxed);
+    summary.blobs_added = stats.blobs_added.load(Ordering::Relaxed);
+    summary.bytes_added = stats.bytes_added.load(Ordering::Relaxed);
+    summary.bytes_stored = repo.stored_bytes();
+    summary.seconds = started.elapsed().as_secs_f64();
+    let time = opts.time.unwrap_or_else(jiff::Timestamp::now);
+    let snap = Snapshot {
+        public: SnapshotPublic {
+            time: time.to_string(),
+            host: opts.host.clone(),
+            paths: path_strings,
+            tags: opts.tags.clone(),
+            packs,
+        },
+        body: SnapshotBody {
+            tree,
+            parent: parent.as_ref().map(|(id, _)| id.to_hex()),
+            user: std::env::var("USER").unwrap_or_default(),
+            program: format!("kura {}", env!("CARGO_PKG_VERSION")),
+            excludes: opts.excludes.clone(),
+            summary: summary.clone(),
+        },
+    };
+    let id = repo.save_snapshot(&snap)?;
+    Ok(BackupResult {
+        snapshot: id.to_hex(),
+        parent: parent.map(|(id, _)| id.to_hex()),
+        summary,
+        errors: w.errors,
+        changed_during_backup: changed,
+        recovered_packs,
+    })
+}
+
+fn find_parent(
+    repo: &Repository,
+    opts: &BackupOptions,
+    paths: &[String],
+) -> Result<Option<(Id, Snapshot)>, OpsError> {
+    if opts.force {
+        return Ok(None);
+    }
+    if let Some(p) = &opts.parent {
+        return Ok(Some(repo.find_snapshot(p, |_| true)?));
+    }
+    match repo.find_snapshot("latest", |s| s.public.host == opts.host && s.public.paths == paths) {
+        Ok(x) => Ok(Some(x)),
+        // No usable parent only means every file is read.
+        Err(_) => Ok(None),
+    }
+}
+
+fn read_all(
+    repo: &Repository,
+    jobs: &[Job],
+    arena: &[Built],
+    stats: &Stats,
+    interrupt: Option<&AtomicBool>,
+    progress: &dyn Progress,
+) -> Result<Vec<Result<ReadOutcome, std::io::Error>>, OpsError> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 1;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Mutex<Vec<Option<Result<ReadOutcome, std::io::Error>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let fatal: Mutex<Option<OpsError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(jobs.len().max(1)) {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs.len() || failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let job = &jobs[i];
+                    if job.alias_of.is_some() {
+                        continue;
+                    }
+                    match read_file(repo, &job.path, &arena[job.arena].node, &mut buf, stats, interrupt, progress) {
+                        Ok(r) => {
+                            progress.advance(1, 0);
+                            if let Ok(mut v) = results.lock() {
+                                v[i] = Some(r);
+                            }
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            if let Ok(mut f) = fatal.lock() {
+                                f.get_or_insert(e);
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let v = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok(v.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("not read"))))
+        .collect())
+}
+
+fn save_tree(
+    repo: &Repository,
+    arena: &[Built],
+    idx: usize,
+    skip: &HashSet<usize>,
+    referenced: &mut HashSet<Id>,
+    stats: &Stats,
+) -> Result<Id, OpsError> {
+    let mut nodes = Vec::with_capacity(arena[idx].children.len());
+    for &c in &arena[idx].children {
+        if skip.contains(&c) {
+            continue;
+        }
+        let mut n = arena[c].node.clone();
+        if n.kind == NodeKind::Dir {
+            n.subtree = Some(save_tree(repo, arena, c, skip, referenced, stats)?);
+        }
+        referenced.extend(n.content.iter().copied());
+        nodes.push(n);
+    }
+    let bytes = Tree::new(nodes).encode();
+    let (id, new) = repo.save_blob(BlobKind::Tree, &bytes)?;
+    if new {
+        stats.blobs_added.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_added.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    }
+    referenced.insert(id);
+    Ok(id)
+}
+
+/// Backs up one stream (e.g. a database dump on stdin) as a single file `filename` at the root.
+pub fn backup_stdin(
+    repo: &Repository,
+    input: impl Read,
+    filename: &str,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    interrupt: Option<&AtomicBool>,
+) -> Result<BackupResult, OpsError> {
+    let started = std::time::Instant::now();
+    if !kura_repo::tree::is_safe_name(filename.as_bytes()) {
+        return Err(OpsError::Invalid(format!("--stdin-filename {filename:?} must be a plain file name")));
+    }
+    let (recovered_packs, _) = repo.index_orphan_packs()?;
+    let stats = Stats::default();
+    let mut buf = Vec::new();
+    let (content, size) = store_stream(repo, input, &mut buf, &stats, interrupt, progress).map_err(|e| match e {
+        OpsError::Io { source, .. } => OpsError::io("cannot read", "standard input", source),
+        e => e,
+    })?;
+    let now = jiff::Timestamp::now();
+    let mut node = Node::new(filename.as_bytes().to_vec(), NodeKind::File);
+    node.mode = 0o644;
+    node.uid = rustix::process::getuid().as_raw();
+    node.gid = rustix::process::getgid().as_raw();
+    node.mtime_ns = now.as_nanosecond() as i64;
+    node.size = size;
+    node.content = content;
+    let mut referenced: HashSet<Id> = node.content.iter().copied().collect();
+    let (tree, _) = repo.save_blob(BlobKind::Tree, &Tree::new(vec![node]).encode())?;
+    referenced.insert(tree);
+    repo.flush()?;
+    let mut packs: Vec<Id> = {
+        let idx = repo.index();
+        let mut set = HashSet::new();
+        for id in &referenced {
+            set.insert(idx.get(id).ok_or(kura_repo::RepoError::BlobMissing(*id))?.0);
+        }
+        set.into_iter().collect()
+    };
+    packs.sort();
+    let summary = Summary {
+        files: 1,
+        files_new: 1,
+        bytes_total: size,
+        bytes_read: size,
+        blobs_added: stats.blobs_added.load(Ordering::Relaxed),
+        bytes_added: stats.bytes_added.load(Ordering::Relaxed),
+        bytes_stored: repo.stored_bytes(),
+        seconds: started.elapsed().as_secs_f64(),
+        ..Summary::default()
+    };
+    let snap = Snapshot {
+        public: SnapshotPublic {
+            time: opts.time.unwrap_or(now).to_string(),
+            host: opts.host.clone(),
+            paths: vec![format!("/{filename}")],
+            tags: opts.tags.clone(),
+            packs,
+        },
+        body: SnapshotBody {
+            tree,
+            parent: None,
+            user: std::env::var("USER").unwrap_or_default(),
+            program: format!("kura {}", env!("CARGO_PKG_VERSION")),
+            excludes: Vec::new(),
+            summary: summary.clone(),
+        },
+    };
+    let id = repo.save_snapshot(&snap)?;
+    Ok(BackupResult {
+        snapshot: id.to_hex(),
+        parent: None,
+        summary,
+        errors: Vec::new(),
+        changed_during_backup: Vec::new(),
+        recovered_packs,
+    })
+}

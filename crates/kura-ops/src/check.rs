@@ -1,0 +1,342 @@
+//! Check: the structure (every snapshot's trees and chunks are indexed, every indexed pack
+//! exists, snapshots list the packs they use) and, with `read_data`, every stored byte. Damage is
+//! reported per object with the snapshots and file paths it affects.
+
+use crate::error::OpsError;
+use crate::walk::for_each_node;
+use kura_repo::pack::read_header;
+use kura_repo::{Id, RepoError, Repository};
+use kura_store::{Kind, ObjectName};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Which packs `--read-data-subset` reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Subset {
+    /// Part n of m (1-based): packs whose first id byte mod m is n-1; rotate n daily.
+    Part(u32, u32),
+    /// A random share of the packs, in percent.
+    Percent(f64),
+}
+
+impl std::str::FromStr for Subset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| format!("bad percentage {s:?}"))?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(format!("percentage {s:?} must be in (0, 100]"));
+            }
+            return Ok(Subset::Percent(v));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(|| format!("subset {s:?} is neither n/m nor p%"))?;
+        let n: u32 = n.trim().parse().map_err(|_| format!("bad subset {s:?}"))?;
+        let m: u32 = m.trim().parse().map_err(|_| format!("bad subset {s:?}"))?;
+        if m == 0 || n == 0 || n > m || m > 256 {
+            return Err(format!("subset {s:?} needs 1 <= n <= m <= 256"));
+        }
+        Ok(Subset::Part(n, m))
+    }
+}
+
+/// Check options.
+#[derive(Debug, Clone, Default)]
+pub struct CheckOptions {
+    /// Read and verify stored data.
+    pub read_data: bool,
+    /// Read only a subset of the packs.
+    pub subset: Option<Subset>,
+}
+
+/// One damaged object and what it affects.
+#[derive(Debug, Clone, Serialize)]
+pub struct Damage {
+    /// The object (`data/ab/…`, `index/…`, `snapshots/…`).
+    pub object: String,
+    /// What is wrong.
+    pub problem: String,
+    /// Snapshots (short ids) that lose data through it.
+    pub snapshots: Vec<String>,
+    /// Paths in those snapshots that are affected (first 50).
+    pub paths: Vec<String>,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CheckReport {
+    /// Snapshots checked.
+    pub snapshots: usize,
+    /// Packs in the repository.
+    pub packs: usize,
+    /// Packs read in full.
+    pub packs_read: usize,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Trees checked.
+    pub trees: usize,
+    /// Damage found.
+    pub damage: Vec<Damage>,
+    /// Harmless findings (unindexed packs of an interrupted backup).
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when nothing is damaged.
+    pub fn ok(&self) -> bool {
+        self.damage.is_empty()
+    }
+}
+
+fn selected(id: &Id, subset: Option<Subset>) -> bool {
+    match subset {
+        None => true,
+        Some(Subset::Part(n, m)) => (id.0[0] as u32) % m == n - 1,
+        Some(Subset::Percent(p)) => {
+            let mut r = [0u8; 4];
+            let _ = getrandom::fill(&mut r);
+            (u32::from_le_bytes(r) as f64) < p / 100.0 * (u32::MAX as f64)
+        }
+    }
+}
+
+/// Runs a check; the repository's index must not be loaded yet (check loads it and reports).
+pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsError> {
+    let mut report = CheckReport::default();
+    // Damaged blob id -> index into report.damage.
+    let mut bad_blobs: HashMap<Id, usize> = HashMap::new();
+    let mut pending_damage: Vec<Damage> = Vec::new();
+    let mut damage = |object: String, problem: String, blobs: &[Id], bad_blobs: &mut HashMap<Id, usize>| {
+        let i = pending_damage.len();
+        pending_damage.push(Damage { object, problem, snapshots: Vec::new(), paths: Vec::new() });
+        for b in blobs {
+            bad_blobs.insert(*b, i);
+        }
+    };
+
+    for e in repo.load_index()? {
+        damage(e.to_string(), "index file unreadable; its packs are indexed again by the next backup".into(), &[], &mut bad_blobs);
+    }
+    let listed: HashMap<Id, u64> = repo
+        .store()
+        .list(Kind::Pack)?
+        .into_iter()
+        .filter_map(|l| Id::from_hex(&l.name).map(|id| (id, l.size)))
+        .collect();
+    report.packs = listed.len();
+    // Packs no index covers: read their headers (read-only) so their blobs count as present.
+    let mut extra = kura_repo::index::Index::default();
+    for (id, size) in &listed {
+        if !repo.index().has_pack(id) {
+            match repo.read_pack_header(id, *size) {
+                Ok(h) => {
+                    report.warnings.push(format!(
+                        "{} is not indexed yet (left by an interrupted backup); the next backup indexes it",
+                        ObjectName::new(Kind::Pack, &id.to_hex())
+                    ));
+                    extra.add_pack(*id, &h.entries);
+                }
+                Err(e) => damage(e.to_string(), "pack unreadable".into(), &[], &mut bad_blobs),
+            }
+        }
+    }
+    let lookup = |b: &Id| repo.index().get(b).or_else(|| extra.get(b));
+    // Indexed packs that are gone.
+    {
+        let idx = repo.index();
+        let mut by_pack: HashMap<Id, Vec<Id>> = HashMap::new();
+        for (blob, pack, _) in idx.iter() {
+            if !listed.contains_key(&pack) {
+                by_pack.entry(pack).or_default().push(*blob);
+            }
+        }
+        for (pack, blobs) in by_pack {
+            damage(ObjectName::new(Kind::Pack, &pack.to_hex()).to_string(), "pack is missing".into(), &blobs, &mut bad_blobs);
+        }
+    }
+
+    // Structure: every snapshot's trees and chunks.
+    let snaps = repo.snapshots()?;
+    report.snapshots = snaps.len();
+    let mut good_snaps = Vec::new();
+    let mut seen_trees: HashSet<Id> = HashSet::new();
+    for (sid, s) in snaps {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                damage(e.to_string(), "snapshot unreadable".into(), &[], &mut bad_blobs);
+                continue;
+            }
+        };
+        let packs: HashSet<Id> = s.public.packs.iter().copied().collect();
+        let mut stack = vec![s.body.tree];
+        let mut unlisted = 0usize;
+        while let Some(t) = stack.pop() {
+            if !seen_trees.insert(t) {
+                continue;
+            }
+            report.trees += 1;
+            match lookup(&t) {
+                Some((p, _)) if !packs.contains(&p) => unlisted += 1,
+                Some(_) => {}
+                None => {
+                    damage(format!("tree {}", t.short()), "tree blob missing from every pack".into(), &[t], &mut bad_blobs);
+                    continue;
+                }
+            }
+            let tree = match repo.read_tree(&t).or_else(|e| match e {
+                RepoError::BlobMissing(_) => read_tree_via(repo, &extra, &t),
+                e => Err(e),
+            }) {
+                Ok(tree) => tree,
+                Err(e) => {
+                    damage(e.to_string(), "tree unreadable".into(), &[t], &mut bad_blobs);
+                    continue;
+                }
+            };
+            for n in &tree.nodes {
+                for c in &n.content {
+                    match lookup(c) {
+                        None if !bad_blobs.contains_key(c) => {
+                            damage(format!("blob {}", c.short()), "data blob missing from every pack".into(), &[*c], &mut bad_blobs);
+                        }
+                        Some((p, _)) if !packs.contains(&p) => unlisted += 1,
+                        _ => {}
+                    }
+                }
+                if let Some(sub) = n.subtree {
+                    stack.push(sub);
+                }
+            }
+        }
+        if unlisted > 0 {
+            damage(
+                ObjectName::new(Kind::Snapshot, &sid.to_hex()).to_string(),
+                format!("{unlisted} referenced blob(s) lie in packs the snapshot does not list"),
+                &[],
+                &mut bad_blobs,
+            );
+        }
+        good_snaps.push((sid, s));
+    }
+
+    if opts.read_data {
+        let mut packs: Vec<(Id, u64)> = listed.iter().filter(|(id, _)| selected(id, opts.subset)).map(|(a, b)| (*a, *b)).collect();
+        packs.sort();
+        let next = AtomicUsize::new(0);
+        let found: Mutex<Vec<(Id, String, Vec<Id>)>> = Mutex::new(Vec::new());
+        let bytes = std::sync::atomic::AtomicU64::new(0);
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((id, _)) = packs.get(i) else { break };
+                    let (problem, blobs) = verify_pack(repo, &extra, id, &bytes);
+                    if let Some(p) = problem {
+                        if let Ok(mut f) = found.lock() {
+                            f.push((*id, p, blobs));
+                        }
+                    }
+                });
+            }
+        });
+        report.packs_read = packs.len();
+        report.bytes_read = bytes.load(Ordering::Relaxed);
+        for (id, problem, blobs) in found.into_inner().unwrap_or_default() {
+            damage(ObjectName::new(Kind::Pack, &id.to_hex()).to_string(), problem, &blobs, &mut bad_blobs);
+        }
+    }
+
+    // Attribute damaged blobs to snapshots and paths.
+    if !bad_blobs.is_empty() {
+        for (sid, s) in &good_snaps {
+            let short = sid.short();
+            let hit = |i: usize, path: &str, pending: &mut Vec<Damage>| {
+                let d = &mut pending[i];
+                if !d.snapshots.contains(&short) {
+                    d.snapshots.push(short.clone());
+                }
+                if d.paths.len() < 50 {
+                    d.paths.push(format!("{short}:{path}"));
+                }
+            };
+            if let Some(&i) = bad_blobs.get(&s.body.tree) {
+                hit(i, "/", &mut pending_damage);
+                continue;
+            }
+            // A damaged tree stops this walk early; the tree itself is already reported above.
+            let _ = for_each_node(repo, &s.body.tree, "/", &mut |p, n| {
+                let ids = n.content.iter().chain(n.subtree.iter());
+                let hits: BTreeSet<usize> = ids.filter_map(|c| bad_blobs.get(c).copied()).collect();
+                for i in hits {
+                    hit(i, p, &mut pending_damage);
+                }
+                Ok(())
+            });
+        }
+    }
+    report.damage = pending_damage;
+    Ok(report)
+}
+
+fn read_tree_via(repo: &Repository, extra: &kura_repo::index::Index, t: &Id) -> Result<kura_repo::Tree, RepoError> {
+    let (pack, loc) = extra.get(t).ok_or(RepoError::BlobMissing(*t))?;
+    let sealed = repo.store().get_range(Kind::Pack, &pack.to_hex(), loc.offset as u64, loc.length as u64)?;
+    let bytes = repo.decode_blob(t, &pack, loc.compression, loc.raw_length, &sealed)?;
+    kura_repo::Tree::decode(&bytes).map_err(|d| RepoError::corrupt(format!("tree {}", t.short()), d))
+}
+
+/// Reads a whole pack: its name must be the hash of its bytes, its header must match the index,
+/// and every blob must decrypt and hash to its id. Returns the problem and the blobs it hits.
+fn verify_pack(
+    repo: &Repository,
+    extra: &kura_repo::index::Index,
+    id: &Id,
+    bytes_read: &std::sync::atomic::AtomicU64,
+) -> (Option<String>, Vec<Id>) {
+    let indexed: Vec<Id> = {
+        let idx = repo.index();
+        idx.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect()
+    };
+    let indexed = if indexed.is_empty() {
+        extra.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect()
+    } else {
+        indexed
+    };
+    let data = match repo.store().get(Kind::Pack, &id.to_hex()) {
+        Ok(d) => d,
+        Err(e) => return (Some(format!("cannot read: {e}")), indexed),
+    };
+    bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+    if Id::of_stored(&data) != *id {
+        // Name and bytes disagree: find which blobs still verify, to name exactly what is lost.
+        let mut lost = Vec::new();
+        if let Ok(h) = read_header(repo.key(), &data) {
+            for e in &h.entries {
+                let s = &data[e.offset as usize..(e.offset + e.length) as usize];
+                if repo.decode_blob(&e.id, id, e.compression, e.raw_length, s).is_err() {
+                    lost.push(e.id);
+                }
+            }
+            return (Some(format!("content does not match its name ({} of {} blobs damaged)", lost.len(), h.entries.len())), lost);
+        }
+        return (Some("content does not match its name; header unreadable".into()), indexed);
+    }
+    let h = match read_header(repo.key(), &data) {
+        Ok(h) => h,
+        Err(e) => return (Some(format!("header: {e}")), indexed),
+    };
+    let mut lost = Vec::new();
+    for e in &h.entries {
+        let s = &data[e.offset as usize..(e.offset + e.length) as usize];
+        if repo.decode_blob(&e.id, id, e.compression, e.raw_length, s).is_err() {
+            lost.push(e.id);
+        }
+    }
+    if !lost.is_empty() {
+        return (Some(format!("{} blob(s) fail verification", lost.len())), lost);
+    }
+    (None, Vec::new())
+}

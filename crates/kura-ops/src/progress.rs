@@ -1,0 +1,15 @@
+//! Progress reporting hooks; the binary draws bars, tests and `--quiet` use [`NoProgress`].
+
+/// Receives progress of a long operation. Called from worker threads.
+pub trait Progress: Sync {
+    /// The amount of work is known: files and bytes to process.
+    fn start(&self, _files: u64, _bytes: u64) {}
+    /// Some work was done.
+    fn advance(&self, _files: u64, _bytes: u64) {}
+    /// A non-fatal problem (unreadable file); the operation goes on.
+    fn warn(&self, _msg: &str) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}

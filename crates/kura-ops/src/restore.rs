@@ -1,0 +1,384 @@
+//! Restore: recreate a snapshot's tree below a target directory and never outside it. Files are
+//! written on all cores to temporary names, every chunk verified, then renamed into place, so a
+//! re-run resumes: complete files are kept, unfinished ones are redone.
+
+use crate::error::OpsError;
+use crate::progress::Progress;
+use kura_repo::{Id, Node, NodeKind, Repository};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// Prefix of temporary files a restore writes; leftovers of a killed restore are removed.
+pub const TMP_PREFIX: &str = ".kura-restore-";
+
+/// What to restore and where.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Target directory (created if missing).
+    pub target: PathBuf,
+    /// Restore only these snapshot paths (and what is below them); empty = everything.
+    pub include: Vec<String>,
+    /// Replace existing files that differ.
+    pub overwrite: bool,
+}
+
+/// Counters of a restore.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RestoreResult {
+    /// Files written.
+    pub files_restored: u64,
+    /// Files already complete in the target (resume).
+    pub files_skipped: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Other entries (symlinks, fifos, devices, hardlinks).
+    pub others: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Metadata that could not be applied (e.g. ownership when not root).
+    pub warnings: Vec<String>,
+}
+
+struct FileJob {
+    path: PathBuf,
+    node: Node,
+}
+
+struct Plan {
+    files: Vec<FileJob>,
+    links: Vec<(PathBuf, PathBuf)>,
+    dirs: Vec<(PathBuf, Node)>,
+    result: RestoreResult,
+}
+
+fn included(rel: &[u8], include: &[Vec<u8>]) -> bool {
+    include.is_empty()
+        || include.iter().any(|inc| {
+            let (short, long): (&[u8], &[u8]) = if inc.len() <= rel.len() { (inc, rel) } else { (rel, inc) };
+            long.starts_with(short) && (long.len() == short.len() || long[short.len()] == b'/')
+        })
+}
+
+fn normalize_include(s: &str) -> Vec<u8> {
+    let parts: Vec<&str> = s.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    parts.join("/").into_bytes()
+}
+
+/// Makes sure `path` is a real directory we may write into: creates it, or accepts an existing
+/// directory; never follows a symlink.
+fn ensure_dir(path: &Path, overwrite: bool) -> Result<(), OpsError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.file_type().is_symlink() && !overwrite => Err(OpsError::SymlinkInPath(path.to_path_buf())),
+        Ok(_) if !overwrite => Err(OpsError::WouldOverwrite(path.to_path_buf())),
+        Ok(_) => {
+            fs::remove_file(path).map_err(|e| OpsError::io("cannot remove", path, e))?;
+            fs::create_dir(path).map_err(|e| OpsError::io("cannot create directory", path, e))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            fs::create_dir(path).map_err(|e| OpsError::io("cannot create directory", path, e))
+        }
+        Err(e) => Err(OpsError::io("cannot inspect", path, e)),
+    }
+}
+
+/// Removes what stands at `path` so a non-directory can be created there; false when something
+/// is there and overwriting is off.
+fn clear_for(path: &Path, overwrite: bool) -> Result<bool, OpsError> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(OpsError::io("cannot inspect", path, e)),
+        Ok(_) if !overwrite => Ok(false),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map(|_| true).map_err(|e| OpsError::io("cannot remove", path, e)),
+        Ok(_) => fs::remove_file(path).map(|_| true).map_err(|e| OpsError::io("cannot remove", path, e)),
+    }
+}
+
+fn mtime_of(n: &Node) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32)
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Applies ownership (root only), mode, xattrs and mtime to an entry, never following symlinks.
+fn apply_meta(path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
+    let warn = |m: String| {
+        if let Ok(mut w) = warnings.lock() {
+            w.push(m);
+        }
+    };
+    if is_root() {
+        let r = rustix::fs::chownat(
+            rustix::fs::CWD,
+            path,
+            Some(rustix::fs::Uid::from_raw(n.uid)),
+            Some(rustix::fs::Gid::from_raw(n.gid)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+        if let Err(e) = r {
+            warn(format!("{}: cannot set owner: {e}", path.display()));
+        }
+    }
+    for x in &n.xattrs {
+        if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
+            warn(format!("{}: cannot set xattr {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
+        }
+    }
+    if n.kind != NodeKind::Symlink {
+        if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(n.mode)) {
+            warn(format!("{}: cannot set mode: {e}", path.display()));
+        }
+    }
+    if let Err(e) = filetime::set_symlink_file_times(path, mtime_of(n), mtime_of(n)) {
+        warn(format!("{}: cannot set mtime: {e}", path.display()));
+    }
+}
+
+/// True when the existing file at `path` is the node's finished restore (size and mtime set
+/// last, after all bytes were written and renamed into place).
+fn already_restored(path: &Path, n: &Node) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| {
+        m.is_file() && m.size() == n.size && m.mtime() * 1_000_000_000 + m.mtime_nsec() == n.mtime_ns
+    })
+}
+
+fn plan_dir(
+    repo: &Repository,
+    tree: &Id,
+    dir: &Path,
+    rel: &[u8],
+    opts: &RestoreOptions,
+    include: &[Vec<u8>],
+    hardlinks: &mut HashMap<(u64, u64), PathBuf>,
+    plan: &mut Plan,
+    warnings: &Mutex<Vec<String>>,
+) -> Result<(), OpsError> {
+    let t = repo.read_tree(tree)?;
+    // Remove temporaries of an earlier, killed restore.
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().as_bytes().starts_with(TMP_PREFIX.as_bytes()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    for n in t.nodes {
+        // Tree::decode already refused `..`, `/` and empty names; a path is built from them only.
+        let mut r = rel.to_vec();
+        if !r.is_empty() {
+            r.push(b'/');
+        }
+        r.extend_from_slice(&n.name);
+        if !included(&r, include) {
+            continue;
+        }
+        let path = dir.join(OsStr::from_bytes(&n.name));
+        match n.kind {
+            NodeKind::Dir => {
+                ensure_dir(&path, opts.overwrite)?;
+                plan.result.dirs += 1;
+                if let Some(sub) = n.subtree {
+                    plan_dir(repo, &sub, &path, &r, opts, include, hardlinks, plan, warnings)?;
+                }
+                plan.dirs.push((path, n));
+            }
+            NodeKind::File => {
+                if n.nlink > 1 {
+                    if let Some(first) = hardlinks.get(&(n.dev, n.inode)) {
+                        plan.links.push((first.clone(), path));
+                        continue;
+                    }
+                    hardlinks.insert((n.dev, n.inode), path.clone());
+                }
+                if already_restored(&path, &n) {
+                    plan.result.files_skipped += 1;
+                    continue;
+                }
+                if !clear_for(&path, opts.overwrite)? {
+                    return Err(OpsError::WouldOverwrite(path));
+                }
+                plan.files.push(FileJob { path, node: n });
+            }
+            NodeKind::Symlink => {
+                if fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == n.target) {
+                    continue;
+                }
+                if !clear_for(&path, opts.overwrite)? {
+                    return Err(OpsError::WouldOverwrite(path));
+                }
+                std::os::unix::fs::symlink(OsStr::from_bytes(&n.target), &path)
+                    .map_err(|e| OpsError::io("cannot create symlink", &path, e))?;
+                apply_meta(&path, &n, warnings);
+                plan.result.others += 1;
+            }
+            NodeKind::Fifo | NodeKind::CharDev | NodeKind::BlockDev | NodeKind::Socket => {
+                if fs::symlink_metadata(&path).is_ok() && !opts.overwrite {
+                    continue;
+                }
+                clear_for(&path, opts.overwrite)?;
+                let ft = match n.kind {
+                    NodeKind::Fifo => rustix::fs::FileType::Fifo,
+                    NodeKind::CharDev => rustix::fs::FileType::CharacterDevice,
+                    NodeKind::BlockDev => rustix::fs::FileType::BlockDevice,
+                    _ => rustix::fs::FileType::Socket,
+                };
+                let mode = rustix::fs::Mode::from_raw_mode(n.mode);
+                if let Err(e) = rustix::fs::mknodat(rustix::fs::CWD, &path, ft, mode, n.rdev) {
+                    if let Ok(mut w) = warnings.lock() {
+                        w.push(format!("{}: cannot create special file: {e}", path.display()));
+                    }
+                    continue;
+                }
+                apply_meta(&path, &n, warnings);
+                plan.result.others += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes one file to a temporary name, verifying every chunk, then renames it into place.
+fn restore_file(repo: &Repository, job: &FileJob, warnings: &Mutex<Vec<String>>) -> Result<u64, OpsError> {
+    let dir = job.path.parent().unwrap_or(Path::new("."));
+    let mut rnd = [0u8; 8];
+    // Only uniqueness matters here; create_new refuses a collision.
+    let _ = getrandom::fill(&mut rnd);
+    let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(rnd)));
+    let f = File::options()
+        .write(true)
+        .create_new(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| OpsError::io("cannot create", &tmp, e))?;
+    let result = (|| {
+        let mut off = 0u64;
+        for id in &job.node.content {
+            let data = repo.read_blob(id)?;
+            // Zero chunks become holes, so sparse files stay sparse.
+            if data.iter().any(|&b| b != 0) {
+                f.write_all_at(&data, off).map_err(|e| OpsError::io("cannot write", &job.path, e))?;
+            }
+            off += data.len() as u64;
+        }
+        if off != job.node.size {
+            return Err(OpsError::Repo(kura_repo::RepoError::corrupt(
+                format!("tree entry {}", job.path.display()),
+                format!("content adds up to {off} bytes, the entry says {}", job.node.size),
+            )));
+        }
+        f.set_len(off).map_err(|e| OpsError::io("cannot write", &job.path, e))?;
+        f.sync_data().map_err(|e| OpsError::io("cannot write", &job.path, e))?;
+        Ok(off)
+    })();
+    drop(f);
+    let n = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    apply_meta(&tmp, &job.node, warnings);
+    fs::rename(&tmp, &job.path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        OpsError::io("cannot rename into place", &job.path, e)
+    })?;
+    Ok(n)
+}
+
+/// Restores the tree `tree` into `opts.target`.
+pub fn restore(
+    repo: &Repository,
+    tree: &Id,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+    interrupt: Option<&AtomicBool>,
+) -> Result<RestoreResult, OpsError> {
+    fs::create_dir_all(&opts.target).map_err(|e| OpsError::io("cannot create target", &opts.target, e))?;
+    let m = fs::metadata(&opts.target).map_err(|e| OpsError::io("cannot inspect target", &opts.target, e))?;
+    if !m.is_dir() {
+        return Err(OpsError::Invalid(format!("target {} is not a directory", opts.target.display())));
+    }
+    let include: Vec<Vec<u8>> = opts.include.iter().map(|s| normalize_include(s)).collect();
+    let warnings = Mutex::new(Vec::new());
+    let mut plan = Plan { files: Vec::new(), links: Vec::new(), dirs: Vec::new(), result: RestoreResult::default() };
+    let mut hardlinks = HashMap::new();
+    plan_dir(repo, tree, &opts.target, b"", opts, &include, &mut hardlinks, &mut plan, &warnings)?;
+    if !include.is_empty() && plan.files.is_empty() && plan.dirs.is_empty() && plan.result.others == 0
+        && plan.result.files_skipped == 0
+    {
+        return Err(OpsError::NoSuchPath(opts.include.join(", ")));
+    }
+    let total: u64 = plan.files.iter().map(|f| f.node.size).sum();
+    progress.start(plan.files.len() as u64, total);
+
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let fatal: Mutex<Option<OpsError>> = Mutex::new(None);
+    let failed = AtomicBool::new(false);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 1;
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= plan.files.len() || failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                if interrupt.is_some_and(|x| x.load(Ordering::Relaxed)) {
+                    failed.store(true, Ordering::Relaxed);
+                    if let Ok(mut f) = fatal.lock() {
+                        f.get_or_insert(OpsError::Interrupted);
+                    }
+                    break;
+                }
+                match restore_file(repo, &plan.files[i], &warnings) {
+                    Ok(n) => {
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                        progress.advance(1, n);
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Ok(mut f) = fatal.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    for (first, path) in &plan.links {
+        if fs::symlink_metadata(path).is_ok_and(|m| {
+            fs::symlink_metadata(first).is_ok_and(|f| f.ino() == m.ino() && f.dev() == m.dev())
+        }) {
+            continue;
+        }
+        if !clear_for(path, opts.overwrite)? {
+            return Err(OpsError::WouldOverwrite(path.clone()));
+        }
+        fs::hard_link(first, path).map_err(|e| OpsError::io("cannot create hardlink", path, e))?;
+        plan.result.others += 1;
+    }
+    // Directories last and deepest first, so writing their contents does not bump their mtimes.
+    for (path, n) in plan.dirs.iter().rev() {
+        apply_meta(path, n, &warnings);
+    }
+    let mut result = plan.result;
+    result.files_restored = plan.files.len() as u64;
+    result.bytes = bytes.load(Ordering::Relaxed);
+    result.warnings = warnings.into_inner().unwrap_or_default();
+    Ok(result)
+}

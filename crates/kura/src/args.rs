@@ -1,0 +1,167 @@
+//! Command-line arguments (clap), shaped like restic's so its users feel at home.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// kura: deduplicated, encrypted, crash-safe backups.
+#[derive(Parser, Debug)]
+#[command(name = "kura", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Repository: a local path. Default: a repository under your data directory, created on
+    /// first backup.
+    #[arg(short = 'r', long = "repo", env = "KURA_REPOSITORY", global = true)]
+    pub repo: Option<PathBuf>,
+    /// Read the repository password from this file (else KURA_PASSWORD, else a prompt).
+    #[arg(long, env = "KURA_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing but errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new repository.
+    Init,
+    /// Back up files and directories (or standard input).
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(FilterArgs),
+    /// List the files in a snapshot.
+    Ls {
+        /// Snapshot id (prefix) or "latest".
+        snapshot: String,
+        /// Only entries at and below this path.
+        path: Option<String>,
+    },
+    /// Restore a snapshot into a directory.
+    Restore(RestoreArgs),
+    /// Show what changed between two snapshots.
+    Diff {
+        /// First snapshot.
+        a: String,
+        /// Second snapshot.
+        b: String,
+    },
+    /// Check the repository's structure and, with --read-data, every byte.
+    Check(CheckArgs),
+    /// Print a repository object, for debugging.
+    Cat {
+        /// config, key, snapshot, index, pack, tree or blob.
+        kind: String,
+        /// Object id (not needed for config).
+        id: Option<String>,
+    },
+    /// Manage the passphrase keys of the repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `kura backup` options.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Files and directories to back up.
+    pub paths: Vec<PathBuf>,
+    /// Exclude paths matching this gitignore-style pattern (repeatable).
+    #[arg(short = 'e', long)]
+    pub exclude: Vec<String>,
+    /// Read exclude patterns from a file (repeatable).
+    #[arg(long)]
+    pub exclude_file: Vec<PathBuf>,
+    /// Stay on the filesystem of each source path.
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
+    /// Tag the snapshot (repeatable).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Host name to record (default: this machine's).
+    #[arg(long, short = 'H')]
+    pub host: Option<String>,
+    /// Record this time instead of now ("2026-11-21 14:05", RFC 3339).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// Read the data to back up from standard input.
+    #[arg(long)]
+    pub stdin: bool,
+    /// File name for the data read from standard input.
+    #[arg(long, default_value = "stdin")]
+    pub stdin_filename: String,
+    /// Use this snapshot as the parent instead of the latest one with the same host and paths.
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Read every file, even those unchanged since the parent.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// Snapshot filters.
+#[derive(Args, Debug)]
+pub struct FilterArgs {
+    /// Only snapshots of this host.
+    #[arg(long, short = 'H')]
+    pub host: Option<String>,
+    /// Only snapshots with this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Only snapshots containing this path.
+    #[arg(long)]
+    pub path: Option<String>,
+}
+
+/// `kura restore` options.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id (prefix) or "latest".
+    pub snapshot: String,
+    /// Directory to restore into.
+    #[arg(short, long)]
+    pub target: PathBuf,
+    /// Restore only this path of the snapshot (repeatable).
+    #[arg(short, long)]
+    pub include: Vec<String>,
+    /// Replace existing files that differ from the snapshot.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `kura check` options.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Read and verify all stored data.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Read only a subset: "n/m" (rotate n) or "p%".
+    #[arg(long)]
+    pub read_data_subset: Option<String>,
+}
+
+/// `kura key` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List keys.
+    List,
+    /// Add a key with a new password (KURA_NEW_PASSWORD, --new-password-file or a prompt).
+    Add {
+        /// File with the new password.
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Remove a key by id (prefix); not the one in use, not the last.
+    Remove {
+        /// Key id or prefix.
+        id: String,
+    },
+    /// Change the password of the key in use.
+    Passwd {
+        /// File with the new password.
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+}

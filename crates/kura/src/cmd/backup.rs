@@ -1,0 +1,151 @@
+//! `kura init`, `kura backup`, `kura check`.
+
+use crate::args::{BackupArgs, CheckArgs, Cli};
+use crate::output::{Bar, bytes, json};
+use crate::{Outcome, open};
+use anyhow::{Context, Result, bail};
+use kura_ops::backup::{BackupOptions, backup, backup_stdin};
+use kura_ops::check::{CheckOptions, check};
+use kura_repo::{KdfParams, Repository};
+use kura_store::LocalStore;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// Parses `--time`: RFC 3339, or a civil "YYYY-MM-DD HH:MM[:SS]" in the local time zone.
+pub fn parse_time(s: &str) -> Result<jiff::Timestamp> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    let dt: jiff::civil::DateTime = s.parse().with_context(|| format!("cannot parse time {s:?}"))?;
+    Ok(dt.to_zoned_datetime(jiff::tz::TimeZone::system()).with_context(|| format!("time {s:?}"))?.timestamp())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// `kura init`.
+pub fn init(cli: &Cli) -> Result<Outcome> {
+    let loc = open::location(cli)?;
+    if LocalStore::open(&loc.path).is_ok() {
+        bail!(kura_repo::RepoError::AlreadyExists(loc.path.display().to_string()));
+    }
+    let pw = open::password(cli, &loc, true)?;
+    let store = LocalStore::create(&loc.path).map_err(kura_repo::RepoError::from)?;
+    let repo = Repository::init(Arc::new(store), &pw, KdfParams::default())?;
+    if cli.json {
+        json(&serde_json::json!({"repository": loc.path, "id": repo.config().id, "version": repo.config().version}))?;
+    } else if !cli.quiet {
+        println!("created kura repository {} at {}", &repo.config().id[..10], loc.path.display());
+        println!("keep the password safe: without it the data in this repository cannot be read");
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kura backup`.
+pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome> {
+    if a.stdin && !a.paths.is_empty() {
+        bail!("--stdin takes no paths");
+    }
+    if !a.stdin && a.paths.is_empty() {
+        bail!("nothing to back up: give one or more paths, or --stdin");
+    }
+    let time = a.time.as_deref().map(parse_time).transpose()?;
+    let repo = open::open_for_backup(cli)?;
+    for e in repo.load_index()? {
+        eprintln!("kura: warning: {e}; its packs are indexed again");
+    }
+    let opts = BackupOptions {
+        paths: a.paths.clone(),
+        excludes: a.exclude.clone(),
+        exclude_files: a.exclude_file.clone(),
+        one_file_system: a.one_file_system,
+        tags: a.tag.clone(),
+        host: a.host.clone().unwrap_or_else(hostname),
+        time,
+        parent: a.parent.clone(),
+        force: a.force,
+        threads: 0,
+    };
+    let bar = Bar::new(cli.quiet, cli.json);
+    let res = if a.stdin {
+        backup_stdin(&repo, std::io::stdin().lock(), &a.stdin_filename, &opts, &bar, Some(interrupt))
+    } else {
+        backup(&repo, &opts, &bar, Some(interrupt))
+    };
+    bar.finish();
+    let r = res.context(if a.stdin { "backing up standard input".to_string() } else { "backing up".to_string() })?;
+    if cli.json {
+        json(&r)?;
+    } else if !cli.quiet {
+        let s = &r.summary;
+        println!("snapshot {} saved{}", &r.snapshot[..8], r.parent.as_ref().map(|p| format!(" (parent {})", &p[..8])).unwrap_or_default());
+        println!(
+            "files: {} new, {} changed, {} unchanged; {} directories; {} in total",
+            s.files_new, s.files_changed, s.files_unchanged, s.dirs, bytes(s.bytes_total)
+        );
+        println!(
+            "read {}, added {} ({} stored) in {:.2} s",
+            bytes(s.bytes_read), bytes(s.bytes_added), bytes(s.bytes_stored), s.seconds
+        );
+        if r.recovered_packs > 0 {
+            println!("indexed {} pack(s) left by an interrupted backup", r.recovered_packs);
+        }
+        for c in &r.changed_during_backup {
+            println!("changed while being read (saved as last read): {c}");
+        }
+    }
+    if !r.errors.is_empty() {
+        eprintln!("kura: {} source entr{} could not be read and {} not in the snapshot:", r.errors.len(),
+            if r.errors.len() == 1 { "y" } else { "ies" }, if r.errors.len() == 1 { "is" } else { "are" });
+        for e in &r.errors {
+            eprintln!("  {}: {}", e.path, e.error);
+        }
+        return Ok(Outcome::Partial);
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kura check`.
+pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
+    let loc = open::location(cli)?;
+    let store = LocalStore::open(&loc.path).map_err(kura_repo::RepoError::from)?;
+    let pw = open::password(cli, &loc, false)?;
+    let repo = Repository::open(Arc::new(store), &pw)?;
+    let subset = a.read_data_subset.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let opts = CheckOptions { read_data: a.read_data || subset.is_some(), subset };
+    let r = check(&repo, &opts).context("checking")?;
+    if cli.json {
+        json(&r)?;
+    } else {
+        if !cli.quiet {
+            for w in &r.warnings {
+                println!("warning: {w}");
+            }
+        }
+        for d in &r.damage {
+            eprintln!("damaged: {}: {}", d.object, d.problem);
+            if !d.snapshots.is_empty() {
+                eprintln!("  affects snapshot(s) {}", d.snapshots.join(", "));
+            }
+            for p in &d.paths {
+                eprintln!("  {p}");
+            }
+        }
+        if !cli.quiet {
+            println!(
+                "checked {} snapshot(s), {} tree(s), {} pack(s){}",
+                r.snapshots, r.trees, r.packs,
+                if opts.read_data { format!("; read {} pack(s), {}", r.packs_read, bytes(r.bytes_read)) } else { String::new() }
+            );
+        }
+    }
+    if r.ok() {
+        if !cli.quiet && !cli.json {
+            println!("no errors were found");
+        }
+        Ok(Outcome::Ok)
+    } else {
+        bail!("check found {} damaged object(s): first {}: {}", r.damage.len(), r.damage[0].object, r.damage[0].problem)
+    }
+}

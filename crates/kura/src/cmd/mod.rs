@@ -1,0 +1,7 @@
+//! One module per command family; each turns parsed arguments into library options, runs the
+//! operation and prints the result.
+
+pub mod backup;
+pub mod info;
+pub mod key;
+pub mod restore;

@@ -1,0 +1,135 @@
+//! Finding the repository and its password: `-r`/KURA_REPOSITORY, or the embedded default
+//! repository under the user's data directory whose generated password lives owner-only in the
+//! user's config directory.
+
+use crate::args::Cli;
+use anyhow::{Context, Result, bail};
+use kura_repo::{KdfParams, RepoError, Repository};
+use kura_store::{LocalStore, Store};
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where the repository is and whether it is the embedded default.
+pub struct Location {
+    /// Directory of the repository.
+    pub path: PathBuf,
+    /// True when no repository was named and the default is used.
+    pub default: bool,
+}
+
+/// The default repository's directory and password file.
+pub fn default_paths() -> Result<(PathBuf, PathBuf)> {
+    let data = dirs::data_dir().context("cannot find your data directory (set HOME or XDG_DATA_HOME), or name a repository with -r")?;
+    let conf = dirs::config_dir().context("cannot find your config directory (set HOME or XDG_CONFIG_HOME)")?;
+    Ok((data.join("kura").join("repository"), conf.join("kura").join("default-repository.password")))
+}
+
+/// Resolves the repository location.
+pub fn location(cli: &Cli) -> Result<Location> {
+    match &cli.repo {
+        Some(p) => Ok(Location { path: p.clone(), default: false }),
+        None => Ok(Location { path: default_paths()?.0, default: true }),
+    }
+}
+
+fn read_password_file(p: &std::path::Path) -> Result<Vec<u8>> {
+    let mut b = std::fs::read(p).with_context(|| format!("cannot read password file {}", p.display()))?;
+    while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+        b.pop();
+    }
+    Ok(b)
+}
+
+/// The password: --password-file, KURA_PASSWORD, the default repository's password file, or a
+/// prompt on a terminal (asked twice when `confirm`).
+pub fn password(cli: &Cli, loc: &Location, confirm: bool) -> Result<Vec<u8>> {
+    if let Some(p) = &cli.password_file {
+        return read_password_file(p);
+    }
+    if let Ok(p) = std::env::var("KURA_PASSWORD") {
+        return Ok(p.into_bytes());
+    }
+    if loc.default {
+        let (_, keyfile) = default_paths()?;
+        if keyfile.exists() {
+            return read_password_file(&keyfile);
+        }
+    }
+    prompt("repository password", confirm)
+}
+
+/// Asks for a password on the terminal.
+pub fn prompt(what: &str, confirm: bool) -> Result<Vec<u8>> {
+    if !std::io::stdin().is_terminal() {
+        bail!("no password given: set KURA_PASSWORD or use --password-file");
+    }
+    let p = rpassword::prompt_password(format!("enter {what}: ")).context("cannot read password")?;
+    if confirm {
+        let again = rpassword::prompt_password(format!("enter {what} again: ")).context("cannot read password")?;
+        if again != p {
+            bail!("passwords do not match");
+        }
+    }
+    if p.is_empty() {
+        bail!("empty password refused");
+    }
+    Ok(p.into_bytes())
+}
+
+/// Opens the repository and loads its index.
+pub fn open(cli: &Cli) -> Result<Repository> {
+    let loc = location(cli)?;
+    let store = LocalStore::open(&loc.path).map_err(RepoError::from)?;
+    let pw = password(cli, &loc, false)?;
+    let repo = Repository::open(Arc::new(store) as Arc<dyn Store>, &pw)?;
+    Ok(repo)
+}
+
+/// Opens the repository for a backup; the default repository is created on first use with a
+/// generated password, and the user is told where it is.
+pub fn open_for_backup(cli: &Cli) -> Result<Repository> {
+    let loc = location(cli)?;
+    if !loc.default || LocalStore::open(&loc.path).is_ok() {
+        return open(cli);
+    }
+    let (_, keyfile) = default_paths()?;
+    let pw = match (&cli.password_file, std::env::var("KURA_PASSWORD")) {
+        (Some(p), _) => read_password_file(p)?,
+        (None, Ok(p)) => p.into_bytes(),
+        (None, Err(_)) if keyfile.exists() => read_password_file(&keyfile)?,
+        (None, Err(_)) => {
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let pw = hex::encode(raw).into_bytes();
+            write_owner_only(&keyfile, &pw)?;
+            eprintln!(
+                "kura: generated the password of your default repository and stored it in {} (readable only by you).\n\
+                 kura: keep a copy of that file somewhere safe: without it these backups cannot be read.",
+                keyfile.display()
+            );
+            pw
+        }
+    };
+    let store = LocalStore::create(&loc.path).map_err(RepoError::from)?;
+    let repo = Repository::init(Arc::new(store), &pw, KdfParams::default())?;
+    eprintln!("kura: created the default repository at {}", loc.path.display());
+    Ok(repo)
+}
+
+fn write_owner_only(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data).and_then(|_| f.write_all(b"\n")).and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

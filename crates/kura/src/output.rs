@@ -1,0 +1,82 @@
+//! Output: human or JSON printing, byte sizes, and the progress bar (only on a terminal).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kura_ops::Progress;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Formats bytes as B/KiB/MiB/GiB.
+pub fn bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal; warnings always go to stderr.
+pub struct Bar {
+    bar: Option<ProgressBar>,
+    files: AtomicU64,
+    quiet: bool,
+}
+
+impl Bar {
+    /// A bar if stderr is a terminal and output is neither quiet nor JSON.
+    pub fn new(quiet: bool, json: bool) -> Self {
+        let bar = (!quiet && !json && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        });
+        Bar { bar, files: AtomicU64::new(0), quiet }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, files: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(bytes);
+            b.set_message(format!("0/{files} files"));
+            self.files.store(0, Ordering::Relaxed);
+            b.set_prefix(files.to_string());
+        }
+    }
+    fn advance(&self, files: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+            if files > 0 {
+                let done = self.files.fetch_add(files, Ordering::Relaxed) + files;
+                b.set_message(format!("{done}/{} files", b.prefix()));
+            }
+        }
+    }
+    fn warn(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("kura: warning: {msg}")),
+            None if !self.quiet => eprintln!("kura: warning: {msg}"),
+            None => eprintln!("kura: warning: {msg}"),
+        }
+    }
+}
