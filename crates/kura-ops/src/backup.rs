@@ -340,6 +340,15 @@ fn ns(secs: i64, nsec: i64) -> i64 {
     secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    File::options().read(true).custom_flags(O_NOFOLLOW).open(path)
+}
+
+fn recently_modified(mtime_ns: i64) -> bool {
+    let now = jiff::Timestamp::now().as_nanosecond() as i64;
+    now.saturating_sub(mtime_ns) < 2_000_000_000
+}
+
 /// Reads one file; a file that changes while being read is read again (up to three times).
 fn read_file(
     repo: &Repository,
@@ -353,7 +362,7 @@ fn read_file(
     let mut attempt = 0;
     let (mut size, mut mtime) = (expect.size, expect.mtime_ns);
     loop {
-        let f = match File::options().read(true).custom_flags(O_NOFOLLOW).open(path) {
+        let f = match open_nofollow(path) {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };
@@ -367,7 +376,21 @@ fn read_file(
             Err(e) => return Ok(Err(e)),
         };
         let (amtime, actime) = (ns(after.mtime(), after.mtime_nsec()), ns(after.ctime(), after.ctime_nsec()));
-        let stable = after.size() == n && n == size && amtime == mtime;
+        let mut stable = after.size() == n && n == size && amtime == mtime;
+        // File timestamps tick coarsely (a few ms), so a rewrite of the same size can keep its
+        // mtime. A file modified in the last seconds is read a second time: only two identical
+        // reads count as a consistent copy.
+        if stable && recently_modified(amtime) {
+            let f2 = match open_nofollow(path) {
+                Ok(f) => f,
+                Err(e) => return Ok(Err(e)),
+            };
+            match store_stream(repo, f2, buf, stats, interrupt, progress) {
+                Ok((again, _)) => stable = again == content,
+                Err(OpsError::Io { source, .. }) => return Ok(Err(source)),
+                Err(e) => return Err(e),
+            }
+        }
         attempt += 1;
         if stable || attempt >= 3 {
             return Ok(Ok(ReadOutcome { content, size: n, mtime_ns: amtime, ctime_ns: actime, changed: !stable }));
@@ -388,7 +411,7 @@ pub fn backup(
     if opts.paths.is_empty() {
         return Err(OpsError::Invalid("no source paths given".into()));
     }
-    let (recovered_packs, _) = repo.index_orphan_packs()?;
+    let (recovered_packs, _) = repo.index_orphan_packs(true)?;
     let mut paths: Vec<PathBuf> = opts.paths.iter().map(|p| absolute(p)).collect::<Result<_, _>>()?;
     paths.sort();
     paths.dedup();
@@ -625,7 +648,7 @@ pub fn backup_stdin(
     if !kura_repo::tree::is_safe_name(filename.as_bytes()) {
         return Err(OpsError::Invalid(format!("--stdin-filename {filename:?} must be a plain file name")));
     }
-    let (recovered_packs, _) = repo.index_orphan_packs()?;
+    let (recovered_packs, _) = repo.index_orphan_packs(true)?;
     let stats = Stats::default();
     let mut buf = Vec::new();
     let (content, size) = store_stream(repo, input, &mut buf, &stats, interrupt, progress).map_err(|e| match e {
@@ -641,7 +664,12 @@ pub fn backup_stdin(
     node.size = size;
     node.content = content;
     let mut referenced: HashSet<Id> = node.content.iter().copied().collect();
-    let (tree, _) = repo.save_blob(BlobKind::Tree, &Tree::new(vec![node]).encode())?;
+    let tree_bytes = Tree::new(vec![node]).encode();
+    let (tree, new) = repo.save_blob(BlobKind::Tree, &tree_bytes)?;
+    if new {
+        stats.blobs_added.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_added.fetch_add(tree_bytes.len() as u64, Ordering::Relaxed);
+    }
     referenced.insert(tree);
     repo.flush()?;
     let mut packs: Vec<Id> = {

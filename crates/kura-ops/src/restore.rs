@@ -246,6 +246,31 @@ fn plan_dir(
     Ok(())
 }
 
+/// Writes `data` at `off`, skipping all-zero 4 KiB blocks so they stay holes (the file is
+/// extended to its full length afterwards): sparse files are restored sparse.
+fn write_sparse(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut start = None;
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = (pos + BLOCK).min(data.len());
+        let zero = data[pos..end].iter().all(|&b| b == 0);
+        match (zero, start) {
+            (false, None) => start = Some(pos),
+            (true, Some(s)) => {
+                f.write_all_at(&data[s..pos], off + s as u64)?;
+                start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(s) = start {
+        f.write_all_at(&data[s..], off + s as u64)?;
+    }
+    Ok(())
+}
+
 /// Writes one file to a temporary name, verifying every chunk, then renames it into place.
 fn restore_file(repo: &Repository, job: &FileJob, warnings: &Mutex<Vec<String>>) -> Result<u64, OpsError> {
     let dir = job.path.parent().unwrap_or(Path::new("."));
@@ -264,10 +289,7 @@ fn restore_file(repo: &Repository, job: &FileJob, warnings: &Mutex<Vec<String>>)
         let mut off = 0u64;
         for id in &job.node.content {
             let data = repo.read_blob(id)?;
-            // Zero chunks become holes, so sparse files stay sparse.
-            if data.iter().any(|&b| b != 0) {
-                f.write_all_at(&data, off).map_err(|e| OpsError::io("cannot write", &job.path, e))?;
-            }
+            write_sparse(&f, &data, off).map_err(|e| OpsError::io("cannot write", &job.path, e))?;
             off += data.len() as u64;
         }
         if off != job.node.size {

@@ -43,7 +43,9 @@ pub struct Repository {
     chunker: Chunker,
     index: RwLock<Index>,
     pending: Mutex<HashSet<Id>>,
-    packer: Mutex<PackBuilder>,
+    // One open pack per blob kind: trees stay apart from file data, so damage to a data pack
+    // never hides which files it hit, and trees are fetched without reading bulk data.
+    packers: [Mutex<PackBuilder>; 2],
     unindexed: Mutex<Vec<IndexPack>>,
     stored_bytes: AtomicU64,
 }
@@ -101,7 +103,7 @@ impl Repository {
             chunker,
             index: RwLock::new(Index::default()),
             pending: Mutex::new(HashSet::new()),
-            packer: Mutex::new(PackBuilder::new()),
+            packers: [Mutex::new(PackBuilder::new()), Mutex::new(PackBuilder::new())],
             unindexed: Mutex::new(Vec::new()),
             stored_bytes: AtomicU64::new(0),
         }
@@ -212,9 +214,9 @@ impl Repository {
     }
 
     /// Finds packs no index file covers (left by a killed backup, or whose index file is
-    /// damaged), reads their headers and writes an index file for them. Returns how many were
-    /// recovered and the packs that could not be read.
-    pub fn index_orphan_packs(&self) -> Result<(usize, Vec<RepoError>), RepoError> {
+    /// damaged) and reads their headers into the in-memory index; with `persist`, also writes an
+    /// index file for them. Returns how many were recovered and the packs that could not be read.
+    pub fn index_orphan_packs(&self, persist: bool) -> Result<(usize, Vec<RepoError>), RepoError> {
         let listed = self.store.list(Kind::Pack)?;
         let mut recovered = Vec::new();
         let mut bad = Vec::new();
@@ -236,7 +238,9 @@ impl Repository {
                     idx.add_pack(p.id, &p.blobs);
                 }
             }
-            self.write_index_file(recovered)?;
+            if persist {
+                self.write_index_file(recovered)?;
+            }
         }
         Ok((n, bad))
     }
@@ -307,7 +311,7 @@ impl Repository {
         };
         let sealed = self.key.seal(body, &id.0).map_err(|_| RepoError::KeyRefused("cannot encrypt".into()))?;
         let full = {
-            let mut p = lock(&self.packer);
+            let mut p = lock(&self.packers[kind as usize]);
             p.add(id, kind, comp, &sealed, data.len() as u32);
             if p.len() >= self.config.pack_size as usize { Some(std::mem::take(&mut *p)) } else { None }
         };
@@ -349,9 +353,11 @@ impl Repository {
     /// Uploads the partly filled pack and writes the index file for every pack not yet covered.
     /// After it returns, every blob saved so far is durable and indexed.
     pub fn flush(&self) -> Result<(), RepoError> {
-        let p = std::mem::take(&mut *lock(&self.packer));
-        if !p.is_empty() {
-            self.upload_pack(p)?;
+        for packer in &self.packers {
+            let p = std::mem::take(&mut *lock(packer));
+            if !p.is_empty() {
+                self.upload_pack(p)?;
+            }
         }
         let batch = std::mem::take(&mut *lock(&self.unindexed));
         if !batch.is_empty() {

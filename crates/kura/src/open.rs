@@ -87,6 +87,21 @@ pub fn open(cli: &Cli) -> Result<Repository> {
     Ok(repo)
 }
 
+/// Opens the repository and loads its index for reading; packs no readable index file covers
+/// (an interrupted backup, a damaged index file) are indexed in memory from their headers.
+pub fn open_indexed(cli: &Cli) -> Result<Repository> {
+    let repo = open(cli)?;
+    let problems = repo.load_index()?;
+    for e in &problems {
+        eprintln!("kura: warning: {e}; reading pack headers instead");
+    }
+    let (_, bad) = repo.index_orphan_packs(false)?;
+    for e in &bad {
+        eprintln!("kura: warning: {e}");
+    }
+    Ok(repo)
+}
+
 /// Opens the repository for a backup; the default repository is created on first use with a
 /// generated password, and the user is told where it is.
 pub fn open_for_backup(cli: &Cli) -> Result<Repository> {

@@ -64,8 +64,7 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
 
 /// `kura ls`.
 pub fn ls(cli: &Cli, snapshot: &str, path: Option<&str>) -> Result<Outcome> {
-    let repo = open::open(cli)?;
-    repo.load_index()?;
+    let repo = open::open_indexed(cli)?;
     let (id, s) = repo.find_snapshot(snapshot, |_| true)?;
     let entries = walk::ls(&repo, &s.body.tree, path.unwrap_or("/"))?;
     if cli.json {
@@ -83,8 +82,7 @@ pub fn ls(cli: &Cli, snapshot: &str, path: Option<&str>) -> Result<Outcome> {
 
 /// `kura diff`.
 pub fn diff(cli: &Cli, a: &str, b: &str) -> Result<Outcome> {
-    let repo = open::open(cli)?;
-    repo.load_index()?;
+    let repo = open::open_indexed(cli)?;
     let (ia, sa) = repo.find_snapshot(a, |_| true)?;
     let (ib, sb) = repo.find_snapshot(b, |_| true)?;
     let changes = walk::diff(&repo, &sa.body.tree, &sb.body.tree)?;
@@ -114,7 +112,7 @@ fn full_id(repo: &Repository, kind: Kind, prefix: &str) -> Result<String> {
 
 /// `kura cat`: decrypted objects as JSON, for debugging.
 pub fn cat(cli: &Cli, kind: &str, id: Option<&str>) -> Result<Outcome> {
-    let repo = open::open(cli)?;
+    let repo = if matches!(kind, "tree" | "blob" | "snapshot") { open::open_indexed(cli)? } else { open::open(cli)? };
     let need = || id.ok_or_else(|| anyhow::anyhow!("cat {kind} needs an id"));
     match kind {
         "config" => println!("{}", String::from_utf8_lossy(&repo.config().encode())),
@@ -123,7 +121,6 @@ pub fn cat(cli: &Cli, kind: &str, id: Option<&str>) -> Result<Outcome> {
             println!("{}", String::from_utf8_lossy(&repo.store().get(Kind::Key, &name)?));
         }
         "snapshot" => {
-            repo.load_index()?;
             let (id, s) = repo.find_snapshot(need()?, |_| true)?;
             let mut v = snapshot_json(&id, &s);
             v["packs"] = j!(s.public.packs.iter().map(|p| p.to_hex()).collect::<Vec<_>>());
@@ -142,7 +139,6 @@ pub fn cat(cli: &Cli, kind: &str, id: Option<&str>) -> Result<Outcome> {
             json(&repo.read_pack_header(&id, size)?)?;
         }
         "tree" | "blob" => {
-            repo.load_index()?;
             let id = Id::from_hex(need()?).ok_or_else(|| anyhow::anyhow!("{kind} needs a full 64-digit id"))?;
             if kind == "tree" {
                 json(&repo.read_tree(&id)?)?;

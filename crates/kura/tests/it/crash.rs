@@ -1,0 +1,99 @@
+//! kill -9 at seeded random points of real `kura backup` and `kura restore` processes: afterwards
+//! the repository opens, earlier snapshots restore bit-exact, and the next run succeeds with no
+//! manual step.
+
+use crate::util::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+#[test]
+fn twenty_four_kill_9_during_backup_leave_a_repository_that_works() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(src.join("small")).unwrap();
+    for i in 0..40 {
+        fs::write(src.join(format!("f{i:02}")), bytes(600_000, i)).unwrap();
+    }
+    for i in 0..300 {
+        fs::write(src.join(format!("small/s{i}")), format!("small file {i}\n").repeat(i % 40)).unwrap();
+    }
+    let orig = e.path("orig");
+    let s = src.to_str().unwrap();
+    let t0 = Instant::now();
+    let first = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
+    let full = t0.elapsed();
+    copy_dir(&src, &orig);
+
+    let mut seed = 0x5eed_2012_u64;
+    let mut killed_mid_run = 0;
+    for round in 0..24u64 {
+        // New content each round so every run has real work to be killed in.
+        for k in 0..8 {
+            let i = (xorshift(&mut seed) % 40) as usize;
+            fs::write(src.join(format!("f{i:02}")), bytes(600_000, 1000 + round * 10 + k)).unwrap();
+        }
+        let frac = (xorshift(&mut seed) % 1000) as f64 / 1000.0;
+        let delay = full.mul_f64(0.05 + 1.1 * frac);
+        let mut child = e.cmd(&["backup", s, "--quiet"]).spawn().unwrap();
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // The repository opens and lists at once after every kill.
+        let o = e.run(&["snapshots"]);
+        assert!(o.status.success(), "round {round}: snapshots failed: {}", stderr(&o));
+        if round % 6 == 5 {
+            let o = e.run(&["check"]);
+            assert!(o.status.success(), "round {round}: check failed: {}", stderr(&o));
+        }
+    }
+    assert!(killed_mid_run >= 12, "only {killed_mid_run} of 24 kills hit a running backup");
+    let last = e.json(&["backup", s]);
+    assert!(last["snapshot"].is_string());
+    e.ok(&["check", "--read-data"]);
+    let out1 = e.path("out1");
+    e.ok(&["restore", &first[..8], "--target", out1.to_str().unwrap()]);
+    assert_same_tree(&orig, &restored(&out1, &src));
+    let out2 = e.path("out2");
+    e.ok(&["restore", "latest", "--target", out2.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&out2, &src));
+}
+
+#[test]
+fn kill_9_during_restore_then_rerun_completes_it() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..60 {
+        fs::write(src.join(format!("f{i:02}")), bytes(400_000, i)).unwrap();
+    }
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let out = e.path("out");
+    let t0 = Instant::now();
+    e.ok(&["restore", "latest", "--target", e.path("warm").to_str().unwrap()]);
+    let full = t0.elapsed();
+    let mut seed = 77u64;
+    for _ in 0..5 {
+        let frac = (xorshift(&mut seed) % 1000) as f64 / 1000.0;
+        let mut child = e.cmd(&["restore", "latest", "--target", out.to_str().unwrap(), "--quiet"]).spawn().unwrap();
+        std::thread::sleep(full.mul_f64(0.1 + 0.8 * frac).max(Duration::from_millis(1)));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&out, &src));
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp").args(["-a", from.to_str().unwrap(), to.to_str().unwrap()]).status().unwrap();
+    assert!(st.success());
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `kura` binary against real directories, real processes killed
+//! with SIGKILL, really corrupted bytes and a really full filesystem.
+
+mod badinput;
+mod corruption;
+mod crash;
+mod roundtrip;
+mod util;

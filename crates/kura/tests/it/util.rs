@@ -1,0 +1,139 @@
+//! Test helpers: a temporary repository, running the binary, comparing trees.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kura");
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+}
+
+impl Env {
+    /// A temp dir with an initialised repository at `repo`.
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        let e = Env { dir, repo };
+        e.ok(&["init"]);
+        e
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("-r").arg(&self.repo).args(args);
+        c.env("KURA_PASSWORD", "test-pass").env("HOME", self.dir.path()).env_remove("KURA_REPOSITORY");
+        c.env_remove("KURA_PASSWORD_FILE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "kura {args:?} failed ({:?}): {}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+        no_panic(&o);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+pub fn no_panic(o: &Output) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "panic: {err}");
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Meta {
+    kind: &'static str,
+    mode: u32,
+    mtime: i64,
+    content: Option<blake3::Hash>,
+    target: Option<PathBuf>,
+}
+
+/// Everything below `root` that a restore must reproduce.
+pub fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Meta> {
+    let mut out = BTreeMap::new();
+    for e in walk(root) {
+        let m = std::fs::symlink_metadata(&e).unwrap();
+        let ft = m.file_type();
+        let kind = if ft.is_dir() { "dir" } else if ft.is_symlink() { "link" } else if ft.is_fifo() { "fifo" } else { "file" };
+        out.insert(
+            e.strip_prefix(root).unwrap().to_path_buf(),
+            Meta {
+                kind,
+                mode: if ft.is_symlink() { 0 } else { m.mode() & 0o7777 },
+                mtime: if ft.is_dir() { 0 } else { m.mtime() },
+                content: ft.is_file().then(|| blake3::hash(&std::fs::read(&e).unwrap())),
+                target: ft.is_symlink().then(|| std::fs::read_link(&e).unwrap()),
+            },
+        );
+    }
+    out
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            v.push(p);
+        }
+    }
+    v
+}
+
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (x, y) = (snapshot_tree(a), snapshot_tree(b));
+    for (k, v) in &x {
+        assert_eq!(Some(v), y.get(k), "entry {} differs", k.display());
+    }
+    assert_eq!(x.len(), y.len(), "restore has extra entries: {:?}", y.keys().filter(|k| !x.contains_key(*k)).collect::<Vec<_>>());
+}
+
+/// Where `kura restore` puts an absolute source path below `target`.
+pub fn restored(target: &Path, src: &Path) -> PathBuf {
+    target.join(src.strip_prefix("/").unwrap())
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
