@@ -2,8 +2,8 @@
 
 /// Receives progress of a long operation. Called from worker threads.
 pub trait Progress: Sync {
-    /// The amount of work is known: files and bytes to process.
-    fn start(&self, _files: u64, _bytes: u64) {}
+    /// More work was found: files and bytes to process (called as the walk goes on).
+    fn add_total(&self, _files: u64, _bytes: u64) {}
     /// Some work was done.
     fn advance(&self, _files: u64, _bytes: u64) {}
     /// A non-fatal problem (unreadable file); the operation goes on.

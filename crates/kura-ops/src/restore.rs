@@ -342,7 +342,7 @@ pub fn restore(
         return Err(OpsError::NoSuchPath(opts.include.join(", ")));
     }
     let total: u64 = plan.files.iter().map(|f| f.node.size).sum();
-    progress.start(plan.files.len() as u64, total);
+    progress.add_total(plan.files.len() as u64, total);
 
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);

@@ -68,15 +68,22 @@ impl Chunker {
         mut f: impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<u64, E> {
         let cap = self.buffer_size();
-        if buf.len() < cap {
-            buf.resize(cap, 0);
+        // The buffer grows on demand (64 KiB up to 2 × max): most files are small, and a
+        // buffer of full size per thread would be resident memory for nothing.
+        if buf.is_empty() {
+            buf.resize(64 * 1024, 0);
         }
         let mut len = 0usize;
         let mut total = 0u64;
         let mut eof = false;
         loop {
             while !eof && len < cap {
-                match r.read(&mut buf[len..cap]) {
+                if len == buf.len() {
+                    let grown = (buf.len() * 2).min(cap);
+                    buf.resize(grown, 0);
+                }
+                let end = buf.len();
+                match r.read(&mut buf[len..end]) {
                     Ok(0) => eof = true,
                     Ok(n) => {
                         len += n;

@@ -13,6 +13,8 @@ pub const PACK_VERSION: u32 = 1;
 pub const FOOTER_LEN: usize = 16;
 const HEADER_AAD: &[u8] = b"kura pack header v1";
 
+const PACK_RESERVE: usize = 17 << 20;
+
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BlobKind {
@@ -85,6 +87,12 @@ impl PackBuilder {
         Self::default()
     }
 
+    /// An empty pack reusing `buf`'s allocation.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        PackBuilder { buf, entries: Vec::new() }
+    }
+
     /// Bytes so far.
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -97,6 +105,10 @@ impl PackBuilder {
 
     /// Appends an already sealed blob.
     pub fn add(&mut self, id: Id, kind: BlobKind, compression: Compression, sealed: &[u8], raw: u32) {
+        if self.buf.capacity() == 0 {
+            // Packs end a little over the target size; one allocation instead of doublings.
+            self.buf.reserve(PACK_RESERVE);
+        }
         self.entries.push(PackEntry {
             id,
             kind,

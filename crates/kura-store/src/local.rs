@@ -228,6 +228,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        // Each case creates a store (257 directories, fsynced): keep the count modest.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
         #[test]
         fn any_name_is_either_refused_or_stays_inside(name in ".{0,12}") {
             let (d, s) = store();

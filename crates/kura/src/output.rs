@@ -27,6 +27,7 @@ pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 pub struct Bar {
     bar: Option<ProgressBar>,
     files: AtomicU64,
+    total: AtomicU64,
     quiet: bool,
 }
 
@@ -43,7 +44,7 @@ impl Bar {
             );
             b
         });
-        Bar { bar, files: AtomicU64::new(0), quiet }
+        Bar { bar, files: AtomicU64::new(0), total: AtomicU64::new(0), quiet }
     }
 
     /// Removes the bar.
@@ -55,12 +56,11 @@ impl Bar {
 }
 
 impl Progress for Bar {
-    fn start(&self, files: u64, bytes: u64) {
+    fn add_total(&self, files: u64, bytes: u64) {
         if let Some(b) = &self.bar {
-            b.set_length(bytes);
-            b.set_message(format!("0/{files} files"));
-            self.files.store(0, Ordering::Relaxed);
-            b.set_prefix(files.to_string());
+            b.inc_length(bytes);
+            let total = self.total.fetch_add(files, Ordering::Relaxed) + files;
+            b.set_message(format!("{}/{total} files", self.files.load(Ordering::Relaxed)));
         }
     }
     fn advance(&self, files: u64, bytes: u64) {
@@ -68,7 +68,7 @@ impl Progress for Bar {
             b.inc(bytes);
             if files > 0 {
                 let done = self.files.fetch_add(files, Ordering::Relaxed) + files;
-                b.set_message(format!("{done}/{} files", b.prefix()));
+                b.set_message(format!("{done}/{} files", self.total.load(Ordering::Relaxed)));
             }
         }
     }
