@@ -304,17 +304,22 @@ pub fn store_stream(
     repo: &Repository,
     r: impl Read,
     buf: &mut Vec<u8>,
-    stats: &Stats,
-    interrupt: Option<&AtomicBool>,
-    progress: &dyn Progress,
+    ctx: &Ctx<'_>,
 ) -> Result<(Vec<Id>, u64), OpsError> {
+    let Ctx { stats, interrupt, progress, sealer, failed } = *ctx;
     let mut ids = Vec::new();
     let n = repo.chunker().for_each_chunk::<_, ChunkErr>(r, buf, |chunk| {
         if interrupt.is_some_and(|i| i.load(Ordering::Relaxed)) {
             return Err(ChunkErr::Ops(OpsError::Interrupted));
         }
-        let (id, new) = repo.save_blob(BlobKind::Data, chunk).map_err(|e| ChunkErr::Ops(e.into()))?;
+        if failed.load(Ordering::Relaxed) {
+            return Err(ChunkErr::Ops(OpsError::Invalid("stopped after an error in another thread".into())));
+        }
+        let (id, new) = repo.claim(chunk);
         if new {
+            sealer
+                .send((id, chunk.to_vec()))
+                .map_err(|_| ChunkErr::Ops(OpsError::Invalid("the compression threads stopped".into())))?;
             stats.blobs_added.fetch_add(1, Ordering::Relaxed);
             stats.bytes_added.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
@@ -330,6 +335,79 @@ pub fn store_stream(
         Err(ChunkErr::Io(e)) => Err(OpsError::io("cannot read", PathBuf::from("-"), e)),
         Err(ChunkErr::Ops(e)) => Err(e),
     }
+}
+
+/// What the reading code shares: counters, the stop flags, progress, and the queue of new chunks
+/// for the sealer threads.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    stats: &'a Stats,
+    interrupt: Option<&'a AtomicBool>,
+    progress: &'a dyn Progress,
+    sealer: &'a crossbeam_channel::Sender<(Id, Vec<u8>)>,
+    failed: &'a AtomicBool,
+}
+
+type SealerHandle<'s> = std::thread::ScopedJoinHandle<'s, Result<(), OpsError>>;
+
+/// Starts one sealer per core: they compress, encrypt and pack new chunks, so even a single
+/// large file (a database dump) keeps every core busy while its reader chunks and hashes.
+fn spawn_sealers<'s, 'e: 's>(
+    scope: &'s std::thread::Scope<'s, 'e>,
+    repo: &'e Repository,
+    rx: crossbeam_channel::Receiver<(Id, Vec<u8>)>,
+    failed: &'e AtomicBool,
+) -> Vec<SealerHandle<'s>> {
+    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    (0..n)
+        .map(|_| {
+            let rx = rx.clone();
+            scope.spawn(move || {
+                for (id, data) in rx.iter() {
+                    if let Err(e) = repo.store_claimed(BlobKind::Data, id, &data) {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e.into());
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+fn join_sealers(handles: Vec<SealerHandle<'_>>) -> Result<(), OpsError> {
+    let mut first = Ok(());
+    for h in handles {
+        let r = h.join().unwrap_or_else(|_| Err(OpsError::Invalid("a compression thread crashed".into())));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
+/// Runs `f` with sealer threads; returns once every chunk it queued is packed.
+fn with_sealers<T>(
+    repo: &Repository,
+    stats: &Stats,
+    interrupt: Option<&AtomicBool>,
+    progress: &dyn Progress,
+    f: impl FnOnce(&Ctx<'_>) -> Result<T, OpsError>,
+) -> Result<T, OpsError> {
+    let failed = AtomicBool::new(false);
+    let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(4);
+    std::thread::scope(|scope| {
+        let sealers = spawn_sealers(scope, repo, rx, &failed);
+        let ctx = Ctx { stats, interrupt, progress, sealer: &tx, failed: &failed };
+        let r = f(&ctx);
+        drop(tx);
+        let sealed = join_sealers(sealers);
+        // A sealer's error (full disk) is the cause of any reader error it provoked.
+        match (sealed, r) {
+            (Err(e), _) => Err(e),
+            (Ok(()), r) => r,
+        }
+    })
 }
 
 /// Counters shared by the worker threads.
@@ -371,9 +449,7 @@ fn read_file(
     path: &Path,
     expect: (u64, i64),
     buf: &mut Vec<u8>,
-    stats: &Stats,
-    interrupt: Option<&AtomicBool>,
-    progress: &dyn Progress,
+    ctx: &Ctx<'_>,
 ) -> Result<Result<ReadOutcome, std::io::Error>, OpsError> {
     let mut attempt = 0;
     let (mut size, mut mtime) = expect;
@@ -382,7 +458,7 @@ fn read_file(
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };
-        let (content, n) = match store_stream(repo, &f, buf, stats, interrupt, progress) {
+        let (content, n) = match store_stream(repo, &f, buf, ctx) {
             Ok(x) => x,
             Err(OpsError::Io { source, .. }) => return Ok(Err(source)),
             Err(e) => return Err(e),
@@ -401,7 +477,7 @@ fn read_file(
                 Ok(f) => f,
                 Err(e) => return Ok(Err(e)),
             };
-            match store_stream(repo, f2, buf, stats, interrupt, progress) {
+            match store_stream(repo, f2, buf, ctx) {
                 Ok((again, _)) => stable = again == content,
                 Err(OpsError::Io { source, .. }) => return Ok(Err(source)),
                 Err(e) => return Err(e),
@@ -447,9 +523,8 @@ pub fn backup(
     let ignore = build_ignore(opts)?;
     let stats = Stats::default();
     let (tx, rx) = crossbeam_channel::unbounded::<ReadJob>();
-    let failed = AtomicBool::new(false);
-    let (w, outcomes) = std::thread::scope(|scope| -> Result<_, OpsError> {
-        let workers = read_workers(scope, repo, rx, &stats, &failed, interrupt, progress);
+    let (w, outcomes) = with_sealers(repo, &stats, interrupt, progress, |ctx| std::thread::scope(|scope| {
+        let workers = read_workers(scope, repo, rx, ctx);
         let mut w = Walker {
             repo,
             opts,
@@ -471,7 +546,7 @@ pub fn backup(
         let outcomes = collect_workers(workers, w.jobs.len());
         walked?;
         Ok((w, outcomes?))
-    })?;
+    }))?;
     let mut w = w;
     let root = 0;
     let mut changed = Vec::new();
@@ -584,10 +659,7 @@ fn read_workers<'s, 'e: 's>(
     scope: &'s std::thread::Scope<'s, 'e>,
     repo: &'e Repository,
     rx: crossbeam_channel::Receiver<ReadJob>,
-    stats: &'e Stats,
-    failed: &'e AtomicBool,
-    interrupt: Option<&'e AtomicBool>,
-    progress: &'e dyn Progress,
+    ctx: &'e Ctx<'e>,
 ) -> Vec<Worker<'s>> {
     let threads = std::env::var("KURA_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     (0..threads)
@@ -597,16 +669,16 @@ fn read_workers<'s, 'e: 's>(
                 let mut buf = Vec::new();
                 let mut done = Vec::new();
                 for job in rx.iter() {
-                    if failed.load(Ordering::Relaxed) {
+                    if ctx.failed.load(Ordering::Relaxed) {
                         break;
                     }
-                    match read_file(repo, &job.path, (job.size, job.mtime_ns), &mut buf, stats, interrupt, progress) {
+                    match read_file(repo, &job.path, (job.size, job.mtime_ns), &mut buf, ctx) {
                         Ok(r) => {
-                            progress.advance(1, 0);
+                            ctx.progress.advance(1, 0);
                             done.push((job.job, r));
                         }
                         Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
+                            ctx.failed.store(true, Ordering::Relaxed);
                             return Err(e);
                         }
                     }
@@ -688,7 +760,7 @@ pub fn backup_stdin(
     let (recovered_packs, _) = repo.index_orphan_packs(true)?;
     let stats = Stats::default();
     let mut buf = Vec::new();
-    let (content, size) = store_stream(repo, input, &mut buf, &stats, interrupt, progress).map_err(|e| match e {
+    let (content, size) = with_sealers(repo, &stats, interrupt, progress, |ctx| store_stream(repo, input, &mut buf, ctx)).map_err(|e| match e {
         OpsError::Io { source, .. } => OpsError::io("cannot read", "standard input", source),
         e => e,
     })?;

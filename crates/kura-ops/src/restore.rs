@@ -271,51 +271,98 @@ fn write_sparse(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes one file to a temporary name, verifying every chunk, then renames it into place.
-fn restore_file(repo: &Repository, job: &FileJob, warnings: &Mutex<Vec<String>>) -> Result<u64, OpsError> {
-    let dir = job.path.parent().unwrap_or(Path::new("."));
-    let mut rnd = [0u8; 8];
-    // Only uniqueness matters here; create_new refuses a collision.
-    let _ = getrandom::fill(&mut rnd);
-    let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(rnd)));
-    let f = File::options()
-        .write(true)
-        .create_new(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| OpsError::io("cannot create", &tmp, e))?;
-    let result = (|| {
-        let mut off = 0u64;
-        for id in &job.node.content {
-            let data = repo.read_blob(id)?;
-            write_sparse(&f, &data, off).map_err(|e| OpsError::io("cannot write", &job.path, e))?;
-            off += data.len() as u64;
+/// Chunks per restore task: big files are split so every core works on them.
+const CHUNKS_PER_TASK: usize = 8;
+
+/// A file being restored by one or more tasks.
+struct FileState {
+    job: FileJob,
+    /// Byte offset of each chunk (from the index), plus the end.
+    offsets: Vec<u64>,
+    open: Mutex<Option<(PathBuf, std::sync::Arc<File>)>>,
+    remaining: AtomicUsize,
+}
+
+impl FileState {
+    /// Opens (creating on first use) the temporary file next to the target path.
+    fn file(&self) -> Result<std::sync::Arc<File>, OpsError> {
+        let mut g = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, f)) = &*g {
+            return Ok(f.clone());
         }
-        if off != job.node.size {
-            return Err(OpsError::Repo(kura_repo::RepoError::corrupt(
-                format!("tree entry {}", job.path.display()),
-                format!("content adds up to {off} bytes, the entry says {}", job.node.size),
-            )));
+        let dir = self.job.path.parent().unwrap_or(Path::new("."));
+        let mut rnd = [0u8; 8];
+        // Only uniqueness matters here; create_new refuses a collision.
+        let _ = getrandom::fill(&mut rnd);
+        let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(rnd)));
+        let f = File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| OpsError::io("cannot create", &tmp, e))?;
+        let f = std::sync::Arc::new(f);
+        *g = Some((tmp, f.clone()));
+        Ok(f)
+    }
+
+    fn discard(&self) {
+        if let Some((tmp, _)) = self.open.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = fs::remove_file(tmp);
         }
-        f.set_len(off).map_err(|e| OpsError::io("cannot write", &job.path, e))?;
-        f.sync_data().map_err(|e| OpsError::io("cannot write", &job.path, e))?;
-        Ok(off)
-    })();
+    }
+}
+
+/// Writes chunks `range` of a file; the task that writes the last chunks finishes the file:
+/// length, metadata, rename into place. Returns the bytes written.
+fn restore_chunks(
+    repo: &Repository,
+    st: &FileState,
+    range: std::ops::Range<usize>,
+    warnings: &Mutex<Vec<String>>,
+) -> Result<u64, OpsError> {
+    let f = st.file()?;
+    let mut n = 0;
+    for i in range.clone() {
+        let data = repo.read_blob(&st.job.node.content[i])?;
+        write_sparse(&f, &data, st.offsets[i]).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
+        n += data.len() as u64;
+    }
+    let k = range.len().max(1);
+    if st.remaining.fetch_sub(k, Ordering::AcqRel) != k {
+        return Ok(n);
+    }
+    let size = st.offsets.last().copied().unwrap_or(0);
+    f.set_len(size).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
     drop(f);
-    let n = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    apply_meta(&tmp, &job.node, warnings);
-    fs::rename(&tmp, &job.path).map_err(|e| {
+    let (tmp, _) = st.open.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(|| OpsError::Invalid("restore state lost".into()))?;
+    apply_meta(&tmp, &st.job.node, warnings);
+    fs::rename(&tmp, &st.job.path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        OpsError::io("cannot rename into place", &job.path, e)
+        OpsError::io("cannot rename into place", &st.job.path, e)
     })?;
     Ok(n)
+}
+
+/// Chunk offsets of a file from the index; the entry's size must be their sum.
+fn offsets(repo: &Repository, job: &FileJob) -> Result<Vec<u64>, OpsError> {
+    let idx = repo.index();
+    let mut v = Vec::with_capacity(job.node.content.len() + 1);
+    let mut off = 0u64;
+    for id in &job.node.content {
+        v.push(off);
+        let (_, loc) = idx.get(id).ok_or(kura_repo::RepoError::BlobMissing(*id))?;
+        off += loc.raw_length as u64;
+    }
+    v.push(off);
+    if off != job.node.size {
+        return Err(OpsError::Repo(kura_repo::RepoError::corrupt(
+            format!("tree entry {}", job.path.display()),
+            format!("content adds up to {off} bytes, the entry says {}", job.node.size),
+        )));
+    }
+    Ok(v)
 }
 
 /// Restores the tree `tree` into `opts.target`.
@@ -344,6 +391,20 @@ pub fn restore(
     let total: u64 = plan.files.iter().map(|f| f.node.size).sum();
     progress.add_total(plan.files.len() as u64, total);
 
+    let mut states = Vec::with_capacity(plan.files.len());
+    let mut tasks = Vec::new();
+    for job in std::mem::take(&mut plan.files) {
+        let offs = offsets(repo, &job)?;
+        let chunks = job.node.content.len();
+        let i = states.len();
+        if chunks == 0 {
+            tasks.push((i, 0..0));
+        }
+        for start in (0..chunks).step_by(CHUNKS_PER_TASK) {
+            tasks.push((i, start..(start + CHUNKS_PER_TASK).min(chunks)));
+        }
+        states.push(FileState { job, offsets: offs, open: Mutex::new(None), remaining: AtomicUsize::new(chunks.max(1)) });
+    }
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let fatal: Mutex<Option<OpsError>> = Mutex::new(None);
@@ -352,27 +413,29 @@ pub fn restore(
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= plan.files.len() || failed.load(Ordering::Relaxed) {
+                let t = next.fetch_add(1, Ordering::Relaxed);
+                if t >= tasks.len() || failed.load(Ordering::Relaxed) {
                     break;
                 }
-                if interrupt.is_some_and(|x| x.load(Ordering::Relaxed)) {
+                let stop = |e: OpsError| {
                     failed.store(true, Ordering::Relaxed);
                     if let Ok(mut f) = fatal.lock() {
-                        f.get_or_insert(OpsError::Interrupted);
+                        f.get_or_insert(e);
                     }
+                };
+                if interrupt.is_some_and(|x| x.load(Ordering::Relaxed)) {
+                    stop(OpsError::Interrupted);
                     break;
                 }
-                match restore_file(repo, &plan.files[i], &warnings) {
+                let (i, range) = tasks[t].clone();
+                let last = range.end == states[i].job.node.content.len();
+                match restore_chunks(repo, &states[i], range, &warnings) {
                     Ok(n) => {
                         bytes.fetch_add(n, Ordering::Relaxed);
-                        progress.advance(1, n);
+                        progress.advance(u64::from(last), n);
                     }
                     Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        if let Ok(mut f) = fatal.lock() {
-                            f.get_or_insert(e);
-                        }
+                        stop(e);
                         break;
                     }
                 }
@@ -380,8 +443,12 @@ pub fn restore(
         }
     });
     if let Some(e) = fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        for st in &states {
+            st.discard();
+        }
         return Err(e);
     }
+    let files_restored = states.len() as u64;
     for (first, path) in &plan.links {
         if fs::symlink_metadata(path).is_ok_and(|m| {
             fs::symlink_metadata(first).is_ok_and(|f| f.ino() == m.ino() && f.dev() == m.dev())
@@ -399,7 +466,12 @@ pub fn restore(
         apply_meta(path, n, &warnings);
     }
     let mut result = plan.result;
-    result.files_restored = plan.files.len() as u64;
+    result.files_restored = files_restored;
+    // One filesystem sync at the end instead of one per file: a killed restore is resumed from
+    // the page cache anyway, and this makes the finished restore durable.
+    if let Ok(d) = File::open(&opts.target) {
+        let _ = rustix::fs::syncfs(&d);
+    }
     result.bytes = bytes.load(Ordering::Relaxed);
     result.warnings = warnings.into_inner().unwrap_or_default();
     Ok(result)

@@ -25,6 +25,7 @@ pub mod chunker;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod fuzz;
 pub mod id;
 pub mod index;
 pub mod keyfile;
@@ -43,3 +44,7 @@ pub use pack::BlobKind;
 pub use repo::{KeyInfo, Repository};
 pub use snapshot::{Snapshot, SnapshotBody, SnapshotPublic, Summary};
 pub use tree::{Node, NodeKind, Tree, Xattr};
+
+/// The repository format specification (`docs/FORMAT.md`), kept beside the code that implements it.
+#[doc = include_str!("../../../docs/FORMAT.md")]
+pub mod format_spec {}

@@ -28,6 +28,11 @@ thread_local! {
     };
 }
 
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// After this many new packs an index file is written, so a killed backup loses little.
 const PACKS_PER_INDEX: usize = 32;
 
@@ -297,7 +302,17 @@ impl Repository {
             .map_err(|_| RepoError::corrupt(&obj, format!("blob {} failed authentication", id.short())))?;
         let plain = match compression {
             Compression::None => plain,
-            Compression::Zstd => zstd::bulk::decompress(&plain, raw_length as usize)
+            Compression::Zstd => DECOMPRESSOR
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = zstd::bulk::Decompressor::new().ok();
+                    }
+                    match d.as_mut() {
+                        Some(d) => d.decompress(&plain, raw_length as usize),
+                        None => zstd::bulk::decompress(&plain, raw_length as usize),
+                    }
+                })
                 .map_err(|e| RepoError::corrupt(&obj, format!("blob {} does not decompress: {e}", id.short())))?,
         };
         if plain.len() != raw_length as usize || self.key.blob_id(&plain) != *id {
@@ -316,10 +331,24 @@ impl Repository {
     /// Returns its id and whether it was new. Thread-safe; the blob is durable only after
     /// [`Repository::flush`].
     pub fn save_blob(&self, kind: BlobKind, data: &[u8]) -> Result<(Id, bool), RepoError> {
-        let id = self.key.blob_id(data);
-        if self.index().contains(&id) || !lock(&self.pending).insert(id) {
-            return Ok((id, false));
+        let (id, mine) = self.claim(data);
+        if mine {
+            self.store_claimed(kind, id, data)?;
         }
+        Ok((id, mine))
+    }
+
+    /// Computes a blob's id and claims it: true when the repository neither has it nor is
+    /// storing it, so the caller must pass it to [`Repository::store_claimed`] (possibly on
+    /// another thread).
+    pub fn claim(&self, data: &[u8]) -> (Id, bool) {
+        let id = self.key.blob_id(data);
+        let mine = !self.index().contains(&id) && lock(&self.pending).insert(id);
+        (id, mine)
+    }
+
+    /// Compresses, seals and packs a blob claimed with [`Repository::claim`].
+    pub fn store_claimed(&self, kind: BlobKind, id: Id, data: &[u8]) -> Result<(), RepoError> {
         // One zstd context and two scratch buffers per thread: a fresh context per chunk costs
         // more (allocation, page faults) than compressing a small file.
         let full = SCRATCH.with(|cell| -> Result<Option<PackBuilder>, RepoError> {
@@ -357,7 +386,7 @@ impl Repository {
         if let Some(p) = full {
             self.upload_pack(p)?;
         }
-        Ok((id, true))
+        Ok(())
     }
 
     /// Uploads a finished pack, then makes it visible in the in-memory index; every
@@ -373,7 +402,7 @@ impl Repository {
         self.stored_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         {
             let mut spare = lock(&self.spare);
-            if spare.len() < 4 {
+            if spare.is_empty() {
                 spare.push(bytes);
             }
         }
