@@ -35,6 +35,9 @@ pub enum OpsError {
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
+    /// Work stopped because another thread failed; that thread's error is the one to report.
+    #[error("stopped after an error in another thread")]
+    Cancelled,
     /// Invalid option.
     #[error("{0}")]
     Invalid(String),
