@@ -83,7 +83,7 @@ const ARENA_BLOCK: usize = 4096;
 
 impl Arena {
     fn push(&mut self, b: Built) -> usize {
-        if self.len % ARENA_BLOCK == 0 {
+        if self.len.is_multiple_of(ARENA_BLOCK) {
             self.blocks.push(Vec::with_capacity(ARENA_BLOCK));
         }
         if let Some(last) = self.blocks.last_mut() {

@@ -234,11 +234,10 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some((id, _)) = packs.get(i) else { break };
                     let (problem, blobs) = verify_pack(repo, &extra, id, &bytes);
-                    if let Some(p) = problem {
-                        if let Ok(mut f) = found.lock() {
+                    if let Some(p) = problem
+                        && let Ok(mut f) = found.lock() {
                             f.push((*id, p, blobs));
                         }
-                    }
                 });
             }
         });

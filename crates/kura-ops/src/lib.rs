@@ -2,6 +2,8 @@
 //! [`check`]. Each takes an open [`kura_repo::Repository`] and plain `*Options`, reports progress
 //! through a trait the binary implements, and returns typed errors ([`OpsError`]).
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod backup;
 pub mod check;
 pub mod error;

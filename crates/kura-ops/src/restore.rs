@@ -116,7 +116,9 @@ fn apply_meta(path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
             w.push(m);
         }
     };
-    if is_root() {
+    // Files the restore creates already belong to the restoring user: skip the call then.
+    let mine = n.uid == rustix::process::geteuid().as_raw() && n.gid == rustix::process::getegid().as_raw();
+    if is_root() && !mine {
         let r = rustix::fs::chownat(
             rustix::fs::CWD,
             path,
@@ -133,11 +135,10 @@ fn apply_meta(path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
             warn(format!("{}: cannot set xattr {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
         }
     }
-    if n.kind != NodeKind::Symlink {
-        if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(n.mode)) {
+    if n.kind != NodeKind::Symlink
+        && let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(n.mode)) {
             warn(format!("{}: cannot set mode: {e}", path.display()));
         }
-    }
     if let Err(e) = filetime::set_symlink_file_times(path, mtime_of(n), mtime_of(n)) {
         warn(format!("{}: cannot set mtime: {e}", path.display()));
     }

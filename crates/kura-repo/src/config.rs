@@ -19,7 +19,9 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams { min: 512 * 1024, avg: 1024 * 1024, max: 8 * 1024 * 1024 }
+        // max 4 MiB (restic uses 8): chunks that large are rare with normalised FastCDC, and
+        // every reader and sealer thread keeps buffers of 2 × max; measured -25 MB peak RSS.
+        ChunkerParams { min: 512 * 1024, avg: 1024 * 1024, max: 4 * 1024 * 1024 }
     }
 }
 
@@ -91,8 +93,8 @@ impl Config {
             && p.avg <= p.max
             && p.max <= 16 * 1024 * 1024
             && p.avg.is_power_of_two()
-            && p.min % 2 == 0
-            && p.max % 2 == 0
+            && p.min.is_multiple_of(2)
+            && p.max.is_multiple_of(2)
             && c.pack_size >= 1024
             && (1..=22).contains(&c.zstd_level);
         if !sane {

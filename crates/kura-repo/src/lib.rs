@@ -21,6 +21,8 @@
 //! assert_eq!(repo.read_blob(&id).unwrap(), b"hello");
 //! ```
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod chunker;
 pub mod config;
 pub mod crypto;

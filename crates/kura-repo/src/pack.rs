@@ -1,7 +1,7 @@
 //! Pack files: encrypted blobs back to back, then an encrypted header listing them, then a fixed
 //! 16-byte footer. A pack alone is enough to rebuild its index entries.
 
-use crate::crypto::{AuthFailed, MasterKey, SEAL_OVERHEAD};
+use crate::crypto::{MasterKey, SEAL_OVERHEAD};
 use crate::id::Id;
 use serde::{Deserialize, Serialize};
 
@@ -12,8 +12,6 @@ pub const PACK_VERSION: u32 = 1;
 /// Footer length: header length (u32 LE), version (u32 LE), magic.
 pub const FOOTER_LEN: usize = 16;
 const HEADER_AAD: &[u8] = b"kura pack header v1";
-
-const PACK_RESERVE: usize = 17 << 20;
 
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -74,28 +72,24 @@ pub enum PackError {
     BadHeader(String),
 }
 
-/// Builds a pack in memory.
-#[derive(Default)]
-pub struct PackBuilder {
-    buf: Vec<u8>,
+/// Builds a pack by writing blobs straight to `out` (a staged store object, or a `Vec` in
+/// tests) while hashing them, so a pack never has to sit in memory.
+pub struct PackBuilder<W> {
+    out: W,
+    hasher: blake3::Hasher,
+    len: usize,
     entries: Vec<PackEntry>,
 }
 
-impl PackBuilder {
-    /// An empty pack.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// An empty pack reusing `buf`'s allocation.
-    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
-        buf.clear();
-        PackBuilder { buf, entries: Vec::new() }
+impl<W: std::io::Write> PackBuilder<W> {
+    /// An empty pack writing to `out`.
+    pub fn new(out: W) -> Self {
+        PackBuilder { out, hasher: blake3::Hasher::new(), len: 0, entries: Vec::new() }
     }
 
     /// Bytes so far.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
 
     /// True when no blob was added.
@@ -103,34 +97,33 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// Appends an already sealed blob.
-    pub fn add(&mut self, id: Id, kind: BlobKind, compression: Compression, sealed: &[u8], raw: u32) {
-        if self.buf.capacity() == 0 {
-            // Packs end a little over the target size; one allocation instead of doublings.
-            self.buf.reserve(PACK_RESERVE);
-        }
-        self.entries.push(PackEntry {
-            id,
-            kind,
-            compression,
-            offset: self.buf.len() as u32,
-            length: sealed.len() as u32,
-            raw_length: raw,
-        });
-        self.buf.extend_from_slice(sealed);
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.len += bytes.len();
+        Ok(())
     }
 
-    /// Seals the header and footer; returns the pack bytes, its id and its entries.
-    pub fn finish(mut self, key: &MasterKey) -> Result<(Id, Vec<u8>, Vec<PackEntry>), AuthFailed> {
-        let header = PackHeader { entries: self.entries };
-        let plain = postcard::to_stdvec(&header).map_err(|_| AuthFailed)?;
-        let start = self.buf.len();
-        key.seal_into(&plain, HEADER_AAD, &mut self.buf)?;
-        let hlen = (self.buf.len() - start) as u32;
-        self.buf.extend_from_slice(&hlen.to_le_bytes());
-        self.buf.extend_from_slice(&PACK_VERSION.to_le_bytes());
-        self.buf.extend_from_slice(PACK_MAGIC);
-        Ok((Id::of_stored(&self.buf), self.buf, header.entries))
+    /// Appends an already sealed blob.
+    pub fn add(&mut self, id: Id, kind: BlobKind, compression: Compression, sealed: &[u8], raw: u32) -> std::io::Result<()> {
+        let offset = self.len as u32;
+        self.put(sealed)?;
+        self.entries.push(PackEntry { id, kind, compression, offset, length: sealed.len() as u32, raw_length: raw });
+        Ok(())
+    }
+
+    /// Writes the sealed header and the footer; returns the pack's id, the sink and the entries.
+    pub fn finish(mut self, key: &MasterKey) -> std::io::Result<(Id, W, Vec<PackEntry>)> {
+        let header = PackHeader { entries: std::mem::take(&mut self.entries) };
+        let plain = postcard::to_stdvec(&header).map_err(std::io::Error::other)?;
+        let sealed = key.seal(&plain, HEADER_AAD).map_err(|_| std::io::Error::other("cannot encrypt the pack header"))?;
+        self.put(&sealed)?;
+        let mut footer = [0u8; FOOTER_LEN];
+        footer[..4].copy_from_slice(&(sealed.len() as u32).to_le_bytes());
+        footer[4..8].copy_from_slice(&PACK_VERSION.to_le_bytes());
+        footer[8..].copy_from_slice(PACK_MAGIC);
+        self.put(&footer)?;
+        Ok((Id(*self.hasher.finalize().as_bytes()), self.out, header.entries))
     }
 }
 
@@ -187,9 +180,9 @@ mod tests {
     #[test]
     fn header_round_trip() {
         let k = MasterKey::from_secret([5; 32]);
-        let mut b = PackBuilder::new();
+        let mut b = PackBuilder::new(Vec::new());
         let sealed = k.seal(b"blob", b"").unwrap();
-        b.add(Id([1; 32]), BlobKind::Data, Compression::None, &sealed, 4);
+        b.add(Id([1; 32]), BlobKind::Data, Compression::None, &sealed, 4).unwrap();
         let (id, bytes, entries) = b.finish(&k).unwrap();
         assert_eq!(id, Id::of_stored(&bytes));
         assert_eq!(read_header(&k, &bytes).unwrap().entries, entries);

@@ -16,6 +16,13 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+/// A pack being written straight into a staged store object.
+type Packer = PackBuilder<Box<dyn kura_store::Staged>>;
+
+fn pack_write_error(e: std::io::Error) -> RepoError {
+    RepoError::Store(StoreError::Io { verb: kura_store::Verb::Write, target: "a new pack".into(), source: e })
+}
+
 struct Scratch {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -62,12 +69,9 @@ pub struct Repository {
     pending: Mutex<HashSet<Id>>,
     // One open pack per blob kind: trees stay apart from file data, so damage to a data pack
     // never hides which files it hit, and trees are fetched without reading bulk data.
-    packers: [Mutex<PackBuilder>; 2],
+    packers: [Mutex<Option<Packer>>; 2],
     unindexed: Mutex<Vec<IndexPack>>,
     stored_bytes: AtomicU64,
-    // Uploaded packs' buffers, reused: freeing and reallocating 16 MiB buffers makes glibc
-    // raise its mmap threshold and keep the memory in per-thread heaps (peak RSS +60%).
-    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -123,10 +127,9 @@ impl Repository {
             chunker,
             index: RwLock::new(Index::default()),
             pending: Mutex::new(HashSet::new()),
-            packers: [Mutex::new(PackBuilder::new()), Mutex::new(PackBuilder::new())],
+            packers: [Mutex::new(None), Mutex::new(None)],
             unindexed: Mutex::new(Vec::new()),
             stored_bytes: AtomicU64::new(0),
-            spare: Mutex::new(Vec::new()),
         }
     }
 
@@ -351,7 +354,7 @@ impl Repository {
     pub fn store_claimed(&self, kind: BlobKind, id: Id, data: &[u8]) -> Result<(), RepoError> {
         // One zstd context and two scratch buffers per thread: a fresh context per chunk costs
         // more (allocation, page faults) than compressing a small file.
-        let full = SCRATCH.with(|cell| -> Result<Option<PackBuilder>, RepoError> {
+        let full = SCRATCH.with(|cell| -> Result<Option<Packer>, RepoError> {
             let mut guard = cell.borrow_mut();
             let sc = &mut *guard;
             if sc.level != self.config.zstd_level || sc.zstd.is_none() {
@@ -374,14 +377,13 @@ impl Repository {
                 Compression::None
             };
             self.key.seal_in_place(out, &id.0).map_err(|_| RepoError::KeyRefused("cannot encrypt".into()))?;
-            let mut p = lock(&self.packers[kind as usize]);
-            p.add(id, kind, comp, &sc.sealed, data.len() as u32);
-            Ok(if p.len() >= self.config.pack_size as usize {
-                let buf = lock(&self.spare).pop().unwrap_or_default();
-                Some(std::mem::replace(&mut *p, PackBuilder::with_buffer(buf)))
-            } else {
-                None
-            })
+            let mut slot = lock(&self.packers[kind as usize]);
+            let p = match &mut *slot {
+                Some(p) => p,
+                None => slot.insert(PackBuilder::new(self.store.stage(Kind::Pack)?)),
+            };
+            p.add(id, kind, comp, &sc.sealed, data.len() as u32).map_err(pack_write_error)?;
+            Ok(if p.len() >= self.config.pack_size as usize { slot.take() } else { None })
         })?;
         if let Some(p) = full {
             self.upload_pack(p)?;
@@ -392,20 +394,14 @@ impl Repository {
     /// Uploads a finished pack, then makes it visible in the in-memory index; every
     /// `PACKS_PER_INDEX` packs an index file is written. A pack is always durable before any
     /// index file names it.
-    fn upload_pack(&self, p: PackBuilder) -> Result<(), RepoError> {
-        let (pid, bytes, entries) =
-            p.finish(&self.key).map_err(|_| RepoError::KeyRefused("cannot encrypt pack header".into()))?;
-        match self.store.put_new(Kind::Pack, &pid.to_hex(), &bytes) {
+    fn upload_pack(&self, p: Packer) -> Result<(), RepoError> {
+        let len = p.len() as u64;
+        let (pid, staged, entries) = p.finish(&self.key).map_err(pack_write_error)?;
+        match staged.commit(&pid.to_hex()) {
             Ok(()) | Err(StoreError::Exists(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        self.stored_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        {
-            let mut spare = lock(&self.spare);
-            if spare.is_empty() {
-                spare.push(bytes);
-            }
-        }
+        self.stored_bytes.fetch_add(len, Ordering::Relaxed);
         self.index.write().unwrap_or_else(|p| p.into_inner()).add_pack(pid, &entries);
         {
             let mut pend = lock(&self.pending);
@@ -428,8 +424,8 @@ impl Repository {
     /// After it returns, every blob saved so far is durable and indexed.
     pub fn flush(&self) -> Result<(), RepoError> {
         for packer in &self.packers {
-            let p = std::mem::take(&mut *lock(packer));
-            if !p.is_empty() {
+            let p = lock(packer).take();
+            if let Some(p) = p.filter(|p| !p.is_empty()) {
                 self.upload_pack(p)?;
             }
         }

@@ -13,6 +13,8 @@
 //! assert_eq!(store.get(Kind::Snapshot, "abcd").unwrap(), b"bytes");
 //! ```
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 mod local;
 
 pub use local::LocalStore;
@@ -188,11 +190,23 @@ pub trait Store: Send + Sync {
     /// Lists the objects of a kind (any order). In-progress writes are never listed.
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError>;
 
+    /// Starts an object whose name is known only once all its bytes are written (a pack is
+    /// named by the hash of its bytes). Nothing is visible until [`Staged::commit`]; dropping the
+    /// staged object without committing discards it.
+    fn stage(&self, kind: Kind) -> Result<Box<dyn Staged>, StoreError>;
+
     /// Deletes an object; deleting a missing object is `NotFound`. Durable on return.
     fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError>;
 
     /// A human description of where the store is, for messages.
     fn location(&self) -> String;
+}
+
+/// An object being written; see [`Store::stage`].
+pub trait Staged: std::io::Write + Send {
+    /// Makes the bytes written so far durable and visible as `kind/name`, with the guarantees
+    /// of [`Store::put_new`] (never replaces an existing object: [`StoreError::Exists`]).
+    fn commit(self: Box<Self>, name: &str) -> Result<(), StoreError>;
 }
 
 /// Checks that `name` is a plain object name: no separators, not `.`/`..`, not empty, and not

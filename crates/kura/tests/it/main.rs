@@ -1,6 +1,8 @@
 //! Integration tests: the real `kura` binary against real directories, real processes killed
 //! with SIGKILL, really corrupted bytes and a really full filesystem.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod badinput;
 mod corruption;
 mod crash;

@@ -29,7 +29,7 @@ fn awkward_tree(root: &Path) {
     f.write_all_at(b"end", (32 << 20) - 3).unwrap();
     fs::create_dir(root.join("private")).unwrap();
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
-    rustix::fs::mknodat(rustix::fs::CWD, &root.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o644), 0).unwrap();
+    rustix::fs::mknodat(rustix::fs::CWD, root.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o644), 0).unwrap();
     let _ = xattr::set(root.join("small.txt"), "user.kura", b"attr-value");
     let mtime = filetime::FileTime::from_unix_time(1_000_000_000, 0);
     filetime::set_file_mtime(root.join("small.txt"), mtime).unwrap();
@@ -213,4 +213,72 @@ fn default_repository_is_created_on_first_backup_with_an_owner_only_key() {
     let o = run(&["snapshots", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn ownership_is_restored_when_root() {
+    if !is_root() {
+        // Only root may chown; as another user the owner is the restoring user by definition.
+        return;
+    }
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("owned"), b"x").unwrap();
+    std::os::unix::fs::lchown(src.join("owned"), Some(1234), Some(5678)).unwrap();
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let out = e.path("out");
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    let m = fs::metadata(restored(&out, &src).join("owned")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 5678));
+}
+
+#[test]
+fn one_file_system_stops_at_a_mount_point() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(src.join("mnt")).unwrap();
+    fs::write(src.join("here.txt"), b"here").unwrap();
+    // A real tmpfs mounted inside the source, in a private mount namespace.
+    let script = format!(
+        r#"set -e
+mount -t tmpfs tmpfs {src}/mnt
+echo other > {src}/mnt/elsewhere.txt
+KURA_PASSWORD=test-pass {bin} -r {repo} backup -x {src} --json > {dir}/x.json
+KURA_PASSWORD=test-pass {bin} -r {repo} backup {src} --json > {dir}/all.json
+"#,
+        src = src.display(), bin = BIN, repo = e.repo.display(), dir = e.dir.path().display()
+    );
+    let st = std::process::Command::new("unshare").args(["-rm", "bash", "-c", &script]).status().unwrap();
+    assert!(st.success());
+    let read = |n: &str| -> serde_json::Value { serde_json::from_str(&fs::read_to_string(e.path(n)).unwrap()).unwrap() };
+    let (x, all) = (read("x.json"), read("all.json"));
+    let ls = |id: &serde_json::Value| e.ok(&["ls", &id.as_str().unwrap()[..8]]);
+    let (lx, lall) = (ls(&x["snapshot"]), ls(&all["snapshot"]));
+    assert!(lx.contains("/mnt\n") && !lx.contains("elsewhere.txt") && lx.contains("here.txt"), "{lx}");
+    assert!(lall.contains("elsewhere.txt"), "{lall}");
+}
+
+#[test]
+fn cat_prints_every_kind_of_object() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"content of f").unwrap();
+    let snap = e.json(&["backup", src.to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
+    let cfg: serde_json::Value = serde_json::from_str(&e.ok(&["cat", "config"])).unwrap();
+    assert_eq!(cfg["version"], 1);
+    let s: serde_json::Value = serde_json::from_str(&e.ok(&["cat", "snapshot", &snap[..8]])).unwrap();
+    let tree = s["tree"].as_str().unwrap().to_string();
+    assert!(!s["packs"].as_array().unwrap().is_empty());
+    let t: serde_json::Value = serde_json::from_str(&e.ok(&["cat", "tree", &tree])).unwrap();
+    assert_eq!(t["nodes"].as_array().unwrap().len(), 1);
+    let pack = s["packs"][0].as_str().unwrap();
+    let h: serde_json::Value = serde_json::from_str(&e.ok(&["cat", "pack", &pack[..12]])).unwrap();
+    assert!(!h["entries"].as_array().unwrap().is_empty());
+    let idx = fs::read_dir(e.repo.join("index")).unwrap().next().unwrap().unwrap().file_name();
+    let i: serde_json::Value = serde_json::from_str(&e.ok(&["cat", "index", &idx.to_string_lossy()[..12]])).unwrap();
+    assert_eq!(i["version"], 1);
+    let o = e.run(&["cat", "bogus"]);
+    assert_eq!(o.status.code(), Some(1));
 }
