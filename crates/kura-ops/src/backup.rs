@@ -632,43 +632,13 @@ pub fn backup(
 
     let mut referenced = HashSet::new();
     let tree = save_tree(repo, &w.arena, root, &skip, &mut referenced, &stats)?;
-    repo.flush()?;
-    let packs = {
-        let idx = repo.index();
-        let mut packs = HashSet::new();
-        for id in &referenced {
-            let (p, _) = idx.get(id).ok_or(kura_repo::RepoError::BlobMissing(*id))?;
-            packs.insert(p);
-        }
-        let mut v: Vec<Id> = packs.into_iter().collect();
-        v.sort();
-        v
-    };
     let mut summary = w.summary;
     summary.bytes_read = stats.bytes_read.load(Ordering::Relaxed);
     summary.blobs_added = stats.blobs_added.load(Ordering::Relaxed);
     summary.bytes_added = stats.bytes_added.load(Ordering::Relaxed);
-    summary.bytes_stored = repo.stored_bytes();
     summary.seconds = started.elapsed().as_secs_f64();
-    let time = opts.time.unwrap_or_else(jiff::Timestamp::now);
-    let snap = Snapshot {
-        public: SnapshotPublic {
-            time: time.to_string(),
-            host: opts.host.clone(),
-            paths: path_strings,
-            tags: opts.tags.clone(),
-            packs,
-        },
-        body: SnapshotBody {
-            tree,
-            parent: parent.as_ref().map(|(id, _)| id.to_hex()),
-            user: std::env::var("USER").unwrap_or_default(),
-            program: format!("kura {}", env!("CARGO_PKG_VERSION")),
-            excludes: opts.excludes.clone(),
-            summary: summary.clone(),
-        },
-    };
-    let id = repo.save_snapshot(&snap)?;
+    let parent_id = parent.as_ref().map(|(id, _)| id.to_hex());
+    let (id, summary) = commit(repo, opts, path_strings, tree, &referenced, parent_id, summary)?;
     Ok(BackupResult {
         snapshot: id.to_hex(),
         parent: parent.map(|(id, _)| id.to_hex()),
@@ -677,6 +647,48 @@ pub fn backup(
         changed_during_backup: changed,
         recovered_packs,
     })
+}
+
+/// The commit point of a backup: flushes packs and index, then writes the snapshot naming the
+/// packs of every referenced blob. Returns its id and the final counters.
+fn commit(
+    repo: &Repository,
+    opts: &BackupOptions,
+    paths: Vec<String>,
+    tree: Id,
+    referenced: &HashSet<Id>,
+    parent: Option<String>,
+    mut summary: Summary,
+) -> Result<(Id, Summary), OpsError> {
+    repo.flush()?;
+    let mut packs: Vec<Id> = {
+        let idx = repo.index();
+        let mut set = HashSet::new();
+        for id in referenced {
+            set.insert(idx.get(id).ok_or(kura_repo::RepoError::BlobMissing(*id))?.0);
+        }
+        set.into_iter().collect()
+    };
+    packs.sort();
+    summary.bytes_stored = repo.stored_bytes();
+    let snap = Snapshot {
+        public: SnapshotPublic {
+            time: opts.time.unwrap_or_else(jiff::Timestamp::now).to_string(),
+            host: opts.host.clone(),
+            paths,
+            tags: opts.tags.clone(),
+            packs,
+        },
+        body: SnapshotBody {
+            tree,
+            parent,
+            user: std::env::var("USER").unwrap_or_default(),
+            program: format!("kura {}", env!("CARGO_PKG_VERSION")),
+            excludes: opts.excludes.clone(),
+            summary: summary.clone(),
+        },
+    };
+    Ok((repo.save_snapshot(&snap)?, summary))
 }
 
 fn find_parent(
@@ -827,16 +839,6 @@ pub fn backup_stdin(
         stats.bytes_added.fetch_add(tree_bytes.len() as u64, Ordering::Relaxed);
     }
     referenced.insert(tree);
-    repo.flush()?;
-    let mut packs: Vec<Id> = {
-        let idx = repo.index();
-        let mut set = HashSet::new();
-        for id in &referenced {
-            set.insert(idx.get(id).ok_or(kura_repo::RepoError::BlobMissing(*id))?.0);
-        }
-        set.into_iter().collect()
-    };
-    packs.sort();
     let summary = Summary {
         files: 1,
         files_new: 1,
@@ -844,28 +846,10 @@ pub fn backup_stdin(
         bytes_read: size,
         blobs_added: stats.blobs_added.load(Ordering::Relaxed),
         bytes_added: stats.bytes_added.load(Ordering::Relaxed),
-        bytes_stored: repo.stored_bytes(),
         seconds: started.elapsed().as_secs_f64(),
         ..Summary::default()
     };
-    let snap = Snapshot {
-        public: SnapshotPublic {
-            time: opts.time.unwrap_or(now).to_string(),
-            host: opts.host.clone(),
-            paths: vec![format!("/{filename}")],
-            tags: opts.tags.clone(),
-            packs,
-        },
-        body: SnapshotBody {
-            tree,
-            parent: None,
-            user: std::env::var("USER").unwrap_or_default(),
-            program: format!("kura {}", env!("CARGO_PKG_VERSION")),
-            excludes: Vec::new(),
-            summary: summary.clone(),
-        },
-    };
-    let id = repo.save_snapshot(&snap)?;
+    let (id, summary) = commit(repo, opts, vec![format!("/{filename}")], tree, &referenced, None, summary)?;
     Ok(BackupResult {
         snapshot: id.to_hex(),
         parent: None,
