@@ -36,7 +36,7 @@ pub struct BackupOptions {
     pub parent: Option<String>,
     /// Read every file even if unchanged.
     pub force: bool,
-    /// Worker threads (0 = number of cores + 1).
+    /// Reader threads (0 = one per core).
     pub threads: usize,
 }
 
@@ -404,7 +404,7 @@ fn spawn_sealers<'s, 'e: 's>(
     rx: crossbeam_channel::Receiver<(Id, Vec<u8>)>,
     failed: &'e AtomicBool,
 ) -> Vec<SealerHandle<'s>> {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let n = crate::cores();
     (0..n)
         .map(|_| {
             let rx = rx.clone();
@@ -571,7 +571,7 @@ pub fn backup(
     let stats = Stats::default();
     let (tx, rx) = crossbeam_channel::unbounded::<ReadJob>();
     let (w, outcomes) = with_sealers(repo, &stats, interrupt, progress, |ctx| std::thread::scope(|scope| {
-        let workers = read_workers(scope, repo, rx, ctx);
+        let workers = read_workers(scope, repo, rx, ctx, opts.threads);
         let mut w = Walker {
             repo,
             opts,
@@ -712,15 +712,16 @@ fn find_parent(
 type Outcome = Result<ReadOutcome, std::io::Error>;
 type Worker<'s> = std::thread::ScopedJoinHandle<'s, Result<Vec<(usize, Outcome)>, OpsError>>;
 
-/// Starts one reader per core (KURA_THREADS overrides); a third one was measured to add ~20 MiB
-/// of peak memory and no speed on 2 cores.
+/// Starts the readers, by default one per core: a third one on 2 cores was measured to add
+/// ~20 MiB of peak memory and no speed.
 fn read_workers<'s, 'e: 's>(
     scope: &'s std::thread::Scope<'s, 'e>,
     repo: &'e Repository,
     rx: crossbeam_channel::Receiver<ReadJob>,
     ctx: &'e Ctx<'e>,
+    threads: usize,
 ) -> Vec<Worker<'s>> {
-    let threads = std::env::var("KURA_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let threads = if threads == 0 { crate::cores() } else { threads };
     (0..threads)
         .map(|_| {
             let rx = rx.clone();

@@ -227,7 +227,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
         let next = AtomicUsize::new(0);
         let found: Mutex<Vec<(Id, String, Vec<Id>)>> = Mutex::new(Vec::new());
         let bytes = std::sync::atomic::AtomicU64::new(0);
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let threads = crate::cores();
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| loop {

@@ -13,4 +13,9 @@ pub mod restore;
 pub mod walk;
 
 pub use error::OpsError;
+
+/// Number of cores to use for parallel work (at least 1).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
 pub use progress::{NoProgress, Progress};

@@ -410,7 +410,7 @@ pub fn restore(
     let bytes = AtomicU64::new(0);
     let fatal: Mutex<Option<OpsError>> = Mutex::new(None);
     let failed = AtomicBool::new(false);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) + 1;
+    let threads = crate::cores() + 1;
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
