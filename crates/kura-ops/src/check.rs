@@ -115,9 +115,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
         }
     };
 
-    for e in repo.load_index()? {
-        damage(e.to_string(), "index file unreadable; its packs are indexed again by the next backup".into(), &[], &mut bad_blobs);
-    }
+    let bad_indexes = repo.load_index()?;
     let listed: HashMap<Id, u64> = repo
         .store()
         .list(Kind::Pack)?
@@ -139,6 +137,16 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
                 }
                 Err(e) => damage(e.to_string(), "pack unreadable".into(), &[], &mut bad_blobs),
             }
+        }
+    }
+    // An unreadable index file loses information only while some pack is covered by no other
+    // index file; once a backup has indexed them again it is merely redundant.
+    let all_covered = extra.packs().is_empty();
+    for e in bad_indexes {
+        if all_covered {
+            report.warnings.push(format!("{e}; every pack is covered by other index files, so nothing is lost"));
+        } else {
+            damage(e.to_string(), "index file unreadable; its packs are indexed again by the next backup".into(), &[], &mut bad_blobs);
         }
     }
     let lookup = |b: &Id| repo.index().get(b).or_else(|| extra.get(b));

@@ -94,9 +94,13 @@ fn a_damaged_index_is_reported_and_restore_rebuilds_it_from_packs() {
         assert!(o.status.success(), "{how:?}: restore with a damaged index failed: {}", stderr(&o));
         assert!(stderr(&o).contains(&format!("index/{name}")), "{how:?}: no warning names the index");
         assert_same_tree(&s.src, &restored(&out, &s.src));
-        // The next backup writes a fresh index for the packs and needs no manual step.
+        // The next backup writes a fresh index for the packs and needs no manual step: after it,
+        // check passes and only notes the redundant damaged file.
         fs::write(s.src.join("new.txt"), b"new").unwrap();
         s.e.ok(&["backup", s.src.to_str().unwrap()]);
+        let o = s.e.run(&["check", "--read-data"]);
+        assert!(o.status.success(), "{how:?}: check after the repairing backup: {}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("index/{name}")), "{how:?}: redundant index not mentioned");
     }
 }
 
