@@ -133,6 +133,8 @@ struct Walker<'a> {
     errors: Vec<SourceError>,
     summary: Summary,
     progress: &'a dyn Progress,
+    // Ctrl-C and a fatal error in a worker end the walk early too.
+    stop: [Option<&'a AtomicBool>; 2],
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, OpsError> {
@@ -257,6 +259,9 @@ impl<'a> Walker<'a> {
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let old = self.parent_children(parent_tree);
         for n in names {
+            if self.stop.iter().flatten().any(|f| f.load(Ordering::Relaxed)) {
+                return;
+            }
             let child = path.join(&n);
             let meta = match fs::symlink_metadata(&child) {
                 Ok(m) => m,
@@ -284,6 +289,14 @@ impl<'a> Walker<'a> {
         let mut old_tree = parent_root;
         let mut cur = PathBuf::from("/");
         let comps: Vec<_> = path.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+        if comps.is_empty() {
+            // The source is `/` itself: the root node is that directory.
+            let mut node = node_from_meta(b"", &meta);
+            node.xattrs = read_xattrs(path);
+            self.arena[root].node = Node { name: Vec::new(), ..node };
+            self.walk_dir(root, path, parent_root, meta.dev());
+            return Ok(());
+        }
         for (i, c) in comps.iter().enumerate() {
             let name = c.as_os_str().as_bytes().to_vec();
             cur.push(c);
@@ -297,7 +310,9 @@ impl<'a> Walker<'a> {
             dir = match existing {
                 Some(ch) => ch,
                 None => {
-                    let m = fs::symlink_metadata(&cur).map_err(|e| OpsError::io("cannot read", &cur, e))?;
+                    // An ancestor is recorded as the directory it leads to, even when it is a
+                    // symlink (`/var/run`, merged /usr): the source below it lives in that directory.
+                    let m = fs::metadata(&cur).map_err(|e| OpsError::io("cannot read", &cur, e))?;
                     let node = node_from_meta(&name, &m);
                     let idx = self.add(node);
                     self.arena[dir].children.push(idx);
@@ -438,13 +453,13 @@ fn with_sealers<T>(
     stats: &Stats,
     interrupt: Option<&AtomicBool>,
     progress: &dyn Progress,
+    failed: &AtomicBool,
     f: impl FnOnce(&Ctx<'_>) -> Result<T, OpsError>,
 ) -> Result<T, OpsError> {
-    let failed = AtomicBool::new(false);
     let (tx, rx) = crossbeam_channel::bounded::<(Id, Vec<u8>)>(4);
     std::thread::scope(|scope| {
-        let sealers = spawn_sealers(scope, repo, rx, &failed);
-        let ctx = Ctx { stats, interrupt, progress, sealer: &tx, failed: &failed };
+        let sealers = spawn_sealers(scope, repo, rx, failed);
+        let ctx = Ctx { stats, interrupt, progress, sealer: &tx, failed };
         let r = f(&ctx);
         drop(tx);
         let sealed = join_sealers(sealers);
@@ -570,7 +585,8 @@ pub fn backup(
     let ignore = build_ignore(opts)?;
     let stats = Stats::default();
     let (tx, rx) = crossbeam_channel::unbounded::<ReadJob>();
-    let (w, outcomes) = with_sealers(repo, &stats, interrupt, progress, |ctx| std::thread::scope(|scope| {
+    let failed = AtomicBool::new(false);
+    let (w, outcomes) = with_sealers(repo, &stats, interrupt, progress, &failed, |ctx| std::thread::scope(|scope| {
         let workers = read_workers(scope, repo, rx, ctx, opts.threads);
         let mut w = Walker {
             repo,
@@ -583,6 +599,7 @@ pub fn backup(
             errors: Vec::new(),
             summary: Summary::default(),
             progress,
+            stop: [interrupt, Some(&failed)],
         };
         let root = w.add(Node::new(Vec::new(), NodeKind::Dir));
         let parent_root = parent.as_ref().map(|(_, s)| s.body.tree);
@@ -820,7 +837,8 @@ pub fn backup_stdin(
     let (recovered_packs, _) = repo.index_orphan_packs(true)?;
     let stats = Stats::default();
     let mut buf = Vec::new();
-    let (content, size) = with_sealers(repo, &stats, interrupt, progress, |ctx| store_stream(repo, input, u64::MAX, &mut buf, ctx)).map_err(|e| match e {
+    let failed = AtomicBool::new(false);
+    let (content, size) = with_sealers(repo, &stats, interrupt, progress, &failed, |ctx| store_stream(repo, input, u64::MAX, &mut buf, ctx)).map_err(|e| match e {
         OpsError::Io { source, .. } => OpsError::io("cannot read", "standard input", source),
         e => e,
     })?;

@@ -144,12 +144,28 @@ fn apply_meta(path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
     }
 }
 
-/// True when the existing file at `path` is the node's finished restore (size and mtime set
-/// last, after all bytes were written and renamed into place).
-fn already_restored(path: &Path, n: &Node) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| {
-        m.is_file() && m.size() == n.size && m.mtime() * 1_000_000_000 + m.mtime_nsec() == n.mtime_ns
-    })
+/// True when the existing file at `path` is the node's finished restore: size and mtime match
+/// (set last) and every chunk hashes to its id. The content is checked because files are not
+/// synced one by one: after a power loss a name, size and mtime can survive without the data.
+fn already_restored(repo: &Repository, path: &Path, n: &Node) -> bool {
+    let meta_ok = fs::symlink_metadata(path).is_ok_and(|m| {
+        m.is_file() && m.size() == n.size && m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()) == n.mtime_ns
+    });
+    if !meta_ok {
+        return false;
+    }
+    let Ok(f) = File::open(path) else { return false };
+    let mut off = 0u64;
+    let mut buf = Vec::new();
+    for id in &n.content {
+        let Some((_, loc)) = repo.index().get(id) else { return false };
+        buf.resize(loc.raw_length as usize, 0);
+        if f.read_exact_at(&mut buf, off).is_err() || repo.key().blob_id(&buf) != *id {
+            return false;
+        }
+        off += loc.raw_length as u64;
+    }
+    true
 }
 
 fn plan_dir(
@@ -200,7 +216,7 @@ fn plan_dir(
                     }
                     hardlinks.insert((n.dev, n.inode), path.clone());
                 }
-                if already_restored(&path, &n) {
+                if already_restored(repo, &path, &n) {
                     plan.result.files_skipped += 1;
                     continue;
                 }
@@ -468,12 +484,15 @@ pub fn restore(
     }
     let mut result = plan.result;
     result.files_restored = files_restored;
-    // One filesystem sync at the end instead of one per file: a killed restore is resumed from
-    // the page cache anyway, and this makes the finished restore durable.
-    if let Ok(d) = File::open(&opts.target) {
-        let _ = rustix::fs::syncfs(&d);
+    // One filesystem sync at the end instead of one per file: resume verifies content anyway,
+    // and this makes the finished restore durable.
+    let synced = File::open(&opts.target).and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+    if let Err(e) = synced {
+        result.warnings.push(format!("{}: cannot sync the restored files: {e}", opts.target.display()));
     }
     result.bytes = bytes.load(Ordering::Relaxed);
-    result.warnings = warnings.into_inner().unwrap_or_default();
+    let mut w = warnings.into_inner().unwrap_or_default();
+    w.append(&mut result.warnings);
+    result.warnings = w;
     Ok(result)
 }

@@ -96,6 +96,7 @@ impl Config {
             && p.min.is_multiple_of(2)
             && p.max.is_multiple_of(2)
             && c.pack_size >= 1024
+            && c.pack_size <= 1 << 30
             && (1..=22).contains(&c.zstd_level);
         if !sane {
             return Err(ConfigError::Malformed("parameters out of range".into()));

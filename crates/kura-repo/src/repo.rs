@@ -105,6 +105,14 @@ impl Repository {
         if !store.list(Kind::Config)?.is_empty() {
             return Err(RepoError::AlreadyExists(store.location()));
         }
+        // Key files without a config are what an interrupted init left: no repository uses them,
+        // and keeping one would let it open this repository under a different master key.
+        for k in store.list(Kind::Key)? {
+            match store.delete(Kind::Key, &k.name) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let config = Config::new().map_err(|e| RepoError::Config { location: store.location(), source: e })?;
         let key = MasterKey::generate().map_err(|e| RepoError::KeyRefused(format!("no randomness: {e}")))?;
         let (host, user) = host_user();
@@ -542,7 +550,7 @@ impl Repository {
         };
         if k.current {
             return Err(RepoError::KeyRefused(format!(
-                "key {} opened this session; remove it with another key's password", &k.id[..8]
+                "key {} opened this session; remove it with another key's password", k.id.get(..8).unwrap_or(&k.id)
             )));
         }
         if keys.len() < 2 {

@@ -65,7 +65,7 @@ impl fmt::Display for ObjectName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             Kind::Config => write!(f, "{}", self.name),
-            Kind::Pack if self.name.len() >= 2 => {
+            Kind::Pack if self.name.is_char_boundary(2) && self.name.len() > 2 => {
                 write!(f, "data/{}/{}", &self.name[..2], self.name)
             }
             k => write!(f, "{}/{}", k.dir(), self.name),

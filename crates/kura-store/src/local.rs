@@ -38,7 +38,11 @@ impl LocalStore {
         for i in 0..=255u8 {
             mk(&root.join("data").join(format!("{i:02x}")))?;
         }
+        sync_dir(&root.join("data"))?;
         sync_dir(root)?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         Ok(LocalStore { root: root.to_path_buf() })
     }
 

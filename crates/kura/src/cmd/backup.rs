@@ -36,7 +36,7 @@ pub fn init(cli: &Cli) -> Result<Outcome> {
     if cli.json {
         json(&serde_json::json!({"repository": loc.path, "id": repo.config().id, "version": repo.config().version}))?;
     } else if !cli.quiet {
-        println!("created kura repository {} at {}", &repo.config().id[..10], loc.path.display());
+        println!("created kura repository {} at {}", crate::output::short(&repo.config().id, 10), loc.path.display());
         println!("keep the password safe: without it the data in this repository cannot be read");
     }
     Ok(Outcome::Ok)
@@ -79,7 +79,7 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
         json(&r)?;
     } else if !cli.quiet {
         let s = &r.summary;
-        println!("snapshot {} saved{}", &r.snapshot[..8], r.parent.as_ref().map(|p| format!(" (parent {})", &p[..8])).unwrap_or_default());
+        println!("snapshot {} saved{}", crate::output::short(&r.snapshot, 8), r.parent.as_ref().map(|p| format!(" (parent {})", crate::output::short(&p, 8))).unwrap_or_default());
         println!(
             "files: {} new, {} changed, {} unchanged; {} directories; {} in total",
             s.files_new, s.files_changed, s.files_unchanged, s.dirs, bytes(s.bytes_total)

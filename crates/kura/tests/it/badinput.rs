@@ -197,3 +197,18 @@ fn ctrl_c_stops_a_backup_with_exit_130_and_the_repository_stays_usable() {
     assert_eq!(e.json(&["snapshots"]).as_array().unwrap().len(), 0, "an interrupted backup saved a snapshot");
     e.ok(&["check"]);
 }
+
+#[test]
+fn an_init_interrupted_before_its_config_leaves_no_stale_key() {
+    let e = Env::new();
+    // What a kill between the key file and the config leaves behind.
+    fs::remove_file(e.repo.join("config")).unwrap();
+    let o = e.run(&["snapshots"]);
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    let o = e.cmd(&["init"]).env("KURA_PASSWORD", "second").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read_dir(e.repo.join("keys")).unwrap().count(), 1, "the stale key file was kept");
+    assert_eq!(e.run(&["snapshots"]).status.code(), Some(12));
+    let o = e.cmd(&["snapshots"]).env("KURA_PASSWORD", "second").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -282,3 +282,37 @@ fn cat_prints_every_kind_of_object() {
     let o = e.run(&["cat", "bogus"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn a_source_below_a_symlinked_directory_is_backed_up() {
+    let e = Env::new();
+    fs::create_dir_all(e.path("real/data")).unwrap();
+    fs::write(e.path("real/data/f"), b"through the link").unwrap();
+    symlink(e.path("real"), e.path("link")).unwrap();
+    let src = e.path("link/data");
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let out = e.path("out");
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_eq!(fs::read(restored(&out, &src).join("f")).unwrap(), b"through the link");
+}
+
+#[test]
+fn a_resumed_restore_checks_content_not_just_size_and_mtime() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), bytes(100_000, 9)).unwrap();
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let out = e.path("out");
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    // What a power cut can leave: the name, size and mtime survived, the data did not.
+    let f = restored(&out, &src).join("f");
+    let mtime = filetime::FileTime::from_last_modification_time(&fs::metadata(&f).unwrap());
+    fs::write(&f, vec![0u8; 100_000]).unwrap();
+    filetime::set_file_mtime(&f, mtime).unwrap();
+    let o = e.run(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "a damaged file was taken as restored");
+    assert!(stderr(&o).contains("already exists and differs"), "{}", stderr(&o));
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(fs::read(&f).unwrap(), bytes(100_000, 9));
+}
