@@ -212,3 +212,45 @@ fn an_init_interrupted_before_its_config_leaves_no_stale_key() {
     let o = e.cmd(&["snapshots"]).env("KURA_PASSWORD", "second").output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn the_password_prompt_on_a_terminal_works_and_asks_twice_on_init() {
+    // A real pseudo-terminal (python's pty.fork gives the child a controlling terminal, which
+    // the prompt reads from).
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let script = r#"
+import os, pty, sys
+def run(args, answers):
+    pid, fd = pty.fork()
+    if pid == 0:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KURA_")}
+        os.execve(sys.argv[1], ["kura"] + args, env)
+    out, i = b"", 0
+    while True:
+        try:
+            d = os.read(fd, 1024)
+        except OSError:
+            break
+        if not d:
+            break
+        out += d
+        if b"password" in d and i < len(answers):
+            os.write(fd, answers[i] + b"\n")
+            i += 1
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out.decode(errors="replace")
+repo = sys.argv[2]
+codes = [run(["-r", repo, "init"], [b"tty-pass", b"tty-pass"]),
+         run(["-r", repo, "snapshots"], [b"tty-pass"]),
+         run(["-r", repo, "snapshots"], [b"wrong"]),
+         run(["-r", repo + "2", "init"], [b"one", b"two"])]
+for c, out in codes:
+    print(c, out.count("password"), "mismatch" if "do not match" in out else "")
+"#;
+    let o = std::process::Command::new("python3").args(["-c", script, BIN, repo.to_str().unwrap()]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    // Counts of "password": prompts plus messages ("keep the password safe", "wrong password",
+    // "passwords do not match").
+    assert_eq!(lines, vec!["0 3 ", "0 1 ", "12 2 ", "1 3 mismatch"], "{out} {}", stderr(&o));
+}
