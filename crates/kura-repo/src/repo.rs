@@ -105,8 +105,18 @@ impl Repository {
         if !store.list(Kind::Config)?.is_empty() {
             return Err(RepoError::AlreadyExists(store.location()));
         }
-        // Key files without a config are what an interrupted init left: no repository uses them,
-        // and keeping one would let it open this repository under a different master key.
+        // Data without a config is a repository that lost its config, not an empty directory:
+        // never initialise over it (its keys are the only way to read that data).
+        for kind in [Kind::Pack, Kind::Index, Kind::Snapshot] {
+            if !store.list(kind)?.is_empty() {
+                return Err(RepoError::KeyRefused(format!(
+                    "{} holds repository data but no config; refusing to initialise over it",
+                    store.location()
+                )));
+            }
+        }
+        // Key files without a config or data are what an interrupted init left: no repository
+        // uses them, and keeping one would let it open this repository under another master key.
         for k in store.list(Kind::Key)? {
             match store.delete(Kind::Key, &k.name) {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}

@@ -254,3 +254,18 @@ for c, out in codes:
     // "passwords do not match").
     assert_eq!(lines, vec!["0 3 ", "0 1 ", "12 2 ", "1 3 mismatch"], "{out} {}", stderr(&o));
 }
+
+#[test]
+fn init_never_overwrites_a_repository_that_lost_its_config() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"precious").unwrap();
+    e.ok(&["backup", src.to_str().unwrap()]);
+    fs::remove_file(e.repo.join("config")).unwrap();
+    let keys_before = fs::read_dir(e.repo.join("keys")).unwrap().count();
+    let o = e.cmd(&["init"]).env("KURA_PASSWORD", "other").output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("holds repository data but no config"), "{}", stderr(&o));
+    assert_eq!(fs::read_dir(e.repo.join("keys")).unwrap().count(), keys_before, "a key was removed");
+}
