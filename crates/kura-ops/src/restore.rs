@@ -144,6 +144,35 @@ fn apply_meta(path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
     }
 }
 
+/// Applies ownership (root only), xattrs, mode and mtime to a file being restored, through its
+/// descriptor. `path` is for messages only.
+fn apply_file_meta(f: &File, path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
+    use xattr::FileExt as _;
+    let warn = |m: String| {
+        if let Ok(mut w) = warnings.lock() {
+            w.push(m);
+        }
+    };
+    let mine = n.uid == rustix::process::geteuid().as_raw() && n.gid == rustix::process::getegid().as_raw();
+    if is_root() && !mine {
+        let r = rustix::fs::fchown(f, Some(rustix::fs::Uid::from_raw(n.uid)), Some(rustix::fs::Gid::from_raw(n.gid)));
+        if let Err(e) = r {
+            warn(format!("{}: cannot set owner: {e}", path.display()));
+        }
+    }
+    for x in &n.xattrs {
+        if let Err(e) = f.set_xattr(OsStr::from_bytes(&x.name), &x.value) {
+            warn(format!("{}: cannot set xattr {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
+        }
+    }
+    if let Err(e) = f.set_permissions(fs::Permissions::from_mode(n.mode)) {
+        warn(format!("{}: cannot set mode: {e}", path.display()));
+    }
+    if let Err(e) = filetime::set_file_handle_times(f, Some(mtime_of(n)), Some(mtime_of(n))) {
+        warn(format!("{}: cannot set mtime: {e}", path.display()));
+    }
+}
+
 /// True when the existing file at `path` is the node's finished restore: size and mtime match
 /// (set last) and every chunk hashes to its id. The content is checked because files are not
 /// synced one by one: after a power loss a name, size and mtime can survive without the data.
@@ -265,7 +294,7 @@ fn plan_dir(
 
 /// Writes `data` at `off`, skipping all-zero 4 KiB blocks so they stay holes (the file is
 /// extended to its full length afterwards): sparse files are restored sparse.
-fn write_sparse(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
+fn write_sparse(f: &File, data: &[u8], off: u64) -> std::io::Result<u64> {
     const BLOCK: usize = 4096;
     let mut start = None;
     let mut pos = 0;
@@ -284,8 +313,10 @@ fn write_sparse(f: &File, data: &[u8], off: u64) -> std::io::Result<()> {
     }
     if let Some(s) = start {
         f.write_all_at(&data[s..], off + s as u64)?;
+        return Ok(off + data.len() as u64);
     }
-    Ok(())
+    // Ends in a hole (or is all zeros): the file length comes from set_len.
+    Ok(0)
 }
 
 /// Chunks per restore task: big files are split so every core works on them.
@@ -298,6 +329,8 @@ struct FileState {
     offsets: Vec<u64>,
     open: Mutex<Option<(PathBuf, std::sync::Arc<File>)>>,
     remaining: AtomicUsize,
+    /// Furthest byte written; the file is extended with `set_len` only when it ends in a hole.
+    written_end: AtomicU64,
 }
 
 impl FileState {
@@ -308,10 +341,9 @@ impl FileState {
             return Ok(f.clone());
         }
         let dir = self.job.path.parent().unwrap_or(Path::new("."));
-        let mut rnd = [0u8; 8];
-        // Only uniqueness matters here; create_new refuses a collision.
-        let _ = getrandom::fill(&mut rnd);
-        let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(rnd)));
+        // Only uniqueness matters here (create_new refuses a collision): process id and a counter.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!("{TMP_PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
         let f = File::options()
             .write(true)
             .create_new(true)
@@ -343,7 +375,8 @@ fn restore_chunks(
     let mut n = 0;
     for i in range.clone() {
         let data = repo.read_blob(&st.job.node.content[i])?;
-        write_sparse(&f, &data, st.offsets[i]).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
+        let end = write_sparse(&f, &data, st.offsets[i]).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
+        st.written_end.fetch_max(end, Ordering::Relaxed);
         n += data.len() as u64;
     }
     let k = range.len().max(1);
@@ -351,10 +384,13 @@ fn restore_chunks(
         return Ok(n);
     }
     let size = st.offsets.last().copied().unwrap_or(0);
-    f.set_len(size).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
+    if st.written_end.load(Ordering::Relaxed) < size {
+        f.set_len(size).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
+    }
+    // Metadata through the open descriptor: no path lookups, nothing to follow.
+    apply_file_meta(&f, &st.job.path, &st.job.node, warnings);
     drop(f);
     let (tmp, _) = st.open.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(|| OpsError::Invalid("restore state lost".into()))?;
-    apply_meta(&tmp, &st.job.node, warnings);
     fs::rename(&tmp, &st.job.path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         OpsError::io("cannot rename into place", &st.job.path, e)
@@ -420,7 +456,13 @@ pub fn restore(
         for start in (0..chunks).step_by(CHUNKS_PER_TASK) {
             tasks.push((i, start..(start + CHUNKS_PER_TASK).min(chunks)));
         }
-        states.push(FileState { job, offsets: offs, open: Mutex::new(None), remaining: AtomicUsize::new(chunks.max(1)) });
+        states.push(FileState {
+            job,
+            offsets: offs,
+            open: Mutex::new(None),
+            remaining: AtomicUsize::new(chunks.max(1)),
+            written_end: AtomicU64::new(0),
+        });
     }
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
