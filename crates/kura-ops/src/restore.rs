@@ -109,67 +109,61 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Applies ownership (root only), mode, xattrs and mtime to an entry, never following symlinks.
-fn apply_meta(path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
-    let warn = |m: String| {
+/// What restored metadata is applied to: a file still open (through its descriptor: no path
+/// lookups, nothing to follow), or an entry by path, never following a symlink.
+enum MetaTarget<'a> {
+    Open(&'a File),
+    Path,
+}
+
+/// Applies ownership (root only), xattrs, mode and mtime, in that order (chown clears setuid).
+/// `path` names the entry in messages, and is the target itself for [`MetaTarget::Path`].
+fn apply_meta(target: MetaTarget<'_>, path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
+    use xattr::FileExt as _;
+    let warn = |what: &str, e: &dyn std::fmt::Display| {
         if let Ok(mut w) = warnings.lock() {
-            w.push(m);
+            w.push(format!("{}: cannot set {what}: {e}", path.display()));
         }
     };
     // Files the restore creates already belong to the restoring user: skip the call then.
     let mine = n.uid == rustix::process::geteuid().as_raw() && n.gid == rustix::process::getegid().as_raw();
     if is_root() && !mine {
-        let r = rustix::fs::chownat(
-            rustix::fs::CWD,
-            path,
-            Some(rustix::fs::Uid::from_raw(n.uid)),
-            Some(rustix::fs::Gid::from_raw(n.gid)),
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        );
+        let (uid, gid) = (Some(rustix::fs::Uid::from_raw(n.uid)), Some(rustix::fs::Gid::from_raw(n.gid)));
+        let r = match target {
+            MetaTarget::Open(f) => rustix::fs::fchown(f, uid, gid),
+            MetaTarget::Path => rustix::fs::chownat(rustix::fs::CWD, path, uid, gid, rustix::fs::AtFlags::SYMLINK_NOFOLLOW),
+        };
         if let Err(e) = r {
-            warn(format!("{}: cannot set owner: {e}", path.display()));
+            warn("owner", &e);
         }
     }
     for x in &n.xattrs {
-        if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
-            warn(format!("{}: cannot set xattr {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
+        let name = OsStr::from_bytes(&x.name);
+        let r = match target {
+            MetaTarget::Open(f) => f.set_xattr(name, &x.value),
+            MetaTarget::Path => xattr::set(path, name, &x.value),
+        };
+        if let Err(e) = r {
+            warn(&format!("xattr {}", String::from_utf8_lossy(&x.name)), &e);
         }
     }
-    if n.kind != NodeKind::Symlink
-        && let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(n.mode)) {
-            warn(format!("{}: cannot set mode: {e}", path.display()));
-        }
-    if let Err(e) = filetime::set_symlink_file_times(path, mtime_of(n), mtime_of(n)) {
-        warn(format!("{}: cannot set mtime: {e}", path.display()));
-    }
-}
-
-/// Applies ownership (root only), xattrs, mode and mtime to a file being restored, through its
-/// descriptor. `path` is for messages only.
-fn apply_file_meta(f: &File, path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
-    use xattr::FileExt as _;
-    let warn = |m: String| {
-        if let Ok(mut w) = warnings.lock() {
-            w.push(m);
-        }
+    let mode = fs::Permissions::from_mode(n.mode);
+    let r = match target {
+        MetaTarget::Open(f) => f.set_permissions(mode),
+        // A symlink has no mode of its own, and set_permissions would follow it.
+        MetaTarget::Path if n.kind == NodeKind::Symlink => Ok(()),
+        MetaTarget::Path => fs::set_permissions(path, mode),
     };
-    let mine = n.uid == rustix::process::geteuid().as_raw() && n.gid == rustix::process::getegid().as_raw();
-    if is_root() && !mine {
-        let r = rustix::fs::fchown(f, Some(rustix::fs::Uid::from_raw(n.uid)), Some(rustix::fs::Gid::from_raw(n.gid)));
-        if let Err(e) = r {
-            warn(format!("{}: cannot set owner: {e}", path.display()));
-        }
+    if let Err(e) = r {
+        warn("mode", &e);
     }
-    for x in &n.xattrs {
-        if let Err(e) = f.set_xattr(OsStr::from_bytes(&x.name), &x.value) {
-            warn(format!("{}: cannot set xattr {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
-        }
-    }
-    if let Err(e) = f.set_permissions(fs::Permissions::from_mode(n.mode)) {
-        warn(format!("{}: cannot set mode: {e}", path.display()));
-    }
-    if let Err(e) = filetime::set_file_handle_times(f, Some(mtime_of(n)), Some(mtime_of(n))) {
-        warn(format!("{}: cannot set mtime: {e}", path.display()));
+    let t = mtime_of(n);
+    let r = match target {
+        MetaTarget::Open(f) => filetime::set_file_handle_times(f, Some(t), Some(t)),
+        MetaTarget::Path => filetime::set_symlink_file_times(path, t, t),
+    };
+    if let Err(e) = r {
+        warn("mtime", &e);
     }
 }
 
@@ -263,7 +257,7 @@ fn plan_dir(
                 }
                 std::os::unix::fs::symlink(OsStr::from_bytes(&n.target), &path)
                     .map_err(|e| OpsError::io("cannot create symlink", &path, e))?;
-                apply_meta(&path, &n, warnings);
+                apply_meta(MetaTarget::Path, &path, &n, warnings);
                 plan.result.others += 1;
             }
             NodeKind::Fifo | NodeKind::CharDev | NodeKind::BlockDev | NodeKind::Socket => {
@@ -284,7 +278,7 @@ fn plan_dir(
                     }
                     continue;
                 }
-                apply_meta(&path, &n, warnings);
+                apply_meta(MetaTarget::Path, &path, &n, warnings);
                 plan.result.others += 1;
             }
         }
@@ -388,7 +382,7 @@ fn restore_chunks(
         f.set_len(size).map_err(|e| OpsError::io("cannot write", &st.job.path, e))?;
     }
     // Metadata through the open descriptor: no path lookups, nothing to follow.
-    apply_file_meta(&f, &st.job.path, &st.job.node, warnings);
+    apply_meta(MetaTarget::Open(&f), &st.job.path, &st.job.node, warnings);
     drop(f);
     let (tmp, _) = st.open.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(|| OpsError::Invalid("restore state lost".into()))?;
     fs::rename(&tmp, &st.job.path).map_err(|e| {
@@ -522,7 +516,7 @@ pub fn restore(
     }
     // Directories last and deepest first, so writing their contents does not bump their mtimes.
     for (path, n) in plan.dirs.iter().rev() {
-        apply_meta(path, n, &warnings);
+        apply_meta(MetaTarget::Path, path, n, &warnings);
     }
     let mut result = plan.result;
     result.files_restored = files_restored;
