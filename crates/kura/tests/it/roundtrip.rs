@@ -316,3 +316,23 @@ fn a_resumed_restore_checks_content_not_just_size_and_mtime() {
     e.ok(&["restore", "latest", "--target", out.to_str().unwrap(), "--overwrite"]);
     assert_eq!(fs::read(&f).unwrap(), bytes(100_000, 9));
 }
+
+#[test]
+fn device_nodes_round_trip_when_root() {
+    if !is_root() {
+        // Creating device nodes needs root, for the source as for the restore.
+        return;
+    }
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let dev = rustix::fs::makedev(1, 3);
+    rustix::fs::mknodat(rustix::fs::CWD, &src.join("null"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::from_raw_mode(0o640), dev).unwrap();
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let out = e.path("out");
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    let m = fs::symlink_metadata(restored(&out, &src).join("null")).unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    assert!(m.file_type().is_char_device());
+    assert_eq!((m.rdev(), m.mode() & 0o777), (dev, 0o640));
+}
