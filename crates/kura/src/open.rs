@@ -34,7 +34,8 @@ pub fn location(cli: &Cli) -> Result<Location> {
     }
 }
 
-fn read_password_file(p: &std::path::Path) -> Result<Vec<u8>> {
+/// Reads a password file, without its trailing newline.
+pub fn read_password_file(p: &std::path::Path) -> Result<Vec<u8>> {
     let mut b = std::fs::read(p).with_context(|| format!("cannot read password file {}", p.display()))?;
     while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
         b.pop();
@@ -45,19 +46,28 @@ fn read_password_file(p: &std::path::Path) -> Result<Vec<u8>> {
 /// The password: --password-file, KURA_PASSWORD, the default repository's password file, or a
 /// prompt on a terminal (asked twice when `confirm`).
 pub fn password(cli: &Cli, loc: &Location, confirm: bool) -> Result<Vec<u8>> {
+    match given_password(cli, loc)? {
+        Some(p) => Ok(p),
+        None => prompt("repository password", confirm),
+    }
+}
+
+/// The password given without asking: --password-file, KURA_PASSWORD, or the default
+/// repository's password file.
+fn given_password(cli: &Cli, loc: &Location) -> Result<Option<Vec<u8>>> {
     if let Some(p) = &cli.password_file {
-        return read_password_file(p);
+        return read_password_file(p).map(Some);
     }
     if let Ok(p) = std::env::var("KURA_PASSWORD") {
-        return Ok(p.into_bytes());
+        return Ok(Some(p.into_bytes()));
     }
     if loc.default {
         let (_, keyfile) = default_paths()?;
         if keyfile.exists() {
-            return read_password_file(&keyfile);
+            return read_password_file(&keyfile).map(Some);
         }
     }
-    prompt("repository password", confirm)
+    Ok(None)
 }
 
 /// Asks for a password on the terminal.
@@ -110,11 +120,9 @@ pub fn open_for_backup(cli: &Cli) -> Result<Repository> {
         return open(cli);
     }
     let (_, keyfile) = default_paths()?;
-    let pw = match (&cli.password_file, std::env::var("KURA_PASSWORD")) {
-        (Some(p), _) => read_password_file(p)?,
-        (None, Ok(p)) => p.into_bytes(),
-        (None, Err(_)) if keyfile.exists() => read_password_file(&keyfile)?,
-        (None, Err(_)) => {
+    let pw = match given_password(cli, &loc)? {
+        Some(p) => p,
+        None => {
             let mut raw = [0u8; 32];
             getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
             let pw = hex::encode(raw).into_bytes();

@@ -9,11 +9,7 @@ use std::path::Path;
 
 fn new_password(file: Option<&Path>) -> Result<Vec<u8>> {
     if let Some(f) = file {
-        let mut b = std::fs::read(f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
-        while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-            b.pop();
-        }
-        return Ok(b);
+        return open::read_password_file(f);
     }
     if let Ok(p) = std::env::var("KURA_NEW_PASSWORD") {
         return Ok(p.into_bytes());

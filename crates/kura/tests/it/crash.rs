@@ -26,19 +26,25 @@ fn twenty_four_kill_9_during_backup_leave_a_repository_that_works() {
     }
     let orig = e.path("orig");
     let s = src.to_str().unwrap();
-    let t0 = Instant::now();
     let first = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
-    let full = t0.elapsed();
     copy_dir(&src, &orig);
-
+    // Kill points are spread over the duration of a run like the killed ones: eight changed files.
     let mut seed = 0x5eed_2012_u64;
+    let change = |round: u64, seed: &mut u64| {
+        for k in 0..8 {
+            let i = (xorshift(seed) % 40) as usize;
+            fs::write(src.join(format!("f{i:02}")), bytes(600_000, 1000 + round * 10 + k)).unwrap();
+        }
+    };
+    change(99, &mut seed);
+    let t0 = Instant::now();
+    e.ok(&["backup", s, "--quiet"]);
+    let full = t0.elapsed();
+
     let mut killed_mid_run = 0;
     for round in 0..24u64 {
         // New content each round so every run has real work to be killed in.
-        for k in 0..8 {
-            let i = (xorshift(&mut seed) % 40) as usize;
-            fs::write(src.join(format!("f{i:02}")), bytes(600_000, 1000 + round * 10 + k)).unwrap();
-        }
+        change(round, &mut seed);
         let frac = (xorshift(&mut seed) % 1000) as f64 / 1000.0;
         let delay = full.mul_f64(0.05 + 1.1 * frac);
         let mut child = e.cmd(&["backup", s, "--quiet"]).spawn().unwrap();
