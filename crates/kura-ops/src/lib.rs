@@ -10,6 +10,7 @@ pub mod error;
 pub mod fsmeta;
 pub mod progress;
 pub mod restore;
+pub mod retention;
 pub mod walk;
 
 pub use error::OpsError;
