@@ -207,7 +207,8 @@ impl<'a> Walker<'a> {
                     && old.is_some_and(|o| {
                         unchanged(o, &node) && {
                             let idx = self.repo.index();
-                            o.content.iter().all(|c| idx.contains(c))
+                            // A chunk only in a pack a prune condemned (or lost) is stored again.
+                            o.content.iter().all(|c| idx.is_live(c))
                         }
                     });
                 let hard = node.nlink > 1;
@@ -687,6 +688,16 @@ fn commit(
         set.into_iter().collect()
     };
     packs.sort();
+    // Last line of defence against a prune that judged this session dead (a suspended machine
+    // that missed its heartbeats): never commit a snapshot whose packs are gone.
+    let present: HashSet<Id> =
+        repo.store().list(kura_store::Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    if let Some(gone) = packs.iter().find(|p| !present.contains(p)) {
+        return Err(OpsError::Unsafe(format!(
+            "pack {} this backup relies on was deleted by a concurrent prune; no snapshot was written, run the backup again",
+            gone.short()
+        )));
+    }
     summary.bytes_stored = repo.stored_bytes();
     let snap = Snapshot {
         public: SnapshotPublic {
@@ -695,6 +706,7 @@ fn commit(
             paths,
             tags: opts.tags.clone(),
             packs,
+            original: None,
         },
         body: SnapshotBody {
             tree,
@@ -706,6 +718,30 @@ fn commit(
         },
     };
     Ok((repo.save_snapshot(&snap)?, summary))
+}
+
+/// The sorted packs holding every blob reachable from a root tree (a snapshot's public list).
+pub(crate) fn packs_of(repo: &Repository, root: Id) -> Result<Vec<Id>, OpsError> {
+    let mut packs = HashSet::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![root];
+    while let Some(t) = stack.pop() {
+        if !seen.insert(t) {
+            continue;
+        }
+        let tree = repo.read_tree(&t)?;
+        let idx = repo.index();
+        packs.insert(idx.get(&t).ok_or(kura_repo::RepoError::BlobMissing(t))?.0);
+        for n in &tree.nodes {
+            for c in &n.content {
+                packs.insert(idx.get(c).ok_or(kura_repo::RepoError::BlobMissing(*c))?.0);
+            }
+            stack.extend(n.subtree);
+        }
+    }
+    let mut v: Vec<Id> = packs.into_iter().collect();
+    v.sort();
+    Ok(v)
 }
 
 fn find_parent(

@@ -38,6 +38,12 @@ pub enum OpsError {
     /// Work stopped because another thread failed; that thread's error is the one to report.
     #[error("stopped after an error in another thread")]
     Cancelled,
+    /// Another process holds the work (a second prune).
+    #[error("{0}")]
+    Busy(String),
+    /// Refused because the repository is damaged in a way that makes the operation unsafe.
+    #[error("{0}")]
+    Unsafe(String),
     /// Invalid option.
     #[error("{0}")]
     Invalid(String),

@@ -6,9 +6,12 @@
 
 pub mod backup;
 pub mod check;
+pub mod forget;
 pub mod error;
 pub mod fsmeta;
 pub mod progress;
+pub mod prune;
+pub mod repair;
 pub mod restore;
 pub mod retention;
 pub mod walk;

@@ -253,6 +253,11 @@ pub enum Reason {
         /// The tag list.
         tags: String,
     },
+    /// A damaged original follows its repaired copy (kept while the copy is).
+    RepairedAs {
+        /// The repaired copy's id.
+        id: String,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -265,6 +270,7 @@ impl fmt::Display for Reason {
             Reason::Within => write!(f, "within"),
             Reason::WithinPeriod { period, bucket } => write!(f, "within-{} {bucket}", period.name()),
             Reason::Tag { tags } => write!(f, "tag {tags}"),
+            Reason::RepairedAs { id } => write!(f, "original of repaired {}", id.get(..8).unwrap_or(id)),
         }
     }
 }

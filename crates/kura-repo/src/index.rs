@@ -5,7 +5,7 @@ use crate::crypto::MasterKey;
 use crate::id::Id;
 use crate::pack::{BlobKind, Compression, PackEntry};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Magic at the start of an index file.
 pub const INDEX_MAGIC: &[u8; 8] = b"KURAIDX1";
@@ -68,31 +68,65 @@ pub struct BlobLoc {
     pub raw_length: u32,
 }
 
-/// The in-memory index of every blob in the repository.
+/// The in-memory index of every blob in the repository. Each blob has one location: the first
+/// one added, except that a location in a live pack replaces one in a condemned pack.
 #[derive(Debug, Default)]
 pub struct Index {
     packs: Vec<Id>,
     pack_pos: HashMap<Id, u32>,
     blobs: HashMap<Id, BlobLoc>,
+    condemned: HashSet<Id>,
+    condemned_pos: HashSet<u32>,
 }
 
 impl Index {
+    /// Marks packs a pending prune plan will delete; call before adding packs. Their blobs stay
+    /// readable but do not count as present for deduplication ([`Index::is_live`]).
+    pub fn set_condemned(&mut self, packs: impl IntoIterator<Item = Id>) {
+        self.condemned.extend(packs);
+    }
+
+    /// True when a pending prune plan condemns the pack.
+    pub fn is_condemned(&self, pack: &Id) -> bool {
+        self.condemned.contains(pack)
+    }
+
     /// Adds one pack's entries (idempotent).
     pub fn add_pack(&mut self, pack: Id, entries: &[PackEntry]) {
         let pos = *self.pack_pos.entry(pack).or_insert_with(|| {
             self.packs.push(pack);
             (self.packs.len() - 1) as u32
         });
+        let condemned = self.condemned.contains(&pack);
+        if condemned {
+            self.condemned_pos.insert(pos);
+        }
         for e in entries {
-            self.blobs.entry(e.id).or_insert(BlobLoc {
+            let loc = BlobLoc {
                 pack: pos,
                 kind: e.kind,
                 compression: e.compression,
                 offset: e.offset,
                 length: e.length,
                 raw_length: e.raw_length,
-            });
+            };
+            match self.blobs.entry(e.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if !condemned && self.condemned_pos.contains(&o.get().pack) {
+                        o.insert(loc);
+                    }
+                }
+            }
         }
+    }
+
+    /// True when the blob is in a pack no prune plan condemns: a backup may reference it
+    /// without storing it again.
+    pub fn is_live(&self, id: &Id) -> bool {
+        self.blobs.get(id).is_some_and(|l| !self.condemned_pos.contains(&l.pack))
     }
 
     /// Looks a blob up.

@@ -32,7 +32,9 @@ pub mod id;
 pub mod index;
 pub mod keyfile;
 pub mod pack;
+pub mod plan;
 pub mod repo;
+pub mod session;
 pub mod snapshot;
 pub mod tree;
 

@@ -9,6 +9,8 @@ use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexPack};
 use crate::keyfile::{KdfParams, KeyFile, KeyFileError};
 use crate::pack::{self, BlobKind, Compression, PackBuilder};
+use crate::plan::PrunePlan;
+use crate::session::Session;
 use crate::snapshot::Snapshot;
 use crate::tree::Tree;
 use kura_store::{Kind, ObjectName, Store, StoreError};
@@ -72,6 +74,9 @@ pub struct Repository {
     packers: [Mutex<Option<Packer>>; 2],
     unindexed: Mutex<Vec<IndexPack>>,
     stored_bytes: AtomicU64,
+    plans: Mutex<Vec<(Id, PrunePlan)>>,
+    // Dropped with the repository, which removes the session object.
+    session: Mutex<Option<Session>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,12 +88,13 @@ fn pack_name(id: &Id) -> ObjectName {
 }
 
 fn host_user() -> (String, String) {
-    let host = rustix_hostname();
+    let host = hostname();
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     (host, user)
 }
 
-fn rustix_hostname() -> String {
+/// This machine's host name.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
@@ -148,6 +154,8 @@ impl Repository {
             packers: [Mutex::new(None), Mutex::new(None)],
             unindexed: Mutex::new(Vec::new()),
             stored_bytes: AtomicU64::new(0),
+            plans: Mutex::new(Vec::new()),
+            session: Mutex::new(None),
         }
     }
 
@@ -208,11 +216,63 @@ impl Repository {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    /// Loads every index file. Unreadable ones are returned as errors beside the count of good
-    /// ones; their packs then look unindexed and [`Repository::index_orphan_packs`] recovers them.
-    pub fn load_index(&self) -> Result<Vec<RepoError>, RepoError> {
+    /// Announces this process as a session (see [`crate::session`]). Call before
+    /// [`Repository::load_index`] in every command that reads or writes blobs: prune then never
+    /// deletes a pack this process may still use. Ended when the repository is dropped.
+    pub fn start_session(&self, command: &str) -> Result<(), RepoError> {
+        let s = Session::register(self.store.clone(), command)?;
+        *lock(&self.session) = Some(s);
+        Ok(())
+    }
+
+    /// This process's session id, if it started one.
+    pub fn session_id(&self) -> Option<String> {
+        lock(&self.session).as_ref().map(|s| s.id().to_string())
+    }
+
+    /// Reads every prune plan. Unreadable ones are returned as problems (nobody can execute
+    /// them, so their packs stay).
+    pub fn read_plans(&self) -> Result<(Vec<(Id, PrunePlan)>, Vec<RepoError>), RepoError> {
+        let mut plans = Vec::new();
         let mut problems = Vec::new();
+        for l in self.store.list(Kind::Plan)? {
+            let obj = ObjectName::new(Kind::Plan, &l.name);
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            let bytes = match self.store.get(Kind::Plan, &l.name) {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if Id::of_stored(&bytes) != id {
+                problems.push(RepoError::corrupt(&obj, "content does not match its name"));
+                continue;
+            }
+            match PrunePlan::decode(&self.key, &bytes) {
+                Ok(p) => plans.push((id, p)),
+                Err(d) => problems.push(RepoError::corrupt(&obj, d)),
+            }
+        }
+        Ok((plans, problems))
+    }
+
+    /// Prune plans read by the last [`Repository::load_index`].
+    pub fn plans(&self) -> Vec<(Id, PrunePlan)> {
+        lock(&self.plans).clone()
+    }
+
+    /// Loads the pending prune plans, records them in this process's session, then loads every
+    /// index file, so packs a plan condemns are never used for deduplication. Unreadable index
+    /// files are returned as errors; their packs then look unindexed and
+    /// [`Repository::index_orphan_packs`] recovers them.
+    pub fn load_index(&self) -> Result<Vec<RepoError>, RepoError> {
+        let (plans, mut problems) = self.read_plans()?;
+        if let Some(s) = &*lock(&self.session) {
+            let seen: Vec<String> = plans.iter().map(|(id, _)| id.to_hex()).collect();
+            s.saw_plans(&seen)?;
+        }
         let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        idx.set_condemned(plans.iter().flat_map(|(_, p)| p.condemned.iter().copied()));
+        *lock(&self.plans) = plans;
         for l in self.store.list(Kind::Index)? {
             let obj = ObjectName::new(Kind::Index, &l.name);
             let bytes = match self.store.get(Kind::Index, &l.name) {
@@ -234,6 +294,16 @@ impl Repository {
             }
         }
         Ok(problems)
+    }
+
+    /// Reads and verifies one index file.
+    pub fn read_index_file(&self, id: &Id) -> Result<IndexFile, RepoError> {
+        let obj = ObjectName::new(Kind::Index, &id.to_hex());
+        let bytes = self.store.get(Kind::Index, &id.to_hex())?;
+        if Id::of_stored(&bytes) != *id {
+            return Err(RepoError::corrupt(&obj, "content does not match its name"));
+        }
+        IndexFile::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
     }
 
     /// Read access to the index.
@@ -287,11 +357,13 @@ impl Repository {
         Ok((n, bad))
     }
 
-    fn write_index_file(&self, packs: Vec<IndexPack>) -> Result<(), RepoError> {
+    /// Writes one index file naming `packs` (which must be durable); returns its id.
+    pub fn write_index_file(&self, packs: Vec<IndexPack>) -> Result<Id, RepoError> {
         let f = IndexFile { version: 1, packs };
         let bytes = f.encode(&self.key).ok_or_else(|| RepoError::KeyRefused("cannot encode index".into()))?;
-        match self.store.put_new(Kind::Index, &Id::of_stored(&bytes).to_hex(), &bytes) {
-            Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
+        let id = Id::of_stored(&bytes);
+        match self.store.put_new(Kind::Index, &id.to_hex(), &bytes) {
+            Ok(()) | Err(StoreError::Exists(_)) => Ok(id),
             Err(e) => Err(e.into()),
         }
     }
@@ -364,7 +436,7 @@ impl Repository {
     /// another thread).
     pub fn claim(&self, data: &[u8]) -> (Id, bool) {
         let id = self.key.blob_id(data);
-        let mine = !self.index().contains(&id) && lock(&self.pending).insert(id);
+        let mine = !self.index().is_live(&id) && lock(&self.pending).insert(id);
         (id, mine)
     }
 
@@ -395,15 +467,44 @@ impl Repository {
                 Compression::None
             };
             self.key.seal_in_place(out, &id.0).map_err(|_| RepoError::KeyRefused("cannot encrypt".into()))?;
-            let mut slot = lock(&self.packers[kind as usize]);
-            let p = match &mut *slot {
-                Some(p) => p,
-                None => slot.insert(PackBuilder::new(self.store.stage(Kind::Pack)?)),
-            };
-            p.add(id, kind, comp, &sc.sealed, data.len() as u32).map_err(pack_write_error)?;
-            Ok(if p.len() >= self.config.pack_size as usize { slot.take() } else { None })
+            self.add_to_pack(kind, id, comp, &sc.sealed, data.len() as u32)
         })?;
         if let Some(p) = full {
+            self.upload_pack(p)?;
+        }
+        Ok(())
+    }
+
+    /// Appends sealed bytes to the open pack of their kind; returns the pack when it is full.
+    fn add_to_pack(
+        &self,
+        kind: BlobKind,
+        id: Id,
+        comp: Compression,
+        sealed: &[u8],
+        raw: u32,
+    ) -> Result<Option<Packer>, RepoError> {
+        let mut slot = lock(&self.packers[kind as usize]);
+        let p = match &mut *slot {
+            Some(p) => p,
+            None => slot.insert(PackBuilder::new(self.store.stage(Kind::Pack)?)),
+        };
+        p.add(id, kind, comp, sealed, raw).map_err(pack_write_error)?;
+        Ok(if p.len() >= self.config.pack_size as usize { slot.take() } else { None })
+    }
+
+    /// Copies a blob's sealed bytes (already verified with [`Repository::decode_blob`]) into a
+    /// new pack, even though the index has it: prune's repacking. Durable after
+    /// [`Repository::flush`].
+    pub fn copy_sealed(
+        &self,
+        kind: BlobKind,
+        id: Id,
+        compression: Compression,
+        sealed: &[u8],
+        raw_length: u32,
+    ) -> Result<(), RepoError> {
+        if let Some(p) = self.add_to_pack(kind, id, compression, sealed, raw_length)? {
             self.upload_pack(p)?;
         }
         Ok(())
@@ -517,6 +618,33 @@ impl Repository {
             (None, _) => Err(RepoError::NoSnapshot(spec.into())),
             (Some(_), Some(_)) => Err(RepoError::Ambiguous(spec.into())),
             (Some((id, s)), None) => s.map(|s| (id, s)),
+        }
+    }
+
+    /// Snapshots marked with [`Repository::protect`].
+    pub fn protections(&self) -> Result<HashSet<Id>, RepoError> {
+        Ok(self.store.list(Kind::Protection)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect())
+    }
+
+    /// Protects a snapshot from `forget`; `Ok(false)` when it already was.
+    pub fn protect(&self, snapshot: &Id, reason: &str) -> Result<bool, RepoError> {
+        let (host, user) = host_user();
+        let body = serde_json::json!({
+            "time": jiff::Timestamp::now().to_string(), "host": host, "user": user, "reason": reason,
+        });
+        match self.store.put_new(Kind::Protection, &snapshot.to_hex(), body.to_string().as_bytes()) {
+            Ok(()) => Ok(true),
+            Err(StoreError::Exists(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a protection; `Ok(false)` when there was none.
+    pub fn unprotect(&self, snapshot: &Id) -> Result<bool, RepoError> {
+        match self.store.delete(Kind::Protection, &snapshot.to_hex()) {
+            Ok(()) => Ok(true),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 

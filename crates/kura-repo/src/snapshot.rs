@@ -25,6 +25,10 @@ pub struct SnapshotPublic {
     /// Every pack holding a blob this snapshot references, sorted.
     #[serde(with = "hex_ids")]
     pub packs: Vec<Id>,
+    /// For a copy written by `kura repair snapshots`: the damaged original's id. Retention
+    /// treats the two as one snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
 }
 
 /// Counters from the backup that made the snapshot.
@@ -144,6 +148,7 @@ mod tests {
                 paths: vec!["/srv".into()],
                 tags: vec![],
                 packs: vec![Id([1; 32])],
+                original: None,
             },
             body: SnapshotBody {
                 tree: Id([2; 32]),

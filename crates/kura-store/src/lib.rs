@@ -34,11 +34,27 @@ pub enum Kind {
     Index,
     /// Snapshot objects.
     Snapshot,
+    /// Live writer and reader sessions: the only objects that are rewritten in place
+    /// ([`Store::replace`]), as heartbeats.
+    Session,
+    /// Prune plans: packs condemned by a prune, deleted once no session can still use them.
+    Plan,
+    /// Protection marks: `protected/<snapshot id>` keeps that snapshot from `forget`.
+    Protection,
 }
 
 impl Kind {
     /// Every kind, in the order a full listing walks them.
-    pub const ALL: [Kind; 5] = [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Snapshot];
+    pub const ALL: [Kind; 8] = [
+        Kind::Config,
+        Kind::Key,
+        Kind::Pack,
+        Kind::Index,
+        Kind::Snapshot,
+        Kind::Session,
+        Kind::Plan,
+        Kind::Protection,
+    ];
 
     /// The directory (or key prefix) objects of this kind live under.
     pub fn dir(self) -> &'static str {
@@ -48,6 +64,9 @@ impl Kind {
             Kind::Pack => "data",
             Kind::Index => "index",
             Kind::Snapshot => "snapshots",
+            Kind::Session => "sessions",
+            Kind::Plan => "plans",
+            Kind::Protection => "protected",
         }
     }
 }
@@ -153,6 +172,12 @@ impl StoreError {
         matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(28))
     }
 
+    /// True when the store cannot be written at all (read-only media, no permission).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if source.raw_os_error() == Some(30) || source.kind() == std::io::ErrorKind::PermissionDenied)
+    }
+
     /// True for errors worth retrying (network hiccups); the local store has none.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Io { source, .. }
@@ -194,6 +219,10 @@ pub trait Store: Send + Sync {
     /// named by the hash of its bytes). Nothing is visible until [`Staged::commit`]; dropping the
     /// staged object without committing discards it.
     fn stage(&self, kind: Kind) -> Result<Box<dyn Staged>, StoreError>;
+
+    /// Creates or atomically replaces a [`Kind::Session`] object (heartbeats); every other kind
+    /// is refused with [`StoreError::InvalidName`], so write-once objects stay write-once.
+    fn replace(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError>;
 
     /// Deletes an object; deleting a missing object is `NotFound`. Durable on return.
     fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError>;

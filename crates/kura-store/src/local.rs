@@ -32,7 +32,7 @@ impl LocalStore {
     pub fn create(root: &Path) -> Result<Self, StoreError> {
         let mk = |p: &Path| fs::create_dir_all(p).map_err(|e| io(Verb::Open, p.display(), e));
         mk(root)?;
-        for kind in [Kind::Key, Kind::Index, Kind::Snapshot] {
+        for kind in [Kind::Key, Kind::Index, Kind::Snapshot, Kind::Session, Kind::Plan, Kind::Protection] {
             mk(&root.join(kind.dir()))?;
         }
         for i in 0..=255u8 {
@@ -92,6 +92,24 @@ fn cached_handle(path: &Path) -> std::io::Result<std::sync::Arc<File>> {
     })
 }
 
+/// Repositories made before a kind existed lack its directory: make it on first write.
+fn ensure_dir(kind: Kind, dir: &Path) -> Result<(), StoreError> {
+    if matches!(kind, Kind::Session | Kind::Plan | Kind::Protection) && !dir.is_dir() {
+        fs::create_dir(dir).or_else(|e| if e.kind() == ErrorKind::AlreadyExists { Ok(()) } else { Err(e) })
+            .map_err(|e| io(Verb::Write, dir.display(), e))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_temp(tmp: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(Verb::Write, dir.display(), e))
 }
@@ -111,13 +129,9 @@ impl Store for LocalStore {
         if path.exists() {
             return Err(StoreError::Exists(obj));
         }
+        ensure_dir(kind, &dir)?;
         let tmp = dir.join(format!(".tmp-{}", random_suffix()));
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()
-        };
-        if let Err(e) = write() {
+        if let Err(e) = write_temp(&tmp, data) {
             let _ = fs::remove_file(&tmp);
             return Err(io(Verb::Write, obj, e));
         }
@@ -202,6 +216,23 @@ impl Store for LocalStore {
             }
         }
         Ok(out)
+    }
+
+    fn replace(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        if kind != Kind::Session {
+            return Err(StoreError::InvalidName(format!("{name} ({} objects are write-once)", kind.dir())));
+        }
+        let path = self.path_of(kind, name)?;
+        let obj = ObjectName::new(kind, name);
+        let dir = self.dir_of(kind, name);
+        ensure_dir(kind, &dir)?;
+        let tmp = dir.join(format!(".tmp-{}", random_suffix()));
+        let done = write_temp(&tmp, data).and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = done {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(Verb::Write, obj, e));
+        }
+        sync_dir(&dir)
     }
 
     fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError> {

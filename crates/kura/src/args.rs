@@ -62,6 +62,150 @@ pub enum Command {
     /// Manage the passphrase keys of the repository.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Remove snapshots a retention policy does not keep (shows every decision and its rule).
+    Forget(ForgetArgs),
+    /// Delete data no snapshot uses; safe while backups run.
+    Prune(PruneArgs),
+    /// Protect a snapshot: forget never removes it.
+    Protect {
+        /// Snapshot id (prefix) or "latest".
+        snapshot: String,
+        /// Why (recorded beside the mark).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Remove a snapshot's protection.
+    Unprotect {
+        /// Snapshot id (prefix).
+        snapshot: String,
+    },
+    /// Repair a damaged repository.
+    #[command(subcommand)]
+    Repair(RepairCommand),
+}
+
+/// `kura repair` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum RepairCommand {
+    /// Rebuild the index from the packs' own headers.
+    Index {
+        /// Also read every pack and leave damaged blobs out of the index, so the next backup
+        /// stores them again.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Write a repaired copy of every damaged snapshot, without the files whose data is lost.
+    Snapshots {
+        /// Only report.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Also forget the damaged originals (default: keep them).
+        #[arg(long)]
+        forget: bool,
+    },
+}
+
+/// `kura prune` options.
+#[derive(Args, Debug, Clone)]
+pub struct PruneArgs {
+    /// Only report what would be deleted and freed.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Limits.
+    #[command(flatten)]
+    pub opts: PruneOpts,
+}
+
+/// `kura forget` options.
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Keep the newest N snapshots (N or "unlimited").
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<String>,
+    /// Keep the newest snapshot of each of the newest N hours.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<String>,
+    /// Keep the newest snapshot of each of the newest N days.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<String>,
+    /// Keep the newest snapshot of each of the newest N ISO weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<String>,
+    /// Keep the newest snapshot of each of the newest N two-week periods.
+    #[arg(long, value_name = "N")]
+    pub keep_biweekly: Option<String>,
+    /// Keep the newest snapshot of each of the newest N months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<String>,
+    /// Keep the newest snapshot of each of the newest N years.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<String>,
+    /// Keep every snapshot within this duration of the newest one (e.g. 2d, 1y6m, 36h).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep the newest snapshot of each hour within this duration of the newest one.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_hourly: Option<String>,
+    /// Keep the newest snapshot of each day within this duration of the newest one.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_daily: Option<String>,
+    /// Keep the newest snapshot of each week within this duration of the newest one.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_weekly: Option<String>,
+    /// Keep the newest snapshot of each two-week period within this duration.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_biweekly: Option<String>,
+    /// Keep the newest snapshot of each month within this duration of the newest one.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_monthly: Option<String>,
+    /// Keep the newest snapshot of each year within this duration of the newest one.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within_yearly: Option<String>,
+    /// Keep snapshots with all of these comma-separated tags (repeatable).
+    #[arg(long, value_name = "TAGS")]
+    pub keep_tag: Vec<String>,
+    /// Allow a policy without rules: every unprotected snapshot is removed.
+    #[arg(long)]
+    pub keep_none: bool,
+    /// Read the policy from this TOML file (per repository, with per-group sections).
+    #[arg(long, env = "KURA_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Group snapshots by these fields: host, paths, tags (comma-separated) or none.
+    #[arg(long, short = 'g')]
+    pub group_by: Option<String>,
+    /// Time zone of days, weeks, months (IANA name; default: the local zone).
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Evaluate the policy as if it were this time (simulation).
+    #[arg(long)]
+    pub now: Option<String>,
+    /// Only snapshots of this host.
+    #[arg(long, short = 'H')]
+    pub host: Option<String>,
+    /// Only snapshots with this tag (repeatable).
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Only show what would be removed.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Prune right after forgetting.
+    #[arg(long)]
+    pub prune: bool,
+    /// Prune options.
+    #[command(flatten)]
+    pub prune_args: PruneOpts,
+}
+
+/// Prune options usable with `forget --prune`.
+#[derive(Args, Debug, Clone)]
+pub struct PruneOpts {
+    /// Unused space to tolerate in kept packs: a percentage of the repository, a size (200M)
+    /// or "unlimited".
+    #[arg(long, default_value = "5%")]
+    pub max_unused: String,
+    /// Repack at most this much per run (e.g. 2G).
+    #[arg(long)]
+    pub max_repack_size: Option<String>,
 }
 
 /// `kura backup` options.

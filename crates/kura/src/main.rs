@@ -1,11 +1,12 @@
 //! The `kura` binary: parses the command line, runs one command, prints one line per error and
 //! exits with a code restic users know (0 ok, 1 fatal, 3 partial, 10 no repository, 12 wrong
-//! password, 130 interrupted).
+//! password, 11 another prune is running, 130 interrupted).
 
 mod args;
 mod cmd;
 mod open;
 mod output;
+mod policy;
 
 use args::{Cli, Command};
 use clap::Parser;
@@ -35,8 +36,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(RepoError::WrongPassword { .. }) => return 12,
             _ => {}
         }
-        if matches!(cause.downcast_ref::<OpsError>(), Some(OpsError::Interrupted)) {
-            return 130;
+        match cause.downcast_ref::<OpsError>() {
+            Some(OpsError::Interrupted) => return 130,
+            Some(OpsError::Busy(_)) => return 11,
+            _ => {}
         }
     }
     if INTERRUPTED.load(Ordering::Relaxed) { 130 } else { 1 }
@@ -53,6 +56,11 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Check(a) => cmd::backup::run_check(cli, a),
         Command::Cat { kind, id } => cmd::info::cat(cli, kind, id.as_deref()),
         Command::Key(k) => cmd::key::run(cli, k),
+        Command::Forget(a) => cmd::retain::forget(cli, a),
+        Command::Prune(a) => cmd::retain::prune(cli, a),
+        Command::Protect { snapshot, reason } => cmd::retain::protect(cli, snapshot, Some(reason)),
+        Command::Unprotect { snapshot } => cmd::retain::protect(cli, snapshot, None),
+        Command::Repair(r) => cmd::repair::run(cli, r),
     }
 }
 

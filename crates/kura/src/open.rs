@@ -99,8 +99,15 @@ pub fn open(cli: &Cli) -> Result<Repository> {
 
 /// Opens the repository and loads its index for reading; packs no readable index file covers
 /// (an interrupted backup, a damaged index file) are indexed in memory from their headers.
-pub fn open_indexed(cli: &Cli) -> Result<Repository> {
+pub fn open_indexed(cli: &Cli, command: &str) -> Result<Repository> {
     let repo = open(cli)?;
+    // The session keeps a concurrent prune from deleting packs this command reads. A
+    // repository on read-only media cannot record it, and nothing can prune it either.
+    if let Err(e) = repo.start_session(command) {
+        if !matches!(&e, RepoError::Store(s) if s.is_read_only()) {
+            return Err(e).context("registering this session in the repository");
+        }
+    }
     let problems = repo.load_index()?;
     for e in &problems {
         eprintln!("kura: warning: {e}; reading pack headers instead");

@@ -52,6 +52,7 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
     }
     let time = a.time.as_deref().map(parse_time).transpose()?;
     let repo = open::open_for_backup(cli)?;
+    repo.start_session("backup").context("registering the backup session")?;
     for e in repo.load_index()? {
         eprintln!("kura: warning: {e}; its packs are indexed again");
     }
@@ -112,6 +113,11 @@ pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
     let store = LocalStore::open(&loc.path).map_err(kura_repo::RepoError::from)?;
     let pw = open::password(cli, &loc, false)?;
     let repo = Repository::open(Arc::new(store), &pw)?;
+    if let Err(e) = repo.start_session("check") {
+        if !matches!(&e, kura_repo::RepoError::Store(s) if s.is_read_only()) {
+            return Err(e).context("registering this session in the repository");
+        }
+    }
     let subset = a.read_data_subset.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
     let opts = CheckOptions { read_data: a.read_data || subset.is_some(), subset };
     let r = check(&repo, &opts).context("checking")?;

@@ -64,7 +64,7 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
 
 /// `kura ls`.
 pub fn ls(cli: &Cli, snapshot: &str, path: Option<&str>) -> Result<Outcome> {
-    let repo = open::open_indexed(cli)?;
+    let repo = open::open_indexed(cli, "read")?;
     let (id, s) = repo.find_snapshot(snapshot, |_| true)?;
     let entries = walk::ls(&repo, &s.body.tree, path.unwrap_or("/"))?;
     if cli.json {
@@ -82,7 +82,7 @@ pub fn ls(cli: &Cli, snapshot: &str, path: Option<&str>) -> Result<Outcome> {
 
 /// `kura diff`.
 pub fn diff(cli: &Cli, a: &str, b: &str) -> Result<Outcome> {
-    let repo = open::open_indexed(cli)?;
+    let repo = open::open_indexed(cli, "read")?;
     let (ia, sa) = repo.find_snapshot(a, |_| true)?;
     let (ib, sb) = repo.find_snapshot(b, |_| true)?;
     let changes = walk::diff(&repo, &sa.body.tree, &sb.body.tree)?;
@@ -112,7 +112,7 @@ fn full_id(repo: &Repository, kind: Kind, prefix: &str) -> Result<String> {
 
 /// `kura cat`: decrypted objects as JSON, for debugging.
 pub fn cat(cli: &Cli, kind: &str, id: Option<&str>) -> Result<Outcome> {
-    let repo = if matches!(kind, "tree" | "blob" | "snapshot") { open::open_indexed(cli)? } else { open::open(cli)? };
+    let repo = if matches!(kind, "tree" | "blob" | "snapshot") { open::open_indexed(cli, "read")? } else { open::open(cli)? };
     let need = || id.ok_or_else(|| anyhow::anyhow!("cat {kind} needs an id"));
     match kind {
         "config" => println!("{}", String::from_utf8_lossy(&repo.config().encode())),

@@ -4,4 +4,6 @@
 pub mod backup;
 pub mod info;
 pub mod key;
+pub mod repair;
 pub mod restore;
+pub mod retain;

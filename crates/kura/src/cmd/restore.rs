@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 
 /// Restores a snapshot below `--target`.
 pub fn run(cli: &Cli, a: &RestoreArgs, interrupt: &AtomicBool) -> Result<Outcome> {
-    let repo = open::open_indexed(cli)?;
+    let repo = open::open_indexed(cli, "restore")?;
     let (id, snap) = repo.find_snapshot(&a.snapshot, |_| true)?;
     let opts = RestoreOptions { target: a.target.clone(), include: a.include.clone(), overwrite: a.overwrite };
     let bar = Bar::new(cli.quiet, cli.json);

@@ -1,0 +1,543 @@
+//! Prune: delete data no snapshot references and repack mostly unused packs, safely while other
+//! processes back up and restore. Two phases: *mark* copies what must survive, writes the index
+//! of survivors and a plan naming the condemned packs; *sweep* deletes them once every session
+//! that might still use them has seen the plan or ended. Either phase can be killed at any point;
+//! the next prune finishes the work. The protocol is specified in docs/FORMAT.md §11.
+
+use crate::error::OpsError;
+use crate::progress::Progress;
+use kura_repo::index::IndexPack;
+use kura_repo::pack::{BlobKind, PackEntry};
+use kura_repo::plan::PrunePlan;
+use kura_repo::session::{Liveness, list_sessions};
+use kura_repo::{Id, RepoError, Repository};
+use kura_store::{Kind, StoreError};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// How much unused space prune may leave in partly used packs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxUnused {
+    /// At most this share (0..100) of the repository's size after pruning.
+    Percent(f64),
+    /// At most this many bytes.
+    Bytes(u64),
+    /// Never repack for space (only fully unused packs go).
+    Unlimited,
+}
+
+impl std::str::FromStr for MaxUnused {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("unlimited") {
+            return Ok(MaxUnused::Unlimited);
+        }
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| format!("bad percentage {s:?}"))?;
+            if !(0.0..100.0).contains(&v) {
+                return Err(format!("--max-unused {s}: a percentage must be at least 0 and below 100"));
+            }
+            return Ok(MaxUnused::Percent(v));
+        }
+        parse_size(t).map(MaxUnused::Bytes).ok_or_else(|| format!("bad size {s:?} (examples: 5%, 200M, 2G, unlimited)"))
+    }
+}
+
+/// Parses `123`, `10k`, `200M`, `2G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last()?.to_ascii_lowercase() {
+        'k' => (&t[..t.len() - 1], 1u64 << 10),
+        'm' => (&t[..t.len() - 1], 1 << 20),
+        'g' => (&t[..t.len() - 1], 1 << 30),
+        't' => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Only report.
+    pub dry_run: bool,
+    /// Unused space tolerated in kept packs.
+    pub max_unused: MaxUnused,
+    /// At most this many bytes of packs are repacked per run.
+    pub max_repack: Option<u64>,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions { dry_run: false, max_unused: MaxUnused::Percent(5.0), max_repack: None }
+    }
+}
+
+/// What prune found and did.
+#[derive(Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// Snapshots whose data was kept.
+    pub snapshots: usize,
+    /// Packs in the repository before.
+    pub packs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Bytes of blobs some snapshot uses.
+    pub used_bytes: u64,
+    /// Bytes of unused or duplicate blobs.
+    pub unused_bytes: u64,
+    /// Packs deleted whole (nothing in them used).
+    pub packs_deleted: usize,
+    /// Packs whose used blobs were copied into new packs, then deleted.
+    pub packs_repacked: usize,
+    /// Bytes of used blobs copied.
+    pub bytes_copied: u64,
+    /// Bytes freed once the plan is swept.
+    pub bytes_freed: u64,
+    /// Unused bytes left in kept packs.
+    pub unused_left: u64,
+    /// Unreferenced packs whose header cannot be read: left alone.
+    pub unreadable_packs: Vec<String>,
+    /// Plans (earlier ones and this run's) that were executed.
+    pub plans_swept: usize,
+    /// Plans that wait for sessions that started before them.
+    pub plans_deferred: Vec<Deferred>,
+    /// Condemned packs kept because a snapshot made during the prune uses them.
+    pub packs_resurrected: usize,
+    /// Dead sessions whose objects were removed.
+    pub sessions_cleaned: usize,
+    /// True for --dry-run.
+    pub dry_run: bool,
+}
+
+/// A plan that could not be swept yet.
+#[derive(Debug, Serialize)]
+pub struct Deferred {
+    /// The plan.
+    pub plan: String,
+    /// Sessions that started before it and still run ("backup on host pid 12 since ...").
+    pub waiting_for: Vec<String>,
+}
+
+/// Commands that rewrite the index or delete data; they exclude each other (two concurrent
+/// repacks could each delete the copy the other kept).
+const EXCLUSIVE: [&str; 2] = ["prune", "repair"];
+
+/// Refuses to run beside another live prune or repair. Dead ones are ignored; both sides
+/// registered their session first, so two racing processes see each other and at worst both
+/// give up.
+pub(crate) fn ensure_alone(repo: &Repository, what: &str) -> Result<(), OpsError> {
+    let me = repo.session_id();
+    let now = jiff::Timestamp::now();
+    for (id, info) in list_sessions(repo.store().as_ref())? {
+        if Some(&id) == me.as_ref() {
+            continue;
+        }
+        if let Some(i) = info.filter(|i| EXCLUSIVE.contains(&i.command.as_str()) && i.liveness(now) == Liveness::Live) {
+            return Err(OpsError::Busy(format!(
+                "cannot {what} now: a {} is running (host {}, pid {}, since {}); it finishes by itself, try again later",
+                i.command, i.host, i.pid, i.started
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs prune. The caller opened the repository and started a session; prune loads the index.
+pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport, OpsError> {
+    if repo.session_id().is_none() && !opts.dry_run {
+        return Err(OpsError::Invalid("prune needs a session (Repository::start_session)".into()));
+    }
+    ensure_alone(repo, "prune")?;
+    let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
+    for p in repo.load_index()? {
+        progress.warn(&p.to_string());
+    }
+    // Finish earlier prunes first: their packs then no longer count.
+    if !opts.dry_run {
+        for (id, plan) in repo.plans() {
+            sweep(repo, &id, &plan, &mut report, progress)?;
+        }
+    }
+    let pending: HashSet<Id> = if opts.dry_run {
+        repo.plans().iter().flat_map(|(_, p)| p.condemned.iter().copied()).collect()
+    } else {
+        repo.read_plans()?.0.iter().flat_map(|(_, p)| p.condemned.iter().copied()).collect()
+    };
+
+    // Snapshots before packs: every pack a listed snapshot needs is then listed too.
+    let snapshots = repo.snapshots()?;
+    let mut known = Vec::new();
+    for (id, s) in &snapshots {
+        if let Err(e) = s {
+            return Err(OpsError::Unsafe(format!(
+                "snapshot {} is unreadable ({e}), so prune cannot know which data it uses; \
+                 run `kura check`, then `kura repair snapshots` or forget it",
+                id.short()
+            )));
+        }
+        known.push(*id);
+    }
+    report.snapshots = known.len();
+    // Trees of snapshots made since the index was loaded may sit in packs it does not cover;
+    // unreadable headers are reported below.
+    repo.index_orphan_packs(false)?;
+    let index_files: Vec<Id> = repo.store().list(Kind::Index)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    let on_disk: HashMap<Id, u64> =
+        repo.store().list(Kind::Pack)?.iter().filter_map(|l| Some((Id::from_hex(&l.name)?, l.size))).collect();
+
+    // Every pack's entries, from the index files and from headers of packs none covers.
+    let mut contents: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+    for f in &index_files {
+        match repo.read_index_file(f) {
+            Ok(file) => {
+                for p in file.packs {
+                    contents.entry(p.id).or_insert(p.blobs);
+                }
+            }
+            Err(RepoError::Store(StoreError::NotFound(_))) => {}
+            Err(e) => progress.warn(&format!("{e}; its packs are read from their headers")),
+        }
+    }
+    for (id, size) in &on_disk {
+        if !contents.contains_key(id) {
+            match repo.read_pack_header(id, *size) {
+                Ok(h) => {
+                    contents.insert(*id, h.entries);
+                }
+                Err(e) => report.unreadable_packs.push(e.to_string()),
+            }
+        }
+    }
+    // Index entries of packs that no longer exist are dropped with the obsolete index files.
+    contents.retain(|id, _| on_disk.contains_key(id));
+    report.packs = contents.len();
+    report.bytes = contents.keys().map(|id| on_disk[id]).sum();
+
+    let used = used_blobs(repo, &snapshots, progress)?;
+
+    // Choose one copy of every used blob: in a live pack if possible, then the pack with the
+    // most used bytes (it is the least likely to be repacked).
+    let mut pack_used_all: HashMap<Id, u64> = HashMap::new();
+    for (pid, entries) in &contents {
+        let u: u64 = entries.iter().filter(|e| used.contains(&e.id)).map(|e| u64::from(e.length)).sum();
+        pack_used_all.insert(*pid, u);
+    }
+    let mut chosen: HashMap<Id, Id> = HashMap::new();
+    for (pid, entries) in &contents {
+        for e in entries.iter().filter(|e| used.contains(&e.id)) {
+            let better = |cur: &Id| {
+                let key = |p: &Id| (!pending.contains(p), pack_used_all[p], *p);
+                key(pid) > key(cur)
+            };
+            chosen.entry(e.id).and_modify(|cur| if better(cur) { *cur = *pid }).or_insert(*pid);
+        }
+    }
+    let missing = used.iter().filter(|b| !chosen.contains_key(b)).count();
+    if missing > 0 {
+        return Err(OpsError::Unsafe(format!(
+            "{missing} blob(s) used by snapshots are in no pack; prune would make nothing worse but refuses to \
+             run on a damaged repository: run `kura check` and `kura repair snapshots`"
+        )));
+    }
+
+    struct PackUse {
+        id: Id,
+        kind: BlobKind,
+        used: u64,
+        unused: u64,
+    }
+    let mut uses = Vec::new();
+    for (pid, entries) in &contents {
+        let (mut u, mut n) = (0u64, 0u64);
+        for e in entries {
+            if chosen.get(&e.id) == Some(pid) {
+                u += u64::from(e.length);
+            } else {
+                n += u64::from(e.length);
+            }
+        }
+        let kind = entries.first().map(|e| e.kind).unwrap_or(BlobKind::Data);
+        uses.push(PackUse { id: *pid, kind, used: u, unused: n });
+    }
+    report.used_bytes = uses.iter().map(|p| p.used).sum();
+    report.unused_bytes = uses.iter().map(|p| p.unused).sum();
+
+    let mut delete = Vec::new();
+    let mut repack = Vec::new();
+    let mut candidates = Vec::new();
+    for p in &uses {
+        if p.used == 0 {
+            delete.push(p.id);
+        } else if p.unused > 0 && (pending.contains(&p.id) || p.kind == BlobKind::Tree) {
+            // Trees are small and read by every command: keep their packs dense. Packs an
+            // unfinished plan condemns must give up their used blobs anyway.
+            repack.push(p.id);
+        } else if pending.contains(&p.id) {
+            repack.push(p.id);
+        } else if p.unused > 0 {
+            candidates.push(p);
+        }
+    }
+    let mut unused_left: u64 = candidates.iter().map(|p| p.unused).sum();
+    let limit = |used: u64| -> u64 {
+        match opts.max_unused {
+            MaxUnused::Unlimited => u64::MAX,
+            MaxUnused::Bytes(b) => b,
+            MaxUnused::Percent(pc) => (used as f64 * pc / (100.0 - pc)) as u64,
+        }
+    };
+    // Most wasteful first (by unused share), until what is left is within the limit.
+    candidates.sort_by(|a, b| {
+        let ra = a.unused as f64 / (a.used + a.unused) as f64;
+        let rb = b.unused as f64 / (b.used + b.unused) as f64;
+        rb.total_cmp(&ra).then(a.id.cmp(&b.id))
+    });
+    let mut repack_bytes: u64 = repack.iter().map(|id| on_disk[id]).sum();
+    for c in candidates {
+        if unused_left <= limit(report.used_bytes) {
+            break;
+        }
+        if opts.max_repack.is_some_and(|m| repack_bytes + on_disk[&c.id] > m) {
+            continue;
+        }
+        repack.push(c.id);
+        repack_bytes += on_disk[&c.id];
+        unused_left -= c.unused;
+    }
+    report.unused_left = unused_left;
+    report.packs_deleted = delete.len();
+    report.packs_repacked = repack.len();
+    report.bytes_copied = uses.iter().filter(|p| repack.contains(&p.id)).map(|p| p.used).sum();
+    report.bytes_freed = delete.iter().chain(&repack).map(|id| on_disk[id]).sum::<u64>() - report.bytes_copied;
+    if opts.dry_run || (delete.is_empty() && repack.is_empty()) {
+        return Ok(report);
+    }
+
+    // Mark, step 1: copy used blobs out of the packs to repack, verifying each.
+    progress.add_total(repack.len() as u64, repack_bytes);
+    for pid in &repack {
+        let bytes = repo.store().get(Kind::Pack, &pid.to_hex())?;
+        for e in &contents[pid] {
+            if chosen.get(&e.id) != Some(pid) {
+                continue;
+            }
+            let sealed = bytes.get(e.offset as usize..e.offset as usize + e.length as usize).ok_or_else(|| {
+                OpsError::Unsafe(format!("pack {} is shorter than its header says; run `kura check --read-data`", pid.short()))
+            })?;
+            repo.decode_blob(&e.id, pid, e.compression, e.raw_length, sealed).map_err(|err| {
+                OpsError::Unsafe(format!("{err}: prune will not copy damaged data; run `kura check --read-data` and `kura repair`"))
+            })?;
+            repo.copy_sealed(e.kind, e.id, e.compression, sealed, e.raw_length)?;
+        }
+        progress.advance(1, on_disk[pid]);
+    }
+    repo.flush()?;
+
+    // Mark, step 2: the index of every surviving pack, so the old index files can go.
+    let doomed: HashSet<Id> = delete.iter().chain(&repack).copied().collect();
+    let mut survivors: Vec<IndexPack> = contents
+        .iter()
+        .filter(|(id, _)| !doomed.contains(id))
+        .map(|(id, blobs)| IndexPack { id: *id, blobs: blobs.clone() })
+        .collect();
+    survivors.sort_by_key(|p| p.id);
+    for chunk in survivors.chunks(256) {
+        repo.write_index_file(chunk.to_vec())?;
+    }
+
+    // Mark, step 3: the plan. From here on, new sessions avoid the condemned packs.
+    let mut condemned: Vec<Id> = doomed.into_iter().collect();
+    condemned.sort();
+    let plan = PrunePlan {
+        version: 1,
+        created: jiff::Timestamp::now().as_second(),
+        snapshots: known,
+        condemned,
+        obsolete_indexes: index_files,
+    };
+    let bytes = plan.encode(repo.key()).ok_or_else(|| OpsError::Invalid("cannot encode the prune plan".into()))?;
+    let plan_id = Id::of_stored(&bytes);
+    match repo.store().put_new(Kind::Plan, &plan_id.to_hex(), &bytes) {
+        Ok(()) | Err(StoreError::Exists(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    sweep(repo, &plan_id, &plan, &mut report, progress)?;
+    Ok(report)
+}
+
+/// Every blob (trees and data) the snapshots reference. Each tree is read once.
+fn used_blobs(
+    repo: &Repository,
+    snapshots: &[(Id, Result<kura_repo::Snapshot, RepoError>)],
+    progress: &dyn Progress,
+) -> Result<HashSet<Id>, OpsError> {
+    let mut used = HashSet::new();
+    let mut stack: Vec<Id> = snapshots.iter().filter_map(|(_, s)| s.as_ref().ok().map(|s| s.body.tree)).collect();
+    while let Some(t) = stack.pop() {
+        if !used.insert(t) {
+            continue;
+        }
+        let tree = repo.read_tree(&t).map_err(|e| {
+            OpsError::Unsafe(format!("{e}; prune cannot know what the snapshots use: run `kura check`"))
+        })?;
+        progress.advance(0, 0);
+        for n in &tree.nodes {
+            used.extend(n.content.iter().copied());
+            stack.extend(n.subtree);
+        }
+    }
+    Ok(used)
+}
+
+/// Executes a plan if no live session can still be using its packs; otherwise records why not.
+fn sweep(
+    repo: &Repository,
+    plan_id: &Id,
+    plan: &PrunePlan,
+    report: &mut PruneReport,
+    progress: &dyn Progress,
+) -> Result<(), OpsError> {
+    let me = repo.session_id();
+    let hex = plan_id.to_hex();
+    let now = jiff::Timestamp::now();
+    let mut waiting = Vec::new();
+    for (id, info) in list_sessions(repo.store().as_ref())? {
+        if Some(&id) == me.as_ref() {
+            continue;
+        }
+        match info {
+            Some(i) if i.liveness(now) == Liveness::Dead => {
+                if repo.store().delete(Kind::Session, &id).is_ok() {
+                    report.sessions_cleaned += 1;
+                }
+            }
+            Some(i) if i.plans_seen.contains(&hex) => {}
+            Some(i) => waiting.push(format!("{} on {} (pid {}) since {}", i.command, i.host, i.pid, i.started)),
+            None => waiting.push(format!("session {id} (unreadable)")),
+        }
+    }
+    if !waiting.is_empty() {
+        report.plans_deferred.push(Deferred { plan: hex, waiting_for: waiting });
+        return Ok(());
+    }
+
+    // Snapshots made since the plan may use condemned packs (a backup that loaded the index
+    // before the plan existed): those packs stay.
+    let condemned: HashSet<Id> = plan.condemned.iter().copied().collect();
+    let known: HashSet<Id> = plan.snapshots.iter().copied().collect();
+    let mut keep: HashSet<Id> = HashSet::new();
+    let mut wanted: HashSet<Id> = HashSet::new();
+    let mut roots = Vec::new();
+    for l in repo.store().list(Kind::Snapshot)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        if known.contains(&id) {
+            continue;
+        }
+        let bytes = repo.store().get(Kind::Snapshot, &l.name)?;
+        match kura_repo::snapshot::decode_public(&bytes) {
+            Ok((public, _)) => keep.extend(public.packs.iter().filter(|p| condemned.contains(p))),
+            Err(_) => {
+                progress.warn(&format!("new snapshot {} is unreadable; plan {} waits", id.short(), plan_id.short()));
+                report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable snapshot {id}")] });
+                return Ok(());
+            }
+        }
+        match repo.read_snapshot(&id) {
+            Ok(s) => roots.push(s.body.tree),
+            Err(e) => {
+                progress.warn(&format!("{e}; plan {} waits", plan_id.short()));
+                report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable snapshot {id}")] });
+                return Ok(());
+            }
+        }
+    }
+    if !roots.is_empty() {
+        let mut seen = HashSet::new();
+        while let Some(t) = roots.pop() {
+            if !seen.insert(t) {
+                continue;
+            }
+            wanted.insert(t);
+            match repo.read_tree(&t) {
+                Ok(tree) => {
+                    for n in &tree.nodes {
+                        wanted.extend(n.content.iter().copied());
+                        roots.extend(n.subtree);
+                    }
+                }
+                Err(e) => {
+                    progress.warn(&format!("{e}; plan {} waits", plan_id.short()));
+                    report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable tree {t}")] });
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let sizes: HashMap<Id, u64> =
+        repo.store().list(Kind::Pack)?.iter().filter_map(|l| Some((Id::from_hex(&l.name)?, l.size))).collect();
+    let mut resurrected = Vec::new();
+    for p in &plan.condemned {
+        let Some(&size) = sizes.get(p) else { continue };
+        let header = repo.read_pack_header(p, size).ok();
+        // A pack whose header cannot be read now is kept if anything new might need it.
+        let needed = keep.contains(p)
+            || (!wanted.is_empty() && header.as_ref().is_none_or(|h| h.entries.iter().any(|e| wanted.contains(&e.id))));
+        if needed {
+            keep.insert(*p);
+            if let Some(h) = header {
+                resurrected.push(IndexPack { id: *p, blobs: h.entries });
+            }
+        }
+    }
+    // Resurrected packs lose their old index files below: index them anew first.
+    if !resurrected.is_empty() {
+        report.packs_resurrected += resurrected.len();
+        repo.write_index_file(resurrected)?;
+    }
+    let mut deleted = HashSet::new();
+    for p in &plan.condemned {
+        if keep.contains(p) {
+            continue;
+        }
+        match repo.store().delete(Kind::Pack, &p.to_hex()) {
+            Ok(()) | Err(StoreError::NotFound(_)) => {
+                deleted.insert(*p);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let obsolete: HashSet<Id> = plan.obsolete_indexes.iter().copied().collect();
+    for i in &plan.obsolete_indexes {
+        match repo.store().delete(Kind::Index, &i.to_hex()) {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Index files written since the plan (by sessions that began before it) may name packs
+    // that are now gone: rewrite them without those packs.
+    for l in repo.store().list(Kind::Index)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        if obsolete.contains(&id) {
+            continue;
+        }
+        let Ok(file) = repo.read_index_file(&id) else { continue };
+        if file.packs.iter().any(|p| deleted.contains(&p.id)) {
+            let rest: Vec<IndexPack> = file.packs.into_iter().filter(|p| !deleted.contains(&p.id)).collect();
+            if !rest.is_empty() {
+                repo.write_index_file(rest)?;
+            }
+            match repo.store().delete(Kind::Index, &id.to_hex()) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    match repo.store().delete(Kind::Plan, &hex) {
+        Ok(()) | Err(StoreError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    report.plans_swept += 1;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Deleting commands: `forget`, `prune`, `protect`/`unprotect`. Each prints what it touches,
+//! and `--dry-run` prints the same without touching anything.
+
+use crate::args::{Cli, ForgetArgs, PruneArgs, PruneOpts};
+use crate::output::{bytes, json, short};
+use crate::{Outcome, open, policy};
+use anyhow::{Context, Result};
+use kura_ops::NoProgress;
+use kura_ops::forget::{self, ForgetOptions, GroupPlan};
+use kura_ops::prune::{self, MaxUnused, PruneOptions, PruneReport, parse_size};
+use kura_repo::Repository;
+use serde_json::json as j;
+
+fn prune_options(dry_run: bool, o: &PruneOpts) -> Result<PruneOptions> {
+    let max_unused: MaxUnused = o.max_unused.parse().map_err(anyhow::Error::msg)?;
+    let max_repack = o
+        .max_repack_size
+        .as_deref()
+        .map(|s| parse_size(s).ok_or_else(|| anyhow::anyhow!("--max-repack-size: bad size {s:?}")))
+        .transpose()?;
+    Ok(PruneOptions { dry_run, max_unused, max_repack })
+}
+
+fn print_plans(plans: &[GroupPlan], tz: &jiff::tz::TimeZone, dry_run: bool) {
+    for g in plans {
+        println!("{}  (policy: {})", g.group, g.policy);
+        for d in &g.snapshots {
+            let time = d
+                .time
+                .parse::<jiff::Timestamp>()
+                .map(|t| t.to_zoned_datetime(tz.clone()).strftime("%Y-%m-%d %H:%M:%S %Z").to_string())
+                .unwrap_or_else(|_| d.time.clone());
+            let what = if d.keep { "keep  " } else if dry_run { "would remove" } else { "remove" };
+            let why: Vec<String> = d.reasons.iter().map(ToString::to_string).collect();
+            println!("  {}  {time}  {what:<6}  {}", short(&d.id, 8), why.join(", "));
+        }
+        let kept = g.snapshots.iter().filter(|d| d.keep).count();
+        println!("  {} kept, {} {}", kept, g.snapshots.len() - kept, if dry_run { "would be removed" } else { "removed" });
+    }
+}
+
+fn print_prune(r: &PruneReport) {
+    println!(
+        "{} snapshot(s) use {} of {} in {} pack(s); {} unused",
+        r.snapshots, bytes(r.used_bytes), bytes(r.bytes), r.packs, bytes(r.unused_bytes)
+    );
+    for u in &r.unreadable_packs {
+        println!("warning: {u}; left alone");
+    }
+    let verb = if r.dry_run { "would" } else { "will" };
+    if r.packs_deleted + r.packs_repacked == 0 && r.plans_deferred.is_empty() {
+        println!("nothing to delete");
+    } else {
+        println!(
+            "{verb} delete {} unused pack(s) and repack {} (copying {}): frees {}, leaves {} unused",
+            r.packs_deleted, r.packs_repacked, bytes(r.bytes_copied), bytes(r.bytes_freed), bytes(r.unused_left)
+        );
+    }
+    if r.packs_resurrected > 0 {
+        println!("kept {} condemned pack(s) that a snapshot made meanwhile uses", r.packs_resurrected);
+    }
+    if r.sessions_cleaned > 0 {
+        println!("removed {} session(s) of processes that died", r.sessions_cleaned);
+    }
+    if !r.dry_run && r.plans_swept > 0 {
+        println!("deleted the data of {} prune plan(s)", r.plans_swept);
+    }
+    for d in &r.plans_deferred {
+        println!(
+            "plan {} waits for: {}; the next `kura prune` deletes its packs once they have finished",
+            short(&d.plan, 8),
+            d.waiting_for.join("; ")
+        );
+    }
+}
+
+fn run_prune(cli: &Cli, repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    if !opts.dry_run {
+        repo.start_session("prune").context("registering the prune session")?;
+    }
+    let r = prune::prune(repo, opts, &NoProgress).context("pruning")?;
+    if !cli.json && !cli.quiet {
+        print_prune(&r);
+    }
+    Ok(r)
+}
+
+/// `kura prune`.
+pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<Outcome> {
+    let opts = prune_options(a.dry_run, &a.opts)?;
+    let repo = open::open(cli)?;
+    let r = run_prune(cli, &repo, &opts)?;
+    if cli.json {
+        json(&r)?;
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kura forget`.
+pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
+    let resolved = policy::resolve(a)?;
+    let prune_opts = if a.prune { Some(prune_options(a.dry_run, &a.prune_args)?) } else { None };
+    let now = match &a.now {
+        Some(t) => crate::cmd::backup::parse_time(t)?,
+        None => jiff::Timestamp::now(),
+    };
+    let repo = open::open(cli)?;
+    let opts = ForgetOptions {
+        group_by: resolved.group_by,
+        tz: resolved.tz.clone(),
+        now,
+        host: a.host.clone(),
+        tags: a.tag.clone(),
+    };
+    let (plans, warnings) = forget::plan(&repo, &opts, &|k| resolved.policy_for(k)).context("applying the policy")?;
+    for w in &warnings {
+        eprintln!("kura: warning: {w}");
+    }
+    let removed = if a.dry_run { Vec::new() } else { forget::remove(&repo, &plans).context("removing snapshots")? };
+    if !cli.json && !cli.quiet {
+        print_plans(&plans, &resolved.tz, a.dry_run);
+    }
+    let pruned = match &prune_opts {
+        Some(o) => Some(run_prune(cli, &repo, o)?),
+        None => None,
+    };
+    if cli.json {
+        json(&j!({ "dry_run": a.dry_run, "groups": plans, "removed": removed, "prune": pruned }))?;
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kura protect` / `kura unprotect`.
+pub fn protect(cli: &Cli, spec: &str, reason: Option<&str>) -> Result<Outcome> {
+    let repo = open::open(cli)?;
+    let (id, _) = repo.find_snapshot(spec, |_| true)?;
+    let changed = match reason {
+        Some(r) => repo.protect(&id, r)?,
+        None => repo.unprotect(&id)?,
+    };
+    let state = if reason.is_some() { "protected" } else { "not protected" };
+    if cli.json {
+        json(&j!({ "id": id.to_hex(), "protected": reason.is_some(), "changed": changed }))?;
+    } else if !cli.quiet {
+        println!("snapshot {} is {state}{}", id.short(), if changed { "" } else { " (it already was)" });
+    }
+    Ok(Outcome::Ok)
+}
