@@ -105,13 +105,15 @@ fn selected(id: &Id, subset: Option<Subset>) -> bool {
 pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsError> {
     let mut report = CheckReport::default();
     // Damaged blob id -> index into report.damage.
-    let mut bad_blobs: HashMap<Id, usize> = HashMap::new();
+    // A blob can be damage seen from two sides (its tree unreadable in the structure pass, its
+    // pack failing in the read pass): every entry naming it gets the paths.
+    let mut bad_blobs: HashMap<Id, Vec<usize>> = HashMap::new();
     let mut pending_damage: Vec<Damage> = Vec::new();
-    let mut damage = |object: String, problem: String, blobs: &[Id], bad_blobs: &mut HashMap<Id, usize>| {
+    let mut damage = |object: String, problem: String, blobs: &[Id], bad_blobs: &mut HashMap<Id, Vec<usize>>| {
         let i = pending_damage.len();
         pending_damage.push(Damage { object, problem, snapshots: Vec::new(), paths: Vec::new() });
         for b in blobs {
-            bad_blobs.insert(*b, i);
+            bad_blobs.entry(*b).or_default().push(i);
         }
     };
 
@@ -149,13 +151,26 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
             damage(e.to_string(), "index file unreadable; its packs are indexed again by the next backup".into(), &[], &mut bad_blobs);
         }
     }
-    let lookup = |b: &Id| repo.index().get(b).or_else(|| extra.get(b));
+    // A pack a pending prune plan condemns may already be deleted (a prune was interrupted
+    // mid-sweep): that is no damage unless a snapshot still needs a blob only it held, which
+    // the structure walk below finds because such blobs are looked up as missing.
+    let lookup = |b: &Id| {
+        let idx = repo.index();
+        idx.get(b).filter(|(p, _)| listed.contains_key(p) || !idx.is_condemned(p)).or_else(|| extra.get(b))
+    };
+    for (id, plan) in repo.plans() {
+        report.warnings.push(format!(
+            "prune plan {} is pending ({} condemned pack(s)); the next `kura prune` finishes it",
+            id.short(),
+            plan.condemned.len()
+        ));
+    }
     // Indexed packs that are gone.
     {
         let idx = repo.index();
         let mut by_pack: HashMap<Id, Vec<Id>> = HashMap::new();
         for (blob, pack, _) in idx.iter() {
-            if !listed.contains_key(&pack) {
+            if !listed.contains_key(&pack) && !idx.is_condemned(&pack) {
                 by_pack.entry(pack).or_default().push(*blob);
             }
         }
@@ -253,14 +268,16 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
                     d.paths.push(format!("{short}:{path}"));
                 }
             };
-            if let Some(&i) = bad_blobs.get(&s.body.tree) {
-                hit(i, "/", &mut pending_damage);
+            if let Some(entries) = bad_blobs.get(&s.body.tree) {
+                for &i in entries {
+                    hit(i, "/", &mut pending_damage);
+                }
                 continue;
             }
             // A damaged tree stops this walk early; the tree itself is already reported above.
             let _ = for_each_node(repo, &s.body.tree, "/", &mut |p, n| {
                 let ids = n.content.iter().chain(n.subtree.iter());
-                let hits: BTreeSet<usize> = ids.filter_map(|c| bad_blobs.get(c).copied()).collect();
+                let hits: BTreeSet<usize> = ids.filter_map(|c| bad_blobs.get(c)).flatten().copied().collect();
                 for i in hits {
                     hit(i, p, &mut pending_damage);
                 }

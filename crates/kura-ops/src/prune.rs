@@ -269,7 +269,10 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     let mut candidates = Vec::new();
     for p in &uses {
         if p.used == 0 {
-            delete.push(p.id);
+            // Already condemned by a plan that waits: it goes with that plan.
+            if !pending.contains(&p.id) {
+                delete.push(p.id);
+            }
         } else if p.unused > 0 && (pending.contains(&p.id) || p.kind == BlobKind::Tree) {
             // Trees are small and read by every command: keep their packs dense. Packs an
             // unfinished plan condemns must give up their used blobs anyway.

@@ -213,7 +213,17 @@ pub fn repair_snapshots(
         };
         progress.advance(1, 0);
         let (new_root, files, dirs) = rw.tree(s.body.tree, "")?;
-        if new_root == s.body.tree || already.contains(&id.to_hex()) {
+        if new_root == s.body.tree {
+            continue;
+        }
+        if already.contains(&id.to_hex()) {
+            // Repaired by an earlier run: only the request to drop the original is left.
+            if forget_originals && !dry_run {
+                match repo.store().delete(Kind::Snapshot, &id.to_hex()) {
+                    Ok(()) | Err(StoreError::NotFound(_)) => out.forgotten += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
             continue;
         }
         fixed.push((id, s, new_root, files, dirs));

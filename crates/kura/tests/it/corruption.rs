@@ -127,3 +127,82 @@ fn a_damaged_snapshot_is_named_and_the_others_stay_usable() {
         assert!(stderr(&o).contains(&second[..16]));
     }
 }
+
+#[test]
+fn every_random_bit_flip_in_a_pack_is_detected_and_names_the_damaged_file() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    // Files below the minimum chunk size are one blob each, and all differ: a flip inside a
+    // blob damages exactly one file.
+    for i in 0..24u64 {
+        fs::write(src.join(format!("file{i:02}")), bytes(20_000 + i as usize * 9_000, 300 + i)).unwrap();
+    }
+    // Small packs: most flips land in one of several data packs.
+    let cfg = e.repo.join("config");
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&cfg).unwrap()).unwrap();
+    v["pack_size"] = (256 * 1024).into();
+    fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let template = e.path("template");
+    fs::rename(&e.repo, &template).unwrap();
+    let mut seed = 0xf11b_u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut in_blob, mut in_header) = (0, 0);
+    for round in 0..30 {
+        let _ = fs::remove_dir_all(&e.repo);
+        let st = std::process::Command::new("cp").args(["-a"]).arg(&template).arg(&e.repo).status().unwrap();
+        assert!(st.success());
+        let packs = files(&e.repo.join("data"));
+        let pack = &packs[(next() % packs.len() as u64) as usize];
+        let name = pack.file_name().unwrap().to_str().unwrap().to_string();
+        let header = e.json(&["cat", "pack", &name]);
+        let entries = header["entries"].as_array().unwrap();
+        let mut b = fs::read(pack).unwrap();
+        let at = (next() % b.len() as u64) as usize;
+        b[at] ^= 1 << (next() % 8);
+        fs::write(pack, &b).unwrap();
+        let hit = entries.iter().any(|en| {
+            let off = en["offset"].as_u64().unwrap() as usize;
+            (off..off + en["length"].as_u64().unwrap() as usize).contains(&at)
+        });
+        let o = e.run(&["--json", "check", "--read-data"]);
+        assert_eq!(o.status.code(), Some(1), "round {round}: flip at {at} of {name} not detected");
+        no_panic(&o);
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let named: Vec<String> = r["damage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|d| d["paths"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().split_once(':').unwrap().1.to_string()))
+            .collect();
+        assert!(!named.is_empty(), "round {round}: no file named: {r}");
+        let trees = entries.iter().any(|en| en["kind"] == "Tree");
+        if trees {
+            // A damaged directory listing: directories are named (everything below them is
+            // unrestorable), never a file.
+            in_header += usize::from(!hit);
+            in_blob += usize::from(hit);
+            assert!(named.iter().all(|n| !n.contains("/file")), "round {round}: {r}");
+        } else if hit {
+            in_blob += 1;
+            // Exactly the one file whose blob was hit: it fails to restore, another one restores.
+            assert_eq!(named.len(), 1, "round {round}: {r}");
+            let out = e.path(&format!("out{round}"));
+            let bad = e.run(&["restore", "latest", "--target", out.to_str().unwrap(), "--include", &named[0]]);
+            assert_eq!(bad.status.code(), Some(1), "round {round}: the named file restores");
+            let other = (0..24).map(|i| format!("{}/file{i:02}", src.display())).find(|p| *p != named[0]).unwrap();
+            e.ok(&["restore", "latest", "--target", out.to_str().unwrap(), "--include", &other]);
+        } else {
+            // Header or footer: every file of the pack is named.
+            in_header += 1;
+            assert_eq!(named.len(), entries.len(), "round {round}: {r}");
+        }
+    }
+    assert!(in_blob >= 15, "only {in_blob} flips hit a blob ({in_header} hit headers)");
+}

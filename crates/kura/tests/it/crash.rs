@@ -103,3 +103,99 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     let st = std::process::Command::new("cp").args(["-a", from.to_str().unwrap(), to.to_str().unwrap()]).status().unwrap();
     assert!(st.success());
 }
+
+/// Sets a small pack size in a fresh repository's config (plain JSON), so a small corpus makes
+/// many packs and prune has real deleting and repacking to do.
+fn small_packs(e: &Env, size: u32) {
+    let p = e.repo.join("config");
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    v["pack_size"] = size.into();
+    fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn twenty_kill_9_during_prune_never_lose_a_kept_snapshot() {
+    let e = Env::new();
+    small_packs(&e, 256 * 1024);
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let s = src.to_str().unwrap();
+    let mut seed = 0xdead_2026_u64;
+    // Six generations; each rewrites a third of the files, so old versions become garbage
+    // scattered over packs that also hold live data.
+    for i in 0..30u64 {
+        fs::write(src.join(format!("f{i:02}")), bytes(60_000 + (i as usize * 4000), i)).unwrap();
+    }
+    let mut kept = Vec::new();
+    for round in 0..6u64 {
+        for _ in 0..10 {
+            let i = xorshift(&mut seed) % 30;
+            fs::write(src.join(format!("f{i:02}")), bytes(60_000 + (i as usize * 4000), 100 + round * 50 + i)).unwrap();
+        }
+        let id = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
+        if round >= 4 {
+            let copy = e.path(&format!("gen{round}"));
+            copy_dir(&src, &copy);
+            kept.push((id, copy));
+        }
+    }
+    e.ok(&["forget", "--keep-last", "2"]);
+    let template = e.path("template");
+    copy_dir(&e.repo, &template);
+    let work = e.repo.clone();
+    let reset = || {
+        fs::remove_dir_all(&work).unwrap();
+        copy_dir(&template, &work);
+    };
+    // How long an uninterrupted prune takes here, and how much of it is opening the repository
+    // (the key derivation): kills are spread over the rest, where prune works.
+    let mut opens: Vec<Duration> = (0..3)
+        .map(|_| {
+            let t0 = Instant::now();
+            e.ok(&["snapshots", "--quiet"]);
+            t0.elapsed()
+        })
+        .collect();
+    opens.sort();
+    let open = opens[1];
+    reset();
+    let t0 = Instant::now();
+    let full = e.json(&["prune", "--max-unused", "0%"]);
+    let dur = t0.elapsed();
+    let work = dur.saturating_sub(open);
+    assert!(full["packs_deleted"].as_u64().unwrap() > 0 && full["packs_repacked"].as_u64().unwrap() > 0, "{full}");
+
+    let mut killed_mid_run = 0;
+    let mut killed_after_plan = 0;
+    for round in 0..20 {
+        reset();
+        let frac = (xorshift(&mut seed) % 1000) as f64 / 1000.0;
+        let mut child = e.cmd(&["prune", "--max-unused", "0%", "--quiet"]).spawn().unwrap();
+        std::thread::sleep(open.mul_f64(0.9) + work.mul_f64(1.2 * frac));
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if e.repo.join("plans").read_dir().unwrap().any(|_| true) {
+            killed_after_plan += 1;
+        }
+        // Straight after the kill: the kept snapshots are complete (structure check), ...
+        let o = e.run(&["check"]);
+        assert!(o.status.success(), "round {round}: check after kill failed: {}", stderr(&o));
+        // ... and the next prune finishes the work without any manual step.
+        let r = e.json(&["prune", "--max-unused", "0%"]);
+        assert!(r["plans_deferred"].as_array().unwrap().is_empty(), "round {round}: {r}");
+        assert!(!e.repo.join("plans").read_dir().unwrap().any(|_| true), "round {round}: a plan is left");
+        e.ok(&["check", "--read-data"]);
+        if round % 4 == 0 {
+            for (id, copy) in &kept {
+                let out = e.path(&format!("out{round}-{}", &id[..8]));
+                e.ok(&["restore", &id[..8], "--target", out.to_str().unwrap()]);
+                assert_same_tree(copy, &restored(&out, &src));
+            }
+        }
+    }
+    eprintln!("{killed_mid_run} of 20 kills hit a running prune, {killed_after_plan} between plan and sweep end");
+    assert!(killed_mid_run >= 10, "only {killed_mid_run} of 20 kills hit a running prune");
+}

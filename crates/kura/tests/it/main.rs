@@ -6,5 +6,6 @@
 mod badinput;
 mod corruption;
 mod crash;
+mod generations;
 mod roundtrip;
 mod util;

@@ -1,0 +1,318 @@
+//! Generations: forget keeps exactly what the policy says (and says why), protected snapshots
+//! survive, prune frees space and is safe beside a running backup, repair recovers what is left.
+
+use crate::util::*;
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::process::Stdio;
+
+/// A stdin backup at a claimed time; returns the snapshot id.
+fn backup_at(e: &Env, time: &str, data: &[u8], extra: &[&str]) -> String {
+    let mut args = vec!["--json", "backup", "--stdin", "--stdin-filename", "db.dump", "--time", time];
+    args.extend_from_slice(extra);
+    let mut child = e.cmd(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["snapshot"].as_str().unwrap().to_string()
+}
+
+fn ids(e: &Env) -> BTreeSet<String> {
+    e.json(&["snapshots"]).as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+}
+
+fn kept_times(v: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for g in v["groups"].as_array().unwrap() {
+        for s in g["snapshots"].as_array().unwrap() {
+            if s["keep"].as_bool().unwrap() {
+                out.push(s["time"].as_str().unwrap()[..10].to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn forget_keeps_exactly_the_generations_and_explains_every_decision() {
+    let e = Env::new();
+    // One snapshot a day at 23:00 UTC from 2026-11-01 to 2027-01-10 (covers ISO week 2026-W53).
+    let mut day = jiff::civil::date(2026, 11, 1);
+    let mut all = Vec::new();
+    let mut n = 0u64;
+    while day <= jiff::civil::date(2027, 1, 10) {
+        let t = format!("{day}T23:00:00Z");
+        all.push((t.clone(), backup_at(&e, &t, &bytes(2000, n), &[])));
+        day = day.tomorrow().unwrap();
+        n += 1;
+    }
+    let policy = [
+        "--keep-daily", "3", "--keep-weekly", "3", "--keep-biweekly", "3", "--keep-monthly", "2",
+        "--timezone", "UTC", "--now", "2027-01-11T12:00:00Z",
+    ];
+    let mut args = vec!["forget", "--dry-run"];
+    args.extend_from_slice(&policy);
+    let v = e.json(&args);
+    // Hand-computed: daily 01-10, 01-09, 01-08; weekly (ISO): 2027-W01 -> 01-10, 2026-W53 ->
+    // 01-03, W52 -> 12-27; bi-weekly periods from 1969-12-29: [12-28, 01-10] -> 01-10,
+    // [12-14, 12-27] -> 12-27, [11-30, 12-13] -> 12-13; monthly: 2027-01 -> 01-10,
+    // 2026-12 -> 12-31.
+    let mut got = kept_times(&v);
+    got.sort();
+    assert_eq!(got, vec!["2026-12-13", "2026-12-27", "2026-12-31", "2027-01-03", "2027-01-08", "2027-01-09", "2027-01-10"]);
+    // Every snapshot is listed with its rules; the newest carries all four.
+    let snaps = v["groups"][0]["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), all.len());
+    let rules: Vec<&str> = snaps[0]["reasons"].as_array().unwrap().iter().map(|r| r["rule"].as_str().unwrap()).collect();
+    assert_eq!(rules, vec!["period"; 4]);
+    assert_eq!(snaps[0]["reasons"][2]["bucket"], "2026-12-28/01-10");
+    // A dry run removes nothing; the text form names the rule of each kept snapshot.
+    assert_eq!(ids(&e).len(), all.len());
+    let mut targs = vec!["forget", "--dry-run"];
+    targs.extend_from_slice(&policy);
+    let text = e.ok(&targs);
+    assert!(text.contains("biweekly 2026-12-14/12-27 (#2)"), "{text}");
+    assert!(text.contains("weekly 2026-W53 (#2)"), "{text}");
+    assert!(text.contains("would remove"), "{text}");
+
+    let mut args = vec!["forget"];
+    args.extend_from_slice(&policy);
+    e.ok(&args);
+    assert_eq!(ids(&e).len(), 7);
+    // The same policy again removes nothing more.
+    let v = e.json(&args);
+    assert_eq!(v["removed"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn policy_files_groups_protection_and_refusals() {
+    let e = Env::new();
+    for (i, host) in ["a", "a", "a", "b", "b", "b"].iter().enumerate() {
+        backup_at(&e, &format!("2026-11-0{}T10:00:00Z", i + 1), &bytes(1000, i as u64), &["--host", host]);
+    }
+    let policy = e.path("policy.toml");
+    fs::write(
+        &policy,
+        "timezone = \"UTC\"\ngroup-by = \"host\"\n[keep]\nlast = 1\n\n[[group]]\nhost = \"b\"\n[group.keep]\nlast = 2\n",
+    )
+    .unwrap();
+    let p = policy.to_str().unwrap();
+    let v = e.json(&["forget", "--policy", p, "--dry-run"]);
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    assert_eq!(groups[0]["group"]["host"], "a");
+    assert_eq!(groups[0]["policy"], "last 1");
+    assert_eq!(groups[1]["policy"], "last 2");
+    assert_eq!(kept_times(&v), vec!["2026-11-03", "2026-11-06", "2026-11-05"]);
+
+    // Refusals: no policy, an empty policy, flags and file together, a bad value; nothing removed.
+    for (args, msg) in [
+        (vec!["forget"], "no retention policy"),
+        (vec!["forget", "--keep-daily", "0"], "keeps nothing"),
+        (vec!["forget", "--policy", p, "--keep-last", "1"], "not both"),
+        (vec!["forget", "--keep-daily", "seven"], "--keep-daily"),
+        (vec!["forget", "--keep-within", "7"], "no unit"),
+        (vec!["forget", "--keep-last", "1", "--timezone", "Mars/Olympus"], "unknown time zone"),
+    ] {
+        let o = e.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        no_panic(&o);
+        let err = stderr(&o);
+        assert!(err.contains(msg) && err.lines().count() == 1, "{args:?}: {err}");
+    }
+    assert_eq!(ids(&e).len(), 6);
+
+    // A protected snapshot survives even --keep-none, and prune keeps its data.
+    let oldest = e.json(&["snapshots"])[0]["id"].as_str().unwrap().to_string();
+    e.ok(&["protect", &oldest[..8], "--reason", "audit"]);
+    e.ok(&["forget", "--keep-none", "--prune"]);
+    assert_eq!(ids(&e), BTreeSet::from([oldest.clone()]));
+    let out = e.path("out");
+    e.ok(&["restore", &oldest[..8], "--target", out.to_str().unwrap()]);
+    assert_eq!(fs::read(out.join("db.dump")).unwrap(), bytes(1000, 0));
+    e.ok(&["unprotect", &oldest[..8]]);
+    e.ok(&["forget", "--keep-none"]);
+    assert!(ids(&e).is_empty());
+}
+
+/// Source tree with `n` unique files of `size` bytes, named by round.
+fn write_round(dir: &std::path::Path, round: u64, n: u64, size: usize) {
+    fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        fs::write(dir.join(format!("r{round}-{i}")), bytes(size, round * 1000 + i)).unwrap();
+    }
+}
+
+#[test]
+fn prune_frees_unused_data_repacks_and_everything_left_restores() {
+    let e = Env::new();
+    let src = e.path("src");
+    let s = src.to_str().unwrap();
+    for round in 0..5 {
+        // Each round adds files and drops the previous round's, so old packs become garbage
+        // and the small ones (trees) partly unused.
+        if round > 0 {
+            for i in 0..6 {
+                fs::remove_file(src.join(format!("r{}-{i}", round - 1))).unwrap();
+            }
+        }
+        write_round(&src, round, 6, 700_000);
+        e.ok(&["backup", s, "--quiet"]);
+    }
+    let size = |e: &Env| -> u64 {
+        walk(&e.repo.join("data")).iter().map(|p| fs::metadata(p).unwrap().len()).sum()
+    };
+    let before = size(&e);
+    let dry = e.json(&["prune", "--dry-run"]);
+    assert_eq!(size(&e), before, "a dry run deletes nothing");
+    assert_eq!(dry["packs_deleted"].as_u64(), Some(0), "every snapshot still uses its data");
+    e.ok(&["forget", "--keep-last", "2"]);
+    let dry = e.json(&["prune", "--dry-run", "--max-unused", "0%"]);
+    let freed = dry["bytes_freed"].as_u64().unwrap();
+    assert!(freed > 10_000_000, "{dry}");
+    let r = e.json(&["prune", "--max-unused", "0%"]);
+    assert_eq!(r["plans_swept"].as_u64(), Some(1), "{r}");
+    assert_eq!(r["bytes_freed"].as_u64().unwrap(), freed);
+    let after = size(&e);
+    assert!(before - after >= freed - 100_000, "freed {} of {freed}", before - after);
+    assert!(fs::read_dir(e.repo.join("plans")).unwrap().next().is_none());
+    e.ok(&["check", "--read-data"]);
+    let out = e.path("out");
+    e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&out, &src));
+    // Nothing is left to do.
+    let again = e.json(&["prune", "--max-unused", "0%"]);
+    assert_eq!(again["packs_deleted"].as_u64(), Some(0), "{again}");
+    assert_eq!(again["packs_repacked"].as_u64(), Some(0), "{again}");
+}
+
+pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for ent in fs::read_dir(dir).unwrap() {
+        let p = ent.unwrap().path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn a_backup_running_during_prune_keeps_the_data_it_deduplicates_against() {
+    let e = Env::new();
+    let data = bytes(3_000_000, 42);
+    let first = backup_at(&e, "2026-11-01T00:00:00Z", &data, &[]);
+    // Backup B starts (session registered, index loaded, data already deduplicable) and waits
+    // for its input.
+    let mut b = e
+        .cmd(&["--json", "backup", "--stdin", "--stdin-filename", "db.dump"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut b_in = b.stdin.take().unwrap();
+    // B reads its input only after loading the index: once a megabyte has gone through the
+    // pipe (64 KiB buffer), B holds the index, before the plan below exists.
+    b_in.write_all(&data[..1_000_000]).unwrap();
+    // The only snapshot goes; prune condemns its packs but must wait for B.
+    e.ok(&["forget", "--keep-none"]);
+    let r = e.json(&["prune"]);
+    assert_eq!(r["plans_swept"].as_u64(), Some(0), "{r}");
+    let waits = r["plans_deferred"][0]["waiting_for"][0].as_str().unwrap();
+    assert!(waits.starts_with("backup on"), "{r}");
+    assert!(fs::read_dir(e.repo.join("plans")).unwrap().count() == 1);
+    // A backup that starts now sees the plan and stores the data again instead of using the
+    // condemned packs.
+    let c = backup_at(&e, "2026-11-03T00:00:00Z", &bytes(500_000, 7), &[]);
+    // B now reads the rest: all of it deduplicates against the condemned packs.
+    b_in.write_all(&data[1_000_000..]).unwrap();
+    drop(b_in);
+    let o = b.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let b_snap = v["snapshot"].as_str().unwrap().to_string();
+    assert!(v["summary"]["bytes_added"].as_u64().unwrap() < 10_000, "B should have deduplicated the data: {v}");
+    // The next prune runs the plan but keeps the packs B's snapshot uses.
+    let r = e.json(&["prune"]);
+    assert_eq!(r["plans_swept"].as_u64(), Some(1), "{r}");
+    assert!(r["packs_resurrected"].as_u64().unwrap() >= 1, "{r}");
+    e.ok(&["check", "--read-data"]);
+    let out = e.path("out");
+    e.ok(&["restore", &b_snap[..8], "--target", out.to_str().unwrap()]);
+    assert!(fs::read(out.join("db.dump")).unwrap() == data, "B's snapshot must restore bit-exact");
+    let out2 = e.path("out2");
+    e.ok(&["restore", &c[..8], "--target", out2.to_str().unwrap()]);
+    assert!(fs::read(out2.join("db.dump")).unwrap() == bytes(500_000, 7));
+    assert_ne!(first, b_snap);
+}
+
+#[test]
+fn a_plan_waits_for_a_live_session_and_not_for_a_killed_one() {
+    let e = Env::new();
+    backup_at(&e, "2026-11-01T00:00:00Z", &bytes(1_000_000, 1), &[]);
+    let mut b = e.cmd(&["backup", "--stdin"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    // Through the pipe means B has loaded the index (see the test above).
+    b.stdin.as_mut().unwrap().write_all(&bytes(500_000, 2)).unwrap();
+    e.ok(&["forget", "--keep-none"]);
+    let r = e.json(&["prune"]);
+    assert_eq!(r["plans_deferred"].as_array().unwrap().len(), 1, "{r}");
+    // A second prune while the first one's plan waits: still waiting, never deletes.
+    let r = e.json(&["prune"]);
+    assert_eq!(r["plans_swept"].as_u64(), Some(0), "{r}");
+    b.kill().unwrap(); // SIGKILL: its session object stays behind
+    b.wait().unwrap();
+    assert_eq!(fs::read_dir(e.repo.join("sessions")).unwrap().count(), 1);
+    let r = e.json(&["prune"]);
+    assert_eq!(r["plans_swept"].as_u64(), Some(1), "{r}");
+    assert_eq!(r["sessions_cleaned"].as_u64(), Some(1), "{r}");
+    assert_eq!(walk(&e.repo.join("data")).len(), 0, "every pack was garbage");
+    e.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn repair_index_and_snapshots_after_a_pack_is_lost() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(src.join("keep")).unwrap();
+    fs::write(src.join("keep/a.txt"), b"small and safe").unwrap();
+    let s = src.to_str().unwrap();
+    e.ok(&["backup", s]);
+    fs::write(src.join("lost.bin"), bytes(2_000_000, 9)).unwrap();
+    e.ok(&["backup", s]);
+    // The pack holding the big file disappears; the index still names it.
+    let packs: Vec<_> = walk(&e.repo.join("data"));
+    let big = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    fs::remove_file(big).unwrap();
+    let o = e.run(&["check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("lost.bin"), "{}", stderr(&o));
+    let r = e.json(&["repair", "index"]);
+    assert_eq!(r["packs"].as_u64(), Some(packs.len() as u64 - 1), "{r}");
+    let dry = e.json(&["repair", "snapshots", "--dry-run"]);
+    assert_eq!(dry["repaired"][0]["files_removed"].as_array().unwrap().len(), 1, "{dry}");
+    let r = e.json(&["repair", "snapshots"]);
+    let lost: Vec<&str> = r["repaired"][0]["files_removed"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert!(lost.len() == 1 && lost[0].ends_with("/src/lost.bin"), "{r}");
+    let repaired = r["repaired"][0]["repaired"].as_str().unwrap().to_string();
+    let out = e.path("out");
+    e.ok(&["restore", &repaired[..8], "--target", out.to_str().unwrap()]);
+    let base = restored(&out, &src);
+    assert_eq!(fs::read(base.join("keep/a.txt")).unwrap(), b"small and safe");
+    assert!(!base.join("lost.bin").exists());
+    // Retention treats original and repair as one: keep-last 1 keeps both (not the first).
+    let v = e.json(&["forget", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(v["groups"][0]["snapshots"].as_array().unwrap().iter().filter(|s| s["keep"] == true).count(), 2, "{v}");
+    // Repairing again does nothing new; forgetting the original leaves a clean repository.
+    let again = e.json(&["repair", "snapshots", "--forget"]);
+    assert_eq!(again["repaired"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["forgotten"].as_u64(), Some(1), "{again}");
+    e.ok(&["check", "--read-data"]);
+    // A later backup stores the lost file again; the data is whole once more.
+    e.ok(&["backup", s]);
+    e.ok(&["check", "--read-data"]);
+}
