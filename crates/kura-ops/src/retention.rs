@@ -204,6 +204,17 @@ pub fn parse_span(s: &str) -> Result<Span, String> {
     t.parse::<Span>().map_err(|e| format!("bad duration {s:?}: {e} (examples: 7d, 1y6m, 36h, \"2 weeks\")"))
 }
 
+/// Entry point of the `parse_retention` fuzz target (and its proptest twin): every parser of
+/// retention and prune options gets arbitrary text and must return, never panic.
+pub fn fuzz_parsers(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    let _ = parse_span(&s);
+    let _ = s.parse::<Count>();
+    let _ = s.parse::<crate::prune::MaxUnused>();
+    let _ = crate::prune::parse_size(&s);
+    let _ = s.parse::<crate::forget::GroupBy>();
+}
+
 /// One snapshot as retention sees it.
 #[derive(Debug, Clone)]
 pub struct Item {
@@ -712,6 +723,15 @@ mod tests {
 
     const NOW: i64 = 1_830_000_000;
 
+    fn option_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[0-9ymwdh%kKmMgGtT ,.-]{0,24}",
+            "(unlimited|[0-9]{1,25})[ymwdh]?",
+            "[0-9]{1,3}(\\.[0-9]{0,3})?%",
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(400))]
 
@@ -758,6 +778,11 @@ mod tests {
             for i in 0..items.len() {
                 prop_assert_eq!(&before[i], &after[i]);
             }
+        }
+
+        #[test]
+        fn option_parsers_never_panic(text in option_text()) {
+            fuzz_parsers(text.as_bytes());
         }
 
         #[test]

@@ -38,6 +38,14 @@ pub fn decode_json_records(data: &[u8]) {
     let _ = crate::config::Config::decode(data);
 }
 
+/// Feeds bytes to the prune plan decoder and the session record parser.
+pub fn decode_plan(data: &[u8]) {
+    let _ = crate::plan::PrunePlan::decode(&key(), data);
+    if let Ok(info) = serde_json::from_slice::<crate::session::SessionInfo>(data) {
+        let _ = info.liveness(jiff::Timestamp::UNIX_EPOCH);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,7 +54,8 @@ mod tests {
     /// Random bytes, and random bytes behind each record's real magic, so the decoders get past
     /// their first check.
     fn inputs() -> impl Strategy<Value = Vec<u8>> {
-        let prefixes: Vec<&'static [u8]> = vec![b"", b"KURASNAP\x01\x00\x00\x00", b"KURAIDX1", b"{\"version\":1,"];
+        let prefixes: Vec<&'static [u8]> =
+            vec![b"", b"KURASNAP\x01\x00\x00\x00", b"KURAIDX1", b"KURAPLAN", b"{\"version\":1,"];
         (proptest::sample::select(prefixes), proptest::collection::vec(any::<u8>(), 0..512)).prop_map(|(p, rest)| {
             let mut v = p.to_vec();
             v.extend(rest);
@@ -62,6 +71,7 @@ mod tests {
             decode_index(&data);
             decode_pack(&data);
             decode_json_records(&data);
+            decode_plan(&data);
         }
     }
 }
