@@ -8,6 +8,7 @@ use kura_repo::pack::read_header;
 use kura_repo::{Id, RepoError, Repository};
 use kura_store::{Kind, ObjectName};
 use serde::Serialize;
+use kura_repo::id::{IdMap, IdSet};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,8 +45,13 @@ impl std::str::FromStr for Subset {
 /// Check options.
 #[derive(Debug, Clone, Default)]
 pub struct CheckOptions {
-    /// Read and verify stored data.
+    /// Read every stored byte: each pack must hash to its name and its header must decrypt and
+    /// describe the pack. This catches all damage at rest; when a pack is damaged every blob in
+    /// it is verified to name exactly what is lost.
     pub read_data: bool,
+    /// Also verify every blob of every pack as a restore would (authenticate, decompress, hash to
+    /// its id): catches a faulty writer, not only damage at rest. Costs CPU, not I/O.
+    pub deep: bool,
     /// Read only a subset of the packs.
     pub subset: Option<Subset>,
 }
@@ -107,9 +113,9 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
     // Damaged blob id -> index into report.damage.
     // A blob can be damage seen from two sides (its tree unreadable in the structure pass, its
     // pack failing in the read pass): every entry naming it gets the paths.
-    let mut bad_blobs: HashMap<Id, Vec<usize>> = HashMap::new();
+    let mut bad_blobs: IdMap<Vec<usize>> = IdMap::default();
     let mut pending_damage: Vec<Damage> = Vec::new();
-    let mut damage = |object: String, problem: String, blobs: &[Id], bad_blobs: &mut HashMap<Id, Vec<usize>>| {
+    let mut damage = |object: String, problem: String, blobs: &[Id], bad_blobs: &mut IdMap<Vec<usize>>| {
         let i = pending_damage.len();
         pending_damage.push(Damage { object, problem, snapshots: Vec::new(), paths: Vec::new() });
         for b in blobs {
@@ -179,80 +185,111 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
         }
     }
 
-    // Structure: every snapshot's trees and chunks.
-    let snaps = repo.snapshots()?;
-    report.snapshots = snaps.len();
+    // The read pass runs on its own threads while this thread walks the structure: the two
+    // together are bound by the disk (or the CPU), not by their sum.
+    let mut to_read: Vec<Id> =
+        if opts.read_data { listed.keys().filter(|id| selected(id, opts.subset)).copied().collect() } else { Vec::new() };
+    to_read.sort();
+    let next = AtomicUsize::new(0);
+    let found: Mutex<Vec<(Id, String, Vec<Id>)>> = Mutex::new(Vec::new());
+    let bytes = std::sync::atomic::AtomicU64::new(0);
+    let threads = if to_read.is_empty() { 0 } else { crate::cores() };
+    let extra_ref = &extra;
     let mut good_snaps = Vec::new();
-    // Each tree is read once; what it uses (its own pack, its files' packs, its subtrees) is
-    // remembered so every snapshot can be compared with its own pack list without rereading.
-    let mut infos: HashMap<Id, Option<TreeInfo>> = HashMap::new();
-    for (sid, s) in snaps {
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                damage(e.to_string(), "snapshot unreadable".into(), &[], &mut bad_blobs);
-                continue;
-            }
-        };
-        let listed_packs: HashSet<Id> = s.public.packs.iter().copied().collect();
-        let mut stack = vec![s.body.tree];
-        let mut visited = HashSet::new();
-        let mut unlisted = 0usize;
-        while let Some(t) = stack.pop() {
-            if !visited.insert(t) {
-                continue;
-            }
-            if !infos.contains_key(&t) {
-                report.trees += 1;
-                let info = tree_info(repo, &extra, &t, &lookup, &mut |obj, problem, blobs| {
-                    // A missing blob shared by many files is one damage, reported once.
-                    if blobs.is_empty() || !blobs.iter().all(|b| bad_blobs.contains_key(b)) {
-                        damage(obj, problem, blobs, &mut bad_blobs)
-                    }
-                });
-                infos.insert(t, info);
-            }
-            if let Some(Some(info)) = infos.get(&t) {
-                unlisted += info.packs.iter().filter(|p| !listed_packs.contains(p)).count();
-                stack.extend(info.subtrees.iter().copied());
-            }
+    std::thread::scope(|sc| -> Result<(), OpsError> {
+        for _ in 0..threads {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = to_read.get(i) else { break };
+                let (problem, blobs) = verify_pack(repo, extra_ref, id, opts.deep, &bytes);
+                if let Some(p) = problem
+                    && let Ok(mut f) = found.lock()
+                {
+                    f.push((*id, p, blobs));
+                }
+            });
         }
-        if unlisted > 0 {
-            // Not data loss: with duplicate blobs (two backups at once) the index may name a
-            // different copy than the one the snapshot listed. Keyless GC relies on this list.
-            report.warnings.push(format!(
-                "{}: {unlisted} referenced blob(s) are indexed in packs the snapshot does not list",
-                ObjectName::new(Kind::Snapshot, &sid.to_hex())
-            ));
-        }
-        good_snaps.push((sid, s));
-    }
-
-    if opts.read_data {
-        let mut packs: Vec<(Id, u64)> = listed.iter().filter(|(id, _)| selected(id, opts.subset)).map(|(a, b)| (*a, *b)).collect();
-        packs.sort();
-        let next = AtomicUsize::new(0);
-        let found: Mutex<Vec<(Id, String, Vec<Id>)>> = Mutex::new(Vec::new());
-        let bytes = std::sync::atomic::AtomicU64::new(0);
-        let threads = crate::cores();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((id, _)) = packs.get(i) else { break };
-                    let (problem, blobs) = verify_pack(repo, &extra, id, &bytes);
-                    if let Some(p) = problem
-                        && let Ok(mut f) = found.lock() {
-                            f.push((*id, p, blobs));
+        // Structure: every snapshot's trees and chunks.
+        let snaps = repo.snapshots()?;
+        report.snapshots = snaps.len();
+        let roots: Vec<Id> = snaps.iter().filter_map(|(_, s)| s.as_ref().ok().map(|s| s.body.tree)).collect();
+        let mut loaded = load_trees(repo, &extra, &lookup, &roots);
+        // Each tree is read once; what it uses (its own pack, its files' packs, its subtrees) is
+        // remembered so every snapshot can be compared with its own pack list without rereading.
+        let mut infos: IdMap<Option<TreeInfo>> = IdMap::default();
+        // Tree -> the snapshot (index into `lists`) whose pack list it was found inside.
+        let mut verified: IdMap<u32> = IdMap::default();
+        let mut lists: Vec<Vec<Id>> = Vec::new();
+        let mut superset: HashMap<u32, bool> = HashMap::new();
+        for (sid, s) in snaps {
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => {
+                    damage(e.to_string(), "snapshot unreadable".into(), &[], &mut bad_blobs);
+                    continue;
+                }
+            };
+            let listed_packs: IdSet = s.public.packs.iter().copied().collect();
+            // A subtree already found inside the pack list of an earlier snapshot is inside this
+            // one's too when this list contains that one (consecutive snapshots' lists nearly
+            // always do): then it is not walked again, and many snapshots sharing most trees cost
+            // little more than one.
+            let me = lists.len() as u32;
+            let mut covers = |k: u32| -> bool {
+                *superset.entry(k).or_insert_with(|| lists[k as usize].iter().all(|p| listed_packs.contains(p)))
+            };
+            let mut stack = vec![s.body.tree];
+            let mut unlisted = 0usize;
+            while let Some(t) = stack.pop() {
+                match verified.get(&t) {
+                    Some(&k) if k == me || covers(k) => continue,
+                    _ => {}
+                }
+                if !infos.contains_key(&t) {
+                    report.trees += 1;
+                    let (info, found) = loaded.remove(&t).unwrap_or_else(|| {
+                        let mut found = Vec::new();
+                        let info = tree_info(repo, &extra, &t, &lookup, &mut |o, p, b| found.push((o, p, b.to_vec())));
+                        (info, found)
+                    });
+                    for (obj, problem, blobs) in found {
+                        // A missing blob shared by many files is one damage, reported once.
+                        if blobs.is_empty() || !blobs.iter().all(|b| bad_blobs.contains_key(b)) {
+                            damage(obj, problem, &blobs, &mut bad_blobs)
                         }
-                });
+                    }
+                    infos.insert(t, info);
+                }
+                if let Some(Some(info)) = infos.get(&t) {
+                    let missing = info.packs.iter().filter(|p| !listed_packs.contains(p)).count();
+                    unlisted += missing;
+                    // Only a fully covered subtree may be skipped later.
+                    if missing == 0 {
+                        verified.insert(t, me);
+                    }
+                    stack.extend(info.subtrees.iter().copied());
+                }
             }
-        });
-        report.packs_read = packs.len();
-        report.bytes_read = bytes.load(Ordering::Relaxed);
-        for (id, problem, blobs) in found.into_inner().unwrap_or_default() {
-            damage(ObjectName::new(Kind::Pack, &id.to_hex()).to_string(), problem, &blobs, &mut bad_blobs);
+            superset.clear();
+            lists.push(s.public.packs.clone());
+            if unlisted > 0 {
+                // Not data loss: with duplicate blobs (two backups at once) the index may name a
+                // different copy than the one the snapshot listed. Keyless GC relies on this list.
+                report.warnings.push(format!(
+                    "{}: {unlisted} referenced blob(s) are indexed in packs the snapshot does not list",
+                    ObjectName::new(Kind::Snapshot, &sid.to_hex())
+                ));
+            }
+            good_snaps.push((sid, s));
         }
+        Ok(())
+    })?;
+    report.packs_read = to_read.len();
+    report.bytes_read = bytes.load(Ordering::Relaxed);
+    let mut found = found.into_inner().unwrap_or_default();
+    found.sort_by_key(|f| f.0);
+    for (id, problem, blobs) in found {
+        damage(ObjectName::new(Kind::Pack, &id.to_hex()).to_string(), problem, &blobs, &mut bad_blobs);
     }
 
     // Attribute damaged blobs to snapshots and paths.
@@ -295,7 +332,58 @@ struct TreeInfo {
     packs: Vec<Id>,
 }
 
-type Lookup<'a> = dyn Fn(&Id) -> Option<(Id, kura_repo::index::BlobLoc)> + 'a;
+type Lookup<'a> = dyn Fn(&Id) -> Option<(Id, kura_repo::index::BlobLoc)> + Sync + 'a;
+
+/// A damage found while reading a tree: object, problem, blobs.
+type Found = (String, String, Vec<Id>);
+
+/// Reads every tree reachable from `roots` once, level by level, each level on all cores
+/// (decoding trees and looking up their chunks is most of a structure check). Damage is
+/// collected per tree and replayed by the caller in a fixed order.
+fn load_trees(
+    repo: &Repository,
+    extra: &kura_repo::index::Index,
+    lookup: &Lookup<'_>,
+    roots: &[Id],
+) -> IdMap<(Option<TreeInfo>, Vec<Found>)> {
+    let mut done: IdMap<(Option<TreeInfo>, Vec<Found>)> = IdMap::default();
+    let mut seen: IdSet = roots.iter().copied().collect();
+    let mut frontier: Vec<Id> = seen.iter().copied().collect();
+    frontier.sort();
+    while !frontier.is_empty() {
+        let next = AtomicUsize::new(0);
+        let out: Mutex<Vec<(usize, Option<TreeInfo>, Vec<Found>)>> = Mutex::new(Vec::with_capacity(frontier.len()));
+        std::thread::scope(|sc| {
+            for _ in 0..crate::cores().min(frontier.len()) {
+                sc.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(t) = frontier.get(i) else { break };
+                        let mut found = Vec::new();
+                        let info = tree_info(repo, extra, t, lookup, &mut |o, p, b| found.push((o, p, b.to_vec())));
+                        mine.push((i, info, found));
+                    }
+                    if let Ok(mut o) = out.lock() {
+                        o.extend(mine);
+                    }
+                });
+            }
+        });
+        let mut level = out.into_inner().unwrap_or_default();
+        level.sort_by_key(|(i, _, _)| *i);
+        let mut children = Vec::new();
+        for (i, info, found) in level {
+            if let Some(inf) = &info {
+                children.extend(inf.subtrees.iter().copied().filter(|c| seen.insert(*c)));
+            }
+            done.insert(frontier[i], (info, found));
+        }
+        children.sort();
+        frontier = children;
+    }
+    done
+}
 
 /// Reads a tree and checks that it and every chunk it names are in some pack; reports what is
 /// missing through `damage`. `None` when the tree itself is unreadable.
@@ -349,26 +437,26 @@ fn blob_bytes<'a>(data: &'a [u8], e: &kura_repo::pack::PackEntry) -> Option<&'a 
     data.get(start..start.checked_add(e.length as usize)?)
 }
 
-/// Reads a whole pack: its name must be the hash of its bytes, its header must match the index,
-/// and every blob must decrypt and hash to its id. Returns the problem and the blobs it hits.
+/// Reads a whole pack: its name must be the hash of its bytes and its header must decrypt and
+/// lie inside it; with `deep`, every blob must decrypt and hash to its id. Returns the problem
+/// and the blobs it hits.
 fn verify_pack(
     repo: &Repository,
     extra: &kura_repo::index::Index,
     id: &Id,
+    deep: bool,
     bytes_read: &std::sync::atomic::AtomicU64,
 ) -> (Option<String>, Vec<Id>) {
-    let indexed: Vec<Id> = {
+    // Only needed when the pack cannot tell its own contents (rare): scanning the index per pack
+    // would make a check quadratic.
+    let indexed = || -> Vec<Id> {
         let idx = repo.index();
-        idx.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect()
-    };
-    let indexed = if indexed.is_empty() {
-        extra.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect()
-    } else {
-        indexed
+        let v: Vec<Id> = idx.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect();
+        if v.is_empty() { extra.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect() } else { v }
     };
     let data = match repo.store().get(Kind::Pack, &id.to_hex()) {
         Ok(d) => d,
-        Err(e) => return (Some(format!("cannot read: {e}")), indexed),
+        Err(e) => return (Some(format!("cannot read: {e}")), indexed()),
     };
     bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
     if Id::of_stored(&data) != *id {
@@ -382,12 +470,18 @@ fn verify_pack(
             }
             return (Some(format!("content does not match its name ({} of {} blobs damaged)", lost.len(), h.entries.len())), lost);
         }
-        return (Some("content does not match its name; header unreadable".into()), indexed);
+        return (Some("content does not match its name; header unreadable".into()), indexed());
     }
     let h = match read_header(repo.key(), &data) {
         Ok(h) => h,
-        Err(e) => return (Some(format!("header: {e}")), indexed),
+        Err(e) => return (Some(format!("header: {e}")), indexed()),
     };
+    if let Some(e) = h.entries.iter().find(|e| blob_bytes(&data, e).is_none()) {
+        return (Some(format!("header names blob {} outside the pack", e.id.short())), indexed());
+    }
+    if !deep {
+        return (None, Vec::new());
+    }
     let mut lost = Vec::new();
     for e in &h.entries {
         if blob_bytes(&data, e).is_none_or(|s| repo.decode_blob(&e.id, id, e.compression, e.raw_length, s).is_err()) {

@@ -4,8 +4,46 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A 32-byte identifier, printed as lowercase hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 pub struct Id(pub [u8; 32]);
+
+/// Ids are uniformly distributed hashes already: 8 of their bytes are as good a hash key as all
+/// 32, and hashing them again (SipHash over 40 bytes) was the largest cost of the check's tree
+/// walk and of index lookups.
+impl std::hash::Hash for Id {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(b));
+    }
+}
+
+/// A hasher for maps keyed by [`Id`]: passes the id's first 8 bytes through. Blob ids are keyed
+/// hashes nobody without the key can steer; pack ids are hashes of content, which the storage
+/// could grind to collide only at a cost far above simply deleting data.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+}
+
+/// Builds [`IdHasher`]s.
+pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
+/// A map keyed by ids.
+pub type IdMap<V> = std::collections::HashMap<Id, V, IdBuildHasher>;
+/// A set of ids.
+pub type IdSet = std::collections::HashSet<Id, IdBuildHasher>;
 
 impl Id {
     /// The id of stored bytes: plain (unkeyed) BLAKE3, so anyone holding the bytes, the storage

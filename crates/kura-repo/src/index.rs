@@ -2,10 +2,10 @@
 //! the index is a cache of the packs and can always be rebuilt from them.
 
 use crate::crypto::MasterKey;
-use crate::id::Id;
+use crate::id::{Id, IdMap, IdSet};
 use crate::pack::{BlobKind, Compression, PackEntry};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 /// Magic at the start of an index file.
 pub const INDEX_MAGIC: &[u8; 8] = b"KURAIDX1";
@@ -73,9 +73,9 @@ pub struct BlobLoc {
 #[derive(Debug, Default)]
 pub struct Index {
     packs: Vec<Id>,
-    pack_pos: HashMap<Id, u32>,
-    blobs: HashMap<Id, BlobLoc>,
-    condemned: HashSet<Id>,
+    pack_pos: IdMap<u32>,
+    blobs: IdMap<BlobLoc>,
+    condemned: IdSet,
     condemned_pos: HashSet<u32>,
 }
 

@@ -278,9 +278,14 @@ pub struct RestoreArgs {
 /// `kura check` options.
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// Read and verify all stored data.
+    /// Read all stored data: every pack must hash to its name (all damage at rest is found,
+    /// and the affected files are named).
     #[arg(long)]
     pub read_data: bool,
+    /// With the data read, also authenticate, decompress and re-hash every blob as a restore
+    /// would (finds a faulty writer too; CPU-bound).
+    #[arg(long)]
+    pub deep: bool,
     /// Read only a subset: "n/m" (rotate n) or "p%".
     #[arg(long)]
     pub read_data_subset: Option<String>,

@@ -119,7 +119,7 @@ pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
         }
     }
     let subset = a.read_data_subset.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
-    let opts = CheckOptions { read_data: a.read_data || subset.is_some(), subset };
+    let opts = CheckOptions { read_data: a.read_data || a.deep || subset.is_some(), deep: a.deep, subset };
     let r = check(&repo, &opts).context("checking")?;
     if cli.json {
         json(&r)?;
