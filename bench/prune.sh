@@ -4,14 +4,14 @@
 # time to read the repository's bytes (cat from the page cache, and dd with O_DIRECT from disk).
 # Then kura alone goes on to EXTRA more snapshots (50+ in all) and reports peak RSS of prune and
 # check beside the size of its index. Not part of CI (~15 minutes).
-#   N=30 EXTRA=22 BENCH_DIR=/tmp/kura-bench bench/prune.sh
+#   N=30 EXTRA=45 BENCH_DIR=/tmp/kura-bench bench/prune.sh
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 BENCH_DIR=${BENCH_DIR:-/tmp/kura-bench}
 N=${N:-30}
-EXTRA=${EXTRA:-22}
+EXTRA=${EXTRA:-45}
 KEEP=${KEEP:-7}
 export BENCH_DIR
 
@@ -66,6 +66,10 @@ for i in $(seq "$N"); do
   measure kura "backup-$i" "$KR" "$KURA" -r "$KR" backup -q --host bench --time "$day" tree
   measure restic "backup-$i" "$RR" restic -q -r "$RR" backup --host bench --time "$(date -u -d "$day" '+%Y-%m-%d %H:%M:%S')" tree
 done
+
+# What opening a repository costs in memory (the Argon2id key derivation, 64 MiB), the floor
+# of every kura command's peak RSS.
+measure kura open-only "$KR" "$KURA" -r "$KR" snapshots -q
 
 # Same policy in both: the last KEEP daily snapshots; 5% unused tolerated (restic's default).
 measure kura forget-prune "$KR" "$KURA" -r "$KR" forget --keep-daily "$KEEP" --timezone UTC --prune --max-unused 5%

@@ -36,6 +36,9 @@ for tool in ("kura", "restic"):
     last = get.get((tool, f"backup-{max(1, len(backups[tool]) and 30)}"))
     if fp:
         print(f"\n{tool}: repository after forget+prune {fp[3]:.0f} MB")
+o = get.get(("kura", "open-only"))
+if o:
+    print(f"\nkura's floor (opening the repository: Argon2id, 64 MiB): peak RSS {o[2]:.0f} MiB")
 k = get.get(("kura", "check-read-data"))
 c = get.get(("cat", "cat-kura-repo"))
 d = get.get(("dd-direct", "dd-direct-kura-repo"))

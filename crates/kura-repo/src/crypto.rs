@@ -96,6 +96,24 @@ impl MasterKey {
         Ok(out)
     }
 
+    /// A versioned record as stored: `magic ‖ sealed(postcard(value))`, with the magic as AAD
+    /// (index files, prune plans).
+    pub fn seal_record<T: serde::Serialize>(&self, magic: &[u8; 8], value: &T) -> Option<Vec<u8>> {
+        let plain = postcard::to_stdvec(value).ok()?;
+        let mut out = magic.to_vec();
+        self.seal_into(&plain, magic, &mut out).ok()?;
+        Some(out)
+    }
+
+    /// Opens a record written by [`MasterKey::seal_record`]; `what` names it in errors.
+    pub fn open_record<T: serde::de::DeserializeOwned>(&self, magic: &[u8; 8], what: &str, bytes: &[u8]) -> Result<T, String> {
+        if bytes.len() < 8 || &bytes[..8] != magic {
+            return Err(format!("not {what} (magic missing)"));
+        }
+        let plain = self.open(&bytes[8..], magic).map_err(|_| "failed authentication")?;
+        postcard::from_bytes(&plain).map_err(|e| e.to_string())
+    }
+
     /// Decrypts and authenticates a sealed message.
     pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, AuthFailed> {
         if sealed.len() < SEAL_OVERHEAD {

@@ -31,19 +31,12 @@ pub struct IndexFile {
 impl IndexFile {
     /// Seals to the stored form: magic ‖ nonce ‖ ciphertext ‖ tag.
     pub fn encode(&self, key: &MasterKey) -> Option<Vec<u8>> {
-        let plain = postcard::to_stdvec(self).ok()?;
-        let mut out = INDEX_MAGIC.to_vec();
-        key.seal_into(&plain, INDEX_MAGIC, &mut out).ok()?;
-        Some(out)
+        key.seal_record(INDEX_MAGIC, self)
     }
 
     /// Opens a stored index file.
     pub fn decode(key: &MasterKey, bytes: &[u8]) -> Result<IndexFile, String> {
-        if bytes.len() < 8 || &bytes[..8] != INDEX_MAGIC {
-            return Err("not an index file (magic missing)".into());
-        }
-        let plain = key.open(&bytes[8..], INDEX_MAGIC).map_err(|_| "failed authentication")?;
-        let f: IndexFile = postcard::from_bytes(&plain).map_err(|e| e.to_string())?;
+        let f: IndexFile = key.open_record(INDEX_MAGIC, "an index file", bytes)?;
         if f.version != 1 {
             return Err(format!("unsupported index version {}", f.version));
         }

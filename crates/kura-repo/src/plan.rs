@@ -27,19 +27,12 @@ pub struct PrunePlan {
 impl PrunePlan {
     /// Seals to the stored form: magic ‖ sealed(postcard).
     pub fn encode(&self, key: &MasterKey) -> Option<Vec<u8>> {
-        let plain = postcard::to_stdvec(self).ok()?;
-        let mut out = PLAN_MAGIC.to_vec();
-        key.seal_into(&plain, PLAN_MAGIC, &mut out).ok()?;
-        Some(out)
+        key.seal_record(PLAN_MAGIC, self)
     }
 
     /// Opens a stored plan.
     pub fn decode(key: &MasterKey, bytes: &[u8]) -> Result<PrunePlan, String> {
-        if bytes.len() < 8 || &bytes[..8] != PLAN_MAGIC {
-            return Err("not a prune plan (magic missing)".into());
-        }
-        let plain = key.open(&bytes[8..], PLAN_MAGIC).map_err(|_| "failed authentication")?;
-        let p: PrunePlan = postcard::from_bytes(&plain).map_err(|e| e.to_string())?;
+        let p: PrunePlan = key.open_record(PLAN_MAGIC, "a prune plan", bytes)?;
         if p.version != 1 {
             return Err(format!("unsupported prune plan version {}", p.version));
         }

@@ -236,17 +236,16 @@ impl Repository {
         let mut plans = Vec::new();
         let mut problems = Vec::new();
         for l in self.store.list(Kind::Plan)? {
-            let obj = ObjectName::new(Kind::Plan, &l.name);
             let Some(id) = Id::from_hex(&l.name) else { continue };
-            let bytes = match self.store.get(Kind::Plan, &l.name) {
-                Ok(b) => b,
-                Err(StoreError::NotFound(_)) => continue,
-                Err(e) => return Err(e.into()),
+            let (obj, bytes) = match self.get_verified(Kind::Plan, &id) {
+                Ok(x) => x,
+                Err(RepoError::Store(StoreError::NotFound(_))) => continue,
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    problems.push(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
-            if Id::of_stored(&bytes) != id {
-                problems.push(RepoError::corrupt(&obj, "content does not match its name"));
-                continue;
-            }
             match PrunePlan::decode(&self.key, &bytes) {
                 Ok(p) => plans.push((id, p)),
                 Err(d) => problems.push(RepoError::corrupt(&obj, d)),
@@ -298,12 +297,18 @@ impl Repository {
 
     /// Reads and verifies one index file.
     pub fn read_index_file(&self, id: &Id) -> Result<IndexFile, RepoError> {
-        let obj = ObjectName::new(Kind::Index, &id.to_hex());
-        let bytes = self.store.get(Kind::Index, &id.to_hex())?;
+        let (obj, bytes) = self.get_verified(Kind::Index, id)?;
+        IndexFile::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
+    }
+
+    /// Reads a content-addressed object and checks it against its name.
+    fn get_verified(&self, kind: Kind, id: &Id) -> Result<(ObjectName, Vec<u8>), RepoError> {
+        let obj = ObjectName::new(kind, &id.to_hex());
+        let bytes = self.store.get(kind, &id.to_hex())?;
         if Id::of_stored(&bytes) != *id {
             return Err(RepoError::corrupt(&obj, "content does not match its name"));
         }
-        IndexFile::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
+        Ok((obj, bytes))
     }
 
     /// Read access to the index.
@@ -565,11 +570,7 @@ impl Repository {
 
     /// Reads and verifies one snapshot.
     pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot, RepoError> {
-        let obj = ObjectName::new(Kind::Snapshot, &id.to_hex());
-        let bytes = self.store.get(Kind::Snapshot, &id.to_hex())?;
-        if Id::of_stored(&bytes) != *id {
-            return Err(RepoError::corrupt(&obj, "content does not match its name"));
-        }
+        let (obj, bytes) = self.get_verified(Kind::Snapshot, id)?;
         Snapshot::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
     }
 

@@ -70,92 +70,74 @@ pub struct PolicyFile {
     group: Vec<GroupSection>,
 }
 
-/// Builds one policy from its parts (flags or a `[keep]` table).
-fn build(
-    last: Option<Count>,
-    counts: [Option<Count>; 6],
-    within: Option<&str>,
-    within_periods: [Option<&str>; 6],
-    tags: &[String],
-    none: bool,
-) -> Result<Policy> {
-    let mut p = Policy { last: last.unwrap_or_default(), keep_none: none, ..Policy::default() };
-    for (i, c) in counts.into_iter().enumerate() {
-        p.counts[i] = c.unwrap_or_default();
-    }
-    p.within = within.map(parse_span).transpose().map_err(anyhow::Error::msg)?;
-    for (i, w) in within_periods.into_iter().enumerate() {
-        p.within_periods[i] = w.map(parse_span).transpose().map_err(anyhow::Error::msg)?;
-    }
-    p.tags = tags
-        .iter()
-        .map(|t| t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>())
-        .filter(|l| !l.is_empty())
-        .collect();
-    Ok(p)
-}
-
 impl Keep {
-    fn policy(&self) -> Result<Policy> {
-        let c = |x: &Option<FileCount>| x.as_ref().map(FileCount::count).transpose();
-        build(
-            c(&self.last)?,
-            [c(&self.hourly)?, c(&self.daily)?, c(&self.weekly)?, c(&self.biweekly)?, c(&self.monthly)?, c(&self.yearly)?],
-            self.within.as_deref(),
-            [
-                self.within_hourly.as_deref(),
-                self.within_daily.as_deref(),
-                self.within_weekly.as_deref(),
-                self.within_biweekly.as_deref(),
-                self.within_monthly.as_deref(),
-                self.within_yearly.as_deref(),
-            ],
-            &self.tags,
-            self.none,
-        )
+    /// The policy of this table; `prefix` names the rules in errors (`--keep-` for flags).
+    fn policy(&self, prefix: &str) -> Result<Policy> {
+        let count = |x: &Option<FileCount>, name: &str| -> Result<Count> {
+            x.as_ref().map(FileCount::count).transpose().map(Option::unwrap_or_default).with_context(|| format!("{prefix}{name}"))
+        };
+        let span = |x: &Option<String>, name: &str| -> Result<Option<jiff::Span>> {
+            x.as_deref().map(parse_span).transpose().map_err(anyhow::Error::msg).with_context(|| format!("{prefix}{name}"))
+        };
+        let mut p = Policy { last: count(&self.last, "last")?, keep_none: self.none, ..Policy::default() };
+        p.within = span(&self.within, "within")?;
+        let counts = [&self.hourly, &self.daily, &self.weekly, &self.biweekly, &self.monthly, &self.yearly];
+        let withins = [
+            &self.within_hourly,
+            &self.within_daily,
+            &self.within_weekly,
+            &self.within_biweekly,
+            &self.within_monthly,
+            &self.within_yearly,
+        ];
+        for (i, period) in Period::ALL.into_iter().enumerate() {
+            p.counts[i] = count(counts[i], period.name())?;
+            p.within_periods[i] = span(withins[i], &format!("within-{}", period.name()))?;
+        }
+        p.tags = self
+            .tags
+            .iter()
+            .map(|t| t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>())
+            .filter(|l| !l.is_empty())
+            .collect();
+        Ok(p)
     }
 }
 
-/// The policy given by flags, if any rule flag is set.
+/// The policy given by flags, if any rule flag is set: the flags fill a `[keep]` table.
 fn from_flags(a: &ForgetArgs) -> Result<Option<Policy>> {
-    let c = |x: &Option<String>, flag: &str| -> Result<Option<Count>> {
-        x.as_deref().map(|v| v.parse::<Count>().map_err(|e| anyhow::anyhow!("--keep-{flag}: {e}"))).transpose()
+    let c = |x: &Option<String>| x.clone().map(FileCount::Word);
+    let keep = Keep {
+        last: c(&a.keep_last),
+        hourly: c(&a.keep_hourly),
+        daily: c(&a.keep_daily),
+        weekly: c(&a.keep_weekly),
+        biweekly: c(&a.keep_biweekly),
+        monthly: c(&a.keep_monthly),
+        yearly: c(&a.keep_yearly),
+        within: a.keep_within.clone(),
+        within_hourly: a.keep_within_hourly.clone(),
+        within_daily: a.keep_within_daily.clone(),
+        within_weekly: a.keep_within_weekly.clone(),
+        within_biweekly: a.keep_within_biweekly.clone(),
+        within_monthly: a.keep_within_monthly.clone(),
+        within_yearly: a.keep_within_yearly.clone(),
+        tags: a.keep_tag.clone(),
+        none: a.keep_none,
     };
-    let any = [&a.keep_last, &a.keep_hourly, &a.keep_daily, &a.keep_weekly, &a.keep_biweekly, &a.keep_monthly, &a.keep_yearly]
+    let any = [&keep.last, &keep.hourly, &keep.daily, &keep.weekly, &keep.biweekly, &keep.monthly, &keep.yearly]
         .iter()
         .any(|x| x.is_some())
-        || [&a.keep_within, &a.keep_within_hourly, &a.keep_within_daily, &a.keep_within_weekly,
-            &a.keep_within_biweekly, &a.keep_within_monthly, &a.keep_within_yearly]
+        || [&keep.within, &keep.within_hourly, &keep.within_daily, &keep.within_weekly, &keep.within_biweekly,
+            &keep.within_monthly, &keep.within_yearly]
             .iter()
             .any(|x| x.is_some())
-        || !a.keep_tag.is_empty()
-        || a.keep_none;
+        || !keep.tags.is_empty()
+        || keep.none;
     if !any {
         return Ok(None);
     }
-    let p = build(
-        c(&a.keep_last, "last")?,
-        [
-            c(&a.keep_hourly, Period::Hourly.name())?,
-            c(&a.keep_daily, Period::Daily.name())?,
-            c(&a.keep_weekly, Period::Weekly.name())?,
-            c(&a.keep_biweekly, Period::Biweekly.name())?,
-            c(&a.keep_monthly, Period::Monthly.name())?,
-            c(&a.keep_yearly, Period::Yearly.name())?,
-        ],
-        a.keep_within.as_deref(),
-        [
-            a.keep_within_hourly.as_deref(),
-            a.keep_within_daily.as_deref(),
-            a.keep_within_weekly.as_deref(),
-            a.keep_within_biweekly.as_deref(),
-            a.keep_within_monthly.as_deref(),
-            a.keep_within_yearly.as_deref(),
-        ],
-        &a.keep_tag,
-        a.keep_none,
-    )?;
-    Ok(Some(p))
+    keep.policy("--keep-").map(Some)
 }
 
 /// Everything `forget` needs to decide: grouping, zone, and the policy of each group.
@@ -217,12 +199,12 @@ pub fn resolve(a: &ForgetArgs) -> Result<Resolved> {
     };
     let default = match flags {
         Some(p) => Some(p),
-        None => file.keep.as_ref().map(Keep::policy).transpose()?,
+        None => file.keep.as_ref().map(|k| k.policy("")).transpose()?,
     };
     if default.is_none() && file.group.is_empty() {
         bail!("no retention policy: give --keep-* flags (e.g. --keep-daily 7 --keep-weekly 4) or --policy FILE");
     }
-    let groups = file.group.iter().map(|g| Ok((g.clone(), g.keep.policy()?))).collect::<Result<Vec<_>>>()?;
+    let groups = file.group.iter().map(|g| Ok((g.clone(), g.keep.policy("")?))).collect::<Result<Vec<_>>>()?;
     Ok(Resolved { group_by, tz, default, groups })
 }
 

@@ -206,3 +206,25 @@ fn every_random_bit_flip_in_a_pack_is_detected_and_names_the_damaged_file() {
     }
     assert!(in_blob >= 15, "only {in_blob} flips hit a blob ({in_header} hit headers)");
 }
+
+#[test]
+fn deep_check_finds_a_blob_that_was_stored_wrong_even_when_the_pack_matches_its_name() {
+    // A pack whose bytes match its name but hold a blob that does not verify is what a faulty
+    // writer (not damage at rest) would leave: --read-data proves the bytes are as written,
+    // --deep proves they also restore.
+    let s = setup();
+    let pack = largest(&s.e.repo.join("data"));
+    let mut b = fs::read(&pack).unwrap();
+    b[1000] ^= 0x10; // inside the first blob of big.bin
+    let name = blake3::hash(&b).to_hex().to_string();
+    fs::remove_file(&pack).unwrap();
+    let dir = s.e.repo.join("data").join(&name[..2]);
+    fs::write(dir.join(&name), &b).unwrap();
+    s.e.ok(&["repair", "index"]);
+    s.e.ok(&["check", "--read-data"]);
+    let o = s.e.run(&["check", "--deep"]);
+    assert_eq!(o.status.code(), Some(1));
+    no_panic(&o);
+    let err = stderr(&o);
+    assert!(err.contains(&name[..16]) && err.contains("big.bin") && err.contains(&s.snap), "{err}");
+}
