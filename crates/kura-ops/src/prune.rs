@@ -144,6 +144,18 @@ pub(crate) fn ensure_alone(repo: &Repository, what: &str) -> Result<(), OpsError
     Ok(())
 }
 
+/// Removes the objects of sessions whose process is dead; returns how many.
+fn reap_sessions(repo: &Repository) -> Result<usize, OpsError> {
+    let now = jiff::Timestamp::now();
+    let mut n = 0;
+    for (id, info) in list_sessions(repo.store().as_ref())? {
+        if info.is_some_and(|i| i.liveness(now) == Liveness::Dead) && repo.store().delete(Kind::Session, &id).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Runs prune. The caller opened the repository and started a session; prune loads the index.
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport, OpsError> {
     if repo.session_id().is_none() && !opts.dry_run {
@@ -151,6 +163,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     }
     ensure_alone(repo, "prune")?;
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
+    if !opts.dry_run {
+        report.sessions_cleaned = reap_sessions(repo)?;
+    }
     for p in repo.load_index()? {
         progress.warn(&p.to_string());
     }

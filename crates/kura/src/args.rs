@@ -119,6 +119,8 @@ pub struct PruneArgs {
 /// `kura forget` options.
 #[derive(Args, Debug)]
 pub struct ForgetArgs {
+    /// Remove exactly these snapshots (ids or unique prefixes) instead of applying a policy.
+    pub snapshots: Vec<String>,
     /// Keep the newest N snapshots (N or "unlimited").
     #[arg(long, value_name = "N")]
     pub keep_last: Option<String>,

@@ -104,8 +104,13 @@ impl Keep {
     }
 }
 
-/// The policy given by flags, if any rule flag is set: the flags fill a `[keep]` table.
-fn from_flags(a: &ForgetArgs) -> Result<Option<Policy>> {
+/// True when any --keep-* flag is given.
+pub fn has_rules(a: &ForgetArgs) -> bool {
+    flag_table(a).1
+}
+
+/// The `[keep]` table the flags describe, and whether any flag was given.
+fn flag_table(a: &ForgetArgs) -> (Keep, bool) {
     let c = |x: &Option<String>| x.clone().map(FileCount::Word);
     let keep = Keep {
         last: c(&a.keep_last),
@@ -134,10 +139,15 @@ fn from_flags(a: &ForgetArgs) -> Result<Option<Policy>> {
             .any(|x| x.is_some())
         || !keep.tags.is_empty()
         || keep.none;
-    if !any {
-        return Ok(None);
+    (keep, any)
+}
+
+/// The policy given by flags, if any rule flag is set.
+fn from_flags(a: &ForgetArgs) -> Result<Option<Policy>> {
+    match flag_table(a) {
+        (keep, true) => keep.policy("--keep-").map(Some),
+        _ => Ok(None),
     }
-    keep.policy("--keep-").map(Some)
 }
 
 /// Everything `forget` needs to decide: grouping, zone, and the policy of each group.

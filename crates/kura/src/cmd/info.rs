@@ -43,15 +43,41 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
             Err(e) => bad.push(e),
         }
     }
+    // Marks: protected (forget never removes it), and damaged originals superseded by a repair.
+    let protected = repo.protections()?;
+    let repaired_as: std::collections::HashMap<String, String> =
+        out.iter().filter_map(|(id, s)| Some((s.public.original.clone()?, id.to_hex()))).collect();
+    let marks = |id: &Id| -> Vec<String> {
+        let mut m = Vec::new();
+        if protected.contains(id) {
+            m.push("protected".to_string());
+        }
+        if let Some(r) = repaired_as.get(&id.to_hex()) {
+            m.push(format!("damaged, repaired as {}", &r[..8]));
+        }
+        m
+    };
     if cli.json {
-        json(&out.iter().map(|(id, s)| snapshot_json(id, s)).collect::<Vec<_>>())?;
+        let list: Vec<serde_json::Value> = out
+            .iter()
+            .map(|(id, s)| {
+                let mut v = snapshot_json(id, s);
+                v["protected"] = protected.contains(id).into();
+                v["original"] = s.public.original.clone().into();
+                v["repaired_as"] = repaired_as.get(&id.to_hex()).cloned().into();
+                v
+            })
+            .collect();
+        json(&list)?;
     } else if !cli.quiet {
         println!("{:<8}  {:<25}  {:<16}  {:<12}  {:>10}  paths", "id", "time", "host", "tags", "size");
         for (id, s) in &out {
             let t = s.time().to_zoned_datetime(jiff::tz::TimeZone::system()).strftime("%Y-%m-%d %H:%M:%S %Z").to_string();
+            let m = marks(id);
             println!(
-                "{:<8}  {:<25}  {:<16}  {:<12}  {:>10}  {}",
-                id.short(), t, s.public.host, s.public.tags.join(","), bytes(s.body.summary.bytes_total), s.public.paths.join(" ")
+                "{:<8}  {:<25}  {:<16}  {:<12}  {:>10}  {}{}",
+                id.short(), t, s.public.host, s.public.tags.join(","), bytes(s.body.summary.bytes_total), s.public.paths.join(" "),
+                if m.is_empty() { String::new() } else { format!("  [{}]", m.join("; ")) }
             );
         }
         println!("{} snapshot(s)", out.len());

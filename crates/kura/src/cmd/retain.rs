@@ -96,8 +96,57 @@ pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// `kura forget ID...`: removes exactly the named snapshots; a protected one is refused before
+/// anything is removed.
+fn forget_ids(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
+    if a.policy.is_some() || policy::has_rules(a) {
+        anyhow::bail!("give either snapshot ids or a retention policy, not both");
+    }
+    let repo = open::open(cli)?;
+    let protected = repo.protections()?;
+    let mut ids = Vec::new();
+    for spec in &a.snapshots {
+        if spec == "latest" {
+            anyhow::bail!("forget takes explicit snapshot ids, not \"latest\"");
+        }
+        let (id, _) = repo.find_snapshot(spec, |_| true)?;
+        if protected.contains(&id) {
+            anyhow::bail!("snapshot {} is protected; `kura unprotect {}` first", id.short(), id.short());
+        }
+        ids.push(id);
+    }
+    let mut removed = Vec::new();
+    for id in &ids {
+        if !a.dry_run {
+            match repo.store().delete(kura_store::Kind::Snapshot, &id.to_hex()) {
+                Ok(()) | Err(kura_store::StoreError::NotFound(_)) => {}
+                Err(e) => return Err(kura_repo::RepoError::from(e)).context("removing snapshots"),
+            }
+        }
+        removed.push(id.to_hex());
+    }
+    if cli.json {
+        json(&j!({ "dry_run": a.dry_run, "removed": removed }))?;
+    } else if !cli.quiet {
+        for r in &removed {
+            println!("{} snapshot {}", if a.dry_run { "would remove" } else { "removed" }, short(r, 8));
+        }
+    }
+    if a.prune {
+        let o = prune_options(a.dry_run, &a.prune_args)?;
+        let r = run_prune(cli, &repo, &o)?;
+        if cli.json {
+            json(&r)?;
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
 /// `kura forget`.
 pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
+    if !a.snapshots.is_empty() {
+        return forget_ids(cli, a);
+    }
     let resolved = policy::resolve(a)?;
     let prune_opts = if a.prune { Some(prune_options(a.dry_run, &a.prune_args)?) } else { None };
     let now = match &a.now {

@@ -38,8 +38,8 @@ fn kept_times(v: &serde_json::Value) -> Vec<String> {
 #[test]
 fn forget_keeps_exactly_the_generations_and_explains_every_decision() {
     let e = Env::new();
-    // One snapshot a day at 23:00 UTC from 2026-11-01 to 2027-01-10 (covers ISO week 2026-W53).
-    let mut day = jiff::civil::date(2026, 11, 1);
+    // One snapshot a day at 23:00 UTC from 2026-12-01 to 2027-01-10 (covers ISO week 2026-W53).
+    let mut day = jiff::civil::date(2026, 12, 1);
     let mut all = Vec::new();
     let mut n = 0u64;
     while day <= jiff::civil::date(2027, 1, 10) {
@@ -315,4 +315,86 @@ fn repair_index_and_snapshots_after_a_pack_is_lost() {
     // A later backup stores the lost file again; the data is whole once more.
     e.ok(&["backup", s]);
     e.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_second_prune_is_refused_while_one_runs_and_not_after_it_died() {
+    let e = Env::new();
+    backup_at(&e, "2026-11-01T00:00:00Z", &bytes(1000, 1), &[]);
+    // A live process registered as a prune, exactly as kura writes it.
+    let mut sleeper = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id();
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start: u64 = stat[stat.rfind(')').unwrap() + 2..].split(' ').nth(19).unwrap().parse().unwrap();
+    let machine = format!(
+        "{}/{}",
+        fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim(),
+        fs::read_link("/proc/self/ns/pid").unwrap().display()
+    );
+    let now = jiff::Timestamp::now().to_string();
+    let session = serde_json::json!({
+        "version": 1, "command": "prune", "host": "elsewhere", "machine": machine, "pid": pid,
+        "pid_start": start, "started": now, "heartbeat": now, "plans_seen": [],
+    });
+    fs::create_dir_all(e.repo.join("sessions")).unwrap();
+    fs::write(e.repo.join("sessions").join("0123456789abcdef0123456789abcdef"), session.to_string()).unwrap();
+    for args in [&["prune"][..], &["repair", "index"][..]] {
+        let o = e.run(args);
+        assert_eq!(o.status.code(), Some(11), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("a prune is running") && err.contains(&format!("pid {pid}")), "{err}");
+    }
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    // Dead now: nobody has to remove anything by hand.
+    let r = e.json(&["prune"]);
+    assert_eq!(r["sessions_cleaned"].as_u64(), Some(1), "{r}");
+}
+
+#[test]
+fn prune_refuses_a_repository_that_lost_data_snapshots_use() {
+    let e = Env::new();
+    let src = e.path("src");
+    write_round(&src, 0, 3, 300_000);
+    e.ok(&["backup", src.to_str().unwrap()]);
+    write_round(&src, 1, 3, 300_000);
+    e.ok(&["backup", src.to_str().unwrap()]);
+    let packs = walk(&e.repo.join("data"));
+    let big = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    fs::remove_file(big).unwrap();
+    let o = e.run(&["prune"]);
+    assert_eq!(o.status.code(), Some(1));
+    no_panic(&o);
+    let err = stderr(&o);
+    assert!(err.contains("repair") && err.lines().count() == 1, "{err}");
+    assert_eq!(walk(&e.repo.join("data")).len(), packs.len() - 1, "prune deleted something");
+}
+
+#[test]
+fn forget_by_id_respects_protection_and_snapshots_show_marks() {
+    let e = Env::new();
+    let a = backup_at(&e, "2026-11-01T00:00:00Z", &bytes(1000, 1), &[]);
+    let b = backup_at(&e, "2026-11-02T00:00:00Z", &bytes(1000, 2), &[]);
+    e.ok(&["protect", &a[..8]]);
+    let list = e.json(&["snapshots"]);
+    assert_eq!(list[0]["protected"], true);
+    assert_eq!(list[1]["protected"], false);
+    assert!(e.ok(&["snapshots"]).contains("[protected]"));
+    for (args, msg) in [
+        (vec!["forget", &a[..8]], "protected"),
+        (vec!["forget", "latest"], "explicit snapshot ids"),
+        (vec!["forget", &b[..8], "--keep-last", "1"], "not both"),
+        (vec!["forget", "ffffffff"], "no snapshot matches"),
+    ] {
+        let o = e.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.contains(msg) && err.lines().count() == 1, "{args:?}: {err}");
+    }
+    assert_eq!(ids(&e).len(), 2);
+    e.ok(&["forget", &b[..8], "--dry-run"]);
+    assert_eq!(ids(&e).len(), 2);
+    let r = e.json(&["forget", &b[..8]]);
+    assert_eq!(r["removed"][0].as_str(), Some(b.as_str()));
+    assert_eq!(ids(&e), BTreeSet::from([a]));
 }
