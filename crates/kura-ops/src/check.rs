@@ -187,21 +187,44 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
 
     // The read pass runs on its own threads while this thread walks the structure: the two
     // together are bound by the disk (or the CPU), not by their sum.
-    let mut to_read: Vec<Id> =
-        if opts.read_data { listed.keys().filter(|id| selected(id, opts.subset)).copied().collect() } else { Vec::new() };
-    to_read.sort();
+    // Every pack's header is compared with what the index says of it; the selected ones are
+    // also read whole.
+    let mut packs: Vec<(Id, bool)> =
+        listed.keys().map(|id| (*id, opts.read_data && selected(id, opts.subset))).collect();
+    packs.sort();
+    let mut by_pack: IdMap<Vec<(Id, kura_repo::index::BlobLoc)>> = IdMap::default();
+    for (blob, pack, loc) in repo.index().iter() {
+        if listed.contains_key(&pack) {
+            by_pack.entry(pack).or_default().push((*blob, *loc));
+        }
+    }
     let next = AtomicUsize::new(0);
     let found: Mutex<Vec<(Id, String, Vec<Id>)>> = Mutex::new(Vec::new());
     let bytes = std::sync::atomic::AtomicU64::new(0);
-    let threads = if to_read.is_empty() { 0 } else { crate::cores() };
+    let threads = crate::cores().min(packs.len());
     let extra_ref = &extra;
+    let by_pack_ref = &by_pack;
     let mut good_snaps = Vec::new();
     std::thread::scope(|sc| -> Result<(), OpsError> {
         for _ in 0..threads {
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(id) = to_read.get(i) else { break };
-                let (problem, blobs) = verify_pack(repo, extra_ref, id, listed[id], opts.deep, &bytes);
+                let Some((id, read)) = packs.get(i) else { break };
+                let indexed = || -> Vec<Id> {
+                    match by_pack_ref.get(id) {
+                        Some(v) => v.iter().map(|(b, _)| *b).collect(),
+                        None => extra_ref.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect(),
+                    }
+                };
+                let (problem, blobs) = if *read {
+                    verify_pack(repo, id, listed[id], opts.deep, &bytes, &indexed)
+                } else {
+                    (None, Vec::new())
+                };
+                let (problem, blobs) = match problem {
+                    Some(p) => (Some(p), blobs),
+                    None => header_matches_index(repo, id, listed[id], by_pack_ref.get(id), &indexed),
+                };
                 if let Some(p) = problem
                     && let Ok(mut f) = found.lock()
                 {
@@ -284,7 +307,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
         }
         Ok(())
     })?;
-    report.packs_read = to_read.len();
+    report.packs_read = packs.iter().filter(|(_, read)| *read).count();
     report.bytes_read = bytes.load(Ordering::Relaxed);
     let mut found = found.into_inner().unwrap_or_default();
     found.sort_by_key(|f| f.0);
@@ -431,6 +454,46 @@ fn read_tree_via(repo: &Repository, extra: &kura_repo::index::Index, t: &Id) -> 
     kura_repo::Tree::decode(&bytes).map_err(|d| RepoError::corrupt(format!("tree {}", t.short()), d))
 }
 
+/// The pack's header must decrypt and agree with every index entry that points into the pack
+/// (offset, length, encoding): an index that disagrees would make restores fail.
+fn header_matches_index(
+    repo: &Repository,
+    id: &Id,
+    size: u64,
+    entries: Option<&Vec<(Id, kura_repo::index::BlobLoc)>>,
+    indexed: &dyn Fn() -> Vec<Id>,
+) -> (Option<String>, Vec<Id>) {
+    let h = match repo.read_pack_header(id, size) {
+        Ok(h) => h,
+        Err(e) => return (Some(format!("header: {e}")), indexed()),
+    };
+    let Some(entries) = entries else { return (None, Vec::new()) };
+    let in_header: IdMap<&kura_repo::pack::PackEntry> = h.entries.iter().map(|e| (e.id, e)).collect();
+    let wrong: Vec<Id> = entries
+        .iter()
+        .filter(|(b, loc)| {
+            in_header.get(b).is_none_or(|e| {
+                e.offset != loc.offset
+                    || e.length != loc.length
+                    || e.raw_length != loc.raw_length
+                    || e.kind != loc.kind
+                    || e.compression != loc.compression
+            })
+        })
+        .map(|(b, _)| *b)
+        .collect();
+    if wrong.is_empty() {
+        return (None, Vec::new());
+    }
+    (
+        Some(format!(
+            "the index disagrees with this pack's header about {} blob(s); `kura repair index` rebuilds it",
+            wrong.len()
+        )),
+        wrong,
+    )
+}
+
 /// Read size of the streaming pack hash.
 const BLOCK: u64 = 1 << 20;
 
@@ -445,19 +508,12 @@ fn blob_bytes<'a>(data: &'a [u8], e: &kura_repo::pack::PackEntry) -> Option<&'a 
 /// and the blobs it hits.
 fn verify_pack(
     repo: &Repository,
-    extra: &kura_repo::index::Index,
     id: &Id,
     size: u64,
     deep: bool,
     bytes_read: &std::sync::atomic::AtomicU64,
+    indexed: &dyn Fn() -> Vec<Id>,
 ) -> (Option<String>, Vec<Id>) {
-    // Only needed when the pack cannot tell its own contents (rare): scanning the index per pack
-    // would make a check quadratic.
-    let indexed = || -> Vec<Id> {
-        let idx = repo.index();
-        let v: Vec<Id> = idx.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect();
-        if v.is_empty() { extra.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect() } else { v }
-    };
     if !deep {
         // Hash the pack in blocks (memory stays a block per thread, not a pack); only a pack
         // that fails is read whole, below, to name what it loses.
