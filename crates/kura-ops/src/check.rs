@@ -192,29 +192,27 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
     let mut packs: Vec<(Id, bool)> =
         listed.keys().map(|id| (*id, opts.read_data && selected(id, opts.subset))).collect();
     packs.sort();
-    let mut by_pack: IdMap<Vec<(Id, kura_repo::index::BlobLoc)>> = IdMap::default();
-    for (blob, pack, loc) in repo.index().iter() {
-        if listed.contains_key(&pack) {
-            by_pack.entry(pack).or_default().push((*blob, *loc));
-        }
+    // How many index entries point into each pack: a header must account for all of them.
+    let mut per_pack: IdMap<usize> = IdMap::default();
+    for (_, pack, _) in repo.index().iter() {
+        *per_pack.entry(pack).or_default() += 1;
     }
     let next = AtomicUsize::new(0);
     let found: Mutex<Vec<(Id, String, Vec<Id>)>> = Mutex::new(Vec::new());
     let bytes = std::sync::atomic::AtomicU64::new(0);
     let threads = crate::cores().min(packs.len());
     let extra_ref = &extra;
-    let by_pack_ref = &by_pack;
+    let per_pack_ref = &per_pack;
     let mut good_snaps = Vec::new();
     std::thread::scope(|sc| -> Result<(), OpsError> {
         for _ in 0..threads {
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some((id, read)) = packs.get(i) else { break };
+                // Only for damage reports (rare): which blobs the index places in this pack.
                 let indexed = || -> Vec<Id> {
-                    match by_pack_ref.get(id) {
-                        Some(v) => v.iter().map(|(b, _)| *b).collect(),
-                        None => extra_ref.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect(),
-                    }
+                    let v: Vec<Id> = repo.index().iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect();
+                    if v.is_empty() { extra_ref.iter().filter(|(_, p, _)| p == id).map(|(b, _, _)| *b).collect() } else { v }
                 };
                 let (problem, blobs) = if *read {
                     verify_pack(repo, id, listed[id], opts.deep, &bytes, &indexed)
@@ -223,7 +221,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
                 };
                 let (problem, blobs) = match problem {
                     Some(p) => (Some(p), blobs),
-                    None => header_matches_index(repo, id, listed[id], by_pack_ref.get(id), &indexed),
+                    None => header_matches_index(repo, id, listed[id], per_pack_ref.get(id).copied().unwrap_or(0), &indexed),
                 };
                 if let Some(p) = problem
                     && let Ok(mut f) = found.lock()
@@ -455,36 +453,41 @@ fn read_tree_via(repo: &Repository, extra: &kura_repo::index::Index, t: &Id) -> 
 }
 
 /// The pack's header must decrypt and agree with every index entry that points into the pack
-/// (offset, length, encoding): an index that disagrees would make restores fail.
+/// (offset, length, encoding), and account for all `indexed_here` of them: an index that
+/// disagrees would make restores fail.
 fn header_matches_index(
     repo: &Repository,
     id: &Id,
     size: u64,
-    entries: Option<&Vec<(Id, kura_repo::index::BlobLoc)>>,
+    indexed_here: usize,
     indexed: &dyn Fn() -> Vec<Id>,
 ) -> (Option<String>, Vec<Id>) {
     let h = match repo.read_pack_header(id, size) {
         Ok(h) => h,
         Err(e) => return (Some(format!("header: {e}")), indexed()),
     };
-    let Some(entries) = entries else { return (None, Vec::new()) };
-    let in_header: IdMap<&kura_repo::pack::PackEntry> = h.entries.iter().map(|e| (e.id, e)).collect();
-    let wrong: Vec<Id> = entries
-        .iter()
-        .filter(|(b, loc)| {
-            in_header.get(b).is_none_or(|e| {
-                e.offset != loc.offset
-                    || e.length != loc.length
-                    || e.raw_length != loc.raw_length
-                    || e.kind != loc.kind
-                    || e.compression != loc.compression
-            })
-        })
-        .map(|(b, _)| *b)
-        .collect();
-    if wrong.is_empty() {
+    let (mut agree, mut wrong) = (0usize, Vec::new());
+    {
+        let idx = repo.index();
+        for e in &h.entries {
+            match idx.get(&e.id) {
+                Some((p, loc)) if p == *id => {
+                    let same = e.offset == loc.offset
+                        && e.length == loc.length
+                        && e.raw_length == loc.raw_length
+                        && e.kind == loc.kind
+                        && e.compression == loc.compression;
+                    if same { agree += 1 } else { wrong.push(e.id) }
+                }
+                _ => {}
+            }
+        }
+    }
+    if wrong.is_empty() && agree == indexed_here {
         return (None, Vec::new());
     }
+    let named: IdSet = h.entries.iter().map(|e| e.id).collect();
+    wrong.extend(indexed().into_iter().filter(|b| !named.contains(b)));
     (
         Some(format!(
             "the index disagrees with this pack's header about {} blob(s); `kura repair index` rebuilds it",
