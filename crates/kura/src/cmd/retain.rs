@@ -30,9 +30,9 @@ fn print_plans(plans: &[GroupPlan], tz: &jiff::tz::TimeZone, dry_run: bool) {
                 .parse::<jiff::Timestamp>()
                 .map(|t| t.to_zoned_datetime(tz.clone()).strftime("%Y-%m-%d %H:%M:%S %Z").to_string())
                 .unwrap_or_else(|_| d.time.clone());
-            let what = if d.keep { "keep  " } else if dry_run { "would remove" } else { "remove" };
+            let what = if d.keep { "keep" } else if dry_run { "would remove" } else { "remove" };
             let why: Vec<String> = d.reasons.iter().map(ToString::to_string).collect();
-            println!("  {}  {time}  {what:<6}  {}", short(&d.id, 8), why.join(", "));
+            println!("  {}  {time}  {what:<12}  {}", short(&d.id, 8), why.join(", "));
         }
         let kept = g.snapshots.iter().filter(|d| d.keep).count();
         println!("  {} kept, {} {}", kept, g.snapshots.len() - kept, if dry_run { "would be removed" } else { "removed" });

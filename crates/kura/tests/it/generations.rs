@@ -398,3 +398,47 @@ fn forget_by_id_respects_protection_and_snapshots_show_marks() {
     assert_eq!(r["removed"][0].as_str(), Some(b.as_str()));
     assert_eq!(ids(&e), BTreeSet::from([a]));
 }
+
+#[test]
+fn prune_on_a_full_disk_fails_cleanly_and_succeeds_once_space_is_freed() {
+    let e = Env::new();
+    let mnt = e.path("mnt");
+    let src = e.path("src");
+    fs::create_dir_all(&mnt).unwrap();
+    write_round(&src, 0, 40, 200_000);
+    let out = e.path("out");
+    // A real 13 MiB tmpfs in a private mount namespace. Two backups fill it to ~12 MiB; after
+    // the first is forgotten, half of every early pack is garbage, and repacking the other half
+    // needs ~4 MiB that the disk does not have. Then the tmpfs grows ("space freed").
+    let script = format!(
+        r#"set -u
+M={mnt}; K={bin}; S={src}; D={dir}; export KURA_PASSWORD=pw
+mount -t tmpfs -o size=13m tmpfs "$M" || exit 99
+"$K" -r "$M/repo" init >/dev/null 2>&1 || exit 98
+sed -i 's/"pack_size": 16777216/"pack_size": 1048576/' "$M/repo/config"
+"$K" -r "$M/repo" backup "$S" >/dev/null 2>$D/e0 || exit 97
+for i in $(seq 0 2 38); do head -c 200000 /dev/urandom > "$S/r0-$i"; done
+"$K" -r "$M/repo" backup "$S" >/dev/null 2>$D/e0 || exit 96
+"$K" -r "$M/repo" forget --keep-last 1 >/dev/null 2>$D/e0 || exit 95
+"$K" -r "$M/repo" prune --max-unused 0% >/dev/null 2>$D/e1; echo $? >$D/rc1
+"$K" -r "$M/repo" check --read-data >/dev/null 2>$D/e2; echo $? >$D/rc2
+mount -o remount,size=200m tmpfs "$M" || exit 94
+"$K" -r "$M/repo" --json prune --max-unused 0% >$D/o3 2>$D/e3; echo $? >$D/rc3
+"$K" -r "$M/repo" check --read-data >/dev/null 2>$D/e4; echo $? >$D/rc4
+"$K" -r "$M/repo" restore latest --target {out} >/dev/null 2>$D/e5; echo $? >$D/rc5
+"#,
+        mnt = mnt.display(), bin = BIN, src = src.display(), dir = e.dir.path().display(), out = out.display()
+    );
+    let st = std::process::Command::new("unshare").args(["-rm", "bash", "-c", &script]).status().unwrap();
+    assert!(st.success(), "namespace script failed: {st:?}: {}", fs::read_to_string(e.path("e0")).unwrap_or_default());
+    let rd = |n: &str| fs::read_to_string(e.path(n)).unwrap().trim().to_string();
+    assert_eq!(rd("rc1"), "1", "prune on a full disk did not fail: {}", rd("e1"));
+    assert!(rd("e1").contains("No space left on device") && rd("e1").lines().count() == 1, "{}", rd("e1"));
+    assert_eq!(rd("rc2"), "0", "repository damaged by the failed prune: {}", rd("e2"));
+    assert_eq!(rd("rc3"), "0", "prune after freeing space failed: {}", rd("e3"));
+    let r: serde_json::Value = serde_json::from_str(&rd("o3")).unwrap();
+    assert!(r["packs_repacked"].as_u64().unwrap() > 0 && r["plans_swept"].as_u64() == Some(1), "{r}");
+    assert_eq!(rd("rc4"), "0", "{}", rd("e4"));
+    assert_eq!(rd("rc5"), "0", "{}", rd("e5"));
+    assert_same_tree(&src, &restored(&out, &src));
+}
