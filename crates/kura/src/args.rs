@@ -94,7 +94,9 @@ pub enum RepairCommand {
         #[arg(long)]
         read_data: bool,
     },
-    /// Write a repaired copy of every damaged snapshot, without the files whose data is lost.
+    /// Write a repaired copy of every damaged snapshot, without the files whose data is lost
+    /// (in no index, or in a pack that is gone; after bit rot run `repair index --read-data`
+    /// first, which drops the blobs that fail verification).
     Snapshots {
         /// Only report.
         #[arg(short = 'n', long)]

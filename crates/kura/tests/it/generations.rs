@@ -442,3 +442,45 @@ mount -o remount,size=200m tmpfs "$M" || exit 94
     assert_eq!(rd("rc5"), "0", "{}", rd("e5"));
     assert_same_tree(&src, &restored(&out, &src));
 }
+
+#[test]
+fn bit_rot_is_repaired_healed_by_the_next_backup_and_pruned_away() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(src.join("keep")).unwrap();
+    fs::write(src.join("keep/a.txt"), b"small and safe").unwrap();
+    let s = src.to_str().unwrap();
+    e.ok(&["backup", s]);
+    let before: BTreeSet<_> = walk(&e.repo.join("data")).into_iter().collect();
+    let big = bytes(3_000_000, 77);
+    fs::write(src.join("big.bin"), &big).unwrap();
+    let damaged_snap = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
+    let pack = walk(&e.repo.join("data")).into_iter().find(|p| !before.contains(p) && fs::metadata(p).unwrap().len() > 1_000_000).unwrap();
+    let mut b = fs::read(&pack).unwrap();
+    b[1_500_000] ^= 0x04;
+    fs::write(&pack, &b).unwrap();
+    // Found, and named.
+    let o = e.run(&["check", "--read-data"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("big.bin"), "{}", stderr(&o));
+    // The damaged chunk leaves the index; the snapshot is repaired without the file.
+    let r = e.json(&["repair", "index", "--read-data"]);
+    assert_eq!(r["damaged_blobs"].as_u64(), Some(1), "{r}");
+    let r = e.json(&["repair", "snapshots"]);
+    let lost = r["repaired"][0]["files_removed"].as_array().unwrap();
+    assert!(lost.len() == 1 && lost[0].as_str().unwrap().ends_with("/big.bin"), "{r}");
+    // The next backup stores the lost chunk again (same id): the original snapshot is whole.
+    e.ok(&["backup", s]);
+    let out = e.path("out");
+    e.ok(&["restore", &damaged_snap[..8], "--target", out.to_str().unwrap()]);
+    assert!(fs::read(restored(&out, &src).join("big.bin")).unwrap() == big);
+    // Prune repacks the good chunks out of the damaged pack and deletes it: the repository is
+    // clean again.
+    let r = e.json(&["prune", "--max-unused", "0%"]);
+    assert!(r["packs_repacked"].as_u64().unwrap() + r["packs_deleted"].as_u64().unwrap() >= 1, "{r}");
+    assert!(!pack.exists(), "the damaged pack is still there: {r}");
+    e.ok(&["check", "--read-data"]);
+    let out2 = e.path("out2");
+    e.ok(&["restore", &damaged_snap[..8], "--target", out2.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&out2, &src));
+}
