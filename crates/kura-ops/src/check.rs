@@ -124,6 +124,10 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
     };
 
     let bad_indexes = repo.load_index()?;
+    // Snapshots before packs: every pack a listed snapshot needs is then listed too, so a
+    // backup committing meanwhile is never mistaken for damage.
+    let mut snaps = repo.snapshots()?;
+    snaps.retain(|(_, s)| !matches!(s, Err(RepoError::Store(kura_store::StoreError::NotFound(_)))));
     let listed: HashMap<Id, u64> = repo
         .store()
         .list(Kind::Pack)?
@@ -231,7 +235,6 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
             });
         }
         // Structure: every snapshot's trees and chunks.
-        let snaps = repo.snapshots()?;
         report.snapshots = snaps.len();
         let roots: Vec<Id> = snaps.iter().filter_map(|(_, s)| s.as_ref().ok().map(|s| s.body.tree)).collect();
         let mut loaded = load_trees(repo, &extra, &lookup, &roots);

@@ -134,10 +134,10 @@ pub(crate) fn ensure_alone(repo: &Repository, what: &str) -> Result<(), OpsError
         if Some(&id) == me.as_ref() {
             continue;
         }
-        if let Some(i) = info.filter(|i| EXCLUSIVE.contains(&i.command.as_str()) && i.liveness(now) == Liveness::Live) {
+        if EXCLUSIVE.contains(&info.command.as_str()) && info.liveness(now) == Liveness::Live {
             return Err(OpsError::Busy(format!(
                 "cannot {what} now: a {} is running (host {}, pid {}, since {}); it finishes by itself, try again later",
-                i.command, i.host, i.pid, i.started
+                info.command, info.host, info.pid, info.started
             )));
         }
     }
@@ -149,7 +149,7 @@ fn reap_sessions(repo: &Repository) -> Result<usize, OpsError> {
     let now = jiff::Timestamp::now();
     let mut n = 0;
     for (id, info) in list_sessions(repo.store().as_ref())? {
-        if info.is_some_and(|i| i.liveness(now) == Liveness::Dead) && repo.store().delete(Kind::Session, &id).is_ok() {
+        if info.liveness(now) == Liveness::Dead && repo.store().delete(Kind::Session, &id).is_ok() {
             n += 1;
         }
     }
@@ -182,7 +182,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     };
 
     // Snapshots before packs: every pack a listed snapshot needs is then listed too.
-    let snapshots = repo.snapshots()?;
+    let mut snapshots = repo.snapshots()?;
+    // A snapshot forgotten while being listed is simply gone.
+    snapshots.retain(|(_, s)| !matches!(s, Err(RepoError::Store(StoreError::NotFound(_)))));
     let mut known = Vec::new();
     for (id, s) in &snapshots {
         if let Err(e) = s {
@@ -334,9 +336,27 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     report.packs_deleted = delete.len();
     report.packs_repacked = repack.len();
     report.bytes_copied = uses.iter().filter(|p| repack.contains(&p.id)).map(|p| p.used).sum();
-    report.bytes_freed = delete.iter().chain(&repack).map(|id| on_disk[id]).sum::<u64>() - report.bytes_copied;
+    report.bytes_freed =
+        delete.iter().chain(&repack).map(|id| on_disk[id]).sum::<u64>().saturating_sub(report.bytes_copied);
     if opts.dry_run || (delete.is_empty() && repack.is_empty()) {
         return Ok(report);
+    }
+
+    // A pack deleted whole must really hold what the index says: with misnamed or swapped pack
+    // files the index would condemn the only copy of used data.
+    for pid in &delete {
+        let h = repo.read_pack_header(pid, on_disk[pid]).map_err(|e| {
+            OpsError::Unsafe(format!("{e}; prune will not delete a pack it cannot verify: run `kura check`"))
+        })?;
+        // Every blob the index places here must be in the header (the header may name more:
+        // blobs `repair index --read-data` left out as damaged).
+        let ids: HashSet<Id> = h.entries.iter().map(|e| e.id).collect();
+        if !contents[pid].iter().all(|e| ids.contains(&e.id)) {
+            return Err(OpsError::Unsafe(format!(
+                "pack {} does not hold what the index says; run `kura check` and `kura repair index` first",
+                pid.short()
+            )));
+        }
     }
 
     // Mark, step 1: copy used blobs out of the packs to repack, verifying each.
@@ -431,15 +451,12 @@ fn sweep(
         if Some(&id) == me.as_ref() {
             continue;
         }
-        match info {
-            Some(i) if i.liveness(now) == Liveness::Dead => {
-                if repo.store().delete(Kind::Session, &id).is_ok() {
-                    report.sessions_cleaned += 1;
-                }
+        if info.liveness(now) == Liveness::Dead {
+            if repo.store().delete(Kind::Session, &id).is_ok() {
+                report.sessions_cleaned += 1;
             }
-            Some(i) if i.plans_seen.contains(&hex) => {}
-            Some(i) => waiting.push(format!("{} on {} (pid {}) since {}", i.command, i.host, i.pid, i.started)),
-            None => waiting.push(format!("session {id} (unreadable)")),
+        } else if !info.plans_seen.contains(&hex) {
+            waiting.push(format!("{} on {} (pid {}) since {}", info.command, info.host, info.pid, info.started));
         }
     }
     if !waiting.is_empty() {
@@ -459,7 +476,11 @@ fn sweep(
         if known.contains(&id) {
             continue;
         }
-        let bytes = repo.store().get(Kind::Snapshot, &l.name)?;
+        let bytes = match repo.store().get(Kind::Snapshot, &l.name) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue, // forgotten meanwhile
+            Err(e) => return Err(e.into()),
+        };
         match kura_repo::snapshot::decode_public(&bytes) {
             Ok((public, _)) => keep.extend(public.packs.iter().filter(|p| condemned.contains(p))),
             Err(_) => {
@@ -470,6 +491,7 @@ fn sweep(
         }
         match repo.read_snapshot(&id) {
             Ok(s) => roots.push(s.body.tree),
+            Err(RepoError::Store(StoreError::NotFound(_))) => {}
             Err(e) => {
                 progress.warn(&format!("{e}; plan {} waits", plan_id.short()));
                 report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable snapshot {id}")] });
@@ -478,6 +500,8 @@ fn sweep(
         }
     }
     if !roots.is_empty() {
+        // Their trees may sit in packs written after this process loaded the index.
+        repo.index_orphan_packs(false)?;
         let mut seen = HashSet::new();
         while let Some(t) = roots.pop() {
             if !seen.insert(t) {
@@ -505,14 +529,20 @@ fn sweep(
     for p in &plan.condemned {
         let Some(&size) = sizes.get(p) else { continue };
         let header = repo.read_pack_header(p, size).ok();
-        // A pack whose header cannot be read now is kept if anything new might need it.
         let needed = keep.contains(p)
             || (!wanted.is_empty() && header.as_ref().is_none_or(|h| h.entries.iter().any(|e| wanted.contains(&e.id))));
         if needed {
+            let Some(h) = header else {
+                // Kept but not indexable again: its old index files must stay, so the plan waits
+                // (check names the pack).
+                report.plans_deferred.push(Deferred {
+                    plan: hex,
+                    waiting_for: vec![format!("pack {} is needed but its header is unreadable", p.short())],
+                });
+                return Ok(());
+            };
             keep.insert(*p);
-            if let Some(h) = header {
-                resurrected.push(IndexPack { id: *p, blobs: h.entries });
-            }
+            resurrected.push(IndexPack { id: *p, blobs: h.entries });
         }
     }
     // Resurrected packs lose their old index files below: index them anew first.
@@ -546,7 +576,12 @@ fn sweep(
         if obsolete.contains(&id) {
             continue;
         }
-        let Ok(file) = repo.read_index_file(&id) else { continue };
+        let file = match repo.read_index_file(&id) {
+            Ok(f) => f,
+            // Gone, or damaged (check reports it; its packs are indexed from their headers).
+            Err(RepoError::Store(StoreError::NotFound(_)) | RepoError::Corrupt { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if file.packs.iter().any(|p| deleted.contains(&p.id)) {
             let rest: Vec<IndexPack> = file.packs.into_iter().filter(|p| !deleted.contains(&p.id)).collect();
             if !rest.is_empty() {

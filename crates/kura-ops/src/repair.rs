@@ -190,11 +190,16 @@ pub fn repair_snapshots(
     forget_originals: bool,
     progress: &dyn Progress,
 ) -> Result<SnapshotRepair, OpsError> {
+    // Snapshots first, then packs (and the headers of packs the index does not cover yet): a
+    // backup that commits meanwhile has all its data listed, so it is never taken for damaged.
+    let mut all = repo.snapshots()?;
+    all.retain(|(_, s)| !matches!(s, Err(kura_repo::RepoError::Store(StoreError::NotFound(_)))));
+    repo.index_orphan_packs(false)?;
     let present: HashSet<Id> =
         repo.store().list(Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    let protected = repo.protections()?;
     let mut rw = Rewriter { repo, present, dry_run, memo: HashMap::new() };
     let mut out = SnapshotRepair::default();
-    let all = repo.snapshots()?;
     let already: HashSet<String> =
         all.iter().filter_map(|(_, s)| s.as_ref().ok()?.public.original.clone()).collect();
     let mut fixed: Vec<(Id, Snapshot, Id, Vec<String>, Vec<String>)> = Vec::new();
@@ -214,7 +219,7 @@ pub fn repair_snapshots(
         }
         if already.contains(&id.to_hex()) {
             // Repaired by an earlier run: only the request to drop the original is left.
-            if forget_originals && !dry_run {
+            if forget_originals && !dry_run && !protected.contains(&id) {
                 match repo.store().delete(Kind::Snapshot, &id.to_hex()) {
                     Ok(()) | Err(StoreError::NotFound(_)) => out.forgotten += 1,
                     Err(e) => return Err(e.into()),
@@ -239,7 +244,7 @@ pub fn repair_snapshots(
             n.public.packs = crate::backup::packs_of(repo, root)?;
             let new_id = repo.save_snapshot(&n)?;
             repaired = Some(new_id.to_hex());
-            if forget_originals {
+            if forget_originals && !protected.contains(&id) {
                 match repo.store().delete(Kind::Snapshot, &id.to_hex()) {
                     Ok(()) | Err(StoreError::NotFound(_)) => out.forgotten += 1,
                     Err(e) => return Err(e.into()),

@@ -76,7 +76,12 @@ impl Index {
     /// Marks packs a pending prune plan will delete; call before adding packs. Their blobs stay
     /// readable but do not count as present for deduplication ([`Index::is_live`]).
     pub fn set_condemned(&mut self, packs: impl IntoIterator<Item = Id>) {
-        self.condemned.extend(packs);
+        for p in packs {
+            if let Some(&pos) = self.pack_pos.get(&p) {
+                self.condemned_pos.insert(pos);
+            }
+            self.condemned.insert(p);
+        }
     }
 
     /// True when a pending prune plan condemns the pack.

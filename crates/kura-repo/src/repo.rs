@@ -355,8 +355,14 @@ impl Repository {
                     idx.add_pack(p.id, &p.blobs);
                 }
             }
-            if persist {
-                self.write_index_file(recovered)?;
+            // Never persist a pack a known plan condemns: its sweep may delete it before (or
+            // after) this index file lands, which would leave an index naming a missing pack.
+            let keep: Vec<IndexPack> = {
+                let idx = self.index();
+                recovered.into_iter().filter(|p| !idx.is_condemned(&p.id)).collect()
+            };
+            if persist && !keep.is_empty() {
+                self.write_index_file(keep)?;
             }
         }
         Ok((n, bad))

@@ -5,14 +5,14 @@
 
 use kura_store::{Kind, Store, StoreError};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// How often a session rewrites its heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(120);
-/// A session on another host whose heartbeat is older than this is dead.
-pub const STALE_AFTER: Duration = Duration::from_secs(15 * 60);
+/// A session on another machine whose heartbeat is older than this is dead. Clocks of machines
+/// sharing a repository must agree to well within this (NTP), as for restic's stale locks.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 
 /// What a session object holds (plain JSON: it names no secret).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,9 +48,14 @@ pub enum Liveness {
     Dead,
 }
 
+/// Boot id and PID namespace; empty when either is unknown, and then no process is ever judged
+/// by its PID (only by its heartbeat).
 fn machine_id() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
+    if boot.trim().is_empty() || ns.is_empty() {
+        return String::new();
+    }
     format!("{}/{}", boot.trim(), ns)
 }
 
@@ -62,30 +67,73 @@ fn process_start(pid: u32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+/// Whether a process exists: `kill(pid, 0)` succeeds or is refused (EPERM: it exists, owned
+/// by someone else). `/proc` may hide other users' processes (hidepid), so it is not asked.
+fn process_exists(pid: u32) -> bool {
+    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else { return false };
+    match rustix::process::test_kill_process(p) {
+        Ok(()) => true,
+        Err(e) => e != rustix::io::Errno::SRCH,
+    }
+}
+
 impl SessionInfo {
     /// Decides whether this session may still run, seen from here at `now`.
     pub fn liveness(&self, now: jiff::Timestamp) -> Liveness {
-        if self.machine == machine_id() && !self.machine.is_empty() {
-            return if process_start(self.pid) == Some(self.pid_start) { Liveness::Live } else { Liveness::Dead };
+        if !self.machine.is_empty() && self.machine == machine_id() {
+            if !process_exists(self.pid) {
+                return Liveness::Dead;
+            }
+            // The PID exists; it is another process only if its start time says so.
+            return match process_start(self.pid) {
+                Some(start) if start != self.pid_start => Liveness::Dead,
+                _ => Liveness::Live,
+            };
         }
         match self.heartbeat.parse::<jiff::Timestamp>() {
             Ok(t) if now.duration_since(t) < jiff::SignedDuration::try_from(STALE_AFTER).unwrap_or_default() => {
                 Liveness::Live
             }
-            Ok(_) => Liveness::Dead,
-            // An unreadable heartbeat cannot prove death.
-            Err(_) => Liveness::Live,
+            // A version-1 record with a garbled heartbeat is garbage.
+            Ok(_) | Err(_) => Liveness::Dead,
         }
     }
 }
 
-/// Every session object in the store with its id; unreadable ones are returned as `None` (a
-/// session being written concurrently, or garbage) and count as live.
-pub fn list_sessions(store: &dyn Store) -> Result<Vec<(String, Option<SessionInfo>)>, StoreError> {
+/// Reads a session object. Objects are replaced atomically, so one that is not a valid record
+/// is garbage and reads as a dead session, except a record of a newer version, which this kura
+/// cannot judge and so treats as live.
+fn parse_session(bytes: &[u8]) -> SessionInfo {
+    if let Ok(info) = serde_json::from_slice::<SessionInfo>(bytes)
+        && info.version == 1
+    {
+        return info;
+    }
+    let newer = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("version")?.as_u64())
+        .is_some_and(|v| v > 1);
+    let now = jiff::Timestamp::now().to_string();
+    SessionInfo {
+        version: 0,
+        command: if newer { "(newer kura)".into() } else { "(garbage)".into() },
+        host: String::new(),
+        machine: String::new(),
+        pid: 0,
+        pid_start: 0,
+        started: String::new(),
+        // Live for a newer version (heartbeat now), dead for garbage (no heartbeat).
+        heartbeat: if newer { now } else { String::new() },
+        plans_seen: Vec::new(),
+    }
+}
+
+/// Every session object in the store with its id.
+pub fn list_sessions(store: &dyn Store) -> Result<Vec<(String, SessionInfo)>, StoreError> {
     let mut out = Vec::new();
     for l in store.list(Kind::Session)? {
         match store.get(Kind::Session, &l.name) {
-            Ok(b) => out.push((l.name, serde_json::from_slice(&b).ok())),
+            Ok(b) => out.push((l.name, parse_session(&b))),
             Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
@@ -94,10 +142,11 @@ pub fn list_sessions(store: &dyn Store) -> Result<Vec<(String, Option<SessionInf
 }
 
 struct Shared {
+    // Held across serialising *and* writing, so a heartbeat can never overwrite a newer
+    // `plans_seen` with an older copy.
     info: Mutex<SessionInfo>,
     stop: Mutex<bool>,
     wake: Condvar,
-    failed: AtomicBool,
 }
 
 /// This process's session: registered on creation, kept alive by a heartbeat thread, removed on
@@ -132,30 +181,26 @@ impl Session {
             heartbeat: now,
             plans_seen: Vec::new(),
         };
-        let shared = Arc::new(Shared {
-            info: Mutex::new(info),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
-            failed: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared { info: Mutex::new(info), stop: Mutex::new(false), wake: Condvar::new() });
         let mut s = Session { store, id, shared, thread: None };
-        s.write()?;
+        s.update(|_| {})?;
         let (store, id, sh) = (s.store.clone(), s.id.clone(), s.shared.clone());
-        // Without a heartbeat the session only looks dead to other hosts after STALE_AFTER,
-        // which delays nothing here; a failed spawn is not worth failing the command for.
-        s.thread = std::thread::Builder::new()
+        // Without a heartbeat a long run would look dead to other machines: refuse to start.
+        let t = std::thread::Builder::new()
             .name("kura-heartbeat".into())
             .spawn(move || heartbeat(store, id, sh))
-            .ok();
+            .map_err(|e| StoreError::Io {
+                verb: kura_store::Verb::Write,
+                target: "session heartbeat".into(),
+                source: e,
+            })?;
+        s.thread = Some(t);
         Ok(s)
     }
 
-    fn write(&self) -> Result<(), StoreError> {
-        let bytes = {
-            let info = self.shared.info.lock().unwrap_or_else(|p| p.into_inner());
-            serde_json::to_vec(&*info).unwrap_or_default()
-        };
-        self.store.replace(Kind::Session, &self.id, &bytes)
+    /// Changes the record and writes it, under the record's lock.
+    fn update(&self, change: impl FnOnce(&mut SessionInfo)) -> Result<(), StoreError> {
+        write_locked(&*self.store, &self.id, &self.shared, change)
     }
 
     /// The session's object name.
@@ -165,14 +210,20 @@ impl Session {
 
     /// Records the plans this session has seen; durable on return.
     pub fn saw_plans(&self, plans: &[String]) -> Result<(), StoreError> {
-        self.shared.info.lock().unwrap_or_else(|p| p.into_inner()).plans_seen = plans.to_vec();
-        self.write()
+        self.update(|i| i.plans_seen = plans.to_vec())
     }
+}
 
-    /// True when a heartbeat could not be written (the session may look dead to others).
-    pub fn heartbeat_failed(&self) -> bool {
-        self.shared.failed.load(Ordering::Relaxed)
-    }
+fn write_locked(
+    store: &dyn Store,
+    id: &str,
+    sh: &Shared,
+    change: impl FnOnce(&mut SessionInfo),
+) -> Result<(), StoreError> {
+    let mut info = sh.info.lock().unwrap_or_else(|p| p.into_inner());
+    change(&mut info);
+    let bytes = serde_json::to_vec(&*info).unwrap_or_default();
+    store.replace(Kind::Session, id, &bytes)
 }
 
 fn heartbeat(store: Arc<dyn Store>, id: String, sh: Arc<Shared>) {
@@ -183,14 +234,9 @@ fn heartbeat(store: Arc<dyn Store>, id: String, sh: Arc<Shared>) {
             return;
         }
         drop(stop);
-        let bytes = {
-            let mut info = sh.info.lock().unwrap_or_else(|p| p.into_inner());
-            info.heartbeat = jiff::Timestamp::now().to_string();
-            serde_json::to_vec(&*info).unwrap_or_default()
-        };
-        if store.replace(Kind::Session, &id, &bytes).is_err() {
-            sh.failed.store(true, Ordering::Relaxed);
-        }
+        // A failed heartbeat is retried at the next beat; a backup's final check that its
+        // packs exist covers a session that looked dead meanwhile.
+        let _ = write_locked(&*store, &id, &sh, |i| i.heartbeat = jiff::Timestamp::now().to_string());
     }
 }
 
@@ -217,7 +263,7 @@ mod tests {
         s.saw_plans(&["ab".into()]).unwrap();
         let all = list_sessions(&*store).unwrap();
         assert_eq!(all.len(), 1);
-        let info = all[0].1.clone().unwrap();
+        let info = all[0].1.clone();
         assert_eq!(info.plans_seen, vec!["ab".to_string()]);
         let now = jiff::Timestamp::now();
         assert_eq!(info.liveness(now), Liveness::Live);
@@ -229,7 +275,13 @@ mod tests {
         assert_eq!(remote.liveness(now), Liveness::Live);
         remote.heartbeat = "2020-01-01T00:00:00Z".into();
         assert_eq!(remote.liveness(now), Liveness::Dead);
+        let mut gone_pid = info.clone();
+        gone_pid.pid = 0x3fff_fff0; // above any pid_max: no such process
+        assert_eq!(gone_pid.liveness(now), Liveness::Dead);
         drop(s);
         assert!(list_sessions(&*store).unwrap().is_empty());
+        // Garbage is dead; a record of a newer kura is respected.
+        assert_eq!(parse_session(b"{not json").liveness(now), Liveness::Dead);
+        assert_eq!(parse_session(br#"{"version": 2, "whatever": 1}"#).liveness(now), Liveness::Live);
     }
 }

@@ -194,7 +194,14 @@ impl Store for LocalStore {
             Kind::Pack => {
                 let data = self.root.join("data");
                 let rd = fs::read_dir(&data).map_err(|e| io(Verb::List, data.display(), e))?;
-                rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect()
+                let mut dirs = Vec::new();
+                for e in rd {
+                    let p = e.map_err(|e| io(Verb::List, data.display(), e))?.path();
+                    if p.is_dir() {
+                        dirs.push(p);
+                    }
+                }
+                dirs
             }
             k => vec![self.root.join(k.dir())],
         };
@@ -211,7 +218,13 @@ impl Store for LocalStore {
                 if check_name(&name).is_err() {
                     continue; // temporary files of interrupted writes and foreign files
                 }
-                let size = entry.metadata().map_err(|e| io(Verb::List, dir.display(), e))?.len();
+                // An object deleted between readdir and stat (a session ending, a prune
+                // sweeping) simply is not there any more.
+                let size = match entry.metadata() {
+                    Ok(m) => m.len(),
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(Verb::List, dir.display(), e)),
+                };
                 out.push(Listed { name, size });
             }
         }

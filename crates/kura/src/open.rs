@@ -103,11 +103,7 @@ pub fn open_indexed(cli: &Cli, command: &str) -> Result<Repository> {
     let repo = open(cli)?;
     // The session keeps a concurrent prune from deleting packs this command reads. A
     // repository on read-only media cannot record it, and nothing can prune it either.
-    if let Err(e) = repo.start_session(command) {
-        if !matches!(&e, RepoError::Store(s) if s.is_read_only()) {
-            return Err(e).context("registering this session in the repository");
-        }
-    }
+    start_reader_session(&repo, command)?;
     let problems = repo.load_index()?;
     for e in &problems {
         eprintln!("kura: warning: {e}; reading pack headers instead");
@@ -117,6 +113,20 @@ pub fn open_indexed(cli: &Cli, command: &str) -> Result<Repository> {
         eprintln!("kura: warning: {e}");
     }
     Ok(repo)
+}
+
+/// Registers a reading command's session. A repository this user cannot write (read-only
+/// media, another user's files) cannot record it: the command still runs, and says that a
+/// concurrent prune could make it fail (it can lose nothing).
+pub fn start_reader_session(repo: &Repository, command: &str) -> Result<()> {
+    match repo.start_session(command) {
+        Ok(()) => Ok(()),
+        Err(RepoError::Store(s)) if s.is_read_only() => {
+            eprintln!("kura: note: cannot register a session in this repository ({s}); a prune running at the same time could make this command fail");
+            Ok(())
+        }
+        Err(e) => Err(e).context("registering this session in the repository"),
+    }
 }
 
 /// Opens the repository for a backup; the default repository is created on first use with a

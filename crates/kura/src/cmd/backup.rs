@@ -113,11 +113,7 @@ pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
     let store = LocalStore::open(&loc.path).map_err(kura_repo::RepoError::from)?;
     let pw = open::password(cli, &loc, false)?;
     let repo = Repository::open(Arc::new(store), &pw)?;
-    if let Err(e) = repo.start_session("check") {
-        if !matches!(&e, kura_repo::RepoError::Store(s) if s.is_read_only()) {
-            return Err(e).context("registering this session in the repository");
-        }
-    }
+    open::start_reader_session(&repo, "check")?;
     let subset = a.read_data_subset.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
     let opts = CheckOptions { read_data: a.read_data || a.deep || subset.is_some(), deep: a.deep, subset };
     let r = check(&repo, &opts).context("checking")?;
