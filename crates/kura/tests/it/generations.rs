@@ -346,9 +346,12 @@ fn a_second_prune_is_refused_while_one_runs_and_not_after_it_died() {
     }
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    // Dead now: nobody has to remove anything by hand.
+    // Dead now: nobody has to remove anything by hand. Garbage in sessions/ (not a record)
+    // blocks nothing either.
+    fs::write(e.repo.join("sessions").join("fedcba9876543210fedcba9876543210"), b"\x00garbage").unwrap();
     let r = e.json(&["prune"]);
-    assert_eq!(r["sessions_cleaned"].as_u64(), Some(1), "{r}");
+    assert_eq!(r["sessions_cleaned"].as_u64(), Some(2), "{r}");
+    assert_eq!(fs::read_dir(e.repo.join("sessions")).unwrap().count(), 0);
 }
 
 #[test]
