@@ -67,7 +67,7 @@ for i in $(seq "$N"); do
   measure restic "backup-$i" "$RR" restic -q -r "$RR" backup --host bench --time "$(date -u -d "$day" '+%Y-%m-%d %H:%M:%S')" tree
 done
 
-# What opening a repository costs in memory (the Argon2id key derivation, 64 MiB), the floor
+# What opening a repository costs in memory (the Argon2id key derivation, 32 MiB), the floor
 # of every kura command's peak RSS.
 measure kura open-only "$KR" "$KURA" -r "$KR" snapshots -q
 

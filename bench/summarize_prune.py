@@ -38,7 +38,7 @@ for tool in ("kura", "restic"):
         print(f"\n{tool}: repository after forget+prune {fp[3]:.0f} MB")
 o = get.get(("kura", "open-only"))
 if o:
-    print(f"\nkura's floor (opening the repository: Argon2id, 64 MiB): peak RSS {o[2]:.0f} MiB")
+    print(f"\nkura's floor (opening the repository: Argon2id key derivation): peak RSS {o[2]:.0f} MiB")
 k = get.get(("kura", "check-read-data"))
 c = get.get(("cat", "cat-kura-repo"))
 d = get.get(("dd-direct", "dd-direct-kura-repo"))

@@ -125,19 +125,17 @@ fn forget_ids(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
         }
         removed.push(id.to_hex());
     }
-    if cli.json {
-        json(&j!({ "dry_run": a.dry_run, "removed": removed }))?;
-    } else if !cli.quiet {
+    if !cli.json && !cli.quiet {
         for r in &removed {
             println!("{} snapshot {}", if a.dry_run { "would remove" } else { "removed" }, short(r, 8));
         }
     }
-    if a.prune {
-        let o = prune_options(a.dry_run, &a.prune_args)?;
-        let r = run_prune(cli, &repo, &o)?;
-        if cli.json {
-            json(&r)?;
-        }
+    let pruned = match a.prune {
+        true => Some(run_prune(cli, &repo, &prune_options(a.dry_run, &a.prune_args)?)?),
+        false => None,
+    };
+    if cli.json {
+        json(&j!({ "dry_run": a.dry_run, "removed": removed, "prune": pruned }))?;
     }
     Ok(Outcome::Ok)
 }
