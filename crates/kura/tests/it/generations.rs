@@ -274,14 +274,20 @@ fn a_plan_waits_for_a_live_session_and_not_for_a_killed_one() {
     e.ok(&["check", "--read-data"]);
 }
 
-#[test]
-fn repair_index_and_snapshots_after_a_pack_is_lost() {
-    let e = Env::new();
+/// A source with one small file, backed up once: later data goes into packs of its own.
+fn small_safe_source(e: &Env) -> std::path::PathBuf {
     let src = e.path("src");
     fs::create_dir_all(src.join("keep")).unwrap();
     fs::write(src.join("keep/a.txt"), b"small and safe").unwrap();
+    e.ok(&["backup", src.to_str().unwrap()]);
+    src
+}
+
+#[test]
+fn repair_index_and_snapshots_after_a_pack_is_lost() {
+    let e = Env::new();
+    let src = small_safe_source(&e);
     let s = src.to_str().unwrap();
-    e.ok(&["backup", s]);
     fs::write(src.join("lost.bin"), bytes(2_000_000, 9)).unwrap();
     e.ok(&["backup", s]);
     // The pack holding the big file disappears; the index still names it.
@@ -449,11 +455,8 @@ mount -o remount,size=200m tmpfs "$M" || exit 94
 #[test]
 fn bit_rot_is_repaired_healed_by_the_next_backup_and_pruned_away() {
     let e = Env::new();
-    let src = e.path("src");
-    fs::create_dir_all(src.join("keep")).unwrap();
-    fs::write(src.join("keep/a.txt"), b"small and safe").unwrap();
+    let src = small_safe_source(&e);
     let s = src.to_str().unwrap();
-    e.ok(&["backup", s]);
     let before: BTreeSet<_> = walk(&e.repo.join("data")).into_iter().collect();
     let big = bytes(3_000_000, 77);
     fs::write(src.join("big.bin"), &big).unwrap();
