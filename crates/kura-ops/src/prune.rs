@@ -10,6 +10,7 @@ use kura_repo::index::IndexPack;
 use kura_repo::pack::{BlobKind, PackEntry};
 use kura_repo::plan::PrunePlan;
 use kura_repo::session::{Liveness, list_sessions};
+use kura_repo::id::{IdMap, IdSet};
 use kura_repo::{Id, RepoError, Repository};
 use kura_store::{Kind, StoreError};
 use serde::Serialize;
@@ -236,22 +237,29 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
 
     // Choose one copy of every used blob: in a live pack if possible, then the pack with the
     // most used bytes (it is the least likely to be repacked).
-    let mut pack_used_all: HashMap<Id, u64> = HashMap::new();
-    for (pid, entries) in &contents {
-        let u: u64 = entries.iter().filter(|e| used.contains(&e.id)).map(|e| u64::from(e.length)).sum();
-        pack_used_all.insert(*pid, u);
-    }
-    let mut chosen: HashMap<Id, Id> = HashMap::new();
-    for (pid, entries) in &contents {
-        for e in entries.iter().filter(|e| used.contains(&e.id)) {
-            let better = |cur: &Id| {
-                let key = |p: &Id| (!pending.contains(p), pack_used_all[p], *p);
-                key(pid) > key(cur)
-            };
-            chosen.entry(e.id).and_modify(|cur| if better(cur) { *cur = *pid }).or_insert(*pid);
+    // One map serves as the used set and, per used blob, the position (in `order`) of the pack
+    // whose copy is kept: the largest structure of a prune, kept to 4 bytes beside each id.
+    const NONE: u32 = u32::MAX;
+    let mut order: Vec<Id> = contents.keys().copied().collect();
+    order.sort();
+    let pos: HashMap<Id, u32> = order.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+    let mut chosen: IdMap<u32> = used.into_iter().map(|b| (b, NONE)).collect();
+    let pack_used_all: Vec<u64> = order
+        .iter()
+        .map(|pid| contents[pid].iter().filter(|e| chosen.contains_key(&e.id)).map(|e| u64::from(e.length)).sum())
+        .collect();
+    let rank = |i: u32| (!pending.contains(&order[i as usize]), pack_used_all[i as usize], order[i as usize]);
+    for (i, pid) in order.iter().enumerate() {
+        let i = i as u32;
+        for e in &contents[pid] {
+            if let Some(cur) = chosen.get_mut(&e.id)
+                && (*cur == NONE || rank(i) > rank(*cur))
+            {
+                *cur = i;
+            }
         }
     }
-    let missing = used.iter().filter(|b| !chosen.contains_key(b)).count();
+    let missing = chosen.values().filter(|c| **c == NONE).count();
     if missing > 0 {
         return Err(OpsError::Unsafe(format!(
             "{missing} blob(s) used by snapshots are in no pack; prune would make nothing worse but refuses to \
@@ -268,8 +276,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     let mut uses = Vec::new();
     for (pid, entries) in &contents {
         let (mut u, mut n) = (0u64, 0u64);
+        let me = pos[pid];
         for e in entries {
-            if chosen.get(&e.id) == Some(pid) {
+            if chosen.get(&e.id) == Some(&me) {
                 u += u64::from(e.length);
             } else {
                 n += u64::from(e.length);
@@ -335,7 +344,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     report.unused_left = unused_left;
     report.packs_deleted = delete.len();
     report.packs_repacked = repack.len();
-    report.bytes_copied = uses.iter().filter(|p| repack.contains(&p.id)).map(|p| p.used).sum();
+    let repacked: HashSet<Id> = repack.iter().copied().collect();
+    report.bytes_copied = uses.iter().filter(|p| repacked.contains(&p.id)).map(|p| p.used).sum();
     report.bytes_freed =
         delete.iter().chain(&repack).map(|id| on_disk[id]).sum::<u64>().saturating_sub(report.bytes_copied);
     if opts.dry_run || (delete.is_empty() && repack.is_empty()) {
@@ -359,17 +369,26 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
         }
     }
 
-    // Mark, step 1: copy used blobs out of the packs to repack, verifying each.
+    // Mark, step 1: copy used blobs out of the packs to repack, verifying each. Blob by blob:
+    // a whole pack in memory would be the largest allocation of the run.
     progress.add_total(repack.len() as u64, repack_bytes);
     for pid in &repack {
-        let bytes = repo.store().get(Kind::Pack, &pid.to_hex())?;
+        let me = pos[pid];
         for e in &contents[pid] {
-            if chosen.get(&e.id) != Some(pid) {
+            if chosen.get(&e.id) != Some(&me) {
                 continue;
             }
-            let sealed = bytes.get(e.offset as usize..e.offset as usize + e.length as usize).ok_or_else(|| {
-                OpsError::Unsafe(format!("pack {} is shorter than its header says; run `kura check --read-data`", pid.short()))
-            })?;
+            let sealed = match repo.store().get_range(Kind::Pack, &pid.to_hex(), u64::from(e.offset), u64::from(e.length)) {
+                Ok(b) => b,
+                Err(StoreError::Short { .. }) => {
+                    return Err(OpsError::Unsafe(format!(
+                        "pack {} is shorter than its header says; run `kura check --read-data`",
+                        pid.short()
+                    )));
+                }
+                Err(err) => return Err(err.into()),
+            };
+            let sealed = &sealed[..];
             repo.decode_blob(&e.id, pid, e.compression, e.raw_length, sealed).map_err(|err| {
                 OpsError::Unsafe(format!("{err}: prune will not copy damaged data; run `kura check --read-data` and `kura repair`"))
             })?;
@@ -381,9 +400,10 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
 
     // Mark, step 2: the index of every surviving pack, so the old index files can go.
     let doomed: HashSet<Id> = delete.iter().chain(&repack).copied().collect();
+    // Packs an unfinished plan condemns go with that plan: not indexed again.
     let mut survivors: Vec<IndexPack> = contents
         .iter()
-        .filter(|(id, _)| !doomed.contains(id))
+        .filter(|(id, _)| !doomed.contains(id) && !pending.contains(id))
         .map(|(id, blobs)| IndexPack { id: *id, blobs: blobs.clone() })
         .collect();
     survivors.sort_by_key(|p| p.id);
@@ -416,8 +436,8 @@ fn used_blobs(
     repo: &Repository,
     snapshots: &[(Id, Result<kura_repo::Snapshot, RepoError>)],
     progress: &dyn Progress,
-) -> Result<HashSet<Id>, OpsError> {
-    let mut used = HashSet::new();
+) -> Result<IdSet, OpsError> {
+    let mut used = IdSet::default();
     let mut stack: Vec<Id> = snapshots.iter().filter_map(|(_, s)| s.as_ref().ok().map(|s| s.body.tree)).collect();
     while let Some(t) = stack.pop() {
         if !used.insert(t) {
