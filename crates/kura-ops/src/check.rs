@@ -269,7 +269,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
                     Some(&k) if k == me || covers(k) => continue,
                     _ => {}
                 }
-                if !infos.contains_key(&t) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = infos.entry(t) {
                     report.trees += 1;
                     let (info, found) = loaded.remove(&t).unwrap_or_else(|| {
                         let mut found = Vec::new();
@@ -282,7 +282,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
                             damage(obj, problem, &blobs, &mut bad_blobs)
                         }
                     }
-                    infos.insert(t, info);
+                    slot.insert(info);
                 }
                 if let Some(Some(info)) = infos.get(&t) {
                     let missing = info.packs.iter().filter(|p| !listed_packs.contains(p)).count();
@@ -361,6 +361,9 @@ type Lookup<'a> = dyn Fn(&Id) -> Option<(Id, kura_repo::index::BlobLoc)> + Sync 
 /// A damage found while reading a tree: object, problem, blobs.
 type Found = (String, String, Vec<Id>);
 
+/// One tree of a level: its position in the level, what it uses, the damage it showed.
+type LoadedTree = (usize, Option<TreeInfo>, Vec<Found>);
+
 /// Reads every tree reachable from `roots` once, level by level, each level on all cores
 /// (decoding trees and looking up their chunks is most of a structure check). Damage is
 /// collected per tree and replayed by the caller in a fixed order.
@@ -376,7 +379,7 @@ fn load_trees(
     frontier.sort();
     while !frontier.is_empty() {
         let next = AtomicUsize::new(0);
-        let out: Mutex<Vec<(usize, Option<TreeInfo>, Vec<Found>)>> = Mutex::new(Vec::with_capacity(frontier.len()));
+        let out: Mutex<Vec<LoadedTree>> = Mutex::new(Vec::with_capacity(frontier.len()));
         std::thread::scope(|sc| {
             for _ in 0..crate::cores().min(frontier.len()) {
                 sc.spawn(|| {

@@ -202,7 +202,9 @@ pub fn repair_snapshots(
     let mut out = SnapshotRepair::default();
     let already: HashSet<String> =
         all.iter().filter_map(|(_, s)| s.as_ref().ok()?.public.original.clone()).collect();
-    let mut fixed: Vec<(Id, Snapshot, Id, Vec<String>, Vec<String>)> = Vec::new();
+    // (original id, snapshot, new root, files lost, directories emptied)
+    type Fixed = (Id, Snapshot, Id, Vec<String>, Vec<String>);
+    let mut fixed: Vec<Fixed> = Vec::new();
     for (id, s) in all {
         out.snapshots += 1;
         let s = match s {

@@ -477,8 +477,7 @@ mod tests {
 
     #[test]
     fn last_keeps_the_newest_n() {
-        let mut p = Policy::default();
-        p.last = Count::Max(2);
+        let p = Policy { last: Count::Max(2), ..Policy::default() };
         let t = ["2026-01-01T00:00:00Z", "2026-01-03T00:00:00Z", "2026-01-02T00:00:00Z"];
         assert_eq!(kept(&p, &t, "2026-02-01T00:00:00Z", &utc()), vec![1, 2]);
     }
@@ -587,8 +586,7 @@ mod tests {
 
     #[test]
     fn within_counts_from_the_newest_snapshot_not_now() {
-        let mut p = Policy::default();
-        p.within = Some(parse_span("2d").unwrap());
+        let p = Policy { within: Some(parse_span("2d").unwrap()), ..Policy::default() };
         let t = ["2026-01-01T00:00:00Z", "2026-01-08T00:00:00Z", "2026-01-10T00:00:00Z", "2026-01-07T23:59:59Z"];
         // Newest is the 10th; the cut is the 8th 00:00 inclusive.
         assert_eq!(kept(&p, &t, "2026-06-01T00:00:00Z", &utc()), vec![1, 2]);
@@ -605,8 +603,7 @@ mod tests {
 
     #[test]
     fn tags_keep_snapshots_with_all_tags_of_a_list() {
-        let mut p = Policy::default();
-        p.tags = vec![vec!["a".into(), "b".into()], vec!["c".into()]];
+        let p = Policy { tags: vec![vec!["a".into(), "b".into()], vec!["c".into()]], ..Policy::default() };
         let mk = |tags: &[&str], n: u8| {
             let mut i = item("2026-01-01T00:00:00Z");
             i.tags = tags.iter().map(|s| s.to_string()).collect();
@@ -754,8 +751,8 @@ mod tests {
                 for &i in &hits {
                     let b = bucket(p, &items[i].time.to_zoned_datetime(tz.clone()));
                     prop_assert!(buckets.insert(b), "two kept in one {:?} bucket", p);
-                    for j in 0..items.len() {
-                        if items[j].time <= now && bucket(p, &items[j].time.to_zoned_datetime(tz.clone())) == b {
+                    for (j, other) in items.iter().enumerate() {
+                        if other.time <= now && bucket(p, &other.time.to_zoned_datetime(tz.clone())) == b {
                             prop_assert!(key(j) <= key(i), "a newer snapshot exists in the bucket");
                         }
                     }

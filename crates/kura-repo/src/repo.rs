@@ -60,6 +60,12 @@ pub struct KeyInfo {
     pub user: String,
 }
 
+/// Prune plans with their ids.
+pub type Plans = Vec<(Id, PrunePlan)>;
+
+/// Every snapshot id with the snapshot or the error that names it.
+pub type SnapshotList = Vec<(Id, Result<Snapshot, RepoError>)>;
+
 /// An open repository.
 pub struct Repository {
     store: Arc<dyn Store>,
@@ -232,7 +238,7 @@ impl Repository {
 
     /// Reads every prune plan. Unreadable ones are returned as problems (nobody can execute
     /// them, so their packs stay).
-    pub fn read_plans(&self) -> Result<(Vec<(Id, PrunePlan)>, Vec<RepoError>), RepoError> {
+    pub fn read_plans(&self) -> Result<(Plans, Vec<RepoError>), RepoError> {
         let mut plans = Vec::new();
         let mut problems = Vec::new();
         for l in self.store.list(Kind::Plan)? {
@@ -581,7 +587,7 @@ impl Repository {
     }
 
     /// Every snapshot, each decoded or the error that names it; sorted by time.
-    pub fn snapshots(&self) -> Result<Vec<(Id, Result<Snapshot, RepoError>)>, RepoError> {
+    pub fn snapshots(&self) -> Result<SnapshotList, RepoError> {
         let mut out = Vec::new();
         for l in self.store.list(Kind::Snapshot)? {
             let Some(id) = Id::from_hex(&l.name) else { continue };
