@@ -279,23 +279,19 @@ impl Repository {
         idx.set_condemned(plans.iter().flat_map(|(_, p)| p.condemned.iter().copied()));
         *lock(&self.plans) = plans;
         for l in self.store.list(Kind::Index)? {
-            let obj = ObjectName::new(Kind::Index, &l.name);
-            let bytes = match self.store.get(Kind::Index, &l.name) {
-                Ok(b) => b,
-                Err(StoreError::NotFound(_)) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if Id::of_stored(&bytes).to_hex() != l.name {
-                problems.push(RepoError::corrupt(&obj, "content does not match its name"));
+            let Some(id) = Id::from_hex(&l.name) else {
+                problems.push(RepoError::corrupt(ObjectName::new(Kind::Index, &l.name), "content does not match its name"));
                 continue;
-            }
-            match IndexFile::decode(&self.key, &bytes) {
+            };
+            match self.read_index_file(&id) {
                 Ok(f) => {
                     for p in &f.packs {
                         idx.add_pack(p.id, &p.blobs);
                     }
                 }
-                Err(d) => problems.push(RepoError::corrupt(&obj, d)),
+                Err(RepoError::Store(StoreError::NotFound(_))) => {}
+                Err(e @ RepoError::Corrupt { .. }) => problems.push(e),
+                Err(e) => return Err(e),
             }
         }
         Ok(problems)
