@@ -45,9 +45,11 @@ impl std::str::FromStr for MaxUnused {
     }
 }
 
-/// Parses `123`, `10k`, `200M`, `2G`, `1T` (powers of 1024).
+/// Parses `123`, `10k`, `200M`, `2G`, `1T` (powers of 1024; `MiB`, `MB` and `B` suffixes
+/// are read the same way).
 pub fn parse_size(s: &str) -> Option<u64> {
     let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix("B")).unwrap_or(t);
     let (num, mult) = match t.chars().last()?.to_ascii_lowercase() {
         'k' => (&t[..t.len() - 1], 1u64 << 10),
         'm' => (&t[..t.len() - 1], 1 << 20),
@@ -619,4 +621,22 @@ fn sweep(
     }
     report.plans_swept += 1;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("10k"), Some(10 << 10));
+        assert_eq!(parse_size("256MiB"), Some(256 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("7B"), Some(7));
+        for bad in ["", "MiB", "lots", "-1k", "1.5G"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
 }

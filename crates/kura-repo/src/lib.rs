@@ -36,6 +36,7 @@ pub mod plan;
 pub mod repo;
 pub mod session;
 pub mod snapshot;
+pub mod trash;
 pub mod tree;
 
 pub use chunker::Chunker;

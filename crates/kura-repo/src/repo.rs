@@ -12,6 +12,7 @@ use crate::pack::{self, BlobKind, Compression, PackBuilder};
 use crate::plan::PrunePlan;
 use crate::session::Session;
 use crate::snapshot::Snapshot;
+use crate::trash::TrashRecord;
 use crate::tree::Tree;
 use kura_store::{Kind, ObjectName, Store, StoreError};
 use std::collections::HashSet;
@@ -580,6 +581,27 @@ impl Repository {
     pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot, RepoError> {
         let (obj, bytes) = self.get_verified(Kind::Snapshot, id)?;
         Snapshot::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
+    }
+
+    /// Snapshots in a kura server's trash (deleted, still within the undelete window), each
+    /// with its record and the decoded snapshot or the error that names it. Their data must
+    /// stay until the server expires them: prune counts them as used.
+    pub fn trashed(&self) -> Result<Vec<(Id, Result<(TrashRecord, Snapshot, Vec<u8>), RepoError>)>, RepoError> {
+        let mut out = Vec::new();
+        for l in self.store.list(Kind::Trash)? {
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            let obj = ObjectName::new(Kind::Trash, &l.name);
+            let r = match self.store.get(Kind::Trash, &l.name) {
+                // Expired between listing and reading.
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => Err(e.into()),
+                Ok(bytes) => TrashRecord::decode(&id, &bytes)
+                    .and_then(|(rec, snap)| Ok((rec, Snapshot::decode(&self.key, &snap)?, snap)))
+                    .map_err(|d| RepoError::corrupt(&obj, d)),
+            };
+            out.push((id, r));
+        }
+        Ok(out)
     }
 
     /// Every snapshot, each decoded or the error that names it; sorted by time.

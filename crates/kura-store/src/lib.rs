@@ -16,8 +16,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod local;
+pub mod remote;
 
 pub use local::LocalStore;
+pub use remote::{RemoteOptions, RemoteStore};
 
 use std::fmt;
 
@@ -41,11 +43,17 @@ pub enum Kind {
     Plan,
     /// Protection marks: `protected/<snapshot id>` keeps that snapshot from `forget`.
     Protection,
+    /// Server receipts: `receipts/<snapshot id>` records when a kura server received that
+    /// snapshot, by the server's clock. Written only by the server.
+    Receipt,
+    /// Deleted snapshots within a kura server's undelete window: `trash/<snapshot id>` holds
+    /// the snapshot's bytes and when it was deleted. Written and expired only by the server.
+    Trash,
 }
 
 impl Kind {
     /// Every kind, in the order a full listing walks them.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Config,
         Kind::Key,
         Kind::Pack,
@@ -54,6 +62,8 @@ impl Kind {
         Kind::Session,
         Kind::Plan,
         Kind::Protection,
+        Kind::Receipt,
+        Kind::Trash,
     ];
 
     /// The directory (or key prefix) objects of this kind live under.
@@ -67,7 +77,28 @@ impl Kind {
             Kind::Session => "sessions",
             Kind::Plan => "plans",
             Kind::Protection => "protected",
+            Kind::Receipt => "receipts",
+            Kind::Trash => "trash",
         }
+    }
+
+    /// The kind's path segment in the server's URLs (`config` for the config object).
+    pub fn wire(self) -> &'static str {
+        match self {
+            Kind::Config => "config",
+            k => k.dir(),
+        }
+    }
+
+    /// The kind a URL path segment names.
+    pub fn from_wire(segment: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.wire() == segment)
+    }
+
+    /// True for kinds whose objects are named by the BLAKE3 hash of their bytes, which anyone
+    /// (a keyless server) can check.
+    pub fn content_addressed(self) -> bool {
+        matches!(self, Kind::Key | Kind::Pack | Kind::Index | Kind::Snapshot | Kind::Plan)
     }
 }
 
@@ -138,6 +169,9 @@ pub enum StoreError {
     /// The store itself (the repository location) does not exist.
     #[error("no repository at {0}")]
     NoStore(String),
+    /// A repository location that cannot be used as written (a malformed server address).
+    #[error("{0}")]
+    BadLocation(String),
     /// A name that is not a valid object name (path separators, dots, empty).
     #[error("invalid object name {0:?}")]
     InvalidName(String),
@@ -152,6 +186,39 @@ pub enum StoreError {
         end: u64,
         /// Actual length.
         len: u64,
+    },
+    /// A kura server refused the request for lack of rights (token unknown, revoked, or its
+    /// role does not allow this).
+    #[error("the server refused to {verb} {target}: {reason}")]
+    Denied {
+        /// What was being done.
+        verb: Verb,
+        /// The object or location.
+        target: String,
+        /// The server's reason.
+        reason: String,
+    },
+    /// A kura server answered with an error other than a refusal.
+    #[error("cannot {verb} {target}: server answered {status}: {message}")]
+    Server {
+        /// What was being done.
+        verb: Verb,
+        /// The object or location.
+        target: String,
+        /// HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// The server could not be reached or the connection broke, after retries.
+    #[error("cannot {verb} {target}: {detail}")]
+    Network {
+        /// What was being done.
+        verb: Verb,
+        /// The object or location.
+        target: String,
+        /// What went wrong on the wire.
+        detail: String,
     },
     /// The medium failed: permission, full disk, I/O error.
     #[error("cannot {verb} {target}")]
@@ -170,18 +237,22 @@ impl StoreError {
     /// True when the medium ran out of space (the caller may free space and run again).
     pub fn is_full(&self) -> bool {
         matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(28))
+            || matches!(self, StoreError::Server { status: 507, .. })
     }
 
     /// True when the store cannot be written at all (read-only media, no permission).
     pub fn is_read_only(&self) -> bool {
         matches!(self, StoreError::Io { source, .. }
             if source.raw_os_error() == Some(30) || source.kind() == std::io::ErrorKind::PermissionDenied)
+            || matches!(self, StoreError::Denied { .. })
     }
 
     /// True for errors worth retrying (network hiccups); the local store has none.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Io { source, .. }
             if matches!(source.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut))
+            || matches!(self, StoreError::Network { .. })
+            || matches!(self, StoreError::Server { status, .. } if *status >= 500 && *status != 507)
     }
 }
 
@@ -229,6 +300,13 @@ pub trait Store: Send + Sync {
 
     /// A human description of where the store is, for messages.
     fn location(&self) -> String;
+
+    /// Fails with [`StoreError::Denied`] when this client may not delete or change existing
+    /// objects (a kura server's backup and read tokens), so that commands which do (forget,
+    /// prune, repair) refuse before doing any work. Local stores allow it.
+    fn check_admin(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// An object being written; see [`Store::stage`].

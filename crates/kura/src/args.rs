@@ -7,10 +7,17 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "kura", version, about, max_term_width = 100)]
 pub struct Cli {
-    /// Repository: a local path. Default: a repository under your data directory, created on
-    /// first backup.
+    /// Repository: a local path, or a kura server's `kura://HOST:PORT/REPO`. Default: a
+    /// repository under your data directory, created on first backup.
     #[arg(short = 'r', long = "repo", env = "KURA_REPOSITORY", global = true)]
-    pub repo: Option<PathBuf>,
+    pub repo: Option<String>,
+    /// For a kura server: read the access token from this file (else KURA_TOKEN).
+    #[arg(long, env = "KURA_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// For a kura server: accept exactly the certificate with this SHA-256 fingerprint (as
+    /// `kura serve` prints it); else the system's CAs decide.
+    #[arg(long, env = "KURA_FINGERPRINT", global = true)]
+    pub fingerprint: Option<String>,
     /// Read the repository password from this file (else KURA_PASSWORD, else a prompt).
     #[arg(long, env = "KURA_PASSWORD_FILE", global = true)]
     pub password_file: Option<PathBuf>,
@@ -63,7 +70,7 @@ pub enum Command {
     #[command(subcommand)]
     Key(KeyCommand),
     /// Remove snapshots a retention policy does not keep (shows every decision and its rule).
-    Forget(ForgetArgs),
+    Forget(Box<ForgetArgs>),
     /// Delete data no snapshot uses; safe while backups run.
     Prune(PruneArgs),
     /// Protect a snapshot: forget never removes it.
@@ -82,6 +89,54 @@ pub enum Command {
     /// Repair a damaged repository.
     #[command(subcommand)]
     Repair(RepairCommand),
+    /// Run a kura server hosting repositories for other machines (see `kura serve token`).
+    Serve(ServeArgs),
+}
+
+/// `kura serve` options.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The server's configuration file.
+    #[arg(long, short = 'c', env = "KURA_SERVER_CONFIG")]
+    pub config: PathBuf,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Manage access tokens instead of serving.
+    #[command(subcommand)]
+    pub command: Option<ServeCommand>,
+}
+
+/// `kura serve` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ServeCommand {
+    /// Manage the server's access tokens (a running server picks changes up by itself).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `kura serve token` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token and print its secret (shown only this once).
+    Add {
+        /// backup (add snapshots, never delete), read (restore only) or admin (everything).
+        #[arg(long)]
+        role: String,
+        /// Repository it opens (repeatable); `*` for all.
+        #[arg(long = "repository", required = true)]
+        repos: Vec<String>,
+        /// A name for it: the host or person that holds it.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List tokens (ids, labels, roles; never secrets).
+    List,
+    /// Revoke tokens by id or label.
+    Revoke {
+        /// Token id or label.
+        which: String,
+    },
 }
 
 /// `kura repair` subcommands.

@@ -1,6 +1,7 @@
 //! The `kura` binary: parses the command line, runs one command, prints one line per error and
 //! exits with a code restic users know (0 ok, 1 fatal, 3 partial, 10 no repository, 12 wrong
-//! password, 11 another prune is running, 130 interrupted).
+//! password, 11 another prune is running, 130 interrupted) and kura's own (13 refused by the
+//! server: token or role, 14 server unreachable).
 
 mod args;
 mod cmd;
@@ -12,6 +13,7 @@ use args::{Cli, Command};
 use clap::Parser;
 use kura_ops::OpsError;
 use kura_repo::RepoError;
+use kura_store::StoreError;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -34,6 +36,15 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         match repo {
             Some(RepoError::NotFound(_)) => return 10,
             Some(RepoError::WrongPassword { .. }) => return 12,
+            _ => {}
+        }
+        let store = cause.downcast_ref::<StoreError>().or(match repo {
+            Some(RepoError::Store(s)) => Some(s),
+            _ => None,
+        });
+        match store {
+            Some(StoreError::Denied { .. }) => return 13,
+            Some(StoreError::Network { .. }) => return 14,
             _ => {}
         }
         match cause.downcast_ref::<OpsError>() {
@@ -61,6 +72,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Protect { snapshot, reason } => cmd::retain::protect(cli, snapshot, Some(reason)),
         Command::Unprotect { snapshot } => cmd::retain::protect(cli, snapshot, None),
         Command::Repair(r) => cmd::repair::run(cli, r),
+        Command::Serve(a) => cmd::serve::run(cli, a),
     }
 }
 

@@ -5,7 +5,8 @@
 use crate::args::Cli;
 use anyhow::{Context, Result, bail};
 use kura_repo::{KdfParams, RepoError, Repository};
-use kura_store::{LocalStore, Store};
+use kura_store::remote::{RemoteOptions, is_remote};
+use kura_store::{LocalStore, RemoteStore, Store};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
@@ -13,10 +14,19 @@ use std::sync::Arc;
 
 /// Where the repository is and whether it is the embedded default.
 pub struct Location {
-    /// Directory of the repository.
+    /// Directory of the repository (empty for a server's).
     pub path: PathBuf,
+    /// `kura://HOST:PORT/REPO` when a kura server hosts it.
+    pub url: Option<String>,
     /// True when no repository was named and the default is used.
     pub default: bool,
+}
+
+impl Location {
+    /// The location as the user named it, for messages.
+    pub fn describe(&self) -> String {
+        self.url.clone().unwrap_or_else(|| self.path.display().to_string())
+    }
 }
 
 /// The default repository's directory and password file.
@@ -29,8 +39,54 @@ pub fn default_paths() -> Result<(PathBuf, PathBuf)> {
 /// Resolves the repository location.
 pub fn location(cli: &Cli) -> Result<Location> {
     match &cli.repo {
-        Some(p) => Ok(Location { path: p.clone(), default: false }),
-        None => Ok(Location { path: default_paths()?.0, default: true }),
+        Some(u) if is_remote(u) => Ok(Location { path: PathBuf::new(), url: Some(u.clone()), default: false }),
+        Some(p) => Ok(Location { path: PathBuf::from(p), url: None, default: false }),
+        None => Ok(Location { path: default_paths()?.0, url: None, default: true }),
+    }
+}
+
+/// How to reach a kura server: the token from --token-file or KURA_TOKEN, the pinned
+/// fingerprint, and KURA_RETRIES (attempts after the first for network failures).
+fn remote_options(cli: &Cli) -> Result<RemoteOptions> {
+    let token = match (&cli.token_file, std::env::var("KURA_TOKEN")) {
+        (Some(f), _) => {
+            let t = std::fs::read_to_string(f).with_context(|| format!("cannot read token file {}", f.display()))?;
+            t.trim().to_string()
+        }
+        (None, Ok(t)) => t,
+        (None, Err(_)) => bail!("a kura server needs an access token: set KURA_TOKEN or use --token-file"),
+    };
+    let mut opts = RemoteOptions { token: token.trim().to_string(), fingerprint: cli.fingerprint.clone(), ..Default::default() };
+    if let Ok(r) = std::env::var("KURA_RETRIES") {
+        opts.retries = r.parse().with_context(|| format!("KURA_RETRIES={r:?} is not a number"))?;
+    }
+    Ok(opts)
+}
+
+/// Opens the store of an existing repository (no key needed yet).
+pub fn open_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
+    Ok(match &loc.url {
+        Some(u) => Arc::new(RemoteStore::open(u, &remote_options(cli)?).map_err(RepoError::from)?),
+        None => Arc::new(LocalStore::open(&loc.path).map_err(RepoError::from)?),
+    })
+}
+
+/// Prepares the store of a repository `init` is about to create; refuses an existing one.
+pub fn create_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
+    match &loc.url {
+        Some(u) => {
+            let s = RemoteStore::create(u, &remote_options(cli)?).map_err(RepoError::from)?;
+            if s.info().map_err(RepoError::from)?.initialised {
+                bail!(RepoError::AlreadyExists(loc.describe()));
+            }
+            Ok(Arc::new(s))
+        }
+        None => {
+            if LocalStore::open(&loc.path).is_ok() {
+                bail!(RepoError::AlreadyExists(loc.describe()));
+            }
+            Ok(Arc::new(LocalStore::create(&loc.path).map_err(RepoError::from)?))
+        }
     }
 }
 
@@ -91,9 +147,19 @@ pub fn prompt(what: &str, confirm: bool) -> Result<Vec<u8>> {
 /// Opens the repository and loads its index.
 pub fn open(cli: &Cli) -> Result<Repository> {
     let loc = location(cli)?;
-    let store = LocalStore::open(&loc.path).map_err(RepoError::from)?;
+    let store = open_store(cli, &loc)?;
     let pw = password(cli, &loc, false)?;
-    let repo = Repository::open(Arc::new(store) as Arc<dyn Store>, &pw)?;
+    let repo = Repository::open(store, &pw)?;
+    Ok(repo)
+}
+
+/// Opens the repository for a command that deletes or changes existing objects; a kura
+/// server's backup or read token is refused before any work (unless only reporting).
+pub fn open_admin(cli: &Cli, dry_run: bool) -> Result<Repository> {
+    let repo = open(cli)?;
+    if !dry_run {
+        repo.store().check_admin().map_err(RepoError::from)?;
+    }
     Ok(repo)
 }
 

@@ -7,8 +7,6 @@ use anyhow::{Context, Result, bail};
 use kura_ops::backup::{BackupOptions, backup, backup_stdin};
 use kura_ops::check::{CheckOptions, check};
 use kura_repo::{KdfParams, Repository};
-use kura_store::LocalStore;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 /// Parses `--time`: RFC 3339, or a civil "YYYY-MM-DD HH:MM[:SS]" in the local time zone.
@@ -27,16 +25,13 @@ fn hostname() -> String {
 /// `kura init`.
 pub fn init(cli: &Cli) -> Result<Outcome> {
     let loc = open::location(cli)?;
-    if LocalStore::open(&loc.path).is_ok() {
-        bail!(kura_repo::RepoError::AlreadyExists(loc.path.display().to_string()));
-    }
+    let store = open::create_store(cli, &loc)?;
     let pw = open::password(cli, &loc, true)?;
-    let store = LocalStore::create(&loc.path).map_err(kura_repo::RepoError::from)?;
-    let repo = Repository::init(Arc::new(store), &pw, KdfParams::default())?;
+    let repo = Repository::init(store, &pw, KdfParams::default())?;
     if cli.json {
-        json(&serde_json::json!({"repository": loc.path, "id": repo.config().id, "version": repo.config().version}))?;
+        json(&serde_json::json!({"repository": loc.describe(), "id": repo.config().id, "version": repo.config().version}))?;
     } else if !cli.quiet {
-        println!("created kura repository {} at {}", crate::output::short(&repo.config().id, 10), loc.path.display());
+        println!("created kura repository {} at {}", crate::output::short(&repo.config().id, 10), loc.describe());
         println!("keep the password safe: without it the data in this repository cannot be read");
     }
     Ok(Outcome::Ok)
@@ -80,7 +75,7 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
         json(&r)?;
     } else if !cli.quiet {
         let s = &r.summary;
-        println!("snapshot {} saved{}", crate::output::short(&r.snapshot, 8), r.parent.as_ref().map(|p| format!(" (parent {})", crate::output::short(&p, 8))).unwrap_or_default());
+        println!("snapshot {} saved{}", crate::output::short(&r.snapshot, 8), r.parent.as_ref().map(|p| format!(" (parent {})", crate::output::short(p, 8))).unwrap_or_default());
         println!(
             "files: {} new, {} changed, {} unchanged; {} directories; {} in total",
             s.files_new, s.files_changed, s.files_unchanged, s.dirs, bytes(s.bytes_total)
@@ -109,10 +104,7 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
 
 /// `kura check`.
 pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
-    let loc = open::location(cli)?;
-    let store = LocalStore::open(&loc.path).map_err(kura_repo::RepoError::from)?;
-    let pw = open::password(cli, &loc, false)?;
-    let repo = Repository::open(Arc::new(store), &pw)?;
+    let repo = open::open(cli)?;
     open::start_reader_session(&repo, "check")?;
     let subset = a.read_data_subset.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
     let opts = CheckOptions { read_data: a.read_data || a.deep || subset.is_some(), deep: a.deep, subset };

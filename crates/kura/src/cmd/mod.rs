@@ -7,3 +7,4 @@ pub mod key;
 pub mod repair;
 pub mod restore;
 pub mod retain;
+pub mod serve;

@@ -11,7 +11,7 @@ use kura_ops::repair::{repair_index, repair_snapshots};
 pub fn run(cli: &Cli, r: &RepairCommand) -> Result<Outcome> {
     match r {
         RepairCommand::Index { read_data } => {
-            let repo = open::open(cli)?;
+            let repo = open::open_admin(cli, false)?;
             repo.start_session("repair").context("registering the repair session")?;
             let rep = repair_index(&repo, *read_data, &NoProgress).context("rebuilding the index")?;
             if cli.json {

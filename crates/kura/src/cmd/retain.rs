@@ -88,7 +88,7 @@ fn run_prune(cli: &Cli, repo: &Repository, opts: &PruneOptions) -> Result<PruneR
 /// `kura prune`.
 pub fn prune(cli: &Cli, a: &PruneArgs) -> Result<Outcome> {
     let opts = prune_options(a.dry_run, &a.opts)?;
-    let repo = open::open(cli)?;
+    let repo = open::open_admin(cli, a.dry_run)?;
     let r = run_prune(cli, &repo, &opts)?;
     if cli.json {
         json(&r)?;
@@ -102,7 +102,7 @@ fn forget_ids(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
     if a.policy.is_some() || policy::has_rules(a) {
         anyhow::bail!("give either snapshot ids or a retention policy, not both");
     }
-    let repo = open::open(cli)?;
+    let repo = open::open_admin(cli, a.dry_run)?;
     let protected = repo.protections()?;
     let mut ids = Vec::new();
     for spec in &a.snapshots {
@@ -151,7 +151,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
         Some(t) => crate::cmd::backup::parse_time(t)?,
         None => jiff::Timestamp::now(),
     };
-    let repo = open::open(cli)?;
+    let repo = open::open_admin(cli, a.dry_run)?;
     let opts = ForgetOptions {
         group_by: resolved.group_by,
         tz: resolved.tz.clone(),
@@ -179,7 +179,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
 
 /// `kura protect` / `kura unprotect`.
 pub fn protect(cli: &Cli, spec: &str, reason: Option<&str>) -> Result<Outcome> {
-    let repo = open::open(cli)?;
+    let repo = open::open_admin(cli, false)?;
     let (id, _) = repo.find_snapshot(spec, |_| true)?;
     let changed = match reason {
         Some(r) => repo.protect(&id, r)?,

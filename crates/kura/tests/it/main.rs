@@ -8,4 +8,5 @@ mod corruption;
 mod crash;
 mod generations;
 mod roundtrip;
+mod server;
 mod util;

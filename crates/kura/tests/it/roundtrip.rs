@@ -327,7 +327,7 @@ fn device_nodes_round_trip_when_root() {
     let src = e.path("src");
     fs::create_dir_all(&src).unwrap();
     let dev = rustix::fs::makedev(1, 3);
-    rustix::fs::mknodat(rustix::fs::CWD, &src.join("null"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::from_raw_mode(0o640), dev).unwrap();
+    rustix::fs::mknodat(rustix::fs::CWD, src.join("null"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::from_raw_mode(0o640), dev).unwrap();
     e.ok(&["backup", src.to_str().unwrap()]);
     let out = e.path("out");
     e.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);

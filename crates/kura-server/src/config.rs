@@ -1,0 +1,200 @@
+//! The server's configuration file (`server.toml`): where to listen, where its state lives,
+//! which repositories it hosts and the limits it enforces.
+
+use crate::ServerError;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `server.toml`, as parsed; unknown keys are errors, so a typo never silently disables a limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to listen on (`0.0.0.0:8443`; port 0 picks a free one).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory of the server's own state: the token list and a generated certificate.
+    pub state_dir: PathBuf,
+    /// A CA-signed certificate; without it the server generates a self-signed one on first
+    /// start and prints its fingerprint, which clients pin.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// Limits against abusive clients.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The repositories this server hosts.
+    #[serde(default, rename = "repository")]
+    pub repositories: Vec<RepoConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+/// PEM files of a certificate chain and its private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// One hosted repository.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    /// Name in URLs: `kura://HOST:PORT/<name>`.
+    pub name: String,
+    /// Directory of the repository (created if missing); default `<state_dir>/repos/<name>`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+/// Limits, with defaults that a normal client never reaches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest object accepted (`256MiB`); a pack is at most a few times the pack size.
+    pub max_object_size: String,
+    /// Upload bytes held in memory at once across all clients (`1GiB`); further uploads wait.
+    pub max_upload_memory: String,
+    /// An upload that sends nothing for this long is cut off (`30s`).
+    pub idle_timeout: String,
+    /// A client must send its request headers within this long (`30s`).
+    pub header_timeout: String,
+    /// Failed token checks allowed per client address in a burst, refilled one per second.
+    pub auth_failures_burst: u32,
+    /// A snapshot whose claimed time is this far after its receive time is flagged (`10m`).
+    pub future_skew: String,
+    /// A snapshot whose claimed time is this far before its receive time is flagged (`2d`).
+    pub past_skew: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_object_size: "256MiB".into(),
+            max_upload_memory: "1GiB".into(),
+            idle_timeout: "30s".into(),
+            header_timeout: "30s".into(),
+            auth_failures_burst: 20,
+            future_skew: "10m".into(),
+            past_skew: "2d".into(),
+        }
+    }
+}
+
+/// [`Limits`] with units resolved.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolvedLimits {
+    /// Bytes.
+    pub max_object_size: u64,
+    /// Bytes.
+    pub max_upload_memory: u64,
+    /// Idle upload cut-off.
+    pub idle_timeout: Duration,
+    /// Header deadline.
+    pub header_timeout: Duration,
+    /// Burst of failed token checks per address.
+    pub auth_failures_burst: u32,
+    /// Future skew that flags a snapshot.
+    pub future_skew: Duration,
+    /// Past skew that flags a snapshot.
+    pub past_skew: Duration,
+}
+
+fn duration(key: &str, s: &str) -> Result<Duration, ServerError> {
+    let span: jiff::Span = s.parse().map_err(|e| ServerError::Config(format!("limits.{key} = {s:?}: {e}")))?;
+    let d = jiff::SignedDuration::try_from(span)
+        .or_else(|_| span.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
+        .map_err(|e| ServerError::Config(format!("limits.{key} = {s:?}: {e}")))?;
+    Duration::try_from(d).map_err(|_| ServerError::Config(format!("limits.{key} = {s:?} is negative")))
+}
+
+fn size(key: &str, s: &str) -> Result<u64, ServerError> {
+    kura_ops::prune::parse_size(s)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ServerError::Config(format!("limits.{key} = {s:?} is not a size like 256MiB")))
+}
+
+impl ServerConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| match e {
+            ServerError::Config(m) => ServerError::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, ServerError> {
+        let cfg: ServerConfig = toml::from_str(text).map_err(|e| ServerError::Config(e.to_string().replace('\n', " ")))?;
+        let mut seen = std::collections::HashSet::new();
+        for r in &cfg.repositories {
+            kura_store::check_name(&r.name)
+                .map_err(|_| ServerError::Config(format!("repository name {:?} is not a plain name", r.name)))?;
+            if !seen.insert(&r.name) {
+                return Err(ServerError::Config(format!("repository {:?} is listed twice", r.name)));
+            }
+        }
+        cfg.limits()?;
+        Ok(cfg)
+    }
+
+    /// The limits with units resolved.
+    pub fn limits(&self) -> Result<ResolvedLimits, ServerError> {
+        let l = &self.limits;
+        Ok(ResolvedLimits {
+            max_object_size: size("max_object_size", &l.max_object_size)?,
+            max_upload_memory: size("max_upload_memory", &l.max_upload_memory)?,
+            idle_timeout: duration("idle_timeout", &l.idle_timeout)?,
+            header_timeout: duration("header_timeout", &l.header_timeout)?,
+            auth_failures_burst: l.auth_failures_burst.max(1),
+            future_skew: duration("future_skew", &l.future_skew)?,
+            past_skew: duration("past_skew", &l.past_skew)?,
+        })
+    }
+
+    /// A repository's directory.
+    pub fn repo_path(&self, r: &RepoConfig) -> PathBuf {
+        r.path.clone().unwrap_or_else(|| self.state_dir.join("repos").join(&r.name))
+    }
+
+    /// The token list's file.
+    pub fn tokens_path(&self) -> PathBuf {
+        self.state_dir.join("tokens.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = ServerConfig::parse("state_dir = \"/var/lib/kura\"\n[[repository]]\nname = \"office\"\n").unwrap();
+        assert_eq!(c.listen.port(), 8443);
+        assert_eq!(c.repo_path(&c.repositories[0]), PathBuf::from("/var/lib/kura/repos/office"));
+        let l = c.limits().unwrap();
+        assert_eq!(l.max_object_size, 256 << 20);
+        assert_eq!(l.past_skew, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn typos_duplicates_and_bad_names_are_errors() {
+        for bad in [
+            "state_dir = \"/x\"\nlisten_on = \"1.2.3.4:1\"",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"../etc\"",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n[[repository]]\nname = \"a\"",
+            "state_dir = \"/x\"\n[limits]\nmax_object_size = \"lots\"",
+            "state_dir = \"/x\"\n[limits]\nidle_timeout = \"soon\"",
+        ] {
+            assert!(ServerConfig::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
