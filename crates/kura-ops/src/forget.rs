@@ -1,16 +1,17 @@
 //! Forget: group snapshots, apply the retention policy of each group, and delete the snapshots
-//! no rule keeps. Works on the snapshots' public parts only (time, host, paths, tags), like a
-//! keyless server would; the data goes with the next prune.
+//! no rule keeps. Works on the snapshots' public parts only (time, host, paths, tags) and the
+//! server's receipts, so a keyless server runs it too; the data goes with the next prune.
 
 use crate::error::OpsError;
 use crate::retention::{self, Item, Policy, Reason};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use kura_repo::snapshot::decode_public;
+use kura_repo::receipt::Receipt;
 use kura_repo::{Id, Repository};
-use kura_store::{Kind, StoreError};
+use kura_store::{Kind, Store, StoreError};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Which snapshot fields form a group; each group gets retention of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +85,11 @@ impl std::fmt::Display for GroupKey {
 pub struct Decision {
     /// Snapshot id (hex).
     pub id: String,
-    /// Its time (RFC 3339 UTC).
+    /// Its time as the client claims it (RFC 3339 UTC).
     pub time: String,
+    /// When a kura server received it (its receipt), which retention uses instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
     /// Host.
     pub host: String,
     /// Paths.
@@ -132,12 +136,44 @@ pub fn plan(
     opts: &ForgetOptions,
     policy_for: &dyn Fn(&GroupKey) -> Result<Policy, String>,
 ) -> Result<(Vec<GroupPlan>, Vec<String>), OpsError> {
-    let protected = repo.protections()?;
+    plan_store(repo.store().as_ref(), opts, policy_for)
+}
+
+/// The server's receive time of every snapshot that has a receipt.
+fn receive_times(store: &dyn Store) -> Result<HashMap<Id, Timestamp>, OpsError> {
+    let mut out = HashMap::new();
+    for l in store.list(Kind::Receipt)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        match store.get(Kind::Receipt, &l.name) {
+            Ok(b) => {
+                if let Some((_, t)) = Receipt::decode(&b) {
+                    out.insert(id, t);
+                }
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// [`plan`] on a store, without the key: what a keyless server runs. Where a kura server
+/// recorded when it received a snapshot, that time counts, not the one the client claims.
+pub fn plan_store(
+    store: &dyn Store,
+    opts: &ForgetOptions,
+    policy_for: &dyn Fn(&GroupKey) -> Result<Policy, String>,
+) -> Result<(Vec<GroupPlan>, Vec<String>), OpsError> {
+    let protected: HashSet<Id> = store.list(Kind::Protection)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    let received = receive_times(store)?;
+    let time_of = |id: &Id, p: &kura_repo::SnapshotPublic| {
+        received.get(id).copied().unwrap_or_else(|| p.time.parse().unwrap_or(Timestamp::UNIX_EPOCH))
+    };
     let mut warnings = Vec::new();
     let mut groups: BTreeMap<GroupKey, Vec<(Id, kura_repo::SnapshotPublic)>> = BTreeMap::new();
-    for l in repo.store().list(Kind::Snapshot)? {
+    for l in store.list(Kind::Snapshot)? {
         let Some(id) = Id::from_hex(&l.name) else { continue };
-        let bytes = match repo.store().get(Kind::Snapshot, &l.name) {
+        let bytes = match store.get(Kind::Snapshot, &l.name) {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
@@ -188,7 +224,7 @@ pub fn plan(
         let items: Vec<Item> = judged
             .iter()
             .map(|(id, p)| Item {
-                time: p.time.parse().unwrap_or(Timestamp::UNIX_EPOCH),
+                time: time_of(id, p),
                 tags: p.tags.clone(),
                 protected: protected.contains(id),
                 order: id.0,
@@ -198,7 +234,7 @@ pub fn plan(
         let mut decisions: Vec<(Timestamp, Decision)> = Vec::new();
         for (((id, p), reasons), it) in judged.into_iter().zip(reasons).zip(&items) {
             verdicts.insert(*id, !reasons.is_empty());
-            decisions.push((it.time, decision(id, p, reasons)));
+            decisions.push((it.time, decision(id, p, reasons, received.get(id))));
         }
         out.push((key.clone(), policy.describe(), decisions));
     }
@@ -212,9 +248,8 @@ pub fn plan(
             if verdicts.get(&copy).copied().unwrap_or(true) {
                 reasons.push(Reason::RepairedAs { id: copy.to_hex() });
             }
-            let time = p.time.parse().unwrap_or(Timestamp::UNIX_EPOCH);
             if let Some(g) = out.iter_mut().find(|g| &g.0 == key) {
-                g.2.push((time, decision(id, p, reasons)));
+                g.2.push((time_of(id, p), decision(id, p, reasons, received.get(id))));
             }
         }
     }
@@ -228,10 +263,11 @@ pub fn plan(
     Ok((out, warnings))
 }
 
-fn decision(id: &Id, p: &kura_repo::SnapshotPublic, reasons: Vec<Reason>) -> Decision {
+fn decision(id: &Id, p: &kura_repo::SnapshotPublic, reasons: Vec<Reason>, received: Option<&Timestamp>) -> Decision {
     Decision {
         id: id.to_hex(),
         time: p.time.clone(),
+        received: received.map(|t| t.to_string()),
         host: p.host.clone(),
         paths: p.paths.clone(),
         tags: p.tags.clone(),

@@ -9,6 +9,7 @@ pub mod check;
 pub mod forget;
 pub mod error;
 pub mod fsmeta;
+pub mod policy;
 pub mod progress;
 pub mod prune;
 pub mod repair;

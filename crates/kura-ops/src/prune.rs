@@ -82,6 +82,8 @@ impl Default for PruneOptions {
 pub struct PruneReport {
     /// Snapshots whose data was kept.
     pub snapshots: usize,
+    /// Deleted snapshots still in a server's undelete window, whose data was kept.
+    pub trashed: usize,
     /// Packs in the repository before.
     pub packs: usize,
     /// Their bytes.
@@ -200,6 +202,18 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
         known.push(*id);
     }
     report.snapshots = known.len();
+    // Snapshots in a kura server's trash keep their data until the server expires them at the
+    // end of the undelete window; an unreadable one (forged by a backup token) keeps nothing.
+    for (id, t) in repo.trashed()? {
+        match t {
+            Ok((_, snap, _)) => {
+                snapshots.push((id, Ok(snap)));
+                known.push(id);
+                report.trashed += 1;
+            }
+            Err(e) => progress.warn(&format!("{e}; no data is kept for it")),
+        }
+    }
     // Trees of snapshots made since the index was loaded may sit in packs it does not cover;
     // unreadable headers are reported below.
     repo.index_orphan_packs(false)?;

@@ -33,6 +33,7 @@ pub mod index;
 pub mod keyfile;
 pub mod pack;
 pub mod plan;
+pub mod receipt;
 pub mod repo;
 pub mod session;
 pub mod snapshot;

@@ -67,6 +67,10 @@ pub type Plans = Vec<(Id, PrunePlan)>;
 /// Every snapshot id with the snapshot or the error that names it.
 pub type SnapshotList = Vec<(Id, Result<Snapshot, RepoError>)>;
 
+/// Snapshots in a server's trash: each id with its record, decoded snapshot and stored bytes,
+/// or the error that names it.
+pub type TrashList = Vec<(Id, Result<(TrashRecord, Snapshot, Vec<u8>), RepoError>)>;
+
 /// An open repository.
 pub struct Repository {
     store: Arc<dyn Store>,
@@ -586,7 +590,7 @@ impl Repository {
     /// Snapshots in a kura server's trash (deleted, still within the undelete window), each
     /// with its record and the decoded snapshot or the error that names it. Their data must
     /// stay until the server expires them: prune counts them as used.
-    pub fn trashed(&self) -> Result<Vec<(Id, Result<(TrashRecord, Snapshot, Vec<u8>), RepoError>)>, RepoError> {
+    pub fn trashed(&self) -> Result<TrashList, RepoError> {
         let mut out = Vec::new();
         for l in self.store.list(Kind::Trash)? {
             let Some(id) = Id::from_hex(&l.name) else { continue };

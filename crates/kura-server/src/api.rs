@@ -3,6 +3,7 @@
 //! server's receive time of every snapshot.
 
 use crate::config::ResolvedLimits;
+use crate::jobs::{JobStatus, RepoJobs};
 use crate::tokens::{Role, TokenEntry, Tokens};
 use axum::Json;
 use axum::body::Body;
@@ -10,9 +11,10 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use kura_repo::receipt::Receipt;
 use kura_store::remote::{RepoInfo, WireListed};
 use kura_store::{Kind, LocalStore, Store, StoreError};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -60,12 +62,14 @@ pub struct Hosted {
     /// Which token created each session object, so only it (or an admin) replaces or deletes
     /// it. Forgotten on restart: sessions then expire by their heartbeat.
     session_owners: Mutex<HashMap<String, String>>,
+    /// Its scheduled jobs and their status.
+    pub jobs: RepoJobs,
 }
 
 impl Hosted {
     /// Hosts a repository stored in `store`.
-    pub fn new(name: String, store: LocalStore) -> Self {
-        Hosted { name, store: Arc::new(store), session_owners: Mutex::new(HashMap::new()) }
+    pub fn new(name: String, store: LocalStore, jobs: RepoJobs) -> Self {
+        Hosted { name, store: Arc::new(store), session_owners: Mutex::new(HashMap::new()), jobs }
     }
 }
 
@@ -276,7 +280,7 @@ pub struct PutQuery {
 /// Whether `role` may create objects of `kind`.
 fn may_write(role: Role, kind: Kind) -> Result<(), ApiError> {
     let ok = match kind {
-        Kind::Receipt => false,
+        Kind::Receipt | Kind::Trash => false,
         Kind::Session => true,
         Kind::Pack | Kind::Index | Kind::Snapshot => role != Role::Read,
         Kind::Config | Kind::Key | Kind::Plan | Kind::Protection => role == Role::Admin,
@@ -284,7 +288,11 @@ fn may_write(role: Role, kind: Kind) -> Result<(), ApiError> {
     if ok {
         return Ok(());
     }
-    let what = if kind == Kind::Receipt { "receipts are written by the server only".to_string() } else { format!("a {} token cannot write {}", role.name(), kind.wire()) };
+    let what = if matches!(kind, Kind::Receipt | Kind::Trash) {
+        format!("{} are written by the server only", kind.wire())
+    } else {
+        format!("a {} token cannot write {}", role.name(), kind.wire())
+    };
     Err(err(StatusCode::FORBIDDEN, what))
 }
 
@@ -320,24 +328,6 @@ async fn read_upload<'a>(s: &'a AppState, headers: &HeaderMap, body: Body) -> Re
         return Err(err(StatusCode::BAD_REQUEST, "upload shorter than its Content-Length; nothing was stored"));
     }
     Ok((buf, permit))
-}
-
-/// What the server records of a snapshot it received (`receipts/<snapshot id>`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Receipt {
-    /// Record version (1).
-    pub version: u32,
-    /// When the server stored the snapshot, by its own clock (RFC 3339).
-    pub received: String,
-    /// The time the client claims (the snapshot's public `time`).
-    pub claimed: String,
-    /// Claimed minus received, in seconds.
-    pub skew_seconds: i64,
-    /// Set when the claimed time is implausibly far from the receive time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flag: Option<String>,
-    /// Id of the token that uploaded it.
-    pub token: String,
 }
 
 fn check_upload(s: &AppState, kind: Kind, name: &str, data: &[u8]) -> Result<Option<jiff::Timestamp>, ApiError> {
@@ -437,6 +427,16 @@ pub async fn put_object(
     {
         owners.insert(name.clone(), tok.id.clone());
     }
+    if kind == Kind::Snapshot {
+        // Back from the trash (`kura undelete`): the trash record has done its job.
+        let store = hosted.store.clone();
+        let n = name.clone();
+        blocking(move || match store.delete(Kind::Trash, &n) {
+            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await?;
+    }
     if let Some(claimed) = claimed {
         let r = receipt(&s, claimed, &tok.id);
         if let Some(flag) = &r.flag {
@@ -455,11 +455,28 @@ pub async fn put_object(
     Ok(StatusCode::CREATED.into_response())
 }
 
+/// Moves a snapshot to the trash: the record is durable before the snapshot goes, so a crash
+/// in between leaves both (a repeated delete finishes the move), never neither.
+pub fn trash_snapshot(store: &LocalStore, name: &str, by: &str) -> Result<(), StoreError> {
+    let bytes = store.get(Kind::Snapshot, name)?;
+    let record = serde_json::to_vec(&kura_repo::trash::TrashRecord::new(&bytes, by)).unwrap_or_default();
+    match store.put_new(Kind::Trash, name, &record) {
+        Ok(()) | Err(StoreError::Exists(_)) => {}
+        Err(e) => return Err(e),
+    }
+    store.delete(Kind::Snapshot, name)
+}
+
 /// `DELETE /v1/<repo>/<kind>/<name>`: admin tokens; other tokens only their own sessions.
+/// A deleted snapshot goes to the trash for the repository's undelete window; the trash and
+/// receipts are the server's alone.
 pub async fn delete_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, kind, name)): Path<(String, String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
     let (tok, hosted) = s.authorize(&headers, peer.ip(), &repo)?;
     let kind = kind_of(&kind)?;
     object_name(kind, &name)?;
+    if matches!(kind, Kind::Trash | Kind::Receipt) {
+        return Err(err(StatusCode::FORBIDDEN, format!("{} are removed by the server only, when the undelete window ends", kind.wire())));
+    }
     if tok.role != Role::Admin {
         let own_session = kind == Kind::Session
             && hosted.session_owners.lock().map(|o| o.get(&name) == Some(&tok.id)).unwrap_or(false);
@@ -470,7 +487,8 @@ pub async fn delete_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo
     }
     let store = hosted.store.clone();
     let n = name.clone();
-    blocking(move || store.delete(kind, &n)).await?;
+    let by = tok.id.clone();
+    blocking(move || if kind == Kind::Snapshot { trash_snapshot(&store, &n, &by) } else { store.delete(kind, &n) }).await?;
     if kind == Kind::Session
         && let Ok(mut owners) = hosted.session_owners.lock()
     {
@@ -478,6 +496,32 @@ pub async fn delete_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo
     }
     tracing::info!(repo = %repo, object = %format!("{}/{name}", kind.wire()), token = %tok.id, "deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v1/<repo>/jobs`: each job's schedule, last run and next run.
+pub async fn jobs_status(State(s): Shared, ConnectInfo(peer): Peer, Path(repo): Path<String>, headers: HeaderMap) -> Result<Json<std::collections::BTreeMap<&'static str, JobStatus>>, ApiError> {
+    let (_, hosted) = s.authorize(&headers, peer.ip(), &repo)?;
+    let st = hosted.jobs.status.lock().map(|m| m.clone()).map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "poisoned"))?;
+    Ok(Json(st))
+}
+
+/// `POST /v1/<repo>/jobs/<job>`: runs a job now (admin); answers with what it did.
+pub async fn run_job(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, job)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let (tok, hosted) = s.authorize(&headers, peer.ip(), &repo)?;
+    if tok.role != Role::Admin {
+        return Err(err(StatusCode::FORBIDDEN, format!("a {} token cannot run jobs", tok.role.name())));
+    }
+    if !crate::jobs::JOBS.contains(&job.as_str()) {
+        return Err(err(StatusCode::NOT_FOUND, format!("no job named {job:?}")));
+    }
+    tracing::info!(repo = %repo, job = %job, token = %tok.id, "job started by request");
+    let result = tokio::task::spawn_blocking(move || crate::jobs::run_job(&hosted, &job))
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match result {
+        Ok(m) => Ok((StatusCode::OK, format!("{m}\n")).into_response()),
+        Err(m) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, m)),
+    }
 }
 
 #[cfg(test)]

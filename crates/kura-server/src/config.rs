@@ -51,6 +51,81 @@ pub struct RepoConfig {
     /// Directory of the repository (created if missing); default `<state_dir>/repos/<name>`.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// How long a deleted snapshot stays in the trash, recoverable with `kura undelete`, before
+    /// the server lets its data go (`7d`).
+    #[serde(default = "default_window")]
+    pub undelete_window: String,
+    /// Scheduled retention, by the server's clock.
+    #[serde(default)]
+    pub retention: Option<RetentionJob>,
+    /// Scheduled verification of stored bytes against their names (no key needed).
+    #[serde(default)]
+    pub verify: Option<VerifyJob>,
+}
+
+fn default_window() -> String {
+    "7d".into()
+}
+
+/// `[repository.retention]`: a schedule and a policy (the policy file's keys, docs/RETENTION.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetentionJob {
+    /// When it runs (`daily 02:00`).
+    pub schedule: String,
+    /// Zone of the schedule and of the calendar rules (default: the server's).
+    pub timezone: Option<String>,
+    /// Grouping (`host,paths`).
+    pub group_by: Option<String>,
+    /// The default policy.
+    pub keep: Option<kura_ops::policy::Keep>,
+    /// Per-group policies.
+    #[serde(default)]
+    pub group: Vec<kura_ops::policy::GroupSection>,
+}
+
+impl RetentionJob {
+    /// The policy as a policy file.
+    pub fn policy(&self) -> kura_ops::policy::PolicyFile {
+        kura_ops::policy::PolicyFile {
+            timezone: self.timezone.clone(),
+            group_by: self.group_by.clone(),
+            keep: self.keep.clone(),
+            group: self.group.clone(),
+        }
+    }
+}
+
+/// `[repository.verify]`: reads stored objects and checks them against their names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyJob {
+    /// When it runs (`daily 04:00`).
+    pub schedule: String,
+    /// `1/7`: each run reads the next seventh of the packs (all index files, snapshots and keys
+    /// every time); `all` reads every pack.
+    #[serde(default = "default_subset")]
+    pub subset: String,
+}
+
+fn default_subset() -> String {
+    "1/7".into()
+}
+
+/// Parses a verify subset: `all` or `1/N`.
+pub fn parse_subset(s: &str) -> Result<u64, String> {
+    if s == "all" {
+        return Ok(1);
+    }
+    match s.split_once('/') {
+        Some(("1", n)) => n.parse().ok().filter(|n: &u64| (1..=256).contains(n)).ok_or_else(|| format!("subset {s:?}: N must be 1..256")),
+        _ => Err(format!("subset {s:?}: use `all` or `1/N`")),
+    }
+}
+
+/// Parses a duration like `7d`, `12h`, `30s`.
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ServerError> {
+    duration(key, s)
 }
 
 /// Limits, with defaults that a normal client never reaches.
@@ -107,11 +182,11 @@ pub struct ResolvedLimits {
 }
 
 fn duration(key: &str, s: &str) -> Result<Duration, ServerError> {
-    let span: jiff::Span = s.parse().map_err(|e| ServerError::Config(format!("limits.{key} = {s:?}: {e}")))?;
+    let span: jiff::Span = s.parse().map_err(|e| ServerError::Config(format!("{key} = {s:?}: {e}")))?;
     let d = jiff::SignedDuration::try_from(span)
         .or_else(|_| span.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
-        .map_err(|e| ServerError::Config(format!("limits.{key} = {s:?}: {e}")))?;
-    Duration::try_from(d).map_err(|_| ServerError::Config(format!("limits.{key} = {s:?} is negative")))
+        .map_err(|e| ServerError::Config(format!("{key} = {s:?}: {e}")))?;
+    Duration::try_from(d).map_err(|_| ServerError::Config(format!("{key} = {s:?} is negative")))
 }
 
 fn size(key: &str, s: &str) -> Result<u64, ServerError> {
@@ -143,6 +218,18 @@ impl ServerConfig {
             }
         }
         cfg.limits()?;
+        for r in &cfg.repositories {
+            let ctx = |m: String| ServerError::Config(format!("repository {:?}: {m}", r.name));
+            duration("undelete_window", &r.undelete_window).map_err(|e| ctx(e.to_string()))?;
+            if let Some(j) = &r.retention {
+                j.schedule.parse::<crate::schedule::Schedule>().map_err(ctx)?;
+                j.policy().resolve(None, None, None).map_err(|e| ctx(format!("retention: {e}")))?;
+            }
+            if let Some(j) = &r.verify {
+                j.schedule.parse::<crate::schedule::Schedule>().map_err(ctx)?;
+                parse_subset(&j.subset).map_err(ctx)?;
+            }
+        }
         Ok(cfg)
     }
 
@@ -152,11 +239,11 @@ impl ServerConfig {
         Ok(ResolvedLimits {
             max_object_size: size("max_object_size", &l.max_object_size)?,
             max_upload_memory: size("max_upload_memory", &l.max_upload_memory)?,
-            idle_timeout: duration("idle_timeout", &l.idle_timeout)?,
-            header_timeout: duration("header_timeout", &l.header_timeout)?,
+            idle_timeout: duration("limits.idle_timeout", &l.idle_timeout)?,
+            header_timeout: duration("limits.header_timeout", &l.header_timeout)?,
             auth_failures_burst: l.auth_failures_burst.max(1),
-            future_skew: duration("future_skew", &l.future_skew)?,
-            past_skew: duration("past_skew", &l.past_skew)?,
+            future_skew: duration("limits.future_skew", &l.future_skew)?,
+            past_skew: duration("limits.past_skew", &l.past_skew)?,
         })
     }
 
@@ -186,6 +273,20 @@ mod tests {
     }
 
     #[test]
+    fn jobs_parse() {
+        let c = ServerConfig::parse(
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\nundelete_window = \"3d\"\n\
+             [repository.retention]\nschedule = \"daily 02:00\"\ntimezone = \"Europe/Berlin\"\nkeep = { daily = 7, weekly = 4 }\n\
+             [repository.verify]\nschedule = \"weekly sun 04:00\"\n",
+        )
+        .unwrap();
+        let r = &c.repositories[0];
+        assert_eq!(r.undelete_window, "3d");
+        assert_eq!(r.verify.as_ref().unwrap().subset, "1/7");
+        assert!(r.retention.as_ref().unwrap().policy().resolve(None, None, None).is_ok());
+    }
+
+    #[test]
     fn typos_duplicates_and_bad_names_are_errors() {
         for bad in [
             "state_dir = \"/x\"\nlisten_on = \"1.2.3.4:1\"",
@@ -193,6 +294,11 @@ mod tests {
             "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n[[repository]]\nname = \"a\"",
             "state_dir = \"/x\"\n[limits]\nmax_object_size = \"lots\"",
             "state_dir = \"/x\"\n[limits]\nidle_timeout = \"soon\"",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\nundelete_window = \"a week\"",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n[repository.retention]\nschedule = \"daily 02:00\"",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n[repository.retention]\nschedule = \"at noon\"\nkeep = { daily = 7 }",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n[repository.retention]\nschedule = \"daily 02:00\"\nkeep = { dayly = 7 }",
+            "state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n[repository.verify]\nschedule = \"daily 04:00\"\nsubset = \"2/7\"",
         ] {
             assert!(ServerConfig::parse(bad).is_err(), "{bad} accepted");
         }

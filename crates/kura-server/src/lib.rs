@@ -9,6 +9,8 @@
 
 pub mod api;
 pub mod config;
+pub mod jobs;
+pub mod schedule;
 pub mod tls;
 pub mod tokens;
 
@@ -80,6 +82,8 @@ async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -
 pub fn router(state: Arc<api::AppState>) -> Router {
     Router::new()
         .route("/v1/{repo}", get(api::repo_info))
+        .route("/v1/{repo}/jobs", get(api::jobs_status))
+        .route("/v1/{repo}/jobs/{job}", axum::routing::post(api::run_job))
         .route("/v1/{repo}/{kind}/", get(api::list))
         .route("/v1/{repo}/{kind}/{name}", get(api::get_object).put(api::put_object).delete(api::delete_object))
         .fallback(|| async { api::ApiError(axum::http::StatusCode::NOT_FOUND, "no such endpoint".into()) })
@@ -95,7 +99,7 @@ fn host_repos(cfg: &ServerConfig) -> Result<Vec<api::Hosted>, ServerError> {
         .map(|r| {
             let path = cfg.repo_path(r);
             let store = LocalStore::create(&path).map_err(|source| ServerError::Repo { name: r.name.clone(), source })?;
-            Ok(api::Hosted::new(r.name.clone(), store))
+            Ok(api::Hosted::new(r.name.clone(), store, jobs::RepoJobs::new(r)?))
         })
         .collect()
 }
@@ -144,6 +148,7 @@ pub fn run(cfg: &ServerConfig, ready: impl FnOnce(SocketAddr, &tls::Identity, us
             tracing::info!("shutting down: finishing requests in flight (10 s at most)");
             h.graceful_shutdown(Some(Duration::from_secs(10)));
         });
+        tokio::spawn(jobs::scheduler(state.repos.values().cloned().collect()));
         ready(addr, &identity, token_count);
         server
             .handle(handle)

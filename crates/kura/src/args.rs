@@ -89,6 +89,12 @@ pub enum Command {
     /// Repair a damaged repository.
     #[command(subcommand)]
     Repair(RepairCommand),
+    /// Bring back snapshots deleted on a kura server within its undelete window; without ids,
+    /// list what can be brought back.
+    Undelete {
+        /// Snapshot ids (or unique prefixes) to bring back.
+        snapshots: Vec<String>,
+    },
     /// Run a kura server hosting repositories for other machines (see `kura serve token`).
     Serve(ServeArgs),
 }

@@ -73,6 +73,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Unprotect { snapshot } => cmd::retain::protect(cli, snapshot, None),
         Command::Repair(r) => cmd::repair::run(cli, r),
         Command::Serve(a) => cmd::serve::run(cli, a),
+        Command::Undelete { snapshots } => cmd::retain::undelete(cli, snapshots),
     }
 }
 

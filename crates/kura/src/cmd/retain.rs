@@ -193,3 +193,59 @@ pub fn protect(cli: &Cli, spec: &str, reason: Option<&str>) -> Result<Outcome> {
     }
     Ok(Outcome::Ok)
 }
+
+/// `kura undelete [ID...]`: lists the server's trash, or puts the named snapshots back (a
+/// backup token may: it only adds).
+pub fn undelete(cli: &Cli, specs: &[String]) -> Result<Outcome> {
+    let repo = open::open(cli)?;
+    let trashed = repo.trashed()?;
+    if specs.is_empty() {
+        if cli.json {
+            let list: Vec<_> = trashed
+                .iter()
+                .map(|(id, t)| match t {
+                    Ok((rec, snap, _)) => j!({"id": id.to_hex(), "deleted": rec.deleted, "by": rec.by, "time": snap.public.time,
+                        "host": snap.public.host, "paths": snap.public.paths, "tags": snap.public.tags}),
+                    Err(e) => j!({"id": id.to_hex(), "error": e.to_string()}),
+                })
+                .collect();
+            json(&list)?;
+        } else if trashed.is_empty() {
+            println!("nothing to undelete: no deleted snapshot is within an undelete window here");
+        } else {
+            println!("{:<8}  {:<20}  {:<8}  {:<20}  {:<12}  paths", "id", "deleted", "by", "time", "host");
+            for (id, t) in &trashed {
+                match t {
+                    Ok((rec, snap, _)) => println!(
+                        "{:<8}  {:<20}  {:<8}  {:<20}  {:<12}  {}",
+                        id.short(),
+                        &rec.deleted[..rec.deleted.len().min(19)],
+                        rec.by,
+                        &snap.public.time[..snap.public.time.len().min(19)],
+                        snap.public.host,
+                        snap.public.paths.join(" ")
+                    ),
+                    Err(e) => println!("{:<8}  unreadable: {e}", id.short()),
+                }
+            }
+        }
+        return Ok(Outcome::Ok);
+    }
+    for spec in specs {
+        let matches: Vec<_> = trashed.iter().filter(|(id, _)| id.to_hex().starts_with(spec.as_str())).collect();
+        let (id, t) = match matches.as_slice() {
+            [one] => *one,
+            [] => anyhow::bail!("no deleted snapshot matches {spec:?} (see `kura undelete` for the list)"),
+            _ => anyhow::bail!(kura_repo::RepoError::Ambiguous(spec.clone())),
+        };
+        let (rec, _, bytes) = t.as_ref().map_err(|e| anyhow::anyhow!("cannot undelete {}: {e}", id.short()))?;
+        match repo.store().put_new(kura_store::Kind::Snapshot, &id.to_hex(), bytes) {
+            Ok(()) | Err(kura_store::StoreError::Exists(_)) => {}
+            Err(e) => return Err(kura_repo::RepoError::from(e)).with_context(|| format!("undeleting {}", id.short())),
+        }
+        if !cli.quiet && !cli.json {
+            println!("snapshot {} is back (deleted {} by {})", id.short(), rec.deleted, rec.by);
+        }
+    }
+    Ok(Outcome::Ok)
+}

@@ -569,3 +569,92 @@ fn a_server_killed_during_uploads_exposes_no_half_object_and_clients_retry() {
     s.ok(&s.read, &["restore", "latest", "--target", target.to_str().unwrap()]);
     assert_same_tree(&src, &restored(&target, &src));
 }
+
+/// Total bytes of the repository's packs on the server's disk.
+fn pack_bytes(s: &Server) -> u64 {
+    let mut n = 0;
+    for d in std::fs::read_dir(s.repo_dir().join("data")).unwrap().flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            n += f.metadata().unwrap().len();
+        }
+    }
+    n
+}
+
+#[test]
+fn server_retention_uses_receive_times_and_deleted_snapshots_stay_undeletable_for_the_window() {
+    let s = Server::start(
+        "undelete_window = \"3s\"\n[repository.retention]\nschedule = \"daily 03:00\"\ntimezone = \"UTC\"\nkeep = { daily = 3 }\n\
+         [repository.verify]\nschedule = \"daily 04:00\"\nsubset = \"all\"\n",
+    );
+    s.ok(&s.admin, &["init"]);
+    // Five backups of different data, claiming to be from five different days: by their claims
+    // keep-daily 3 would keep three; the server received them all today, so it keeps one.
+    let src = s.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut claims = Vec::new();
+    for day in 0..5u64 {
+        std::fs::write(src.join("data.bin"), bytes(600_000, 500 + day)).unwrap();
+        let claimed = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * (5 - day as i64));
+        s.ok(&s.backup, &["backup", "--time", &claimed.to_string(), src.to_str().unwrap()]);
+        claims.push(claimed);
+    }
+    let http = s.http();
+    let job = |name: &str, token: &str| http.post(format!("https://{}/v1/office/jobs/{name}", s.addr)).bearer_auth(token).send().unwrap();
+    assert_eq!(job("retention", &s.backup).status(), 403);
+    let r = job("retention", &s.admin);
+    assert_eq!(r.status(), 200);
+    assert!(r.text().unwrap().contains("moved 4 to the trash"));
+    assert_eq!(s.names("snapshots").len(), 1);
+    assert_eq!(s.names("trash").len(), 4);
+
+    // The trash is listed, cannot be emptied by anyone, and its data survives an admin prune.
+    let listed = s.ok(&s.read, &["undelete"]);
+    assert_eq!(listed.lines().count(), 5, "{listed}");
+    let trashed = s.names("trash");
+    for token in [&s.admin, &s.backup] {
+        assert_eq!(http.delete(s.obj_url("trash", &trashed[0])).bearer_auth(token).send().unwrap().status(), 403);
+    }
+    s.ok(&s.admin, &["prune"]);
+    // The backup token brings one back (it only adds), and it restores bit-exact.
+    let oldest = s.ok(&s.read, &["--json", "undelete"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&oldest).unwrap();
+    let day0 = claims[0].to_string();
+    let first = list.iter().find(|e| e["time"].as_str().unwrap()[..19] == day0[..19]).unwrap()["id"].as_str().unwrap().to_string();
+    s.ok(&s.backup, &["undelete", &first[..8]]);
+    assert_eq!(s.names("trash").len(), 3);
+    let target = s.dir.path().join("restore0");
+    s.ok(&s.read, &["restore", &first[..8], "--target", target.to_str().unwrap()]);
+    assert_eq!(std::fs::read(restored(&target, &src).join("data.bin")).unwrap(), bytes(600_000, 500));
+
+    // An admin's forget also goes through the trash.
+    s.ok(&s.admin, &["forget", &first[..8]]);
+    assert_eq!(s.names("trash").len(), 4);
+
+    // After the window the server expires the trash, and only then does prune free the data.
+    let before = pack_bytes(&s);
+    std::thread::sleep(Duration::from_secs(4));
+    let r = job("expire", &s.admin);
+    assert!(r.text().unwrap().contains("expired 4 trashed"));
+    assert!(s.names("trash").is_empty());
+    assert_eq!(s.names("receipts").len(), 1);
+    s.ok(&s.admin, &["prune"]);
+    assert!(pack_bytes(&s) < before / 2, "prune freed too little: {} of {before}", pack_bytes(&s));
+    s.ok(&s.admin, &["check", "--read-data"]);
+
+    // Keyless verification: clean, then one flipped byte in a pack is named.
+    let r = job("verify", &s.admin);
+    assert_eq!(r.status(), 200);
+    let pack = s.names("data")[0].clone();
+    let path = s.repo_dir().join("data").join(&pack[..2]).join(&pack);
+    let mut b = std::fs::read(&path).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&path, b).unwrap();
+    let r = job("verify", &s.admin);
+    assert_eq!(r.status(), 500);
+    assert!(r.text().unwrap().contains(&pack));
+    let st: serde_json::Value = http.get(format!("https://{}/v1/office/jobs", s.addr)).bearer_auth(&s.read).send().unwrap().json_fallback();
+    assert_eq!(st["verify"]["last_ok"], false);
+    assert_eq!(st["retention"]["last_ok"], true);
+    assert!(st["retention"]["next"].as_str().unwrap().contains("T03:00:00"), "{st}");
+}

@@ -1,0 +1,32 @@
+//! Receipts (`receipts/<snapshot id>`): a kura server's record of when it received a snapshot,
+//! by its own clock. Retention uses this time when present, so a client cannot push
+//! generations out with fake or future-dated snapshot times.
+
+use serde::{Deserialize, Serialize};
+
+/// What the server records of a snapshot it received (plain JSON; FORMAT.md §14).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Receipt {
+    /// Record version (1).
+    pub version: u32,
+    /// When the server stored the snapshot, by its own clock (RFC 3339).
+    pub received: String,
+    /// The time the client claims (the snapshot's public `time`).
+    pub claimed: String,
+    /// Claimed minus received, in seconds.
+    pub skew_seconds: i64,
+    /// Set when the claimed time is implausibly far from the receive time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<String>,
+    /// Id of the token that uploaded it.
+    pub token: String,
+}
+
+impl Receipt {
+    /// Parses a receipt; `None` for anything that is not a version-1 receipt with a valid time.
+    pub fn decode(bytes: &[u8]) -> Option<(Receipt, jiff::Timestamp)> {
+        let r: Receipt = serde_json::from_slice(bytes).ok()?;
+        let t = r.received.parse().ok()?;
+        (r.version == 1).then_some((r, t))
+    }
+}

@@ -1,0 +1,291 @@
+//! Server-side jobs, none of which needs the repository key: retention by the server's receive
+//! times (deleted snapshots go to the trash), expiry of the trash after the undelete window,
+//! and verification of stored bytes against their content-addressed names.
+
+use crate::ServerError;
+use crate::api::{Hosted, trash_snapshot};
+use crate::config::{RepoConfig, parse_duration, parse_subset};
+use crate::schedule::Schedule;
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ZonedDateTime};
+use kura_ops::forget::{ForgetOptions, plan_store};
+use kura_ops::policy::Resolved;
+use kura_repo::Id;
+use kura_repo::trash::TrashRecord;
+use kura_store::{Kind, LocalStore, Store, StoreError};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The jobs a hosted repository runs: `retention`, `verify`, and `expire` (hourly, always).
+pub const JOBS: [&str; 3] = ["retention", "verify", "expire"];
+
+/// What the last runs of a job did (`GET /v1/<repo>/jobs`, `/metrics`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobStatus {
+    /// Its schedule.
+    pub schedule: String,
+    /// When it last started (RFC 3339).
+    pub last_start: Option<String>,
+    /// Whether that run succeeded.
+    pub last_ok: Option<bool>,
+    /// What it did or why it failed.
+    pub last_message: String,
+    /// How long it took.
+    pub last_seconds: f64,
+    /// When a run last succeeded.
+    pub last_success: Option<String>,
+    /// When it runs next.
+    pub next: Option<String>,
+    /// Runs so far (since the server started).
+    pub runs: u64,
+    /// Failed runs so far.
+    pub failures: u64,
+}
+
+/// A repository's job configuration, resolved.
+pub struct RepoJobs {
+    /// How long deleted snapshots stay recoverable.
+    pub undelete_window: Duration,
+    retention: Option<(Schedule, Resolved)>,
+    verify: Option<(Schedule, u64)>,
+    zone: TimeZone,
+    /// Status per job name.
+    pub status: Mutex<BTreeMap<&'static str, JobStatus>>,
+    verify_round: AtomicU64,
+}
+
+impl RepoJobs {
+    /// Resolves a repository's configured jobs.
+    pub fn new(r: &RepoConfig) -> Result<RepoJobs, ServerError> {
+        let ctx = |m: String| ServerError::Config(format!("repository {:?}: {m}", r.name));
+        let mut zone = TimeZone::system();
+        let retention = match &r.retention {
+            Some(j) => {
+                let resolved = j.policy().resolve(None, None, None).map_err(ctx)?;
+                zone = resolved.tz.clone();
+                Some((j.schedule.parse::<Schedule>().map_err(ctx)?, resolved))
+            }
+            None => None,
+        };
+        let verify = match &r.verify {
+            Some(j) => Some((j.schedule.parse::<Schedule>().map_err(ctx)?, parse_subset(&j.subset).map_err(ctx)?)),
+            None => None,
+        };
+        let mut status = BTreeMap::new();
+        for (name, sched) in [
+            ("retention", retention.as_ref().map(|(s, _)| s.to_string())),
+            ("verify", verify.as_ref().map(|(s, _)| s.to_string())),
+            ("expire", Some("hourly".to_string())),
+        ] {
+            if let Some(schedule) = sched {
+                status.insert(name, JobStatus { schedule, ..Default::default() });
+            }
+        }
+        Ok(RepoJobs {
+            undelete_window: parse_duration("undelete_window", &r.undelete_window)?,
+            retention,
+            verify,
+            zone,
+            status: Mutex::new(status),
+            verify_round: AtomicU64::new(0),
+        })
+    }
+
+    fn schedule(&self, job: &str) -> Option<Schedule> {
+        match job {
+            "retention" => self.retention.as_ref().map(|(s, _)| s.clone()),
+            "verify" => self.verify.as_ref().map(|(s, _)| s.clone()),
+            "expire" => Some(Schedule::Hourly(0)),
+            _ => None,
+        }
+    }
+
+    /// When each configured job runs next after `now`.
+    pub fn next_runs(&self, now: Timestamp) -> Vec<(&'static str, ZonedDateTime)> {
+        let now = now.to_zoned_datetime(self.zone.clone());
+        JOBS.iter().filter_map(|j| Some((*j, self.schedule(j)?.next_after(&now)?))).collect()
+    }
+}
+
+/// Runs one job now (blocking); returns what it did, or why it failed.
+pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
+    let started = Instant::now();
+    let start_time = Timestamp::now();
+    let result = match job {
+        "retention" => match &hosted.jobs.retention {
+            Some((_, policy)) => retention(&hosted.store, policy),
+            None => Err("no retention is configured for this repository".into()),
+        },
+        "verify" => match hosted.jobs.verify {
+            Some((_, n)) => verify(&hosted.store, n, hosted.jobs.verify_round.fetch_add(1, Ordering::Relaxed)),
+            None => Err("no verification is configured for this repository".into()),
+        },
+        "expire" => expire(&hosted.store, hosted.jobs.undelete_window),
+        other => return Err(format!("no job named {other:?} (retention, verify, expire)")),
+    };
+    let next = hosted.jobs.schedule(job).and_then(|s| s.next_after(&Timestamp::now().to_zoned_datetime(hosted.jobs.zone.clone())));
+    if let Ok(mut all) = hosted.jobs.status.lock() {
+        let st = all.entry(JOBS.into_iter().find(|j| *j == job).unwrap_or("expire")).or_default();
+        st.last_start = Some(start_time.to_string());
+        st.last_ok = Some(result.is_ok());
+        st.last_message = match &result {
+            Ok(m) | Err(m) => m.clone(),
+        };
+        st.last_seconds = started.elapsed().as_secs_f64();
+        st.runs += 1;
+        match &result {
+            Ok(_) => st.last_success = Some(start_time.to_string()),
+            Err(_) => st.failures += 1,
+        }
+        st.next = next.map(|n| n.to_string());
+    }
+    match &result {
+        Ok(m) => tracing::info!(repo = %hosted.name, job, "{m}"),
+        Err(m) => tracing::error!(repo = %hosted.name, job, "job failed: {m}"),
+    }
+    result
+}
+
+fn store_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Applies the retention policy to the snapshots' public parts with the server's receive
+/// times, and moves every snapshot it does not keep to the trash.
+fn retention(store: &LocalStore, policy: &Resolved) -> Result<String, String> {
+    let opts = ForgetOptions { group_by: policy.group_by, tz: policy.tz.clone(), now: Timestamp::now(), host: None, tags: Vec::new() };
+    let (plans, warnings) = plan_store(store, &opts, &|k| policy.policy_for(k)).map_err(store_err)?;
+    for w in &warnings {
+        tracing::warn!("retention: {w}");
+    }
+    // Protection marks are read again: one set since the plan was made still counts.
+    let protected: HashSet<String> = store.list(Kind::Protection).map_err(store_err)?.into_iter().map(|l| l.name).collect();
+    let (mut kept, mut trashed) = (0, 0);
+    for d in plans.iter().flat_map(|g| &g.snapshots) {
+        if d.keep || protected.contains(&d.id) {
+            kept += 1;
+            continue;
+        }
+        match trash_snapshot(store, &d.id, "retention") {
+            Ok(()) | Err(StoreError::NotFound(_)) => trashed += 1,
+            Err(e) => return Err(format!("moving snapshot {} to the trash: {e}", &d.id[..8])),
+        }
+    }
+    Ok(format!("kept {kept} snapshot(s), moved {trashed} to the trash ({} unreadable left alone)", warnings.len()))
+}
+
+/// Empties the trash of snapshots deleted longer than the undelete window ago, and drops
+/// receipts of snapshots that are gone for good.
+fn expire(store: &LocalStore, window: Duration) -> Result<String, String> {
+    let now = Timestamp::now();
+    let window = jiff::SignedDuration::try_from(window).unwrap_or(jiff::SignedDuration::MAX);
+    let mut expired = 0;
+    let mut left = HashSet::new();
+    for l in store.list(Kind::Trash).map_err(store_err)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        let bytes = match store.get(Kind::Trash, &l.name) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        // An unreadable record is kept: the server cannot tell how old it is.
+        let due = TrashRecord::decode(&id, &bytes)
+            .ok()
+            .and_then(|(r, _)| r.deleted_at())
+            .is_some_and(|t| now.duration_since(t) > window);
+        if due {
+            match store.delete(Kind::Trash, &l.name) {
+                Ok(()) | Err(StoreError::NotFound(_)) => expired += 1,
+                Err(e) => return Err(e.to_string()),
+            }
+        } else {
+            left.insert(l.name);
+        }
+    }
+    let live: HashSet<String> = store.list(Kind::Snapshot).map_err(store_err)?.into_iter().map(|l| l.name).collect();
+    let mut receipts = 0;
+    for l in store.list(Kind::Receipt).map_err(store_err)? {
+        if !live.contains(&l.name) && !left.contains(&l.name) {
+            match store.delete(Kind::Receipt, &l.name) {
+                Ok(()) | Err(StoreError::NotFound(_)) => receipts += 1,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(format!("expired {expired} trashed snapshot(s) and {receipts} receipt(s); {} still undeletable", left.len()))
+}
+
+/// Reads objects and checks each against its name (the BLAKE3 of its bytes): every key, index
+/// file, snapshot and plan, and the `round`-th of `n` slices of the packs.
+fn verify(store: &LocalStore, n: u64, round: u64) -> Result<String, String> {
+    let slice = round % n;
+    let (mut objects, mut bytes) = (0u64, 0u64);
+    let mut damaged = Vec::new();
+    for kind in [Kind::Key, Kind::Index, Kind::Snapshot, Kind::Plan, Kind::Pack] {
+        for l in store.list(kind).map_err(store_err)? {
+            if kind == Kind::Pack {
+                let first = u8::from_str_radix(l.name.get(..2).unwrap_or("00"), 16).unwrap_or(0);
+                if u64::from(first) % n != slice {
+                    continue;
+                }
+            }
+            match store.get(kind, &l.name) {
+                Ok(b) => {
+                    objects += 1;
+                    bytes += b.len() as u64;
+                    if blake3::hash(&b).to_hex().as_str() != l.name {
+                        damaged.push(format!("{}/{}", kind.wire(), l.name));
+                    }
+                }
+                Err(StoreError::NotFound(_)) => {} // pruned meanwhile
+                Err(e) => damaged.push(format!("{}/{}: {e}", kind.wire(), l.name)),
+            }
+        }
+    }
+    let what = format!("read {objects} object(s), {bytes} bytes (packs: slice {} of {n})", slice + 1);
+    if damaged.is_empty() {
+        Ok(format!("{what}; all match their names"))
+    } else {
+        Err(format!("{what}; {} damaged: {}", damaged.len(), damaged.join(", ")))
+    }
+}
+
+/// Runs every repository's jobs when due, forever; `expire` also runs once at start.
+pub async fn scheduler(repos: Vec<std::sync::Arc<Hosted>>) {
+    for h in &repos {
+        let h = h.clone();
+        let _ = tokio::task::spawn_blocking(move || run_job(&h, "expire")).await;
+    }
+    let mut due: Vec<(std::sync::Arc<Hosted>, &'static str, Timestamp)> = Vec::new();
+    for h in &repos {
+        for (job, at) in h.jobs.next_runs(Timestamp::now()) {
+            due.push((h.clone(), job, at.timestamp()));
+        }
+    }
+    for (h, job, at) in &due {
+        if let Ok(mut all) = h.jobs.status.lock()
+            && let Some(st) = all.get_mut(job)
+        {
+            st.next = Some(at.to_string());
+        }
+    }
+    loop {
+        let now = Timestamp::now();
+        for (h, job, at) in due.iter_mut() {
+            if *at <= now {
+                let (h2, j) = (h.clone(), *job);
+                let _ = tokio::task::spawn_blocking(move || run_job(&h2, j)).await;
+                let after = Timestamp::now().to_zoned_datetime(h.jobs.zone.clone());
+                *at = h.jobs.schedule(job).and_then(|s| s.next_after(&after)).map(|z| z.timestamp()).unwrap_or(Timestamp::MAX);
+            }
+        }
+        // Wake at the next due job, but at least every minute (the clock may jump).
+        let next = due.iter().map(|d| d.2).min().unwrap_or(Timestamp::MAX);
+        let until = now.duration_until(next);
+        let wait = if until.is_negative() { Duration::from_millis(100) } else { until.unsigned_abs().clamp(Duration::from_millis(100), Duration::from_secs(60)) };
+        tokio::time::sleep(wait).await;
+    }
+}
