@@ -7,7 +7,7 @@ use crate::retention::{self, Item, Policy, Reason};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use kura_repo::snapshot::decode_public;
-use kura_repo::receipt::Receipt;
+use kura_repo::receipt;
 use kura_repo::{Id, Repository};
 use kura_store::{Kind, Store, StoreError};
 use serde::Serialize;
@@ -139,24 +139,6 @@ pub fn plan(
     plan_store(repo.store().as_ref(), opts, policy_for)
 }
 
-/// The server's receive time of every snapshot that has a receipt.
-fn receive_times(store: &dyn Store) -> Result<HashMap<Id, Timestamp>, OpsError> {
-    let mut out = HashMap::new();
-    for l in store.list(Kind::Receipt)? {
-        let Some(id) = Id::from_hex(&l.name) else { continue };
-        match store.get(Kind::Receipt, &l.name) {
-            Ok(b) => {
-                if let Some((_, t)) = Receipt::decode(&b) {
-                    out.insert(id, t);
-                }
-            }
-            Err(StoreError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(out)
-}
-
 /// [`plan`] on a store, without the key: what a keyless server runs. Where a kura server
 /// recorded when it received a snapshot, that time counts, not the one the client claims.
 pub fn plan_store(
@@ -165,7 +147,7 @@ pub fn plan_store(
     policy_for: &dyn Fn(&GroupKey) -> Result<Policy, String>,
 ) -> Result<(Vec<GroupPlan>, Vec<String>), OpsError> {
     let protected: HashSet<Id> = store.list(Kind::Protection)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
-    let received = receive_times(store)?;
+    let received: HashMap<Id, Timestamp> = receipt::read_all(store)?.into_iter().map(|(id, (_, t))| (id, t)).collect();
     let time_of = |id: &Id, p: &kura_repo::SnapshotPublic| {
         received.get(id).copied().unwrap_or_else(|| p.time.parse().unwrap_or(Timestamp::UNIX_EPOCH))
     };

@@ -2,7 +2,10 @@
 //! by its own clock. Retention uses this time when present, so a client cannot push
 //! generations out with fake or future-dated snapshot times.
 
+use crate::id::Id;
+use kura_store::{Kind, Store, StoreError};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// What the server records of a snapshot it received (plain JSON; FORMAT.md §14).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,4 +32,23 @@ impl Receipt {
         let t = r.received.parse().ok()?;
         (r.version == 1).then_some((r, t))
     }
+}
+
+/// Every readable receipt in a store, by snapshot id, with its receive time. Receipts that do
+/// not parse are skipped: they only refine times, and the claimed time stands in for them.
+pub fn read_all(store: &dyn Store) -> Result<HashMap<Id, (Receipt, jiff::Timestamp)>, StoreError> {
+    let mut out = HashMap::new();
+    for l in store.list(Kind::Receipt)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        match store.get(Kind::Receipt, &l.name) {
+            Ok(b) => {
+                if let Some(r) = Receipt::decode(&b) {
+                    out.insert(id, r);
+                }
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }

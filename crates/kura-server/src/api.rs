@@ -94,6 +94,8 @@ pub struct AppState {
     /// Upload memory in KiB.
     upload_memory: Semaphore,
     failures: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Counters for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn mtime(p: &std::path::Path) -> Option<SystemTime> {
@@ -113,6 +115,7 @@ impl AppState {
             limits,
             upload_memory: Semaphore::new(permits),
             failures: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
         })
     }
 
@@ -179,6 +182,7 @@ impl AppState {
             .unwrap_or("");
         let entry = self.tokens.read().ok().and_then(|t| t.lookup(secret).cloned());
         let Some(entry) = entry else {
+            self.metrics.auth_failure();
             if self.throttled(ip) {
                 return Err(err(StatusCode::TOO_MANY_REQUESTS, "too many requests with bad tokens from this address; wait"));
             }
@@ -261,7 +265,12 @@ pub async fn get_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, k
         None => None,
     };
     let data = blocking(move || match range {
-        Some((off, len)) => store.get_range(kind, &name, off, len),
+        // As HTTP has it: a range reaching past the end gets the bytes up to the end; only one
+        // starting past the end is unsatisfiable.
+        Some((off, len)) => match store.get_range(kind, &name, off, len) {
+            Err(StoreError::Short { len: have, .. }) if off < have => store.get_range(kind, &name, off, have - off),
+            r => r,
+        },
         None => store.get(kind, &name),
     })
     .await?;

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod jobs;
+pub mod metrics;
 pub mod schedule;
 pub mod tls;
 pub mod tokens;
@@ -56,10 +57,16 @@ pub enum ServerError {
     },
 }
 
-/// Logs one line per request: method, path, status, duration and peer (never a header).
-async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+/// Logs one line per request (method, path, status, duration and peer; never a header) and
+/// counts it in the metrics.
+async fn access_log(
+    axum::extract::State(state): axum::extract::State<Arc<api::AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let start = Instant::now();
     let method = req.method().clone();
+    let received = content_length(req.headers());
     let path = req.uri().path().to_string();
     let peer = req
         .extensions()
@@ -75,12 +82,30 @@ async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -
         }
     };
     tracing::info!(target: "kura::access", %method, %path, status = resp.status().as_u16(), ms = start.elapsed().as_millis() as u64, %peer);
+    state.metrics.request(method.as_str(), resp.status().as_u16(), received, content_length(resp.headers()));
     resp
+}
+
+fn content_length(h: &axum::http::HeaderMap) -> u64 {
+    h.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// `GET /metrics`: no token needed (it names repositories and counts, nothing secret).
+async fn metrics(axum::extract::State(state): axum::extract::State<Arc<api::AppState>>) -> axum::response::Response {
+    let repos = state.repos.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        let m = &state.metrics;
+        m.render(&repos)
+    })
+    .await
+    .unwrap_or_default();
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
 
 /// The API's routes over `state`.
 pub fn router(state: Arc<api::AppState>) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/{repo}", get(api::repo_info))
         .route("/v1/{repo}/jobs", get(api::jobs_status))
         .route("/v1/{repo}/jobs/{job}", axum::routing::post(api::run_job))
@@ -88,7 +113,7 @@ pub fn router(state: Arc<api::AppState>) -> Router {
         .route("/v1/{repo}/{kind}/{name}", get(api::get_object).put(api::put_object).delete(api::delete_object))
         .fallback(|| async { api::ApiError(axum::http::StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn(access_log))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }
 

@@ -47,8 +47,20 @@ impl Default for RemoteOptions {
     }
 }
 
+/// Packs are read in aligned blocks of this size and kept in a small cache: a restore or a
+/// tree walk reads thousands of small neighbouring blobs, which would otherwise cost one
+/// round trip each.
+const BLOCK: u64 = 2 << 20;
+/// Blocks kept (32 MiB).
+const CACHED_BLOCKS: usize = 16;
+
+/// Recently read pack blocks, least recently used first. Objects are write-once, so a cached
+/// block can never show other bytes than the name stands for.
+type BlockCache = Arc<std::sync::Mutex<Vec<((String, u64), Arc<Vec<u8>>)>>>;
+
 /// A repository hosted by a kura server.
 pub struct RemoteStore {
+    blocks: BlockCache,
     client: Client,
     /// `https://host:port[/prefix]/v1/<repo>`
     base: String,
@@ -216,6 +228,7 @@ impl RemoteStore {
         })?;
         let hostport = root.trim_start_matches("https://");
         Ok(RemoteStore {
+            blocks: Arc::default(),
             client,
             base: format!("{root}/v1/{repo}"),
             display: format!("kura://{hostport}/{repo}"),
@@ -377,22 +390,12 @@ impl Store for RemoteStore {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let url = self.url(kind, name);
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
-        let short = |have: u64| StoreError::Short { name: ObjectName::new(kind, name), offset, end: offset + len, len: have };
-        let resp = match self.object(Verb::Read, kind, name, || self.client.get(&url).header("Range", &range)) {
-            // The server answers 416 with the object's length in the message's Content-Range.
-            Err(StoreError::Server { status: 416, message, .. }) => {
-                return Err(short(message.trim().parse().unwrap_or(0)));
-            }
-            r => r?,
-        };
-        let body = self.read_body(Verb::Read, kind, name, resp)?;
-        if body.len() as u64 != len {
-            return Err(short(offset + body.len() as u64));
+        if kind == Kind::Pack && len < BLOCK {
+            return self.get_cached(name, offset, len);
         }
-        Ok(body)
+        self.fetch_range(kind, name, offset, len)
     }
+
 
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
         let url = format!("{}/{}/", self.base, kind.wire());
@@ -442,9 +445,79 @@ impl Store for RemoteStore {
 }
 
 impl RemoteStore {
+    /// One range request; the answer is shorter than asked when the object ends first.
+    fn fetch_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let url = self.url(kind, name);
+        let range = format!("bytes={}-{}", offset, offset + len - 1);
+        let short = |have: u64| StoreError::Short { name: ObjectName::new(kind, name), offset, end: offset + len, len: have };
+        let resp = match self.object(Verb::Read, kind, name, || self.client.get(&url).header("Range", &range)) {
+            // The server answers 416 with the object's length in the message's Content-Range.
+            Err(StoreError::Server { status: 416, message, .. }) => {
+                return Err(short(message.trim().parse().unwrap_or(0)));
+            }
+            r => r?,
+        };
+        let body = self.read_body(Verb::Read, kind, name, resp)?;
+        if body.len() as u64 != len {
+            return Err(short(offset + body.len() as u64));
+        }
+        Ok(body)
+    }
+
+    /// A block of a pack (shorter at the pack's end), from the cache or the server.
+    fn block(&self, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
+        let key = (pack.to_string(), b);
+        if let Ok(mut c) = self.blocks.lock()
+            && let Some(i) = c.iter().position(|(k, _)| *k == key)
+        {
+            let hit = c.remove(i);
+            let data = hit.1.clone();
+            c.push(hit);
+            return Ok(data);
+        }
+        let data = match self.fetch_range(Kind::Pack, pack, b * BLOCK, BLOCK) {
+            Ok(d) => d,
+            Err(StoreError::Short { len, .. }) if len > b * BLOCK => self.fetch_range(Kind::Pack, pack, b * BLOCK, len - b * BLOCK)?,
+            Err(e) => return Err(e),
+        };
+        let data = Arc::new(data);
+        if let Ok(mut c) = self.blocks.lock() {
+            if c.len() >= CACHED_BLOCKS {
+                c.remove(0);
+            }
+            c.push((key, data.clone()));
+        }
+        Ok(data)
+    }
+
+    /// A small range of a pack, assembled from (at most two) cached blocks.
+    fn get_cached(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let end = offset + len;
+        let short = |have: u64| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end, len: have };
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK;
+            let block = self.block(pack, b)?;
+            let start = usize::try_from(pos - b * BLOCK).unwrap_or(usize::MAX);
+            if start >= block.len() {
+                return Err(short(b * BLOCK + block.len() as u64));
+            }
+            let take = (block.len() - start).min(usize::try_from(end - pos).unwrap_or(usize::MAX));
+            out.extend_from_slice(&block[start..start + take]);
+            pos += take as u64;
+            // A block shorter than BLOCK is the pack's last.
+            if pos < end && (block.len() as u64) < BLOCK {
+                return Err(short(pos));
+            }
+        }
+        Ok(out)
+    }
+
     /// Another handle on the same connection pool.
     fn clone_handle(&self) -> RemoteStore {
         RemoteStore {
+            blocks: self.blocks.clone(),
             client: self.client.clone(),
             base: self.base.clone(),
             display: self.display.clone(),

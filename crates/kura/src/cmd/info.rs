@@ -45,6 +45,8 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
     }
     // Marks: protected (forget never removes it), and damaged originals superseded by a repair.
     let protected = repo.protections()?;
+    // A kura server's receipts: its own receive time, and a flag on implausible claimed times.
+    let receipts = kura_repo::receipt::read_all(repo.store().as_ref()).map_err(kura_repo::RepoError::from)?;
     let repaired_as: std::collections::HashMap<String, String> =
         out.iter().filter_map(|(id, s)| Some((s.public.original.clone()?, id.to_hex()))).collect();
     let marks = |id: &Id| -> Vec<String> {
@@ -54,6 +56,9 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
         }
         if let Some(r) = repaired_as.get(&id.to_hex()) {
             m.push(format!("damaged, repaired as {}", &r[..8]));
+        }
+        if let Some(f) = receipts.get(id).and_then(|(r, _)| r.flag.as_ref()) {
+            m.push(format!("flagged by the server: {f}"));
         }
         m
     };
@@ -65,6 +70,8 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
                 v["protected"] = protected.contains(id).into();
                 v["original"] = s.public.original.clone().into();
                 v["repaired_as"] = repaired_as.get(&id.to_hex()).cloned().into();
+                v["received"] = receipts.get(id).map(|(r, _)| r.received.clone()).into();
+                v["flag"] = receipts.get(id).and_then(|(r, _)| r.flag.clone()).into();
                 v
             })
             .collect();

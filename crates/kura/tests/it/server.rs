@@ -462,6 +462,9 @@ fn future_dated_and_forged_snapshots_are_flagged_and_harm_nothing() {
     assert!(r["flag"].as_str().unwrap().contains("after the server received it"), "{r}");
     assert!(r["skew_seconds"].as_i64().unwrap() > 364 * 86400);
     assert!(s.log().contains("after the server received it"));
+    let listed = s.ok(&s.read, &["snapshots"]);
+    let line = listed.lines().find(|l| l.starts_with(&future_id[..8])).unwrap();
+    assert!(line.contains("[flagged by the server: claimed time is"), "{listed}");
 
     // 1,000 forged snapshots spread over past and future days: accepted (the server cannot
     // read bodies), each with its receipt, and none disturbs the real ones.
@@ -657,4 +660,72 @@ fn server_retention_uses_receive_times_and_deleted_snapshots_stay_undeletable_fo
     assert_eq!(st["verify"]["last_ok"], false);
     assert_eq!(st["retention"]["last_ok"], true);
     assert!(st["retention"]["next"].as_str().unwrap().contains("T03:00:00"), "{st}");
+
+    // The same facts on /metrics, with request counts; no token needed, none shown.
+    let m = http.get(format!("https://{}/metrics", s.addr)).send().unwrap().text().unwrap();
+    for want in [
+        "kura_repository_snapshots{repository=\"office\"} 1",
+        "kura_repository_trash_snapshots{repository=\"office\"} 0",
+        "kura_job_last_ok{repository=\"office\",job=\"verify\"} 0",
+        "kura_job_last_ok{repository=\"office\",job=\"retention\"} 1",
+        "kura_auth_failures_total 0",
+    ] {
+        assert!(m.contains(want), "{want} missing from:\n{m}");
+    }
+    assert!(m.lines().any(|l| l.starts_with("kura_http_requests_total{method=\"PUT\",status=\"201\"}")), "{m}");
+    let age: f64 = m.lines().find(|l| l.starts_with("kura_repository_newest_snapshot_age_seconds")).unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((0.0..600.0).contains(&age), "{age}");
+    assert!(!m.contains(&s.admin) && !m.contains(&s.backup));
+}
+
+#[test]
+fn concurrent_backups_through_the_server_survive_an_admin_prune() {
+    let s = Server::start("undelete_window = \"0s\"\n");
+    s.ok(&s.admin, &["init"]);
+    // Snapshots to forget, so that each prune has data to free.
+    let old = s.dir.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(old.join("f"), bytes(2 << 20, 700 + i)).unwrap();
+        s.ok(&s.backup, &["backup", old.to_str().unwrap()]);
+    }
+    s.ok(&s.admin, &["forget", "--keep-last", "1"]);
+    let expire = s.http().post(format!("https://{}/v1/office/jobs/expire", s.addr)).bearer_auth(&s.admin).send().unwrap();
+    assert!(expire.text().unwrap().contains("expired 2"));
+
+    let sources: Vec<PathBuf> = (0..3u64)
+        .map(|i| {
+            let src = s.dir.path().join(format!("client{i}"));
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::write(src.join("own.bin"), bytes(6 << 20, 800 + i)).unwrap();
+            // Shared between clients: deduplicated across concurrent uploads.
+            std::fs::write(src.join("shared.bin"), bytes(3 << 20, 900)).unwrap();
+            src
+        })
+        .collect();
+    let mut backups: Vec<Child> = sources
+        .iter()
+        .map(|src| s.kura(&s.backup, &["backup", src.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    let mut prunes = 0;
+    while backups.iter_mut().any(|b| b.try_wait().unwrap().is_none()) {
+        let o = s.run(&s.admin, &["prune"]);
+        assert!(o.status.success(), "prune failed: {}", stderr(&o));
+        prunes += 1;
+    }
+    for b in backups {
+        let o = b.wait_with_output().unwrap();
+        assert!(o.status.success(), "backup failed beside prune: {}", stderr(&o));
+    }
+    assert!(prunes >= 1);
+    s.ok(&s.admin, &["prune"]);
+    s.ok(&s.admin, &["check", "--read-data"]);
+    let snaps: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&s.read, &["--json", "snapshots"])).unwrap();
+    assert_eq!(snaps.len(), 4);
+    for src in &sources {
+        let id = snaps.iter().find(|v| v["paths"][0].as_str() == src.to_str()).unwrap()["id"].as_str().unwrap().to_string();
+        let target = s.dir.path().join(format!("restore-{}", &id[..8]));
+        s.ok(&s.read, &["restore", &id[..8], "--target", target.to_str().unwrap()]);
+        assert_same_tree(src, &restored(&target, src));
+    }
 }

@@ -1,0 +1,106 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text): requests and bytes by the server's
+//! counters; snapshots, newest snapshot age, trash and job results computed at each scrape.
+
+use crate::api::Hosted;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The server's running counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Family<Labels, Counter>,
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    auth_failures: Counter,
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn request(&self, method: &str, status: u16, received: u64, sent: u64) {
+        self.requests.get_or_create(&vec![("method".into(), method.into()), ("status".into(), status.to_string())]).inc();
+        self.bytes_received.inc_by(received);
+        self.bytes_sent.inc_by(sent);
+    }
+
+    /// Counts a request with an unknown or missing token.
+    pub fn auth_failure(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// Renders every metric now.
+    pub fn render(&self, repos: &HashMap<String, Arc<Hosted>>) -> String {
+        let mut reg = <Registry>::default();
+        reg.register("kura_http_requests", "Requests answered, by method and status", self.requests.clone());
+        reg.register("kura_http_received_bytes", "Request body bytes received", self.bytes_received.clone());
+        reg.register("kura_http_sent_bytes", "Response body bytes sent", self.bytes_sent.clone());
+        reg.register("kura_auth_failures", "Requests refused for an unknown or missing token", self.auth_failures.clone());
+        let snapshots = Family::<Labels, Gauge>::default();
+        let newest_age = Family::<Labels, FloatGauge>::default();
+        let trash = Family::<Labels, Gauge>::default();
+        let job_ok = Family::<Labels, Gauge>::default();
+        let job_success = Family::<Labels, FloatGauge>::default();
+        let job_runs = Family::<Labels, Gauge>::default();
+        let job_failures = Family::<Labels, Gauge>::default();
+        let now = std::time::SystemTime::now();
+        for (name, h) in repos {
+            let repo = vec![("repository".to_string(), name.clone())];
+            let root = h.store.root();
+            let (count, newest) = dir_stats(&root.join("snapshots"));
+            snapshots.get_or_create(&repo).set(count as i64);
+            if let Some(t) = newest {
+                newest_age.get_or_create(&repo).set(now.duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+            }
+            trash.get_or_create(&repo).set(dir_stats(&root.join("trash")).0 as i64);
+            if let Ok(jobs) = h.jobs.status.lock() {
+                for (job, st) in jobs.iter() {
+                    let l = vec![("repository".to_string(), name.clone()), ("job".to_string(), job.to_string())];
+                    if let Some(ok) = st.last_ok {
+                        job_ok.get_or_create(&l).set(i64::from(ok));
+                    }
+                    if let Some(t) = st.last_success.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok()) {
+                        job_success.get_or_create(&l).set(t.as_millisecond() as f64 / 1000.0);
+                    }
+                    job_runs.get_or_create(&l).set(st.runs as i64);
+                    job_failures.get_or_create(&l).set(st.failures as i64);
+                }
+            }
+        }
+        reg.register("kura_repository_snapshots", "Snapshots in the repository", snapshots);
+        reg.register("kura_repository_newest_snapshot_age_seconds", "Seconds since the newest snapshot was received", newest_age);
+        reg.register("kura_repository_trash_snapshots", "Deleted snapshots still within the undelete window", trash);
+        reg.register("kura_job_last_ok", "1 when the job's last run succeeded, 0 when it failed", job_ok);
+        reg.register("kura_job_last_success_timestamp_seconds", "When the job last succeeded (Unix time)", job_success);
+        reg.register("kura_job_runs", "Runs of the job since the server started", job_runs);
+        reg.register("kura_job_failures", "Failed runs of the job since the server started", job_failures);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &reg);
+        out
+    }
+}
+
+/// Number of objects in a directory and the newest modification time among them.
+fn dir_stats(dir: &std::path::Path) -> (usize, Option<std::time::SystemTime>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return (0, None) };
+    let mut n = 0;
+    let mut newest = None;
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        n += 1;
+        if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+            newest = newest.max(Some(t));
+        }
+    }
+    (n, newest)
+}
