@@ -45,7 +45,7 @@ measure() { # tool step round cmd...
   printf '%s\t%s\t%s\t%s\t%.2f\t%s\t%.2f\n' "$tool" "$step" "$round" "$wall" "$(echo "$user + $sys" | bc)" "$rss" "$(echo "$s1 - $s0" | bc)" | tee -a "$OUT"
 }
 
-stop_server() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""; }
+stop_server() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; SERVER_PID=""; }
 trap stop_server EXIT
 
 # The trees are backed up from one path, so the incremental backup has a parent.

@@ -147,7 +147,11 @@ pub fn plan_store(
     policy_for: &dyn Fn(&GroupKey) -> Result<Policy, String>,
 ) -> Result<(Vec<GroupPlan>, Vec<String>), OpsError> {
     let protected: HashSet<Id> = store.list(Kind::Protection)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
-    let received: HashMap<Id, Timestamp> = receipt::read_all(store)?.into_iter().map(|(id, (_, t))| (id, t)).collect();
+    let receipts = receipt::read_all(store)?;
+    let received: HashMap<Id, Timestamp> = receipts.iter().map(|(id, (_, t))| (*id, *t)).collect();
+    // On a kura server, only an admin's upload may stand in for another snapshot: a backup
+    // token's forged "repaired copy" must not drag its victim out with it.
+    let may_replace = |id: &Id| receipts.get(id).is_none_or(|(r, _)| r.role.as_deref() == Some("admin"));
     let time_of = |id: &Id, p: &kura_repo::SnapshotPublic| {
         received.get(id).copied().unwrap_or_else(|| p.time.parse().unwrap_or(Timestamp::UNIX_EPOCH))
     };
@@ -194,6 +198,7 @@ pub fn plan_store(
     let repairs: HashMap<Id, Id> = groups
         .values()
         .flatten()
+        .filter(|(id, _)| may_replace(id))
         .filter_map(|(id, p)| Some((Id::from_hex(p.original.as_deref()?)?, *id)))
         .collect();
     let mut out = Vec::new();

@@ -23,6 +23,10 @@ pub struct Receipt {
     pub flag: Option<String>,
     /// Id of the token that uploaded it.
     pub token: String,
+    /// That token's role. Only an admin's upload may claim to replace another snapshot (a
+    /// repaired copy's `original`): a backup token's claim is ignored by retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl Receipt {

@@ -60,16 +60,40 @@ pub struct Hosted {
     /// Its storage.
     pub store: Arc<LocalStore>,
     /// Which token created each session object, so only it (or an admin) replaces or deletes
-    /// it. Forgotten on restart: sessions then expire by their heartbeat.
-    session_owners: Mutex<HashMap<String, String>>,
+    /// it; kept in `owners_path` across restarts.
+    owners: Mutex<HashMap<String, String>>,
+    owners_path: PathBuf,
+    /// Serialises the moves of snapshots into and out of the trash.
+    snapshot_lock: Mutex<()>,
     /// Its scheduled jobs and their status.
     pub jobs: RepoJobs,
 }
 
 impl Hosted {
-    /// Hosts a repository stored in `store`.
-    pub fn new(name: String, store: LocalStore, jobs: RepoJobs) -> Self {
-        Hosted { name, store: Arc::new(store), session_owners: Mutex::new(HashMap::new()), jobs }
+    /// Hosts a repository stored in `store`; session owners are kept in `owners_path`.
+    pub fn new(name: String, store: LocalStore, jobs: RepoJobs, owners_path: PathBuf) -> Self {
+        // Owners of sessions that are gone are dropped as the file is read.
+        let owners: HashMap<String, String> = std::fs::read(&owners_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let live: std::collections::HashSet<String> =
+            store.list(Kind::Session).map(|l| l.into_iter().map(|l| l.name).collect()).unwrap_or_default();
+        let owners = owners.into_iter().filter(|(n, _)| live.contains(n)).collect();
+        Hosted { name, store: Arc::new(store), owners: Mutex::new(owners), owners_path, snapshot_lock: Mutex::new(()), jobs }
+    }
+
+    /// Writes the owner list (temporary file, rename); a failure is logged, and costs only
+    /// that a restarted server treats those sessions as an admin's.
+    fn save_owners(&self, owners: &HashMap<String, String>) {
+        let tmp = self.owners_path.with_extension("tmp");
+        let r = serde_json::to_vec(owners)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|_| std::fs::rename(&tmp, &self.owners_path));
+        if let Err(e) = r {
+            tracing::error!(path = %self.owners_path.display(), error = %e, "cannot record session owners");
+        }
     }
 }
 
@@ -93,6 +117,7 @@ pub struct AppState {
     pub limits: ResolvedLimits,
     /// Upload memory in KiB.
     upload_memory: Semaphore,
+    upload_permits: u32,
     failures: Mutex<HashMap<IpAddr, Bucket>>,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::Metrics,
@@ -106,14 +131,15 @@ impl AppState {
     /// State for hosting `repos` with the tokens of `tokens_path`.
     pub fn new(repos: Vec<Hosted>, tokens_path: PathBuf, limits: ResolvedLimits) -> Result<Self, crate::ServerError> {
         let tokens = Tokens::load(&tokens_path)?;
-        let permits = usize::try_from(limits.max_upload_memory / 1024).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let permits = u32::try_from(limits.max_upload_memory / 1024).unwrap_or(u32::MAX).max(1);
         Ok(AppState {
             repos: repos.into_iter().map(|h| (h.name.clone(), Arc::new(h))).collect(),
             tokens_seen: Mutex::new((Instant::now(), mtime(&tokens_path))),
             tokens: RwLock::new(tokens),
             tokens_path,
             limits,
-            upload_memory: Semaphore::new(permits),
+            upload_memory: Semaphore::new(permits as usize),
+            upload_permits: permits,
             failures: Mutex::new(HashMap::new()),
             metrics: Default::default(),
         })
@@ -146,8 +172,9 @@ impl AppState {
     /// Counts a failed token check from `ip`; true when the address is over its budget.
     fn throttled(&self, ip: IpAddr) -> bool {
         let Ok(mut map) = self.failures.lock() else { return true };
-        if map.len() > 100_000 {
-            map.retain(|_, b| b.last.elapsed() < Duration::from_secs(600));
+        // Bounded: many addresses (IPv6) only reset everyone's budget.
+        if map.len() >= 100_000 {
+            map.clear();
         }
         let burst = f64::from(self.limits.auth_failures_burst);
         let b = map.entry(ip).or_insert_with(|| Bucket {
@@ -173,6 +200,17 @@ impl AppState {
 
     /// Finds the token of a request and the repository it asks for, or says why not.
     fn authorize(&self, headers: &HeaderMap, ip: IpAddr, repo: &str) -> Result<(TokenEntry, Arc<Hosted>), ApiError> {
+        let entry = self.authenticate(headers, ip)?;
+        // Refused before looked up: a token learns nothing of repositories it does not open.
+        if !entry.opens(repo) {
+            return Err(err(StatusCode::FORBIDDEN, format!("token {} does not open repository {repo:?}", entry.id)));
+        }
+        let hosted = self.repos.get(repo).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("this server hosts no repository named {repo:?}")))?;
+        Ok((entry, hosted.clone()))
+    }
+
+    /// Finds the token of a request, or says why not (throttling addresses that guess).
+    pub fn authenticate(&self, headers: &HeaderMap, ip: IpAddr) -> Result<TokenEntry, ApiError> {
         self.refresh_tokens();
         let secret = headers
             .get(header::AUTHORIZATION)
@@ -189,11 +227,7 @@ impl AppState {
             let why = if secret.is_empty() { "no token given (Authorization: Bearer)" } else { "unknown or revoked token" };
             return Err(err(StatusCode::UNAUTHORIZED, why));
         };
-        let hosted = self.repos.get(repo).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("this server hosts no repository named {repo:?}")))?;
-        if !entry.opens(repo) {
-            return Err(err(StatusCode::FORBIDDEN, format!("token {} does not open repository {repo:?}", entry.id)));
-        }
-        Ok((entry, hosted.clone()))
+        Ok(entry)
     }
 }
 
@@ -242,46 +276,77 @@ pub async fn list(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, kind)):
     Ok(Json(listed.into_iter().map(|l| WireListed { name: l.name, size: l.size }).collect()))
 }
 
-/// Parses `bytes=A-B` (the only form kura sends).
+/// Parses `bytes=A-B` (the only form kura sends) into offset and length.
 fn parse_range(v: &str) -> Option<(u64, u64)> {
     let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
     let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
-    (b >= a).then(|| (a, b - a + 1))
+    if b < a {
+        return None;
+    }
+    Some((a, (b - a).checked_add(1)?))
 }
 
-/// `GET /v1/<repo>/<kind>/<name>`, whole or `Range: bytes=A-B`.
+/// `GET /v1/<repo>/<kind>/<name>`, whole (streamed from the file) or `Range: bytes=A-B` (at
+/// most `max_object_size` bytes, answered with `Content-Range`).
 pub async fn get_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, kind, name)): Path<(String, String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
     let (_, hosted) = s.authorize(&headers, peer.ip(), &repo)?;
     let kind = kind_of(&kind)?;
     object_name(kind, &name)?;
     let store = hosted.store.clone();
-    let range = match headers.get(header::RANGE) {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(parse_range)
-                .ok_or_else(|| err(StatusCode::BAD_REQUEST, "only Range: bytes=A-B is supported"))?,
-        ),
-        None => None,
+    let Some(v) = headers.get(header::RANGE) else {
+        // Small objects in one blocking call; large ones streamed, so memory stays bounded
+        // however many clients read packs at once.
+        let path = store.object_path(kind, &name)?;
+        let n = name.clone();
+        let (file, len, small) = blocking(move || {
+            let io_err = |e: std::io::Error| match e.kind() {
+                std::io::ErrorKind::NotFound => StoreError::NotFound(kura_store::ObjectName::new(kind, &n)),
+                _ => StoreError::Io { verb: kura_store::Verb::Read, target: kura_store::ObjectName::new(kind, &n).to_string(), source: e },
+            };
+            let mut f = std::fs::File::open(&path).map_err(io_err)?;
+            let len = f.metadata().map_err(io_err)?.len();
+            if len <= 1 << 20 {
+                let mut buf = Vec::with_capacity(len as usize);
+                std::io::Read::read_to_end(&mut f, &mut buf).map_err(io_err)?;
+                return Ok((None, len, Some(buf)));
+            }
+            Ok((Some(f), len, None))
+        })
+        .await?;
+        let body = match (file, small) {
+            (_, Some(buf)) => Body::from(buf),
+            (Some(f), None) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), 256 << 10)),
+            (None, None) => Body::empty(),
+        };
+        return Ok(([(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, len.to_string())], body).into_response());
     };
-    let data = blocking(move || match range {
-        // As HTTP has it: a range reaching past the end gets the bytes up to the end; only one
-        // starting past the end is unsatisfiable.
-        Some((off, len)) => match store.get_range(kind, &name, off, len) {
-            Err(StoreError::Short { len: have, .. }) if off < have => store.get_range(kind, &name, off, have - off),
-            r => r,
-        },
-        None => store.get(kind, &name),
+    let (off, len) = v
+        .to_str()
+        .ok()
+        .and_then(parse_range)
+        .ok_or_else(|| err(StatusCode::BAD_REQUEST, "only Range: bytes=A-B is supported"))?;
+    if len > s.limits.max_object_size {
+        return Err(err(StatusCode::BAD_REQUEST, "range longer than the largest object"));
+    }
+    // As HTTP has it: a range reaching past the end gets the bytes up to the end; only one
+    // starting past the end is unsatisfiable.
+    let n = name.clone();
+    let (data, total) = blocking(move || match store.get_range(kind, &n, off, len) {
+        Ok(d) => Ok((d, None)),
+        Err(StoreError::Short { len: have, .. }) if off < have => Ok((store.get_range(kind, &n, off, have - off)?, Some(have))),
+        Err(e) => Err(e),
     })
     .await?;
-    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
-    Ok((status, [(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    let end = off + data.len() as u64;
+    let total = total.map_or("*".to_string(), |t| t.to_string());
+    let range = format!("bytes {off}-{}/{total}", end.saturating_sub(1));
+    Ok((StatusCode::PARTIAL_CONTENT, [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_RANGE, range)], data).into_response())
 }
 
 /// Query of a PUT.
 #[derive(Debug, Deserialize)]
 pub struct PutQuery {
-    /// `replace=1`: rewrite a session object (heartbeat).
+    /// `replace=1`: rewrite a session object (heartbeat); nothing else means replace.
     #[serde(default)]
     replace: Option<String>,
 }
@@ -305,29 +370,41 @@ fn may_write(role: Role, kind: Kind) -> Result<(), ApiError> {
     Err(err(StatusCode::FORBIDDEN, what))
 }
 
-/// Reads an upload into memory within the size limit, cutting off a client that stalls.
-async fn read_upload<'a>(s: &'a AppState, headers: &HeaderMap, body: Body) -> Result<(Vec<u8>, tokio::sync::SemaphorePermit<'a>), ApiError> {
-    let max = s.limits.max_object_size;
+/// The largest body of a small kind (sessions, config, keys, protection marks).
+const SMALL_OBJECT: u64 = 1 << 20;
+
+/// Reads an upload into memory within the size limit and the server's upload memory, cutting
+/// off a client that stalls or trickles.
+async fn read_upload<'a>(s: &'a AppState, kind: Kind, headers: &HeaderMap, body: Body) -> Result<(Vec<u8>, tokio::sync::SemaphorePermit<'a>), ApiError> {
+    let max = match kind {
+        Kind::Session | Kind::Config | Kind::Key | Kind::Protection => SMALL_OBJECT.min(s.limits.max_object_size),
+        _ => s.limits.max_object_size,
+    };
+    let too_large = || err(StatusCode::PAYLOAD_TOO_LARGE, format!("object larger than this server accepts for {} ({max} bytes)", kind.wire()));
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
-        return Err(err(StatusCode::PAYLOAD_TOO_LARGE, format!("object larger than this server accepts ({max} bytes)")));
+        return Err(too_large());
     }
-    let kib = u32::try_from(declared.unwrap_or(max).div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let permit = s
-        .upload_memory
-        .acquire_many(kib.min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX)))
+    // Memory is reserved for the whole object up front; a request that cannot get it soon is
+    // told to come back (503 is retried by clients) instead of queueing without end.
+    let kib = u32::try_from(declared.unwrap_or(max).div_ceil(1024).max(1)).unwrap_or(u32::MAX).min(s.upload_permits);
+    let permit = tokio::time::timeout(s.limits.idle_timeout, s.upload_memory.acquire_many(kib))
         .await
+        .map_err(|_| err(StatusCode::SERVICE_UNAVAILABLE, "the server's upload memory is in use; try again"))?
         .map_err(|_| err(StatusCode::SERVICE_UNAVAILABLE, "server shutting down"))?;
+    // Besides the idle timeout, the whole upload must average 64 KiB/s after its first minute.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60 + declared.unwrap_or(max) / (64 << 10));
     let mut buf = Vec::with_capacity(usize::try_from(declared.unwrap_or(0)).unwrap_or(0));
     let mut stream = body.into_data_stream();
     loop {
-        match tokio::time::timeout(s.limits.idle_timeout, stream.next()).await {
-            Err(_) => return Err(err(StatusCode::REQUEST_TIMEOUT, "upload stalled; nothing was stored")),
+        let wait = s.limits.idle_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => return Err(err(StatusCode::REQUEST_TIMEOUT, "upload stalled or too slow; nothing was stored")),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(err(StatusCode::BAD_REQUEST, format!("upload broke off ({e}); nothing was stored"))),
             Ok(Some(Ok(chunk))) => {
                 if (buf.len() + chunk.len()) as u64 > max {
-                    return Err(err(StatusCode::PAYLOAD_TOO_LARGE, format!("object larger than this server accepts ({max} bytes)")));
+                    return Err(too_large());
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -357,17 +434,14 @@ fn check_upload(s: &AppState, kind: Kind, name: &str, data: &[u8]) -> Result<Opt
             Ok(Some(t))
         }
         Kind::Session => {
-            // A heartbeat in the future would keep a prune waiting for ever.
-            #[derive(Deserialize)]
-            struct Beat {
-                heartbeat: Option<String>,
-            }
-            let beat: Beat = serde_json::from_slice(data).map_err(|e| err(StatusCode::BAD_REQUEST, format!("not a session record: {e}")))?;
-            if let Some(t) = beat.heartbeat.and_then(|h| h.parse::<jiff::Timestamp>().ok()) {
-                let ahead = t.duration_since(jiff::Timestamp::now());
-                if ahead > jiff::SignedDuration::try_from(s.limits.future_skew).unwrap_or_default() {
-                    return Err(err(StatusCode::BAD_REQUEST, "session heartbeat is in the future (check this client's clock)"));
-                }
+            // Prune judges sessions by these records: one it cannot judge (another version,
+            // no heartbeat) or with a heartbeat in the future would keep it waiting for ever.
+            let info: kura_repo::session::SessionInfo = serde_json::from_slice(data)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, format!("not a version-1 session record: {e}")))?;
+            let t: jiff::Timestamp = info.heartbeat.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "session heartbeat is not a time"))?;
+            let ahead = t.duration_since(jiff::Timestamp::now());
+            if info.version != 1 || ahead > jiff::SignedDuration::try_from(s.limits.future_skew).unwrap_or_default() {
+                return Err(err(StatusCode::BAD_REQUEST, "session record of another version or with a heartbeat in the future (check this client's clock)"));
             }
             Ok(None)
         }
@@ -375,7 +449,7 @@ fn check_upload(s: &AppState, kind: Kind, name: &str, data: &[u8]) -> Result<Opt
     }
 }
 
-fn receipt(s: &AppState, claimed: jiff::Timestamp, token: &str) -> Receipt {
+fn receipt(s: &AppState, claimed: jiff::Timestamp, token: &TokenEntry) -> Receipt {
     let now = jiff::Timestamp::now();
     let skew = claimed.duration_since(now);
     let future = jiff::SignedDuration::try_from(s.limits.future_skew).unwrap_or_default();
@@ -387,7 +461,15 @@ fn receipt(s: &AppState, claimed: jiff::Timestamp, token: &str) -> Receipt {
     } else {
         None
     };
-    Receipt { version: 1, received: now.to_string(), claimed: claimed.to_string(), skew_seconds: skew.as_secs(), flag, token: token.to_string() }
+    Receipt {
+        version: 1,
+        received: now.to_string(),
+        claimed: claimed.to_string(),
+        skew_seconds: skew.as_secs(),
+        flag,
+        token: token.id.clone(),
+        role: Some(token.role.name().to_string()),
+    }
 }
 
 /// `PUT /v1/<repo>/<kind>/<name>`: create-only (or `?replace=1` for one's own session).
@@ -403,24 +485,34 @@ pub async fn put_object(
     let kind = kind_of(&kind)?;
     object_name(kind, &name)?;
     may_write(tok.role, kind)?;
-    let replace = q.replace.is_some();
+    let replace = q.replace.as_deref() == Some("1");
     if replace && kind != Kind::Session {
         return Err(err(StatusCode::FORBIDDEN, "only session objects are ever replaced"));
     }
-    if kind == Kind::Session && tok.role != Role::Admin {
-        let owners = hosted.session_owners.lock().map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "poisoned"))?;
-        if owners.get(&name).is_some_and(|o| *o != tok.id) {
-            return Err(err(StatusCode::FORBIDDEN, "that session belongs to another token"));
-        }
-    }
-    let (data, _permit) = read_upload(&s, &headers, body).await?;
+    let (data, _permit) = read_upload(&s, kind, &headers, body).await?;
     let claimed = check_upload(&s, kind, &name, &data)?;
-    let store = hosted.store.clone();
+    if kind == Kind::Session {
+        claim_session(&hosted, &tok, &name).await?;
+    }
     let size = data.len();
+    let rec = claimed.map(|c| receipt(&s, c, &tok));
+    let receipt = rec.clone();
+    let h = hosted.clone();
     let n = name.clone();
-    let result = blocking(move || if replace { store.replace(kind, &n, &data) } else { store.put_new(kind, &n, &data) }).await;
+    // One blocking task does the whole write, so a client that hangs up cannot cut it short
+    // between the receipt and the snapshot.
+    let result = blocking(move || match (kind, replace) {
+        (Kind::Session, true) => h.store.replace(kind, &n, &data),
+        (Kind::Snapshot, _) => put_snapshot(&h, &n, &data, receipt.as_ref()),
+        _ => h.store.put_new(kind, &n, &data),
+    })
+    .await;
     match result {
         Ok(()) => {}
+        Err(e) if kind == Kind::Session => {
+            release_session(&hosted, &name, &tok);
+            return Err(e);
+        }
         // The same bytes under the same hash: a retry after a lost answer, or a dedup race.
         Err(ApiError(StatusCode::CONFLICT, _)) if kind.content_addressed() => {
             return Err(err(StatusCode::CONFLICT, "exists (with these very bytes)"));
@@ -431,49 +523,85 @@ pub async fn put_object(
         }
         Err(e) => return Err(e),
     }
-    if kind == Kind::Session
-        && let Ok(mut owners) = hosted.session_owners.lock()
-    {
-        owners.insert(name.clone(), tok.id.clone());
-    }
-    if kind == Kind::Snapshot {
-        // Back from the trash (`kura undelete`): the trash record has done its job.
-        let store = hosted.store.clone();
-        let n = name.clone();
-        blocking(move || match store.delete(Kind::Trash, &n) {
-            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await?;
-    }
-    if let Some(claimed) = claimed {
-        let r = receipt(&s, claimed, &tok.id);
+    if let Some(r) = &rec {
         if let Some(flag) = &r.flag {
             tracing::warn!(repo = %repo, snapshot = %name, token = %tok.id, "{flag}");
         }
         tracing::info!(repo = %repo, snapshot = %name, token = %tok.id, claimed = %r.claimed, "snapshot received");
-        let bytes = serde_json::to_vec(&r).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let store = hosted.store.clone();
-        blocking(move || match store.put_new(Kind::Receipt, &name, &bytes) {
-            Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await?;
     }
     tracing::debug!(repo = %repo, kind = kind.wire(), size, "stored");
     Ok(StatusCode::CREATED.into_response())
 }
 
+/// Stores a snapshot: its receipt first (so no snapshot is ever without one; an existing
+/// receipt of a snapshot that comes back from the trash stays), then the snapshot, then its
+/// trash record goes. Serialised with [`trash_snapshot`] per repository.
+fn put_snapshot(h: &Hosted, name: &str, data: &[u8], receipt: Option<&Receipt>) -> Result<(), StoreError> {
+    let _guard = h.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = receipt {
+        match h.store.put_new(Kind::Receipt, name, &serde_json::to_vec(r).unwrap_or_default()) {
+            Ok(()) | Err(StoreError::Exists(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    h.store.put_new(Kind::Snapshot, name, data)?;
+    match h.store.delete(Kind::Trash, name) {
+        Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reserves a session name for `tok` before its record is written: the first token to write
+/// a session owns it; another (but an admin) may neither replace nor delete it. A session the
+/// server has no owner for (written outside the server) is an admin's alone.
+async fn claim_session(hosted: &Arc<Hosted>, tok: &TokenEntry, name: &str) -> Result<(), ApiError> {
+    let store = hosted.store.clone();
+    let n = name.to_string();
+    let exists = blocking(move || match store.get(Kind::Session, &n) {
+        Ok(_) => Ok(true),
+        Err(StoreError::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    })
+    .await?;
+    let mut owners = hosted.owners.lock().unwrap_or_else(|p| p.into_inner());
+    match owners.get(name) {
+        Some(o) if *o == tok.id => Ok(()),
+        _ if tok.role == Role::Admin => Ok(()),
+        Some(_) => Err(err(StatusCode::FORBIDDEN, "that session belongs to another token")),
+        None if exists => Err(err(StatusCode::FORBIDDEN, "that session was not written through this server; only an admin token may change it")),
+        None => {
+            owners.insert(name.to_string(), tok.id.clone());
+            hosted.save_owners(&owners);
+            Ok(())
+        }
+    }
+}
+
+/// Forgets a session's owner (after its deletion, or a failed first write).
+fn release_session(hosted: &Hosted, name: &str, tok: &TokenEntry) {
+    let mut owners = hosted.owners.lock().unwrap_or_else(|p| p.into_inner());
+    if owners.get(name) == Some(&tok.id) || tok.role == Role::Admin {
+        owners.remove(name);
+        hosted.save_owners(&owners);
+    }
+}
+
 /// Moves a snapshot to the trash: the record is durable before the snapshot goes, so a crash
-/// in between leaves both (a repeated delete finishes the move), never neither.
-pub fn trash_snapshot(store: &LocalStore, name: &str, by: &str) -> Result<(), StoreError> {
-    let bytes = store.get(Kind::Snapshot, name)?;
+/// in between leaves both (a repeated delete finishes the move), never neither. An older
+/// record of the same snapshot is replaced, so the undelete window starts now.
+pub fn trash_snapshot(h: &Hosted, name: &str, by: &str) -> Result<(), StoreError> {
+    let _guard = h.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let bytes = h.store.get(Kind::Snapshot, name)?;
     let record = serde_json::to_vec(&kura_repo::trash::TrashRecord::new(&bytes, by)).unwrap_or_default();
-    match store.put_new(Kind::Trash, name, &record) {
-        Ok(()) | Err(StoreError::Exists(_)) => {}
+    match h.store.put_new(Kind::Trash, name, &record) {
+        Ok(()) => {}
+        Err(StoreError::Exists(_)) => {
+            h.store.delete(Kind::Trash, name)?;
+            h.store.put_new(Kind::Trash, name, &record)?;
+        }
         Err(e) => return Err(e),
     }
-    store.delete(Kind::Snapshot, name)
+    h.store.delete(Kind::Snapshot, name)
 }
 
 /// `DELETE /v1/<repo>/<kind>/<name>`: admin tokens; other tokens only their own sessions.
@@ -488,20 +616,18 @@ pub async fn delete_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo
     }
     if tok.role != Role::Admin {
         let own_session = kind == Kind::Session
-            && hosted.session_owners.lock().map(|o| o.get(&name) == Some(&tok.id)).unwrap_or(false);
+            && hosted.owners.lock().map(|o| o.get(&name) == Some(&tok.id)).unwrap_or(false);
         if !own_session {
             tracing::warn!(repo = %repo, object = %format!("{}/{name}", kind.wire()), token = %tok.id, role = tok.role.name(), "refused a delete");
             return Err(err(StatusCode::FORBIDDEN, format!("a {} token can never delete", tok.role.name())));
         }
     }
-    let store = hosted.store.clone();
+    let h = hosted.clone();
     let n = name.clone();
     let by = tok.id.clone();
-    blocking(move || if kind == Kind::Snapshot { trash_snapshot(&store, &n, &by) } else { store.delete(kind, &n) }).await?;
-    if kind == Kind::Session
-        && let Ok(mut owners) = hosted.session_owners.lock()
-    {
-        owners.remove(&name);
+    blocking(move || if kind == Kind::Snapshot { trash_snapshot(&h, &n, &by) } else { h.store.delete(kind, &n) }).await?;
+    if kind == Kind::Session {
+        release_session(&hosted, &name, &tok);
     }
     tracing::info!(repo = %repo, object = %format!("{}/{name}", kind.wire()), token = %tok.id, "deleted");
     Ok(StatusCode::NO_CONTENT.into_response())

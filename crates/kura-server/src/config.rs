@@ -217,7 +217,10 @@ impl ServerConfig {
                 return Err(ServerError::Config(format!("repository {:?} is listed twice", r.name)));
             }
         }
-        cfg.limits()?;
+        let l = cfg.limits()?;
+        if l.max_object_size > l.max_upload_memory {
+            return Err(ServerError::Config("limits.max_object_size must not exceed limits.max_upload_memory".into()));
+        }
         for r in &cfg.repositories {
             let ctx = |m: String| ServerError::Config(format!("repository {:?}: {m}", r.name));
             duration("undelete_window", &r.undelete_window).map_err(|e| ctx(e.to_string()))?;

@@ -116,7 +116,7 @@ pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
     let start_time = Timestamp::now();
     let result = match job {
         "retention" => match &hosted.jobs.retention {
-            Some((_, policy)) => retention(&hosted.store, policy),
+            Some((_, policy)) => retention(hosted, policy),
             None => Err("no retention is configured for this repository".into()),
         },
         "verify" => match hosted.jobs.verify {
@@ -155,7 +155,8 @@ fn store_err(e: impl std::fmt::Display) -> String {
 
 /// Applies the retention policy to the snapshots' public parts with the server's receive
 /// times, and moves every snapshot it does not keep to the trash.
-fn retention(store: &LocalStore, policy: &Resolved) -> Result<String, String> {
+fn retention(hosted: &Hosted, policy: &Resolved) -> Result<String, String> {
+    let store = hosted.store.as_ref();
     let opts = ForgetOptions { group_by: policy.group_by, tz: policy.tz.clone(), now: Timestamp::now(), host: None, tags: Vec::new() };
     let (plans, warnings) = plan_store(store, &opts, &|k| policy.policy_for(k)).map_err(store_err)?;
     for w in &warnings {
@@ -169,7 +170,7 @@ fn retention(store: &LocalStore, policy: &Resolved) -> Result<String, String> {
             kept += 1;
             continue;
         }
-        match trash_snapshot(store, &d.id, "retention") {
+        match trash_snapshot(hosted, &d.id, "retention") {
             Ok(()) | Err(StoreError::NotFound(_)) => trashed += 1,
             Err(e) => return Err(format!("moving snapshot {} to the trash: {e}", &d.id[..8])),
         }
@@ -205,10 +206,22 @@ fn expire(store: &LocalStore, window: Duration) -> Result<String, String> {
             left.insert(l.name);
         }
     }
+    // A receipt is written just before its snapshot, and a snapshot moves to the trash while
+    // this runs: only receipts a day old whose snapshot is nowhere are orphans.
+    let receipts_listed = store.list(Kind::Receipt).map_err(store_err)?;
     let live: HashSet<String> = store.list(Kind::Snapshot).map_err(store_err)?.into_iter().map(|l| l.name).collect();
+    let trash: HashSet<String> = store.list(Kind::Trash).map_err(store_err)?.into_iter().map(|l| l.name).collect();
     let mut receipts = 0;
-    for l in store.list(Kind::Receipt).map_err(store_err)? {
-        if !live.contains(&l.name) && !left.contains(&l.name) {
+    for l in receipts_listed {
+        if live.contains(&l.name) || trash.contains(&l.name) {
+            continue;
+        }
+        let old = store
+            .get(Kind::Receipt, &l.name)
+            .ok()
+            .and_then(|b| kura_repo::receipt::Receipt::decode(&b))
+            .is_none_or(|(_, t)| now.duration_since(t) > jiff::SignedDuration::from_hours(24));
+        if old {
             match store.delete(Kind::Receipt, &l.name) {
                 Ok(()) | Err(StoreError::NotFound(_)) => receipts += 1,
                 Err(e) => return Err(e.to_string()),

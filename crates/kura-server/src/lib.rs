@@ -90,9 +90,18 @@ fn content_length(h: &axum::http::HeaderMap) -> u64 {
     h.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// `GET /metrics`: no token needed (it names repositories and counts, nothing secret).
-async fn metrics(axum::extract::State(state): axum::extract::State<Arc<api::AppState>>) -> axum::response::Response {
-    let repos = state.repos.clone();
+/// `GET /metrics`: any valid token (a scraper gets a read token); only the repositories that
+/// token opens are shown.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<Arc<api::AppState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    let tok = match state.authenticate(&headers, peer.ip()) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let repos = state.repos.iter().filter(|(n, _)| tok.opens(n)).map(|(n, h)| (n.clone(), h.clone())).collect();
     let text = tokio::task::spawn_blocking(move || {
         let m = &state.metrics;
         m.render(&repos)
@@ -124,7 +133,8 @@ fn host_repos(cfg: &ServerConfig) -> Result<Vec<api::Hosted>, ServerError> {
         .map(|r| {
             let path = cfg.repo_path(r);
             let store = LocalStore::create(&path).map_err(|source| ServerError::Repo { name: r.name.clone(), source })?;
-            Ok(api::Hosted::new(r.name.clone(), store, jobs::RepoJobs::new(r)?))
+            let owners = cfg.state_dir.join(format!("session-owners-{}.json", r.name));
+            Ok(api::Hosted::new(r.name.clone(), store, jobs::RepoJobs::new(r)?, owners))
         })
         .collect()
 }

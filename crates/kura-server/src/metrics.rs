@@ -1,5 +1,6 @@
-//! Prometheus metrics (`GET /metrics`, OpenMetrics text): requests and bytes by the server's
-//! counters; snapshots, newest snapshot age, trash and job results computed at each scrape.
+//! Prometheus metrics (`GET /metrics` with any valid token, OpenMetrics text): requests and
+//! bytes by the server's counters; snapshots, newest snapshot age, trash and job results of the
+//! repositories the token opens, computed at each scrape.
 
 use crate::api::Hosted;
 use prometheus_client::encoding::text::encode;

@@ -121,9 +121,11 @@ impl Tokens {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
         let tmp = path.with_extension("json.tmp");
+        // A leftover temporary file would keep its permissions: start from none.
+        let _ = std::fs::remove_file(&tmp);
         let file = TokenFile { version: 1, tokens: self.entries.clone() };
         let text = serde_json::to_string_pretty(&file).map_err(|e| ServerError::Config(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(err)?;
         f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)?;
         Ok(())

@@ -59,6 +59,11 @@ impl LocalStore {
         }
     }
 
+    /// The file an object is (or would be) stored in; the name is checked first.
+    pub fn object_path(&self, kind: Kind, name: &str) -> Result<PathBuf, StoreError> {
+        self.path_of(kind, name)
+    }
+
     fn path_of(&self, kind: Kind, name: &str) -> Result<PathBuf, StoreError> {
         check_name(name)?;
         if kind == Kind::Config && name != "config" {
@@ -168,18 +173,17 @@ impl Store for LocalStore {
             _ => io(Verb::Read, obj(), e),
         })?;
         let end = offset.saturating_add(len);
-        let short = || {
-            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-            StoreError::Short { name: obj(), offset, end, len: size }
-        };
-        // Offsets past what the OS can seek to are simply past the end.
-        if end > i64::MAX as u64 {
-            return Err(short());
+        let size = f.metadata().map_err(|e| io(Verb::Read, obj(), e))?.len();
+        let short = |size: u64| StoreError::Short { name: obj(), offset, end, len: size };
+        // Checked before allocating: a range is never larger than the object (a server passes
+        // ranges from its clients).
+        if end > size {
+            return Err(short(size));
         }
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| short(size))?];
         match f.read_exact_at(&mut buf, offset) {
             Ok(()) => Ok(buf),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(short()),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(short(f.metadata().map(|m| m.len()).unwrap_or(0))),
             Err(e) => Err(io(Verb::Read, obj(), e)),
         }
     }

@@ -445,21 +445,53 @@ impl Store for RemoteStore {
 }
 
 impl RemoteStore {
-    /// One range request; the answer is shorter than asked when the object ends first.
-    fn fetch_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+    /// One range request; returns what the server sent, which is shorter than asked only
+    /// where the object ends first. An answer that is not the range asked for (a proxy that
+    /// ignored `Range`) is an error, never bytes at the wrong offset.
+    fn fetch_range_upto(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let last = offset.checked_add(len - 1).ok_or_else(|| StoreError::Short { name: ObjectName::new(kind, name), offset, end: u64::MAX, len: 0 })?;
         let url = self.url(kind, name);
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
-        let short = |have: u64| StoreError::Short { name: ObjectName::new(kind, name), offset, end: offset + len, len: have };
+        let range = format!("bytes={offset}-{last}");
         let resp = match self.object(Verb::Read, kind, name, || self.client.get(&url).header("Range", &range)) {
-            // The server answers 416 with the object's length in the message's Content-Range.
+            // Starting past the end: the server's message is the object's length.
             Err(StoreError::Server { status: 416, message, .. }) => {
-                return Err(short(message.trim().parse().unwrap_or(0)));
+                return Err(StoreError::Short { name: ObjectName::new(kind, name), offset, end: last + 1, len: message.trim().parse().unwrap_or(0) });
             }
             r => r?,
         };
+        let starts_right = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            == Some(offset);
+        if resp.status() != StatusCode::PARTIAL_CONTENT || !starts_right {
+            return Err(StoreError::Server {
+                verb: Verb::Read,
+                target: ObjectName::new(kind, name).to_string(),
+                status: resp.status().as_u16(),
+                message: format!("the answer is not the range {range} (is a proxy ignoring Range?)"),
+            });
+        }
         let body = self.read_body(Verb::Read, kind, name, resp)?;
-        if body.len() as u64 != len {
-            return Err(short(offset + body.len() as u64));
+        if body.len() as u64 > len {
+            return Err(StoreError::Server {
+                verb: Verb::Read,
+                target: ObjectName::new(kind, name).to_string(),
+                status: 206,
+                message: format!("the answer to {range} is longer than asked"),
+            });
+        }
+        Ok(body)
+    }
+
+    /// Exactly `len` bytes at `offset`, or [`StoreError::Short`].
+    fn fetch_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let body = self.fetch_range_upto(kind, name, offset, len)?;
+        if (body.len() as u64) < len {
+            return Err(StoreError::Short { name: ObjectName::new(kind, name), offset, end: offset.saturating_add(len), len: offset + body.len() as u64 });
         }
         Ok(body)
     }
@@ -475,13 +507,10 @@ impl RemoteStore {
             c.push(hit);
             return Ok(data);
         }
-        let data = match self.fetch_range(Kind::Pack, pack, b * BLOCK, BLOCK) {
-            Ok(d) => d,
-            Err(StoreError::Short { len, .. }) if len > b * BLOCK => self.fetch_range(Kind::Pack, pack, b * BLOCK, len - b * BLOCK)?,
-            Err(e) => return Err(e),
-        };
-        let data = Arc::new(data);
-        if let Ok(mut c) = self.blocks.lock() {
+        let data = Arc::new(self.fetch_range_upto(Kind::Pack, pack, b * BLOCK, BLOCK)?);
+        if let Ok(mut c) = self.blocks.lock()
+            && !c.iter().any(|(k, _)| *k == key)
+        {
             if c.len() >= CACHED_BLOCKS {
                 c.remove(0);
             }
@@ -492,13 +521,17 @@ impl RemoteStore {
 
     /// A small range of a pack, assembled from (at most two) cached blocks.
     fn get_cached(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        let end = offset + len;
+        let end = offset.checked_add(len).ok_or_else(|| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end: u64::MAX, len: 0 })?;
         let short = |have: u64| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end, len: have };
         let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK;
-            let block = self.block(pack, b)?;
+            let block = match self.block(pack, b) {
+                // Report the caller's range, not the block's.
+                Err(StoreError::Short { len: have, .. }) => return Err(short(have)),
+                r => r?,
+            };
             let start = usize::try_from(pos - b * BLOCK).unwrap_or(usize::MAX);
             if start >= block.len() {
                 return Err(short(b * BLOCK + block.len() as u64));

@@ -233,7 +233,11 @@ fn code(o: &Output) -> Option<i32> {
 
 /// Forged snapshot bytes: a valid public part with `time`, and garbage where the sealed body is.
 fn forged_snapshot(time: &str, n: u64) -> Vec<u8> {
-    let public = serde_json::json!({"time": time, "host": "evil", "paths": ["/"], "tags": [], "packs": []}).to_string();
+    forged_snapshot_of(serde_json::json!({"time": time, "host": "evil", "paths": ["/"], "tags": [], "packs": []}), n)
+}
+
+fn forged_snapshot_of(public: serde_json::Value, n: u64) -> Vec<u8> {
+    let public = public.to_string();
     let mut v = b"KURASNAP".to_vec();
     v.extend_from_slice(&1u32.to_le_bytes());
     v.extend_from_slice(&(public.len() as u32).to_le_bytes());
@@ -276,7 +280,15 @@ fn backup_and_restore_through_the_server_are_bit_exact() {
     assert!(stderr(&o).contains("fingerprint"), "{}", stderr(&o));
     let o = s.run("kura_not-a-token", &["snapshots"]);
     assert_eq!(code(&o), Some(13), "{}", stderr(&o));
+    // A token learns nothing about repositories it does not open; one for all of them is told
+    // that the server has none of that name.
     let o = s.kura(&s.admin, &["snapshots"]).arg("-r").arg(format!("kura://{}/elsewhere", s.addr)).output().unwrap();
+    assert_eq!(code(&o), Some(13), "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not open repository \"elsewhere\""), "{}", stderr(&o));
+    let all = Command::new(BIN).args(["serve", "-c"]).arg(&s.config).args(["token", "add", "--role", "read", "--repository", "*"]).output().unwrap();
+    let all = String::from_utf8(all.stdout).unwrap().trim().to_string();
+    std::thread::sleep(Duration::from_millis(1100)); // the server rereads its token list each second
+    let o = s.kura(&all, &["snapshots"]).arg("-r").arg(format!("kura://{}/elsewhere", s.addr)).output().unwrap();
     assert_eq!(code(&o), Some(10), "{}", stderr(&o));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
@@ -431,7 +443,15 @@ fn oversized_truncated_slow_and_malformed_requests_store_nothing() {
         assert_eq!(r.status(), 400);
     }
     let snap = &before[2][0];
-    for (range, status) in [("bytes=5-1", 400), ("items=0-1", 400), ("bytes=100000000-100000001", 416)] {
+    for (range, status) in [
+        ("bytes=5-1", 400),
+        ("items=0-1", 400),
+        ("bytes=100000000-100000001", 416),
+        // Ranges that would make the server allocate without bound, or overflow.
+        ("bytes=0-9000000000000000000", 400),
+        ("bytes=0-18446744073709551615", 400),
+        ("bytes=18446744073709551615-18446744073709551615", 416),
+    ] {
         let r = http.get(s.obj_url("snapshots", snap)).bearer_auth(&s.read).header("Range", range).send().unwrap();
         assert_eq!(r.status(), status, "{range}");
     }
@@ -640,7 +660,8 @@ fn server_retention_uses_receive_times_and_deleted_snapshots_stay_undeletable_fo
     let r = job("expire", &s.admin);
     assert!(r.text().unwrap().contains("expired 4 trashed"));
     assert!(s.names("trash").is_empty());
-    assert_eq!(s.names("receipts").len(), 1);
+    // Receipts of snapshots gone for good stay a day (one may belong to an upload in flight).
+    assert_eq!(s.names("receipts").len(), 5);
     s.ok(&s.admin, &["prune"]);
     assert!(pack_bytes(&s) < before / 2, "prune freed too little: {} of {before}", pack_bytes(&s));
     s.ok(&s.admin, &["check", "--read-data"]);
@@ -661,14 +682,15 @@ fn server_retention_uses_receive_times_and_deleted_snapshots_stay_undeletable_fo
     assert_eq!(st["retention"]["last_ok"], true);
     assert!(st["retention"]["next"].as_str().unwrap().contains("T03:00:00"), "{st}");
 
-    // The same facts on /metrics, with request counts; no token needed, none shown.
-    let m = http.get(format!("https://{}/metrics", s.addr)).send().unwrap().text().unwrap();
+    // The same facts on /metrics for any valid token, with request counts; no secret shown.
+    assert_eq!(http.get(format!("https://{}/metrics", s.addr)).send().unwrap().status(), 401);
+    let m = http.get(format!("https://{}/metrics", s.addr)).bearer_auth(&s.read).send().unwrap().text().unwrap();
     for want in [
         "kura_repository_snapshots{repository=\"office\"} 1",
         "kura_repository_trash_snapshots{repository=\"office\"} 0",
         "kura_job_last_ok{repository=\"office\",job=\"verify\"} 0",
         "kura_job_last_ok{repository=\"office\",job=\"retention\"} 1",
-        "kura_auth_failures_total 0",
+        "kura_auth_failures_total 1",
     ] {
         assert!(m.contains(want), "{want} missing from:\n{m}");
     }
@@ -728,4 +750,67 @@ fn concurrent_backups_through_the_server_survive_an_admin_prune() {
         s.ok(&s.read, &["restore", &id[..8], "--target", target.to_str().unwrap()]);
         assert_same_tree(src, &restored(&target, src));
     }
+}
+
+#[test]
+fn a_backup_token_cannot_drag_snapshots_out_with_forged_repaired_copies() {
+    let s = Server::start("[repository.retention]\nschedule = \"daily 03:00\"\nkeep = { tags = [\"important\"], last = 1 }\n");
+    s.ok(&s.admin, &["init"]);
+    let src = source(s.dir.path(), 6);
+    s.ok(&s.backup, &["backup", "--tag", "important", src.to_str().unwrap()]);
+    std::fs::write(src.join("sub/f0"), b"second").unwrap();
+    s.ok(&s.backup, &["backup", "--tag", "important", src.to_str().unwrap()]);
+    let real = s.names("snapshots");
+    // Each forged "repaired copy" claims to replace a real snapshot; none is kept by the
+    // policy, so if retention believed them, their "originals" would go with them.
+    let http = s.http();
+    for (n, victim) in real.iter().enumerate() {
+        let now = jiff::Timestamp::now().to_string();
+        let body = forged_snapshot_of(
+            serde_json::json!({"time": now, "host": "evil", "paths": ["/x"], "tags": [], "packs": [], "original": victim}),
+            n as u64,
+        );
+        let r = http.put(s.obj_url("snapshots", &hash_hex(&body))).bearer_auth(&s.backup).body(body).send().unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let newest = forged_snapshot(&jiff::Timestamp::now().to_string(), 99);
+    http.put(s.obj_url("snapshots", &hash_hex(&newest))).bearer_auth(&s.backup).body(newest).send().unwrap();
+    let r = http.post(format!("https://{}/v1/office/jobs/retention", s.addr)).bearer_auth(&s.admin).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let left = s.names("snapshots");
+    for id in &real {
+        assert!(left.contains(id), "real snapshot {id} was trashed through a forged copy: {}", r.text().unwrap_or_default());
+    }
+}
+
+#[test]
+fn sessions_belong_to_the_token_that_wrote_them_across_restarts() {
+    let mut s = Server::start("");
+    s.ok(&s.admin, &["init"]);
+    let record = |beat: &str| {
+        serde_json::json!({"version": 1, "command": "backup", "host": "a", "machine": "", "pid": 1, "pid_start": 1,
+            "started": beat, "heartbeat": beat, "plans_seen": []})
+        .to_string()
+    };
+    let now = jiff::Timestamp::now().to_string();
+    let old = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24)).to_string();
+    let url = s.obj_url("sessions", "0123456789abcdef");
+    let put = |s: &Server, token: &str, body: String, replace: bool| {
+        let u = if replace { format!("{url}?replace=1") } else { url.clone() };
+        s.http().put(u).bearer_auth(token).body(body).send().unwrap().status().as_u16()
+    };
+    assert_eq!(put(&s, &s.backup, record(&now), false), 201);
+    for _ in 0..2 {
+        // Another token can neither age it (so prune would think it dead) nor delete it.
+        assert_eq!(put(&s, &s.read, record(&old), true), 403);
+        assert_eq!(s.http().delete(&url).bearer_auth(&s.read).send().unwrap().status(), 403);
+        assert_eq!(put(&s, &s.backup, record(&now), true), 201);
+        s.restart();
+    }
+    // A version the server cannot judge, or one without a heartbeat, is refused.
+    for bad in [serde_json::json!({"version": 2}).to_string(), "{\"version\":1}".to_string()] {
+        let u = s.obj_url("sessions", "fedcba9876543210");
+        assert_eq!(s.http().put(u).bearer_auth(&s.read).body(bad).send().unwrap().status(), 400);
+    }
+    assert_eq!(s.http().delete(&url).bearer_auth(&s.backup).send().unwrap().status(), 204);
 }
