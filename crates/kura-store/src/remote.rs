@@ -54,12 +54,31 @@ const BLOCK: u64 = 2 << 20;
 /// Blocks kept (32 MiB).
 const CACHED_BLOCKS: usize = 16;
 
+/// Packs uploading in the background at most (memory: this many packs besides the ones being
+/// filled).
+const UPLOADS_IN_FLIGHT: usize = 2;
+
+#[derive(Default)]
+struct UploadState {
+    in_flight: usize,
+    /// The first background upload that failed; reported by the next `settle`.
+    failed: Option<StoreError>,
+}
+
+/// Background pack uploads of one store (shared by its handles).
+#[derive(Default)]
+struct Uploads {
+    state: std::sync::Mutex<UploadState>,
+    done: std::sync::Condvar,
+}
+
 /// Recently read pack blocks, least recently used first. Objects are write-once, so a cached
 /// block can never show other bytes than the name stands for.
 type BlockCache = Arc<std::sync::Mutex<Vec<((String, u64), Arc<Vec<u8>>)>>>;
 
 /// A repository hosted by a kura server.
 pub struct RemoteStore {
+    uploads: Arc<Uploads>,
     blocks: BlockCache,
     client: Client,
     /// `https://host:port[/prefix]/v1/<repo>`
@@ -228,6 +247,7 @@ impl RemoteStore {
         })?;
         let hostport = root.trim_start_matches("https://");
         Ok(RemoteStore {
+            uploads: Arc::default(),
             blocks: Arc::default(),
             client,
             base: format!("{root}/v1/{repo}"),
@@ -341,16 +361,42 @@ impl RemoteStore {
             .map_err(|e| self.net(verb, &ObjectName::new(kind, name).to_string(), &e))
     }
 
-    fn upload(&self, kind: Kind, name: &str, data: &[u8], replace: bool) -> Result<(), StoreError> {
+    fn upload(&self, kind: Kind, name: &str, data: bytes::Bytes, replace: bool) -> Result<(), StoreError> {
+        // Write order (FORMAT.md §10): packs still uploading in the background must be
+        // durable before an index file or snapshot can name them.
+        // Sessions are outside the write order; their heartbeats need not wait.
+        if kind != Kind::Pack && kind != Kind::Session {
+            self.settle()?;
+        }
         let mut url = self.url(kind, name);
         if replace {
             url = format!("{url}?{REPLACE_QUERY}");
         }
-        match self.object(Verb::Write, kind, name, || self.client.put(&url).body(data.to_vec())) {
+        match self.object(Verb::Write, kind, name, || self.client.put(&url).body(data.clone())) {
             // The name is the hash of these bytes, so the object that exists holds exactly them:
             // a retry after a lost answer, or another client's identical upload.
             Err(StoreError::Exists(_)) if kind.content_addressed() => Ok(()),
             r => r.map(|_| ()),
+        }
+    }
+}
+
+/// The same error again (the first failed upload is reported by every later write).
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::NotFound(n) => StoreError::NotFound(n.clone()),
+        StoreError::Exists(n) => StoreError::Exists(n.clone()),
+        StoreError::NoStore(l) => StoreError::NoStore(l.clone()),
+        StoreError::BadLocation(l) => StoreError::BadLocation(l.clone()),
+        StoreError::InvalidName(n) => StoreError::InvalidName(n.clone()),
+        StoreError::Short { name, offset, end, len } => StoreError::Short { name: name.clone(), offset: *offset, end: *end, len: *len },
+        StoreError::Denied { verb, target, reason } => StoreError::Denied { verb: *verb, target: target.clone(), reason: reason.clone() },
+        StoreError::Server { verb, target, status, message } => {
+            StoreError::Server { verb: *verb, target: target.clone(), status: *status, message: message.clone() }
+        }
+        StoreError::Network { verb, target, detail } => StoreError::Network { verb: *verb, target: target.clone(), detail: detail.clone() },
+        StoreError::Io { verb, target, source } => {
+            StoreError::Io { verb: *verb, target: target.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
         }
     }
 }
@@ -377,7 +423,7 @@ pub struct WireListed {
 
 impl Store for RemoteStore {
     fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
-        self.upload(kind, name, data, false)
+        self.upload(kind, name, bytes::Bytes::copy_from_slice(data), false)
     }
 
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
@@ -398,6 +444,8 @@ impl Store for RemoteStore {
 
 
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
+        // A listing shows this process's own uploads (a backup checks its packs are there).
+        self.settle()?;
         let url = format!("{}/{}/", self.base, kind.wire());
         let target = format!("{}/{}", self.display, kind.wire());
         let resp = self.send(Verb::List, &target, || self.client.get(&url))?;
@@ -419,7 +467,7 @@ impl Store for RemoteStore {
         if kind != Kind::Session {
             return Err(StoreError::InvalidName(format!("{} (only sessions are replaced)", ObjectName::new(kind, name))));
         }
-        self.upload(kind, name, data, true)
+        self.upload(kind, name, bytes::Bytes::copy_from_slice(data), true)
     }
 
     fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
@@ -547,9 +595,24 @@ impl RemoteStore {
         Ok(out)
     }
 
+    /// Waits until every pack handed to a background upload is stored; fails with the first
+    /// upload that failed (after its retries).
+    pub fn settle(&self) -> Result<(), StoreError> {
+        let mut st = self.uploads.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.in_flight > 0 {
+            st = self.uploads.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        // Sticky: every later write is refused too, so nothing can name the lost pack.
+        match &st.failed {
+            Some(e) => Err(copy_error(e)),
+            None => Ok(()),
+        }
+    }
+
     /// Another handle on the same connection pool.
     fn clone_handle(&self) -> RemoteStore {
         RemoteStore {
+            uploads: self.uploads.clone(),
             blocks: self.blocks.clone(),
             client: self.client.clone(),
             base: self.base.clone(),
@@ -579,8 +642,34 @@ impl std::io::Write for RemoteStaged {
 }
 
 impl Staged for RemoteStaged {
+    /// Hands the pack to a background upload and returns, so the thread that filled it goes on
+    /// sealing; at most [`UPLOADS_IN_FLIGHT`] packs are on their way at once. The pack is
+    /// durable once [`RemoteStore::settle`] returns, which every write of another kind and
+    /// every listing calls first, so no index file or snapshot can name a pack before it is.
     fn commit(self: Box<Self>, name: &str) -> Result<(), StoreError> {
-        self.store.put_new(self.kind, name, &self.buf)
+        let RemoteStaged { store, kind, buf } = *self;
+        let up = store.uploads.clone();
+        {
+            let mut st = up.state.lock().unwrap_or_else(|p| p.into_inner());
+            while st.in_flight >= UPLOADS_IN_FLIGHT {
+                st = up.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.in_flight += 1;
+        }
+        let name = name.to_string();
+        let data = bytes::Bytes::from(buf);
+        std::thread::spawn(move || {
+            let r = store.upload(kind, &name, data, false);
+            let mut st = up.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.in_flight -= 1;
+            if let Err(e) = r
+                && st.failed.is_none()
+            {
+                st.failed = Some(e);
+            }
+            up.done.notify_all();
+        });
+        Ok(())
     }
 }
 
