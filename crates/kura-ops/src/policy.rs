@@ -77,22 +77,29 @@ pub struct PolicyFile {
 }
 
 impl Keep {
+    /// The per-period counts, in [`Period::ALL`] order.
+    fn counts(&self) -> [&Option<FileCount>; 6] {
+        [&self.hourly, &self.daily, &self.weekly, &self.biweekly, &self.monthly, &self.yearly]
+    }
+
+    /// The per-period `within-*` spans, in [`Period::ALL`] order.
+    fn withins(&self) -> [&Option<String>; 6] {
+        [
+            &self.within_hourly,
+            &self.within_daily,
+            &self.within_weekly,
+            &self.within_biweekly,
+            &self.within_monthly,
+            &self.within_yearly,
+        ]
+    }
+
     /// True when any rule is set.
     pub fn has_rules(&self) -> bool {
-        [&self.last, &self.hourly, &self.daily, &self.weekly, &self.biweekly, &self.monthly, &self.yearly]
-            .iter()
-            .any(|x| x.is_some())
-            || [
-                &self.within,
-                &self.within_hourly,
-                &self.within_daily,
-                &self.within_weekly,
-                &self.within_biweekly,
-                &self.within_monthly,
-                &self.within_yearly,
-            ]
-            .iter()
-            .any(|x| x.is_some())
+        self.last.is_some()
+            || self.within.is_some()
+            || self.counts().iter().any(|x| x.is_some())
+            || self.withins().iter().any(|x| x.is_some())
             || !self.tags.is_empty()
             || self.none
     }
@@ -107,15 +114,7 @@ impl Keep {
         };
         let mut p = Policy { last: count(&self.last, "last")?, keep_none: self.none, ..Policy::default() };
         p.within = span(&self.within, "within")?;
-        let counts = [&self.hourly, &self.daily, &self.weekly, &self.biweekly, &self.monthly, &self.yearly];
-        let withins = [
-            &self.within_hourly,
-            &self.within_daily,
-            &self.within_weekly,
-            &self.within_biweekly,
-            &self.within_monthly,
-            &self.within_yearly,
-        ];
+        let (counts, withins) = (self.counts(), self.withins());
         for (i, period) in Period::ALL.into_iter().enumerate() {
             p.counts[i] = count(counts[i], period.name())?;
             p.within_periods[i] = span(withins[i], &format!("within-{}", period.name()))?;

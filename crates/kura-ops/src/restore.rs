@@ -462,7 +462,8 @@ pub fn restore(
     let bytes = AtomicU64::new(0);
     let fatal: Mutex<Option<OpsError>> = Mutex::new(None);
     let failed = AtomicBool::new(false);
-    let threads = crate::cores() + 1;
+    // Through a server, threads also wait on round trips: twice as many keep the cores busy.
+    let threads = if repo.store().is_remote() { 2 * crate::cores() + 1 } else { crate::cores() + 1 };
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {

@@ -307,6 +307,12 @@ pub trait Store: Send + Sync {
     fn check_admin(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// True when every read is a network round trip: readers then keep more requests in flight
+    /// than they have cores.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// An object being written; see [`Store::stage`].

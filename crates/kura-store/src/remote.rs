@@ -72,9 +72,22 @@ struct Uploads {
     done: std::sync::Condvar,
 }
 
+/// A cached block, or one that a thread is fetching (the others wait for it instead of
+/// fetching it again: restore threads work on neighbouring files, so they miss together).
+enum Slot {
+    Loading,
+    Ready(Arc<Vec<u8>>),
+}
+
 /// Recently read pack blocks, least recently used first. Objects are write-once, so a cached
 /// block can never show other bytes than the name stands for.
-type BlockCache = Arc<std::sync::Mutex<Vec<((String, u64), Arc<Vec<u8>>)>>>;
+#[derive(Default)]
+struct Blocks {
+    slots: std::sync::Mutex<Vec<((String, u64), Slot)>>,
+    loaded: std::sync::Condvar,
+}
+
+type BlockCache = Arc<Blocks>;
 
 /// A repository hosted by a kura server.
 pub struct RemoteStore {
@@ -479,6 +492,10 @@ impl Store for RemoteStore {
         self.display.clone()
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn check_admin(&self) -> Result<(), StoreError> {
         let info = self.info()?;
         if info.role == "admin" {
@@ -544,27 +561,59 @@ impl RemoteStore {
         Ok(body)
     }
 
-    /// A block of a pack (shorter at the pack's end), from the cache or the server.
+    /// A block of a pack (shorter at the pack's end), from the cache or the server; one fetch
+    /// per block however many threads want it at once.
     fn block(&self, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
         let key = (pack.to_string(), b);
-        if let Ok(mut c) = self.blocks.lock()
-            && let Some(i) = c.iter().position(|(k, _)| *k == key)
+        let cache = &self.blocks;
         {
-            let hit = c.remove(i);
-            let data = hit.1.clone();
-            c.push(hit);
-            return Ok(data);
-        }
-        let data = Arc::new(self.fetch_range_upto(Kind::Pack, pack, b * BLOCK, BLOCK)?);
-        if let Ok(mut c) = self.blocks.lock()
-            && !c.iter().any(|(k, _)| *k == key)
-        {
-            if c.len() >= CACHED_BLOCKS {
-                c.remove(0);
+            let mut slots = cache.slots.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match slots.iter().position(|(k, _)| *k == key) {
+                    Some(i) => match &slots[i].1 {
+                        Slot::Ready(d) => {
+                            let d = d.clone();
+                            let hit = slots.remove(i);
+                            slots.push(hit);
+                            return Ok(d);
+                        }
+                        Slot::Loading => slots = cache.loaded.wait(slots).unwrap_or_else(|p| p.into_inner()),
+                    },
+                    None => {
+                        slots.push((key.clone(), Slot::Loading));
+                        break;
+                    }
+                }
             }
-            c.push((key, data.clone()));
+            // Read ahead: readers go through a pack in order, so the next block is wanted next.
+            let next = (pack.to_string(), b + 1);
+            if !slots.iter().any(|(k, _)| *k == next) {
+                slots.push((next, Slot::Loading));
+                let (store, pack) = (self.clone_handle(), pack.to_string());
+                std::thread::spawn(move || store.load_block(&pack, b + 1));
+            }
         }
-        Ok(data)
+        self.load_block(pack, b)
+    }
+
+    /// Fetches a block whose slot this thread marked as loading, and publishes it.
+    fn load_block(&self, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
+        let key = (pack.to_string(), b);
+        let cache = &self.blocks;
+        let fetched = self.fetch_range_upto(Kind::Pack, pack, b * BLOCK, BLOCK).map(Arc::new);
+        let mut slots = cache.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|(k, _)| *k != key);
+        if let Ok(d) = &fetched {
+            slots.push((key, Slot::Ready(d.clone())));
+            // Evict the least recently used ready blocks beyond the budget.
+            while slots.iter().filter(|(_, s)| matches!(s, Slot::Ready(_))).count() > CACHED_BLOCKS {
+                if let Some(i) = slots.iter().position(|(_, s)| matches!(s, Slot::Ready(_))) {
+                    slots.remove(i);
+                }
+            }
+        }
+        cache.loaded.notify_all();
+        fetched
     }
 
     /// A small range of a pack, assembled from (at most two) cached blocks.
