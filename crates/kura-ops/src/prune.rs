@@ -84,6 +84,8 @@ pub struct PruneReport {
     pub snapshots: usize,
     /// Deleted snapshots still in a server's undelete window, whose data was kept.
     pub trashed: usize,
+    /// Temporary files of writes killed a day or more ago, removed.
+    pub temporaries_removed: u64,
     /// Packs in the repository before.
     pub packs: usize,
     /// Their bytes.
@@ -170,6 +172,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
     if !opts.dry_run {
         report.sessions_cleaned = reap_sessions(repo)?;
+        // Half-written objects of killed processes: a day old, no write is still making them.
+        (report.temporaries_removed, _) = repo.store().remove_stale_temporaries(std::time::Duration::from_secs(86_400))?;
     }
     for p in repo.load_index()? {
         progress.warn(&p.to_string());

@@ -228,7 +228,12 @@ fn expire(store: &LocalStore, window: Duration) -> Result<String, String> {
             }
         }
     }
-    Ok(format!("expired {expired} trashed snapshot(s) and {receipts} receipt(s); {} still undeletable", left.len()))
+    // Temporary files of uploads cut off by a killed server: never objects, only space.
+    let (temps, temp_bytes) = store.remove_stale_temporaries(Duration::from_secs(86_400)).map_err(store_err)?;
+    Ok(format!(
+        "expired {expired} trashed snapshot(s) and {receipts} receipt(s); {} still undeletable; removed {temps} stale temporary file(s) ({temp_bytes} bytes)",
+        left.len()
+    ))
 }
 
 /// Reads objects and checks each against its name (the BLAKE3 of its bytes): every key, index

@@ -313,6 +313,14 @@ pub trait Store: Send + Sync {
     fn is_remote(&self) -> bool {
         false
     }
+
+    /// Removes temporary files of writes that a killed process left, if older than `age`
+    /// (no write takes that long); returns how many and their bytes. They are never part of
+    /// the repository, only wasted space. Stores without such files do nothing.
+    fn remove_stale_temporaries(&self, age: std::time::Duration) -> Result<(u64, u64), StoreError> {
+        let _ = age;
+        Ok((0, 0))
+    }
 }
 
 /// An object being written; see [`Store::stage`].

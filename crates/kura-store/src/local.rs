@@ -252,6 +252,33 @@ impl Store for LocalStore {
         sync_dir(&dir)
     }
 
+    fn remove_stale_temporaries(&self, age: std::time::Duration) -> Result<(u64, u64), StoreError> {
+        let mut dirs = vec![self.root.clone()];
+        for k in Kind::ALL.into_iter().filter(|k| !matches!(k, Kind::Config | Kind::Pack)) {
+            dirs.push(self.root.join(k.dir()));
+        }
+        if let Ok(rd) = fs::read_dir(self.root.join("data")) {
+            dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            dirs.push(self.root.join("data"));
+        }
+        let (mut n, mut bytes) = (0, 0);
+        for dir in dirs {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    continue;
+                }
+                let Ok(m) = e.metadata() else { continue };
+                let old = m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|d| d > age);
+                if old && m.is_file() && fs::remove_file(e.path()).is_ok() {
+                    n += 1;
+                    bytes += m.len();
+                }
+            }
+        }
+        Ok((n, bytes))
+    }
+
     fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         let path = self.path_of(kind, name)?;
         HANDLES.with(|h| h.borrow_mut().retain(|(p, _)| p != &path));
@@ -350,6 +377,21 @@ mod tests {
         fs::write(d.path().join("data/ab/.tmp-dead"), b"half").unwrap();
         let names: Vec<_> = s.list(Kind::Pack).unwrap().into_iter().map(|l| l.name).collect();
         assert_eq!(names, vec!["ab12".to_string()]);
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
+        let (d, s) = store();
+        s.put_new(Kind::Pack, "ab12", b"x").unwrap();
+        let stale = d.path().join("data/ab/.tmp-stale");
+        let fresh = d.path().join("index/.tmp-fresh");
+        fs::write(&stale, b"half a pack").unwrap();
+        fs::write(&fresh, b"being written").unwrap();
+        let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+        File::options().write(true).open(&stale).unwrap().set_modified(day_ago).unwrap();
+        assert_eq!(s.remove_stale_temporaries(std::time::Duration::from_secs(3600)).unwrap(), (1, 11));
+        assert!(!stale.exists() && fresh.exists());
+        assert_eq!(s.get(Kind::Pack, "ab12").unwrap(), b"x");
     }
 
     #[test]

@@ -59,6 +59,12 @@ fn print_prune(r: &PruneReport) {
     if r.packs_resurrected > 0 {
         println!("kept {} condemned pack(s) that a snapshot made meanwhile uses", r.packs_resurrected);
     }
+    if r.temporaries_removed > 0 {
+        println!("removed {} temporary file(s) of writes killed more than a day ago", r.temporaries_removed);
+    }
+    if r.trashed > 0 {
+        println!("kept the data of {} deleted snapshot(s) still in the server's undelete window", r.trashed);
+    }
     if r.sessions_cleaned > 0 {
         println!("removed {} session(s) of processes that died", r.sessions_cleaned);
     }

@@ -656,9 +656,16 @@ fn server_retention_uses_receive_times_and_deleted_snapshots_stay_undeletable_fo
 
     // After the window the server expires the trash, and only then does prune free the data.
     let before = pack_bytes(&s);
+    // What a server killed mid-upload leaves: a temporary file, removed once a day old.
+    let stale = s.repo_dir().join("data/00/.tmp-killed");
+    std::fs::write(&stale, bytes(1000, 1)).unwrap();
+    let day_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(day_ago).unwrap();
     std::thread::sleep(Duration::from_secs(4));
     let r = job("expire", &s.admin);
-    assert!(r.text().unwrap().contains("expired 4 trashed"));
+    let text = r.text().unwrap();
+    assert!(text.contains("expired 4 trashed") && text.contains("removed 1 stale temporary file(s) (1000 bytes)"), "{text}");
+    assert!(!stale.exists());
     assert!(s.names("trash").is_empty());
     // Receipts of snapshots gone for good stay a day (one may belong to an upload in flight).
     assert_eq!(s.names("receipts").len(), 5);
