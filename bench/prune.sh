@@ -6,20 +6,12 @@
 # check beside the size of its index. Not part of CI (~15 minutes).
 #   N=30 EXTRA=45 BENCH_DIR=/tmp/kura-bench bench/prune.sh
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared/bench}
-BENCH_DIR=${BENCH_DIR:-/tmp/kura-bench}
+source "$(dirname "$0")/common.sh"
 N=${N:-30}
 EXTRA=${EXTRA:-45}
 KEEP=${KEEP:-7}
-export BENCH_DIR
-
-command -v restic >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -q restic >/dev/null; }
-command -v /usr/bin/time >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null; }
-"$SHARED/corpus.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet --bin kura)
-KURA=$ROOT/target/release/kura
+need restic restic
+prepare
 
 W="$BENCH_DIR/prune"; rm -rf "$W"; mkdir -p "$W"
 export RESTIC_PASSWORD=bench KURA_PASSWORD=bench RESTIC_CACHE_DIR="$W/restic-cache"

@@ -5,22 +5,13 @@
 # TSV, then a table of medians with kura/restic and kura/borg ratios. Not part of CI.
 #   ROUNDS=3 TOOLS="kura restic borg" BENCH_DIR=/tmp/kura-bench bench/run.sh
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared/bench}
-BENCH_DIR=${BENCH_DIR:-/tmp/kura-bench}
+source "$(dirname "$0")/common.sh"
 ROUNDS=${ROUNDS:-3}
 TOOLS=${TOOLS:-kura restic borg}
 RESTORE_DIR=${RESTORE_DIR:-/dev/shm/kura-bench-restore}
-export BENCH_DIR
-
-for t in restic borg; do
-  case " $TOOLS " in *" $t "*) command -v "$t" >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$([ $t = borg ] && echo borgbackup || echo restic)" >/dev/null; } ;; esac
-done
-command -v /usr/bin/time >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null; }
-"$SHARED/corpus.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet --bin kura)
-KURA=$ROOT/target/release/kura
+case " $TOOLS " in *" restic "*) need restic restic ;; esac
+case " $TOOLS " in *" borg "*) need borg borgbackup ;; esac
+prepare
 
 W="$BENCH_DIR/run"; rm -rf "$W"; mkdir -p "$W"
 export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench KURA_PASSWORD=bench RESTIC_CACHE_DIR="$W/restic-cache" BORG_BASE_DIR="$W/borg-base"

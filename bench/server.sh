@@ -8,21 +8,12 @@
 # plus the server process's own CPU. Not part of CI (~15 minutes).
 #   ROUNDS=3 BENCH_DIR=/tmp/kura-bench bench/server.sh
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-SHARED=${SHARED:-$ROOT/../shared/bench}
-BENCH_DIR=${BENCH_DIR:-/tmp/kura-bench}
+source "$(dirname "$0")/common.sh"
 ROUNDS=${ROUNDS:-3}
-export BENCH_DIR
-
-need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null; }; }
 need restic restic
 need rclone rclone
-need /usr/bin/time time
 need bc bc
-"$SHARED/corpus.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet --bin kura)
-KURA=$ROOT/target/release/kura
+prepare
 
 W="$BENCH_DIR/server"; rm -rf "$W"; mkdir -p "$W"
 export RESTIC_PASSWORD=bench KURA_PASSWORD=bench RESTIC_CACHE_DIR="$W/restic-cache"
