@@ -112,6 +112,7 @@ impl RepoJobs {
 
 /// Runs one job now (blocking); returns what it did, or why it failed.
 pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
+    let job: &'static str = JOBS.into_iter().find(|j| *j == job).ok_or_else(|| format!("no job named {job:?} (retention, verify, expire)"))?;
     let started = Instant::now();
     let start_time = Timestamp::now();
     let result = match job {
@@ -123,12 +124,11 @@ pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
             Some((_, n)) => verify(&hosted.store, n, hosted.jobs.verify_round.fetch_add(1, Ordering::Relaxed)),
             None => Err("no verification is configured for this repository".into()),
         },
-        "expire" => expire(&hosted.store, hosted.jobs.undelete_window),
-        other => return Err(format!("no job named {other:?} (retention, verify, expire)")),
+        _ => expire(&hosted.store, hosted.jobs.undelete_window),
     };
     let next = hosted.jobs.schedule(job).and_then(|s| s.next_after(&Timestamp::now().to_zoned_datetime(hosted.jobs.zone.clone())));
     if let Ok(mut all) = hosted.jobs.status.lock() {
-        let st = all.entry(JOBS.into_iter().find(|j| *j == job).unwrap_or("expire")).or_default();
+        let st = all.entry(job).or_default();
         st.last_start = Some(start_time.to_string());
         st.last_ok = Some(result.is_ok());
         st.last_message = match &result {

@@ -314,11 +314,15 @@ impl RemoteStore {
     fn attempt(&self, verb: Verb, target: &str, req: RequestBuilder) -> Result<Attempt, StoreError> {
         let resp = match req.bearer_auth(&self.token).send() {
             Ok(r) => r,
-            // A certificate mismatch will not change by retrying.
-            Err(e) if chain(&e).contains("fingerprint") || chain(&e).contains("certificate") => {
-                return Err(self.net(verb, target, &e));
+            Err(e) => {
+                let failed = self.net(verb, target, &e);
+                // A certificate mismatch will not change by retrying.
+                let detail = chain(&e);
+                if detail.contains("fingerprint") || detail.contains("certificate") {
+                    return Err(failed);
+                }
+                return Ok(Attempt::Retry(failed));
             }
-            Err(e) => return Ok(Attempt::Retry(self.net(verb, target, &e))),
         };
         let status = resp.status();
         if status.is_success() || status == StatusCode::PARTIAL_CONTENT {
