@@ -6,7 +6,7 @@ use crate::error::OpsError;
 use crate::fsmeta::{node_from_meta, read_xattrs, unchanged};
 use crate::progress::Progress;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
-use kura_repo::{BlobKind, Id, Node, NodeKind, Repository, Snapshot, SnapshotBody, SnapshotPublic, Summary, Tree};
+use kura_repo::{BlobKind, Id, Node, NodeKind, RepoError, Repository, Snapshot, SnapshotBody, SnapshotPublic, Summary, Tree};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Read;
@@ -135,6 +135,8 @@ struct Walker<'a> {
     progress: &'a dyn Progress,
     // Ctrl-C and a fatal error in a worker end the walk early too.
     stop: [Option<&'a AtomicBool>; 2],
+    // A storage failure met by the walk itself (the repository unreachable, not damaged).
+    fatal: Option<OpsError>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, OpsError> {
@@ -169,6 +171,15 @@ impl<'a> Walker<'a> {
         let Some(t) = tree else { return HashMap::new() };
         match self.repo.read_tree(&t) {
             Ok(t) => t.nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            // The storage failing (a server gone, a disk error) is no damage to work around:
+            // the backup stops with it instead of reading everything again first.
+            Err(RepoError::Store(e)) if !matches!(e, kura_store::StoreError::NotFound(_) | kura_store::StoreError::Short { .. }) => {
+                if let Some(f) = self.stop[1] {
+                    f.store(true, Ordering::Relaxed);
+                }
+                self.fatal.get_or_insert(OpsError::Repo(RepoError::Store(e)));
+                HashMap::new()
+            }
             // A damaged parent only costs re-reading files; the new snapshot stays complete.
             Err(e) => {
                 self.progress.warn(&format!("parent tree unreadable, reading files again: {e}"));
@@ -601,6 +612,7 @@ pub fn backup(
             summary: Summary::default(),
             progress,
             stop: [interrupt, Some(&failed)],
+            fatal: None,
         };
         let root = w.add(Node::new(Vec::new(), NodeKind::Dir));
         let parent_root = parent.as_ref().map(|(_, s)| s.body.tree);
@@ -609,6 +621,9 @@ pub fn backup(
         let (tx_closed, _) = crossbeam_channel::bounded(0);
         drop(std::mem::replace(&mut w.queue, tx_closed));
         let outcomes = collect_workers(workers, w.jobs.len());
+        if let Some(e) = w.fatal.take() {
+            return Err(e);
+        }
         walked?;
         Ok((w, outcomes?))
     }))?;
