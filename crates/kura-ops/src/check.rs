@@ -169,11 +169,15 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport, OpsE
         idx.get(b).filter(|(p, _)| listed.contains_key(p) || !idx.is_condemned(p)).or_else(|| extra.get(b))
     };
     for (id, plan) in repo.plans() {
-        report.warnings.push(format!(
-            "prune plan {} is pending ({} condemned pack(s)); the next `kura prune` finishes it",
-            id.short(),
-            plan.condemned.len()
-        ));
+        report.warnings.push(if plan.keyless {
+            format!(
+                "a server's prune plan {} records {} deleted or condemned pack(s); the next `kura prune` with the key folds it into the index",
+                id.short(),
+                plan.condemned.len()
+            )
+        } else {
+            format!("prune plan {} is pending ({} condemned pack(s)); the next `kura prune` finishes it", id.short(), plan.condemned.len())
+        });
     }
     // Indexed packs that are gone.
     {

@@ -9,6 +9,7 @@ pub mod check;
 pub mod forget;
 pub mod error;
 pub mod fsmeta;
+pub mod keyless;
 pub mod policy;
 pub mod progress;
 pub mod prune;

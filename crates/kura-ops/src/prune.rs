@@ -8,11 +8,12 @@ use crate::error::OpsError;
 use crate::progress::Progress;
 use kura_repo::index::IndexPack;
 use kura_repo::pack::{BlobKind, PackEntry};
+use kura_repo::lineage::{self, Lineage};
 use kura_repo::plan::PrunePlan;
 use kura_repo::session::{Liveness, list_sessions};
 use kura_repo::id::{IdMap, IdSet};
 use kura_repo::{Id, RepoError, Repository};
-use kura_store::{Kind, StoreError};
+use kura_store::{Kind, Store, StoreError};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
@@ -135,10 +136,14 @@ const EXCLUSIVE: [&str; 2] = ["prune", "repair"];
 /// registered their session first, so two racing processes see each other and at worst both
 /// give up.
 pub(crate) fn ensure_alone(repo: &Repository, what: &str) -> Result<(), OpsError> {
-    let me = repo.session_id();
+    ensure_alone_in(repo.store().as_ref(), repo.session_id().as_deref(), what)
+}
+
+/// [`ensure_alone`] for a process that has only the store (a keyless server), as session `me`.
+pub(crate) fn ensure_alone_in(store: &dyn Store, me: Option<&str>, what: &str) -> Result<(), OpsError> {
     let now = jiff::Timestamp::now();
-    for (id, info) in list_sessions(repo.store().as_ref())? {
-        if Some(&id) == me.as_ref() {
+    for (id, info) in list_sessions(store)? {
+        if Some(id.as_str()) == me {
             continue;
         }
         if EXCLUSIVE.contains(&info.command.as_str()) && info.liveness(now) == Liveness::Live {
@@ -152,15 +157,35 @@ pub(crate) fn ensure_alone(repo: &Repository, what: &str) -> Result<(), OpsError
 }
 
 /// Removes the objects of sessions whose process is dead; returns how many.
-fn reap_sessions(repo: &Repository) -> Result<usize, OpsError> {
+pub(crate) fn reap_sessions(store: &dyn Store) -> Result<usize, OpsError> {
     let now = jiff::Timestamp::now();
     let mut n = 0;
-    for (id, info) in list_sessions(repo.store().as_ref())? {
-        if info.liveness(now) == Liveness::Dead && repo.store().delete(Kind::Session, &id).is_ok() {
+    for (id, info) in list_sessions(store)? {
+        if info.liveness(now) == Liveness::Dead && store.delete(Kind::Session, &id).is_ok() {
             n += 1;
         }
     }
     Ok(n)
+}
+
+/// The live sessions other than `me` that have not seen plan `plan_hex` (a plan may be swept
+/// only when this is empty); removes dead sessions' objects on the way, counting them.
+pub(crate) fn unaware_sessions(store: &dyn Store, me: Option<&str>, plan_hex: &str, cleaned: &mut usize) -> Result<Vec<String>, OpsError> {
+    let now = jiff::Timestamp::now();
+    let mut waiting = Vec::new();
+    for (id, info) in list_sessions(store)? {
+        if Some(id.as_str()) == me {
+            continue;
+        }
+        if info.liveness(now) == Liveness::Dead {
+            if store.delete(Kind::Session, &id).is_ok() {
+                *cleaned += 1;
+            }
+        } else if !info.plans_seen.iter().any(|p| p == plan_hex) {
+            waiting.push(format!("{} on {} (pid {}) since {}", info.command, info.host, info.pid, info.started));
+        }
+    }
+    Ok(waiting)
 }
 
 /// Runs prune. The caller opened the repository and started a session; prune loads the index.
@@ -171,7 +196,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     ensure_alone(repo, "prune")?;
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
     if !opts.dry_run {
-        report.sessions_cleaned = reap_sessions(repo)?;
+        report.sessions_cleaned = reap_sessions(repo.store().as_ref())?;
         // Half-written objects of killed processes: a day old, no write is still making them.
         (report.temporaries_removed, _) = repo.store().remove_stale_temporaries(std::time::Duration::from_secs(86_400))?;
     }
@@ -431,7 +456,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
         repo.write_index_file(chunk.to_vec())?;
     }
 
-    // Mark, step 3: the plan. From here on, new sessions avoid the condemned packs.
+    // Mark, step 3: lineage. Snapshots' public pack lists still name the packs condemned
+    // here; a keyless server follows these moves to where their used blobs are kept.
+    write_lineage(repo, &snapshots, &contents, &on_disk, &doomed, &repacked, &|b| chosen.get(b).map(|&k| order[k as usize]), progress)?;
+
+    // Mark, step 4: the plan. From here on, new sessions avoid the condemned packs.
     let mut condemned: Vec<Id> = doomed.into_iter().collect();
     condemned.sort();
     let plan = PrunePlan {
@@ -440,6 +469,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
         snapshots: known,
         condemned,
         obsolete_indexes: index_files,
+        keyless: false,
     };
     let bytes = plan.encode(repo.key()).ok_or_else(|| OpsError::Invalid("cannot encode the prune plan".into()))?;
     let plan_id = Id::of_stored(&bytes);
@@ -449,6 +479,70 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) ->
     }
     sweep(repo, &plan_id, &plan, &mut report, progress)?;
     Ok(report)
+}
+
+/// Records where the used blobs of every condemned pack are kept (their new packs, for repacked
+/// ones), merged with the earlier records still reachable from some snapshot's public list, in
+/// one lineage object that replaces the earlier ones.
+#[allow(clippy::too_many_arguments)]
+fn write_lineage(
+    repo: &Repository,
+    snapshots: &[(Id, Result<kura_repo::Snapshot, RepoError>)],
+    contents: &HashMap<Id, Vec<PackEntry>>,
+    on_disk: &HashMap<Id, u64>,
+    doomed: &HashSet<Id>,
+    repacked: &HashSet<Id>,
+    kept_in: &dyn Fn(&Id) -> Option<Id>,
+    progress: &dyn Progress,
+) -> Result<(), OpsError> {
+    // Where the copies made above landed: the packs that appeared since the listing (a
+    // concurrent backup's too, which is only more conservative).
+    let mut moved: IdMap<Vec<Id>> = IdMap::default();
+    if !repacked.is_empty() {
+        for l in repo.store().list(Kind::Pack)? {
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            if on_disk.contains_key(&id) {
+                continue;
+            }
+            for e in repo.read_pack_header(&id, l.size)?.entries {
+                moved.entry(e.id).or_default().push(id);
+            }
+        }
+    }
+    let (mut old, mut edges, problems) = lineage::read_all(repo.store().as_ref())?;
+    for p in problems {
+        progress.warn(&format!("{p}; it is left in place, and a server's prune refuses to run until it is readable"));
+    }
+    for pid in doomed {
+        for e in &contents[pid] {
+            let Some(k) = kept_in(&e.id) else { continue };
+            let targets = if repacked.contains(&k) {
+                moved.get(&e.id).cloned().ok_or_else(|| OpsError::Unsafe(format!("a blob copied out of pack {} is in no new pack", pid.short())))?
+            } else {
+                vec![k]
+            };
+            edges.entry(*pid).or_default().extend(targets.into_iter().filter(|t| t != pid));
+        }
+    }
+    let roots = snapshots.iter().filter_map(|(_, s)| s.as_ref().ok()).flat_map(|s| s.public.packs.iter().copied());
+    let edges = lineage::reachable_edges(roots, &edges);
+    if !edges.is_empty() {
+        let bytes = Lineage::new(&edges).encode();
+        let id = Id::of_stored(&bytes);
+        match repo.store().put_new(Kind::Lineage, &id.to_hex(), &bytes) {
+            Ok(()) | Err(StoreError::Exists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        old.retain(|o| *o != id);
+    }
+    // The new record holds every move that still matters: the earlier ones can go.
+    for o in old {
+        match repo.store().delete(Kind::Lineage, &o.to_hex()) {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Every blob (trees and data) the snapshots reference. Each tree is read once.
@@ -483,22 +577,8 @@ fn sweep(
     report: &mut PruneReport,
     progress: &dyn Progress,
 ) -> Result<(), OpsError> {
-    let me = repo.session_id();
     let hex = plan_id.to_hex();
-    let now = jiff::Timestamp::now();
-    let mut waiting = Vec::new();
-    for (id, info) in list_sessions(repo.store().as_ref())? {
-        if Some(&id) == me.as_ref() {
-            continue;
-        }
-        if info.liveness(now) == Liveness::Dead {
-            if repo.store().delete(Kind::Session, &id).is_ok() {
-                report.sessions_cleaned += 1;
-            }
-        } else if !info.plans_seen.contains(&hex) {
-            waiting.push(format!("{} on {} (pid {}) since {}", info.command, info.host, info.pid, info.started));
-        }
-    }
+    let waiting = unaware_sessions(repo.store().as_ref(), repo.session_id().as_deref(), &hex, &mut report.sessions_cleaned)?;
     if !waiting.is_empty() {
         report.plans_deferred.push(Deferred { plan: hex, waiting_for: waiting });
         return Ok(());

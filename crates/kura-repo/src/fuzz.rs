@@ -41,6 +41,7 @@ pub fn decode_json_records(data: &[u8]) {
 /// Feeds bytes to the prune plan decoder and the session record parser.
 pub fn decode_plan(data: &[u8]) {
     let _ = crate::plan::PrunePlan::decode(&key(), data);
+    let _ = crate::lineage::Lineage::decode(data);
     if let Ok(info) = serde_json::from_slice::<crate::session::SessionInfo>(data) {
         let _ = info.liveness(jiff::Timestamp::UNIX_EPOCH);
     }
@@ -55,7 +56,7 @@ mod tests {
     /// their first check.
     fn inputs() -> impl Strategy<Value = Vec<u8>> {
         let prefixes: Vec<&'static [u8]> =
-            vec![b"", b"KURASNAP\x01\x00\x00\x00", b"KURAIDX1", b"KURAPLAN", b"{\"version\":1,"];
+            vec![b"", b"KURASNAP\x01\x00\x00\x00", b"KURAIDX1", b"KURAPLAN", b"KURAPLNK\x01", b"{\"version\":1,"];
         (proptest::sample::select(prefixes), proptest::collection::vec(any::<u8>(), 0..512)).prop_map(|(p, rest)| {
             let mut v = p.to_vec();
             v.extend(rest);

@@ -31,6 +31,7 @@ pub mod fuzz;
 pub mod id;
 pub mod index;
 pub mod keyfile;
+pub mod lineage;
 pub mod pack;
 pub mod plan;
 pub mod receipt;

@@ -229,7 +229,9 @@ fn write_locked(
 fn heartbeat(store: Arc<dyn Store>, id: String, sh: Arc<Shared>) {
     loop {
         let stop = sh.stop.lock().unwrap_or_else(|p| p.into_inner());
-        let (stop, _) = sh.wake.wait_timeout(stop, HEARTBEAT).unwrap_or_else(|p| p.into_inner());
+        // The stop flag is checked before waiting too: a session dropped before this thread
+        // first took the lock would otherwise make its drop wait a whole heartbeat.
+        let (stop, _) = sh.wake.wait_timeout_while(stop, HEARTBEAT, |stop| !*stop).unwrap_or_else(|p| p.into_inner());
         if *stop {
             return;
         }

@@ -357,7 +357,7 @@ fn may_write(role: Role, kind: Kind) -> Result<(), ApiError> {
         Kind::Receipt | Kind::Trash => false,
         Kind::Session => true,
         Kind::Pack | Kind::Index | Kind::Snapshot => role != Role::Read,
-        Kind::Config | Kind::Key | Kind::Plan | Kind::Protection => role == Role::Admin,
+        Kind::Config | Kind::Key | Kind::Plan | Kind::Protection | Kind::Lineage => role == Role::Admin,
     };
     if ok {
         return Ok(());
@@ -677,7 +677,7 @@ mod tests {
         assert!(may_write(Role::Backup, Kind::Pack).is_ok());
         assert!(may_write(Role::Backup, Kind::Snapshot).is_ok());
         assert!(may_write(Role::Read, Kind::Session).is_ok());
-        for k in [Kind::Config, Kind::Key, Kind::Plan, Kind::Protection, Kind::Receipt] {
+        for k in [Kind::Config, Kind::Key, Kind::Plan, Kind::Protection, Kind::Receipt, Kind::Lineage] {
             assert!(may_write(Role::Backup, k).is_err(), "{k:?}");
         }
         assert!(may_write(Role::Read, Kind::Pack).is_err());

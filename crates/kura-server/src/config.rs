@@ -61,6 +61,17 @@ pub struct RepoConfig {
     /// Scheduled verification of stored bytes against their names (no key needed).
     #[serde(default)]
     pub verify: Option<VerifyJob>,
+    /// Scheduled keyless prune: deletes packs no snapshot (nor trashed one) uses.
+    #[serde(default)]
+    pub prune: Option<PruneJob>,
+}
+
+/// `[repository.prune]`: when the keyless prune runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneJob {
+    /// When it runs (`weekly sun 03:00`).
+    pub schedule: String,
 }
 
 fn default_window() -> String {
@@ -227,6 +238,9 @@ impl ServerConfig {
             if let Some(j) = &r.retention {
                 j.schedule.parse::<crate::schedule::Schedule>().map_err(ctx)?;
                 j.policy().resolve(None, None, None).map_err(|e| ctx(format!("retention: {e}")))?;
+            }
+            if let Some(j) = &r.prune {
+                j.schedule.parse::<crate::schedule::Schedule>().map_err(|e| ctx(format!("prune: {e}")))?;
             }
             if let Some(j) = &r.verify {
                 j.schedule.parse::<crate::schedule::Schedule>().map_err(ctx)?;

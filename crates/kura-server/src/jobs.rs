@@ -1,6 +1,7 @@
 //! Server-side jobs, none of which needs the repository key: retention by the server's receive
 //! times (deleted snapshots go to the trash), expiry of the trash after the undelete window,
-//! and verification of stored bytes against their content-addressed names.
+//! keyless prune of packs no snapshot uses, and verification of stored bytes against their
+//! content-addressed names.
 
 use crate::ServerError;
 use crate::api::{Hosted, trash_snapshot};
@@ -19,8 +20,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The jobs a hosted repository runs: `retention`, `verify`, and `expire` (hourly, always).
-pub const JOBS: [&str; 3] = ["retention", "verify", "expire"];
+/// The jobs a hosted repository runs: `retention`, `prune`, `verify`, and `expire` (hourly,
+/// always).
+pub const JOBS: [&str; 4] = ["retention", "prune", "verify", "expire"];
 
 /// What the last runs of a job did (`GET /v1/<repo>/jobs`, `/metrics`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -50,6 +52,7 @@ pub struct RepoJobs {
     /// How long deleted snapshots stay recoverable.
     pub undelete_window: Duration,
     retention: Option<(Schedule, Resolved)>,
+    prune: Option<Schedule>,
     verify: Option<(Schedule, u64)>,
     zone: TimeZone,
     /// Status per job name.
@@ -70,6 +73,10 @@ impl RepoJobs {
             }
             None => None,
         };
+        let prune = match &r.prune {
+            Some(j) => Some(j.schedule.parse::<Schedule>().map_err(ctx)?),
+            None => None,
+        };
         let verify = match &r.verify {
             Some(j) => Some((j.schedule.parse::<Schedule>().map_err(ctx)?, parse_subset(&j.subset).map_err(ctx)?)),
             None => None,
@@ -77,6 +84,7 @@ impl RepoJobs {
         let mut status = BTreeMap::new();
         for (name, sched) in [
             ("retention", retention.as_ref().map(|(s, _)| s.to_string())),
+            ("prune", prune.as_ref().map(|s| s.to_string())),
             ("verify", verify.as_ref().map(|(s, _)| s.to_string())),
             ("expire", Some("hourly".to_string())),
         ] {
@@ -87,6 +95,7 @@ impl RepoJobs {
         Ok(RepoJobs {
             undelete_window: parse_duration("undelete_window", &r.undelete_window)?,
             retention,
+            prune,
             verify,
             zone,
             status: Mutex::new(status),
@@ -97,6 +106,7 @@ impl RepoJobs {
     fn schedule(&self, job: &str) -> Option<Schedule> {
         match job {
             "retention" => self.retention.as_ref().map(|(s, _)| s.clone()),
+            "prune" => self.prune.clone(),
             "verify" => self.verify.as_ref().map(|(s, _)| s.clone()),
             "expire" => Some(Schedule::Hourly(0)),
             _ => None,
@@ -112,7 +122,7 @@ impl RepoJobs {
 
 /// Runs one job now (blocking); returns what it did, or why it failed.
 pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
-    let job: &'static str = JOBS.into_iter().find(|j| *j == job).ok_or_else(|| format!("no job named {job:?} (retention, verify, expire)"))?;
+    let job: &'static str = JOBS.into_iter().find(|j| *j == job).ok_or_else(|| format!("no job named {job:?} (retention, prune, verify, expire)"))?;
     let started = Instant::now();
     let start_time = Timestamp::now();
     let result = match job {
@@ -120,6 +130,8 @@ pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
             Some((_, policy)) => retention(hosted, policy),
             None => Err("no retention is configured for this repository".into()),
         },
+        // Also on demand when none is scheduled: an admin frees space after deleting snapshots.
+        "prune" => prune(hosted),
         "verify" => match hosted.jobs.verify {
             Some((_, n)) => verify(&hosted.store, n, hosted.jobs.verify_round.fetch_add(1, Ordering::Relaxed)),
             None => Err("no verification is configured for this repository".into()),
@@ -176,6 +188,32 @@ fn retention(hosted: &Hosted, policy: &Resolved) -> Result<String, String> {
         }
     }
     Ok(format!("kept {kept} snapshot(s), moved {trashed} to the trash ({} unreadable left alone)", warnings.len()))
+}
+
+/// Deletes packs no snapshot or trashed snapshot uses, as a session of its own (so an admin's
+/// `kura prune` and this one exclude each other, and backups that started earlier are waited for).
+fn prune(hosted: &Hosted) -> Result<String, String> {
+    let store: std::sync::Arc<dyn Store> = hosted.store.clone();
+    let session = kura_repo::session::Session::register(store.clone(), "prune").map_err(store_err)?;
+    let r = kura_ops::keyless::prune(store.as_ref(), session.id()).map_err(store_err)?;
+    drop(session);
+    if let Some(w) = r.waiting_for_admin {
+        return Ok(format!("nothing done: {w}"));
+    }
+    for w in &r.warnings {
+        tracing::warn!(repo = %hosted.name, "prune: {w}");
+    }
+    let mut msg = format!(
+        "{} snapshot(s) and {} trashed keep their data; deleted {} of {} pack(s) ({} of {} bytes); condemned {}",
+        r.snapshots, r.trashed, r.packs_deleted, r.packs, r.bytes_freed, r.bytes, r.packs_condemned
+    );
+    if r.packs_resurrected > 0 {
+        msg.push_str(&format!("; kept {} that newer snapshots use", r.packs_resurrected));
+    }
+    for d in &r.plans_deferred {
+        msg.push_str(&format!("; plan {} waits for {}", &d.plan[..8], d.waiting_for.join(", ")));
+    }
+    Ok(msg)
 }
 
 /// Empties the trash of snapshots deleted longer than the undelete window ago, and drops
@@ -237,12 +275,12 @@ fn expire(store: &LocalStore, window: Duration) -> Result<String, String> {
 }
 
 /// Reads objects and checks each against its name (the BLAKE3 of its bytes): every key, index
-/// file, snapshot and plan, and the `round`-th of `n` slices of the packs.
+/// file, snapshot, plan and lineage record, and the `round`-th of `n` slices of the packs.
 fn verify(store: &LocalStore, n: u64, round: u64) -> Result<String, String> {
     let slice = round % n;
     let (mut objects, mut bytes) = (0u64, 0u64);
     let mut damaged = Vec::new();
-    for kind in [Kind::Key, Kind::Index, Kind::Snapshot, Kind::Plan, Kind::Pack] {
+    for kind in [Kind::Key, Kind::Index, Kind::Snapshot, Kind::Plan, Kind::Lineage, Kind::Pack] {
         for l in store.list(kind).map_err(store_err)? {
             if kind == Kind::Pack {
                 let first = u8::from_str_radix(l.name.get(..2).unwrap_or("00"), 16).unwrap_or(0);

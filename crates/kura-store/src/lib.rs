@@ -49,11 +49,15 @@ pub enum Kind {
     /// Deleted snapshots within a kura server's undelete window: `trash/<snapshot id>` holds
     /// the snapshot's bytes and when it was deleted. Written and expired only by the server.
     Trash,
+    /// Repack lineage: which packs a prune moved still-used data out of, and into which packs,
+    /// so a keyless server can follow snapshots' public pack lists to where their data lives.
+    /// Written by admin prunes only.
+    Lineage,
 }
 
 impl Kind {
     /// Every kind, in the order a full listing walks them.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Config,
         Kind::Key,
         Kind::Pack,
@@ -64,6 +68,7 @@ impl Kind {
         Kind::Protection,
         Kind::Receipt,
         Kind::Trash,
+        Kind::Lineage,
     ];
 
     /// The directory (or key prefix) objects of this kind live under.
@@ -79,6 +84,7 @@ impl Kind {
             Kind::Protection => "protected",
             Kind::Receipt => "receipts",
             Kind::Trash => "trash",
+            Kind::Lineage => "lineage",
         }
     }
 
@@ -98,7 +104,7 @@ impl Kind {
     /// True for kinds whose objects are named by the BLAKE3 hash of their bytes, which anyone
     /// (a keyless server) can check.
     pub fn content_addressed(self) -> bool {
-        matches!(self, Kind::Key | Kind::Pack | Kind::Index | Kind::Snapshot | Kind::Plan)
+        matches!(self, Kind::Key | Kind::Pack | Kind::Index | Kind::Snapshot | Kind::Plan | Kind::Lineage)
     }
 }
 

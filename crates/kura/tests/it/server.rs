@@ -736,10 +736,16 @@ fn concurrent_backups_through_the_server_survive_an_admin_prune() {
         .iter()
         .map(|src| s.kura(&s.backup, &["backup", src.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
         .collect();
+    // Admin prunes (with the key) and the server's keyless prune take turns while they run.
     let mut prunes = 0;
     while backups.iter_mut().any(|b| b.try_wait().unwrap().is_none()) {
-        let o = s.run(&s.admin, &["prune"]);
-        assert!(o.status.success(), "prune failed: {}", stderr(&o));
+        if prunes % 2 == 0 {
+            let o = s.run(&s.admin, &["prune"]);
+            assert!(o.status.success(), "prune failed: {}", stderr(&o));
+        } else {
+            let r = s.http().post(format!("https://{}/v1/office/jobs/prune", s.addr)).bearer_auth(&s.admin).send().unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+        }
         prunes += 1;
     }
     for b in backups {
@@ -747,6 +753,8 @@ fn concurrent_backups_through_the_server_survive_an_admin_prune() {
         assert!(o.status.success(), "backup failed beside prune: {}", stderr(&o));
     }
     assert!(prunes >= 1);
+    let r = s.http().post(format!("https://{}/v1/office/jobs/prune", s.addr)).bearer_auth(&s.admin).send().unwrap();
+    assert_eq!(r.status(), 200);
     s.ok(&s.admin, &["prune"]);
     s.ok(&s.admin, &["check", "--read-data"]);
     let snaps: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&s.read, &["--json", "snapshots"])).unwrap();
@@ -820,4 +828,90 @@ fn sessions_belong_to_the_token_that_wrote_them_across_restarts() {
         assert_eq!(s.http().put(u).bearer_auth(&s.read).body(bad).send().unwrap().status(), 400);
     }
     assert_eq!(s.http().delete(&url).bearer_auth(&s.backup).send().unwrap().status(), 204);
+}
+
+#[test]
+fn the_servers_keyless_prune_frees_forgotten_data_and_follows_admin_repacks() {
+    let s = Server::start("undelete_window = \"0s\"\n[repository.prune]\nschedule = \"weekly sun 03:00\"\n");
+    s.ok(&s.admin, &["init"]);
+    let http = s.http();
+    let job = |name: &str| {
+        let r = http.post(format!("https://{}/v1/office/jobs/{name}", s.addr)).bearer_auth(&s.admin).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    // Four backups: each adds a file of its own to a pack that also holds the first one's
+    // shared file, so after forgetting the older ones that pack is only partly used.
+    let src = s.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("shared.bin"), bytes(2 << 20, 42)).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(src.join("own.bin"), bytes(3 << 20, 1000 + i)).unwrap();
+        s.ok(&s.backup, &["backup", src.to_str().unwrap()]);
+    }
+    let snaps = |s: &Server| -> Vec<String> {
+        let v: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&s.read, &["--json", "snapshots"])).unwrap();
+        v.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect()
+    };
+    let restore_all = |s: &Server, own: &[u64], round: &str| {
+        let ids = snaps(s);
+        assert_eq!(ids.len(), own.len());
+        for (id, seed) in ids.iter().zip(own) {
+            let target = s.dir.path().join(format!("restore-{round}-{}", &id[..8]));
+            s.ok(&s.read, &["restore", &id[..8], "--target", target.to_str().unwrap()]);
+            let out = restored(&target, &src);
+            assert_eq!(std::fs::read(out.join("own.bin")).unwrap(), bytes(3 << 20, *seed), "{id}");
+            assert_eq!(std::fs::read(out.join("shared.bin")).unwrap(), bytes(2 << 20, 42), "{id}");
+        }
+    };
+    let (code, text) = job("prune");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("deleted 0 of"), "{text}");
+
+    // Forgotten snapshots sit in the trash: their data stays until the trash expires.
+    s.ok(&s.admin, &["forget", "--keep-last", "2"]);
+    let (_, text) = job("prune");
+    assert!(text.contains("2 trashed keep their data; deleted 0 of"), "{text}");
+    assert!(job("expire").1.contains("expired 2"));
+    let before = pack_bytes(&s);
+    let (code, text) = job("prune");
+    assert_eq!(code, 200, "{text}");
+    // The second backup's own file goes; the first one's shares a pack with the shared file.
+    assert!(pack_bytes(&s) <= before - (3 << 20), "keyless prune freed too little ({text})");
+    // The plan stays (the index files still name the deleted packs); check with the key
+    // accepts it, and every kept snapshot restores bit-exact.
+    assert_eq!(s.names("plans").len(), 1);
+    s.ok(&s.admin, &["check", "--read-data"]);
+    restore_all(&s, &[1002, 1003], "a");
+
+    // An admin prune with the key folds the server's plan into the index and repacks the
+    // partly used pack, recording where the shared file's data went.
+    s.ok(&s.admin, &["prune", "--max-unused", "0%"]);
+    assert!(s.names("plans").is_empty());
+    assert_eq!(s.names("lineage").len(), 1);
+    // The snapshots' public lists still name the repacked pack; following the lineage, the
+    // keyless prune keeps the new one. Without it the shared file would be lost here.
+    let (code, text) = job("prune");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("deleted 0 of"), "{text}");
+    s.ok(&s.admin, &["check", "--read-data"]);
+    restore_all(&s, &[1002, 1003], "b");
+
+    // A new backup deduplicates against the repacked data; the older ones go; all still restores.
+    std::fs::write(src.join("own.bin"), bytes(3 << 20, 1004)).unwrap();
+    s.ok(&s.backup, &["backup", src.to_str().unwrap()]);
+    s.ok(&s.admin, &["forget", "--keep-last", "1"]);
+    assert!(job("expire").1.contains("expired 2"));
+    let (code, text) = job("prune");
+    assert_eq!(code, 200, "{text}");
+    s.ok(&s.admin, &["check", "--read-data"]);
+    restore_all(&s, &[1004], "c");
+
+    // A damaged lineage record stops the keyless prune with a message naming it.
+    s.ok(&s.admin, &["prune", "--max-unused", "0%"]);
+    for name in s.names("lineage") {
+        std::fs::write(s.repo_dir().join("lineage").join(&name), b"{}").unwrap();
+        let (code, text) = job("prune");
+        assert_eq!(code, 500, "{text}");
+        assert!(text.contains(&format!("lineage/{name}")) && text.contains("does not match"), "{text}");
+    }
 }

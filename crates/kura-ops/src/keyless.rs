@@ -1,0 +1,239 @@
+//! Keyless prune, for a kura server without the repository key: deletes whole packs that no
+//! snapshot's public pack list reaches (following the repack lineage of admin prunes), with the
+//! same plan-and-sessions protocol as [`crate::prune`]. Specified in docs/FORMAT.md §11.
+
+use crate::error::OpsError;
+use crate::prune::{Deferred, ensure_alone_in, reap_sessions, unaware_sessions};
+use kura_repo::id::{IdMap, IdSet};
+use kura_repo::lineage;
+use kura_repo::plan::{PLAN_MAGIC, PrunePlan};
+use kura_repo::snapshot::decode_public;
+use kura_repo::trash::TrashRecord;
+use kura_repo::Id;
+use kura_store::{Kind, ObjectName, Store, StoreError};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// What a keyless prune found and did.
+#[derive(Debug, Default, Serialize)]
+pub struct KeylessReport {
+    /// Snapshots whose packs were kept.
+    pub snapshots: usize,
+    /// Deleted snapshots still in the undelete window, whose packs were kept.
+    pub trashed: usize,
+    /// Packs in the repository before.
+    pub packs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Packs this run condemned (no snapshot reaches them).
+    pub packs_condemned: usize,
+    /// Packs deleted (by this run's plan or earlier ones it finished).
+    pub packs_deleted: usize,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Condemned packs kept because a snapshot made since their plan uses them.
+    pub packs_resurrected: usize,
+    /// Plans executed.
+    pub plans_swept: usize,
+    /// Earlier executed plans merged into this run's (their packs are gone; the plan that
+    /// records it stays until an admin prune rewrites the index).
+    pub plans_merged: usize,
+    /// Plans that wait for sessions that started before them.
+    pub plans_deferred: Vec<Deferred>,
+    /// Dead sessions whose objects were removed.
+    pub sessions_cleaned: usize,
+    /// Temporary files of writes killed a day or more ago, removed.
+    pub temporaries_removed: u64,
+    /// Set when an admin prune's plan (sealed with the key) is pending: nothing was done.
+    pub waiting_for_admin: Option<String>,
+    /// Trash records that could not be read (they keep nothing).
+    pub warnings: Vec<String>,
+}
+
+/// Public pack lists of every snapshot and trashed snapshot (listed in that order, so one moved
+/// to the trash meanwhile is seen). A snapshot whose public part cannot be read stops the run.
+fn public_lists(store: &dyn Store, report: &mut KeylessReport) -> Result<Vec<(Id, Vec<Id>)>, OpsError> {
+    let mut out = Vec::new();
+    for l in store.list(Kind::Snapshot)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        let bytes = match store.get(Kind::Snapshot, &l.name) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let public = (Id::of_stored(&bytes) == id)
+            .then(|| decode_public(&bytes).ok())
+            .flatten()
+            .ok_or_else(|| {
+                OpsError::Unsafe(format!(
+                    "{} is damaged, so prune cannot know which packs it uses; run `kura check`, then `kura repair snapshots` or forget it",
+                    ObjectName::new(Kind::Snapshot, &l.name)
+                ))
+            })?;
+        out.push((id, public.0.packs));
+        report.snapshots += 1;
+    }
+    for l in store.list(Kind::Trash)? {
+        let Some(id) = Id::from_hex(&l.name) else { continue };
+        let bytes = match store.get(Kind::Trash, &l.name) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match TrashRecord::decode(&id, &bytes).and_then(|(_, snap)| decode_public(&snap).map_err(|e| e.to_string())) {
+            Ok((public, _)) => {
+                out.push((id, public.packs));
+                report.trashed += 1;
+            }
+            Err(e) => report.warnings.push(format!("{}: {e}; no data is kept for it", ObjectName::new(Kind::Trash, &l.name))),
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a keyless prune as session `me` (registered by the caller, command `prune`).
+pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
+    ensure_alone_in(store, Some(me), "prune")?;
+    let mut report = KeylessReport { sessions_cleaned: reap_sessions(store)?, ..Default::default() };
+    (report.temporaries_removed, _) = store.remove_stale_temporaries(std::time::Duration::from_secs(86_400))?;
+
+    let mut plans = Vec::new();
+    for l in store.list(Kind::Plan)? {
+        let bytes = match store.get(Kind::Plan, &l.name) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let obj = ObjectName::new(Kind::Plan, &l.name);
+        if bytes.starts_with(PLAN_MAGIC) {
+            // Only the key can finish it (its sweep reads trees and rewrites index files).
+            report.waiting_for_admin = Some(format!(
+                "an admin prune's plan ({obj}) is pending; it is finished by the next `kura prune` with the key"
+            ));
+            return Ok(report);
+        }
+        let id = Id::of_stored(&bytes);
+        let plan = (id.to_hex() == l.name)
+            .then(|| PrunePlan::decode_keyless(&bytes).ok())
+            .flatten()
+            .ok_or_else(|| OpsError::Unsafe(format!("{obj} is damaged; prune cannot know what it condemned")))?;
+        plans.push((id, plan));
+    }
+
+    // Snapshots before lineage and packs: every pack a listed snapshot needs is then listed.
+    let lists = public_lists(store, &mut report)?;
+    let (_, edges, problems) = lineage::read_all(store)?;
+    if let Some(p) = problems.first() {
+        return Err(OpsError::Unsafe(format!("{p}; prune cannot know where an earlier prune moved data")));
+    }
+    let sizes: HashMap<Id, u64> = store.list(Kind::Pack)?.iter().filter_map(|l| Some((Id::from_hex(&l.name)?, l.size))).collect();
+    report.packs = sizes.len();
+    report.bytes = sizes.values().sum();
+    let used = lineage::closure(lists.iter().flat_map(|(_, p)| p.iter().copied()), &edges);
+
+    // A pack a snapshot names that is gone, with no recorded move and no plan that deleted it:
+    // something removed data without saying where it went (a prune of an older kura, damage).
+    // Deleting on such a map could take what that data moved to.
+    let planned: HashSet<Id> = plans.iter().flat_map(|(_, p)| p.condemned.iter().copied()).collect();
+    for (id, packs) in &lists {
+        if let Some(p) = packs.iter().find(|p| !sizes.contains_key(p) && !edges.contains_key(p) && !planned.contains(p)) {
+            return Err(OpsError::Unsafe(format!(
+                "snapshot {} names pack {} which is gone with no record of where its data went; run `kura check` \
+                 (with the key), then `kura prune` with the key, which rewrites the records",
+                id.short(),
+                p.short()
+            )));
+        }
+    }
+
+    // Finish earlier plans; the executed ones are merged into this run's plan below.
+    let mut done = Vec::new();
+    let mut pending = IdSet::default();
+    for (id, plan) in &plans {
+        if sweep(store, me, id, plan, &edges, &mut report)? {
+            done.push((*id, plan));
+        } else {
+            pending.extend(plan.condemned.iter().copied());
+        }
+    }
+    let known: Vec<Id> = lists.iter().map(|(id, _)| *id).collect();
+    let fresh: Vec<Id> = sizes.keys().filter(|p| !used.contains(*p) && !pending.contains(*p)).copied().collect();
+    report.packs_condemned = fresh.len();
+    if fresh.is_empty() && done.len() <= 1 {
+        return Ok(report);
+    }
+    // Packs earlier plans deleted stay condemned (the index files still name them); ones they
+    // kept are live again.
+    let mut condemned: Vec<Id> = fresh;
+    for (_, plan) in &done {
+        condemned.extend(plan.condemned.iter().filter(|p| !sizes.contains_key(p) || !used.contains(*p)));
+    }
+    condemned.sort();
+    condemned.dedup();
+    let plan = PrunePlan {
+        version: 1,
+        created: jiff::Timestamp::now().as_second(),
+        snapshots: known,
+        condemned,
+        obsolete_indexes: Vec::new(),
+        keyless: true,
+    };
+    let bytes = plan.encode_keyless().ok_or_else(|| OpsError::Invalid("cannot encode the prune plan".into()))?;
+    let plan_id = Id::of_stored(&bytes);
+    match store.put_new(Kind::Plan, &plan_id.to_hex(), &bytes) {
+        Ok(()) | Err(StoreError::Exists(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // The new plan records everything the executed ones did: they can go.
+    for (id, _) in &done {
+        if *id == plan_id {
+            continue;
+        }
+        match store.delete(Kind::Plan, &id.to_hex()) {
+            Ok(()) | Err(StoreError::NotFound(_)) => report.plans_merged += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    sweep(store, me, &plan_id, &plan, &edges, &mut report)?;
+    Ok(report)
+}
+
+/// Executes a keyless plan if every live session has seen it: deletes its condemned packs
+/// except those a snapshot made since the plan reaches. The plan itself stays. Returns whether
+/// it was executed.
+fn sweep(store: &dyn Store, me: &str, plan_id: &Id, plan: &PrunePlan, edges: &IdMap<IdSet>, report: &mut KeylessReport) -> Result<bool, OpsError> {
+    let hex = plan_id.to_hex();
+    let waiting = unaware_sessions(store, Some(me), &hex, &mut report.sessions_cleaned)?;
+    if !waiting.is_empty() {
+        report.plans_deferred.push(Deferred { plan: hex, waiting_for: waiting });
+        return Ok(false);
+    }
+    let known: HashSet<Id> = plan.snapshots.iter().copied().collect();
+    let mut scratch = KeylessReport::default();
+    let newer: Vec<Id> = match public_lists(store, &mut scratch) {
+        Ok(l) => l.into_iter().filter(|(id, _)| !known.contains(id)).flat_map(|(_, p)| p).collect(),
+        Err(e) => {
+            report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![e.to_string()] });
+            return Ok(false);
+        }
+    };
+    let keep = lineage::closure(newer, edges);
+    let sizes: HashMap<Id, u64> = store.list(Kind::Pack)?.iter().filter_map(|l| Some((Id::from_hex(&l.name)?, l.size))).collect();
+    for p in &plan.condemned {
+        let Some(size) = sizes.get(p) else { continue };
+        if keep.contains(p) {
+            report.packs_resurrected += 1;
+            continue;
+        }
+        match store.delete(Kind::Pack, &p.to_hex()) {
+            Ok(()) => {
+                report.packs_deleted += 1;
+                report.bytes_freed += size;
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    report.plans_swept += 1;
+    Ok(true)
+}
