@@ -122,7 +122,7 @@ pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
 
     // Snapshots before lineage and packs: every pack a listed snapshot needs is then listed.
     let lists = public_lists(store, &mut report)?;
-    let (_, edges, problems) = lineage::read_all(store)?;
+    let lineage::Records { edges, problems, .. } = lineage::read_all(store)?;
     if let Some(p) = problems.first() {
         return Err(OpsError::Unsafe(format!("{p}; prune cannot know where an earlier prune moved data")));
     }

@@ -509,7 +509,7 @@ fn write_lineage(
             }
         }
     }
-    let (mut old, mut edges, problems) = lineage::read_all(repo.store().as_ref())?;
+    let lineage::Records { ids: mut old, mut edges, problems } = lineage::read_all(repo.store().as_ref())?;
     for p in problems {
         progress.warn(&format!("{p}; it is left in place, and a server's prune refuses to run until it is readable"));
     }

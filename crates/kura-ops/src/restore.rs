@@ -73,17 +73,18 @@ fn normalize_include(s: &str) -> Vec<u8> {
 
 /// Makes sure `path` is a real directory we may write into: creates it, or accepts an existing
 /// directory; never follows a symlink.
-fn ensure_dir(path: &Path, overwrite: bool) -> Result<(), OpsError> {
+/// Makes `path` a directory; true when it was created now (so it is empty).
+fn ensure_dir(path: &Path, overwrite: bool) -> Result<bool, OpsError> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.is_dir() => Ok(false),
         Ok(m) if m.file_type().is_symlink() && !overwrite => Err(OpsError::SymlinkInPath(path.to_path_buf())),
         Ok(_) if !overwrite => Err(OpsError::WouldOverwrite(path.to_path_buf())),
         Ok(_) => {
             fs::remove_file(path).map_err(|e| OpsError::io("cannot remove", path, e))?;
-            fs::create_dir(path).map_err(|e| OpsError::io("cannot create directory", path, e))
+            fs::create_dir(path).map(|_| true).map_err(|e| OpsError::io("cannot create directory", path, e))
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            fs::create_dir(path).map_err(|e| OpsError::io("cannot create directory", path, e))
+            fs::create_dir(path).map(|_| true).map_err(|e| OpsError::io("cannot create directory", path, e))
         }
         Err(e) => Err(OpsError::io("cannot inspect", path, e)),
     }
@@ -105,8 +106,14 @@ fn mtime_of(n: &Node) -> filetime::FileTime {
     filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32)
 }
 
+/// The effective user and group, asked once (restore applies metadata to every file).
+fn effective_ids() -> (u32, u32) {
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()))
+}
+
 fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
+    effective_ids().0 == 0
 }
 
 /// What restored metadata is applied to: a file still open (through its descriptor: no path
@@ -126,7 +133,7 @@ fn apply_meta(target: MetaTarget<'_>, path: &Path, n: &Node, warnings: &Mutex<Ve
         }
     };
     // Files the restore creates already belong to the restoring user: skip the call then.
-    let mine = n.uid == rustix::process::geteuid().as_raw() && n.gid == rustix::process::getegid().as_raw();
+    let mine = (n.uid, n.gid) == effective_ids();
     if is_root() && !mine {
         let (uid, gid) = (Some(rustix::fs::Uid::from_raw(n.uid)), Some(rustix::fs::Gid::from_raw(n.gid)));
         let r = match target {
@@ -191,20 +198,24 @@ fn already_restored(repo: &Repository, path: &Path, n: &Node) -> bool {
     true
 }
 
-fn plan_dir(
-    repo: &Repository,
-    tree: &Id,
-    dir: &Path,
-    rel: &[u8],
-    opts: &RestoreOptions,
-    include: &[Vec<u8>],
-    hardlinks: &mut HashMap<(u64, u64), PathBuf>,
-    plan: &mut Plan,
-    warnings: &Mutex<Vec<String>>,
-) -> Result<(), OpsError> {
+/// What planning every directory shares.
+struct Planner<'a> {
+    repo: &'a Repository,
+    opts: &'a RestoreOptions,
+    include: &'a [Vec<u8>],
+    warnings: &'a Mutex<Vec<String>>,
+    hardlinks: HashMap<(u64, u64), PathBuf>,
+    plan: Plan,
+}
+
+/// Plans the restore of tree `tree` into `dir` (`rel` below the snapshot root) and creates its
+/// directories, symlinks and special files; `fresh` when `dir` was created by this run.
+fn plan_dir(p: &mut Planner<'_>, tree: &Id, dir: &Path, rel: &[u8], fresh: bool) -> Result<(), OpsError> {
+    let (repo, opts, include, warnings) = (p.repo, p.opts, p.include, p.warnings);
     let t = repo.read_tree(tree)?;
-    // Remove temporaries of an earlier, killed restore.
-    if let Ok(rd) = fs::read_dir(dir) {
+    // Remove temporaries of an earlier, killed restore. A directory created by this run is
+    // empty: nothing in it needs looking at.
+    if let Some(rd) = (!fresh).then(|| fs::read_dir(dir).ok()).flatten() {
         for e in rd.flatten() {
             if e.file_name().as_bytes().starts_with(TMP_PREFIX.as_bytes()) {
                 let _ = fs::remove_file(e.path());
@@ -224,47 +235,56 @@ fn plan_dir(
         let path = dir.join(OsStr::from_bytes(&n.name));
         match n.kind {
             NodeKind::Dir => {
-                ensure_dir(&path, opts.overwrite)?;
-                plan.result.dirs += 1;
-                if let Some(sub) = n.subtree {
-                    plan_dir(repo, &sub, &path, &r, opts, include, hardlinks, plan, warnings)?;
+                let created = fresh || ensure_dir(&path, opts.overwrite)?;
+                if fresh {
+                    fs::create_dir(&path).map_err(|e| OpsError::io("cannot create directory", &path, e))?;
                 }
-                plan.dirs.push((path, n));
+                p.plan.result.dirs += 1;
+                if let Some(sub) = n.subtree {
+                    plan_dir(p, &sub, &path, &r, created)?;
+                }
+                p.plan.dirs.push((path, n));
             }
             NodeKind::File => {
                 if n.nlink > 1 {
-                    if let Some(first) = hardlinks.get(&(n.dev, n.inode)) {
-                        plan.links.push((first.clone(), path));
+                    if let Some(first) = p.hardlinks.get(&(n.dev, n.inode)) {
+                        p.plan.links.push((first.clone(), path));
                         continue;
                     }
-                    hardlinks.insert((n.dev, n.inode), path.clone());
+                    p.hardlinks.insert((n.dev, n.inode), path.clone());
                 }
-                if already_restored(repo, &path, &n) {
-                    plan.result.files_skipped += 1;
-                    continue;
+                if !fresh {
+                    if already_restored(repo, &path, &n) {
+                        p.plan.result.files_skipped += 1;
+                        continue;
+                    }
+                    if !clear_for(&path, opts.overwrite)? {
+                        return Err(OpsError::WouldOverwrite(path));
+                    }
                 }
-                if !clear_for(&path, opts.overwrite)? {
-                    return Err(OpsError::WouldOverwrite(path));
-                }
-                plan.files.push(FileJob { path, node: n });
+                p.plan.files.push(FileJob { path, node: n });
             }
             NodeKind::Symlink => {
-                if fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == n.target) {
-                    continue;
-                }
-                if !clear_for(&path, opts.overwrite)? {
-                    return Err(OpsError::WouldOverwrite(path));
+                if !fresh {
+                    if fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == n.target) {
+                        continue;
+                    }
+                    if !clear_for(&path, opts.overwrite)? {
+                        return Err(OpsError::WouldOverwrite(path));
+                    }
                 }
                 std::os::unix::fs::symlink(OsStr::from_bytes(&n.target), &path)
                     .map_err(|e| OpsError::io("cannot create symlink", &path, e))?;
                 apply_meta(MetaTarget::Path, &path, &n, warnings);
-                plan.result.others += 1;
+                p.plan.result.others += 1;
             }
             NodeKind::Fifo | NodeKind::CharDev | NodeKind::BlockDev | NodeKind::Socket => {
-                if fs::symlink_metadata(&path).is_ok() && !opts.overwrite {
-                    continue;
+                if !fresh {
+                    if fs::symlink_metadata(&path).is_ok() && !opts.overwrite {
+                        continue;
+                    }
+                    clear_for(&path, opts.overwrite)?;
                 }
-                clear_for(&path, opts.overwrite)?;
                 let ft = match n.kind {
                     NodeKind::Fifo => rustix::fs::FileType::Fifo,
                     NodeKind::CharDev => rustix::fs::FileType::CharacterDevice,
@@ -279,7 +299,7 @@ fn plan_dir(
                     continue;
                 }
                 apply_meta(MetaTarget::Path, &path, &n, warnings);
-                plan.result.others += 1;
+                p.plan.result.others += 1;
             }
         }
     }
@@ -420,6 +440,7 @@ pub fn restore(
     progress: &dyn Progress,
     interrupt: Option<&AtomicBool>,
 ) -> Result<RestoreResult, OpsError> {
+    let fresh = matches!(fs::symlink_metadata(&opts.target), Err(e) if e.kind() == ErrorKind::NotFound);
     fs::create_dir_all(&opts.target).map_err(|e| OpsError::io("cannot create target", &opts.target, e))?;
     let m = fs::metadata(&opts.target).map_err(|e| OpsError::io("cannot inspect target", &opts.target, e))?;
     if !m.is_dir() {
@@ -427,9 +448,16 @@ pub fn restore(
     }
     let include: Vec<Vec<u8>> = opts.include.iter().map(|s| normalize_include(s)).collect();
     let warnings = Mutex::new(Vec::new());
-    let mut plan = Plan { files: Vec::new(), links: Vec::new(), dirs: Vec::new(), result: RestoreResult::default() };
-    let mut hardlinks = HashMap::new();
-    plan_dir(repo, tree, &opts.target, b"", opts, &include, &mut hardlinks, &mut plan, &warnings)?;
+    let mut planner = Planner {
+        repo,
+        opts,
+        include: &include,
+        warnings: &warnings,
+        hardlinks: HashMap::new(),
+        plan: Plan { files: Vec::new(), links: Vec::new(), dirs: Vec::new(), result: RestoreResult::default() },
+    };
+    plan_dir(&mut planner, tree, &opts.target, b"", fresh)?;
+    let mut plan = planner.plan;
     if !include.is_empty() && plan.files.is_empty() && plan.dirs.is_empty() && plan.result.others == 0
         && plan.result.files_skipped == 0
     {

@@ -67,9 +67,20 @@ impl Lineage {
     }
 }
 
-/// Reads every lineage object: their ids, their moves merged, and a message for each one that
-/// is unreadable (damaged or not a record; nobody may then rely on the moves being complete).
-pub fn read_all(store: &dyn Store) -> Result<(Vec<Id>, IdMap<IdSet>, Vec<String>), StoreError> {
+/// Every lineage object of a repository, read.
+#[derive(Debug, Default)]
+pub struct Records {
+    /// The readable objects' ids.
+    pub ids: Vec<Id>,
+    /// Their moves, merged.
+    pub edges: IdMap<IdSet>,
+    /// One message per unreadable object (damaged or not a record): nobody may then rely on
+    /// the moves being complete.
+    pub problems: Vec<String>,
+}
+
+/// Reads every lineage object.
+pub fn read_all(store: &dyn Store) -> Result<Records, StoreError> {
     let mut ids = Vec::new();
     let mut edges = IdMap::default();
     let mut problems = Vec::new();
@@ -93,7 +104,7 @@ pub fn read_all(store: &dyn Store) -> Result<(Vec<Id>, IdMap<IdSet>, Vec<String>
             Err(e) => problems.push(format!("{obj}: {e}")),
         }
     }
-    Ok((ids, edges, problems))
+    Ok(Records { ids, edges, problems })
 }
 
 /// Every pack reachable from `roots` by following moves: where the data of packs named in
