@@ -3,12 +3,11 @@
 //! same plan-and-sessions protocol as [`crate::prune`]. Specified in docs/FORMAT.md §11.
 
 use crate::error::OpsError;
-use crate::prune::{Deferred, ensure_alone_in, reap_sessions, unaware_sessions};
+use crate::prune::{Deferred, ensure_alone_in, reap_sessions, stored_snapshots, unaware_sessions};
 use kura_repo::id::{IdMap, IdSet};
 use kura_repo::lineage;
 use kura_repo::plan::{PLAN_MAGIC, PrunePlan};
 use kura_repo::snapshot::decode_public;
-use kura_repo::trash::TrashRecord;
 use kura_repo::Id;
 use kura_store::{Kind, ObjectName, Store, StoreError};
 use serde::Serialize;
@@ -50,42 +49,29 @@ pub struct KeylessReport {
     pub warnings: Vec<String>,
 }
 
-/// Public pack lists of every snapshot and trashed snapshot (listed in that order, so one moved
-/// to the trash meanwhile is seen). A snapshot whose public part cannot be read stops the run.
+/// Public pack lists of every snapshot and trashed snapshot. A snapshot whose public part cannot
+/// be read stops the run (the server checked it on upload: this is damage); an unreadable trash
+/// record keeps nothing and is reported.
 fn public_lists(store: &dyn Store, report: &mut KeylessReport) -> Result<Vec<(Id, Vec<Id>)>, OpsError> {
     let mut out = Vec::new();
-    for l in store.list(Kind::Snapshot)? {
-        let Some(id) = Id::from_hex(&l.name) else { continue };
-        let bytes = match store.get(Kind::Snapshot, &l.name) {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let public = (Id::of_stored(&bytes) == id)
-            .then(|| decode_public(&bytes).ok())
-            .flatten()
-            .ok_or_else(|| {
-                OpsError::Unsafe(format!(
-                    "{} is damaged, so prune cannot know which packs it uses; run `kura check`, then `kura repair snapshots` or forget it",
-                    ObjectName::new(Kind::Snapshot, &l.name)
-                ))
-            })?;
-        out.push((id, public.0.packs));
-        report.snapshots += 1;
-    }
-    for l in store.list(Kind::Trash)? {
-        let Some(id) = Id::from_hex(&l.name) else { continue };
-        let bytes = match store.get(Kind::Trash, &l.name) {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        match TrashRecord::decode(&id, &bytes).and_then(|(_, snap)| decode_public(&snap).map_err(|e| e.to_string())) {
+    for st in stored_snapshots(store)? {
+        match st.bytes.and_then(|b| decode_public(&b).map_err(|e| e.to_string())) {
             Ok((public, _)) => {
-                out.push((id, public.packs));
-                report.trashed += 1;
+                out.push((st.id, public.packs));
+                if st.trashed {
+                    report.trashed += 1;
+                } else {
+                    report.snapshots += 1;
+                }
             }
-            Err(e) => report.warnings.push(format!("{}: {e}; no data is kept for it", ObjectName::new(Kind::Trash, &l.name))),
+            Err(e) if st.trashed => report.warnings.push(format!("{e}; no data is kept for it")),
+            Err(e) => {
+                return Err(OpsError::Unsafe(format!(
+                    "snapshot {} is damaged ({e}), so prune cannot know which packs it uses; \
+                     run `kura check`, then `kura repair snapshots` or forget it",
+                    st.id.short()
+                )));
+            }
         }
     }
     Ok(out)
@@ -138,8 +124,9 @@ pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
     for (id, packs) in &lists {
         if let Some(p) = packs.iter().find(|p| !sizes.contains_key(p) && !edges.contains_key(p) && !planned.contains(p)) {
             return Err(OpsError::Unsafe(format!(
-                "snapshot {} names pack {} which is gone with no record of where its data went; run `kura check` \
-                 (with the key), then `kura prune` with the key, which rewrites the records",
+                "snapshot {} names pack {} which is gone with no record of where its data went (damage, or a \
+                 prune by an older kura); run `kura check` with the key to see what is lost, and forget or \
+                 repair that snapshot",
                 id.short(),
                 p.short()
             )));
@@ -159,15 +146,23 @@ pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
     let known: Vec<Id> = lists.iter().map(|(id, _)| *id).collect();
     let fresh: Vec<Id> = sizes.keys().filter(|p| !used.contains(*p) && !pending.contains(*p)).copied().collect();
     report.packs_condemned = fresh.len();
-    if fresh.is_empty() && done.len() <= 1 {
+    // Packs executed plans deleted stay condemned (index files still name them); ones they
+    // kept are live again.
+    let mut gone: Vec<Id> =
+        done.iter().flat_map(|(_, p)| p.condemned.iter().filter(|c| !sizes.contains_key(c) || !used.contains(*c))).copied().collect();
+    gone.sort();
+    gone.dedup();
+    // An executed plan may be deleted only once a plan recording all it did has been seen by
+    // every live session: a reader listing plans meanwhile then finds that one.
+    if fresh.is_empty() {
+        if let Some((cover, _)) = done.iter().find(|(_, p)| gone.iter().all(|g| p.condemned.binary_search(g).is_ok())) {
+            let others: Vec<Id> = done.iter().map(|(id, _)| *id).filter(|id| id != cover).collect();
+            delete_plans(store, &others, &mut report)?;
+        }
         return Ok(report);
     }
-    // Packs earlier plans deleted stay condemned (the index files still name them); ones they
-    // kept are live again.
-    let mut condemned: Vec<Id> = fresh;
-    for (_, plan) in &done {
-        condemned.extend(plan.condemned.iter().filter(|p| !sizes.contains_key(p) || !used.contains(*p)));
-    }
+    let mut condemned = fresh;
+    condemned.extend(gone);
     condemned.sort();
     condemned.dedup();
     let plan = PrunePlan {
@@ -184,18 +179,22 @@ pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
         Ok(()) | Err(StoreError::Exists(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    // The new plan records everything the executed ones did: they can go.
-    for (id, _) in &done {
-        if *id == plan_id {
-            continue;
-        }
+    if sweep(store, me, &plan_id, &plan, &edges, &mut report)? {
+        let absorbed: Vec<Id> = done.iter().map(|(id, _)| *id).filter(|id| *id != plan_id).collect();
+        delete_plans(store, &absorbed, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Deletes executed plans whose record another plan carries.
+fn delete_plans(store: &dyn Store, ids: &[Id], report: &mut KeylessReport) -> Result<(), OpsError> {
+    for id in ids {
         match store.delete(Kind::Plan, &id.to_hex()) {
             Ok(()) | Err(StoreError::NotFound(_)) => report.plans_merged += 1,
             Err(e) => return Err(e.into()),
         }
     }
-    sweep(store, me, &plan_id, &plan, &edges, &mut report)?;
-    Ok(report)
+    Ok(())
 }
 
 /// Executes a keyless plan if every live session has seen it: deletes its condemned packs

@@ -188,6 +188,49 @@ pub(crate) fn unaware_sessions(store: &dyn Store, me: Option<&str>, plan_hex: &s
     Ok(waiting)
 }
 
+/// A stored snapshot: a live one or one in a kura server's trash, with its object's bytes (or
+/// why they cannot be had).
+pub(crate) struct Stored {
+    pub id: Id,
+    pub trashed: bool,
+    pub bytes: Result<Vec<u8>, String>,
+}
+
+/// Every snapshot and trashed snapshot, listing snapshots, the trash, then snapshots again: a
+/// snapshot moving into the trash (record written first) or out of it (snapshot written first)
+/// meanwhile is seen at least once.
+pub(crate) fn stored_snapshots(store: &dyn Store) -> Result<Vec<Stored>, OpsError> {
+    let mut out: Vec<Stored> = Vec::new();
+    let mut seen = HashSet::new();
+    for kind in [Kind::Snapshot, Kind::Trash, Kind::Snapshot] {
+        for l in store.list(kind)? {
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            if !seen.insert(id) {
+                continue;
+            }
+            let bytes = match store.get(kind, &l.name) {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => {
+                    // Moved meanwhile: the next listing finds it.
+                    seen.remove(&id);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let obj = kura_store::ObjectName::new(kind, &l.name);
+            let bytes = if kind == Kind::Trash {
+                kura_repo::trash::TrashRecord::decode(&id, &bytes).map(|(_, snap)| snap).map_err(|e| format!("{obj}: {e}"))
+            } else if Id::of_stored(&bytes) == id {
+                Ok(bytes)
+            } else {
+                Err(format!("{obj}: content does not match its name"))
+            };
+            out.push(Stored { id, trashed: kind == Kind::Trash, bytes });
+        }
+    }
+    Ok(out)
+}
+
 /// Runs prune. The caller opened the repository and started a session; prune loads the index.
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport, OpsError> {
     if repo.session_id().is_none() && !opts.dry_run {
@@ -504,7 +547,9 @@ fn write_lineage(
             if on_disk.contains_key(&id) {
                 continue;
             }
-            for e in repo.read_pack_header(&id, l.size)?.entries {
+            // Another client's upload may be garbage; this prune's own packs are readable.
+            let Ok(h) = repo.read_pack_header(&id, l.size) else { continue };
+            for e in h.entries {
                 moved.entry(e.id).or_default().push(id);
             }
         }
@@ -524,7 +569,21 @@ fn write_lineage(
             edges.entry(*pid).or_default().extend(targets.into_iter().filter(|t| t != pid));
         }
     }
-    let roots = snapshots.iter().filter_map(|(_, s)| s.as_ref().ok()).flat_map(|s| s.public.packs.iter().copied());
+    // Roots: the snapshots this prune walked, and every public list stored now (a snapshot
+    // undeleted while prune listed, a trashed one whose body is unreadable).
+    let mut roots: HashSet<Id> = snapshots.iter().filter_map(|(_, s)| s.as_ref().ok()).flat_map(|s| s.public.packs.iter().copied()).collect();
+    for st in stored_snapshots(repo.store().as_ref())? {
+        if let Some((public, _)) = st.bytes.ok().and_then(|b| kura_repo::snapshot::decode_public(&b).ok()) {
+            roots.extend(public.packs);
+        }
+    }
+    // A condemned pack some public list names gets an edge even when none of its blobs is
+    // used (it goes with nothing of use): a keyless server then knows it was deleted on purpose.
+    for pid in doomed {
+        if roots.contains(pid) {
+            edges.entry(*pid).or_default();
+        }
+    }
     let edges = lineage::reachable_edges(roots, &edges);
     if !edges.is_empty() {
         let bytes = Lineage::new(&edges).encode();
@@ -591,29 +650,28 @@ fn sweep(
     let mut keep: HashSet<Id> = HashSet::new();
     let mut wanted: HashSet<Id> = HashSet::new();
     let mut roots = Vec::new();
-    for l in repo.store().list(Kind::Snapshot)? {
-        let Some(id) = Id::from_hex(&l.name) else { continue };
-        if known.contains(&id) {
+    for st in stored_snapshots(repo.store().as_ref())? {
+        if known.contains(&st.id) {
             continue;
         }
-        let bytes = match repo.store().get(Kind::Snapshot, &l.name) {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => continue, // forgotten meanwhile
-            Err(e) => return Err(e.into()),
-        };
-        match kura_repo::snapshot::decode_public(&bytes) {
-            Ok((public, _)) => keep.extend(public.packs.iter().filter(|p| condemned.contains(p))),
-            Err(_) => {
-                progress.warn(&format!("new snapshot {} is unreadable; plan {} waits", id.short(), plan_id.short()));
-                report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable snapshot {id}")] });
-                return Ok(());
+        let id = st.id;
+        let public = st.bytes.as_ref().ok().and_then(|b| kura_repo::snapshot::decode_public(b).ok());
+        let Some((public, _)) = public else {
+            if st.trashed {
+                // As in the main pass: an unreadable trashed snapshot keeps nothing.
+                progress.warn(&format!("trashed snapshot {} is unreadable; no data is kept for it", id.short()));
+                continue;
             }
-        }
-        match repo.read_snapshot(&id) {
+            progress.warn(&format!("new snapshot {} is unreadable; plan {} waits", id.short(), plan_id.short()));
+            report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable snapshot {id}")] });
+            return Ok(());
+        };
+        keep.extend(public.packs.iter().filter(|p| condemned.contains(p)));
+        match st.bytes.as_ref().map_err(|e| e.clone()).and_then(|b| kura_repo::Snapshot::decode(repo.key(), b).map_err(|e| e.to_string())) {
             Ok(s) => roots.push(s.body.tree),
-            Err(RepoError::Store(StoreError::NotFound(_))) => {}
+            Err(e) if st.trashed => progress.warn(&format!("trashed snapshot {}: {e}; only the packs it lists are kept", id.short())),
             Err(e) => {
-                progress.warn(&format!("{e}; plan {} waits", plan_id.short()));
+                progress.warn(&format!("snapshot {}: {e}; plan {} waits", id.short(), plan_id.short()));
                 report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![format!("unreadable snapshot {id}")] });
                 return Ok(());
             }

@@ -70,6 +70,7 @@ pub struct Index {
     blobs: IdMap<BlobLoc>,
     condemned: IdSet,
     condemned_pos: HashSet<u32>,
+    gone: IdSet,
 }
 
 impl Index {
@@ -84,6 +85,13 @@ impl Index {
         }
     }
 
+    /// Condemned packs already deleted; call before adding packs. Index files may still name
+    /// them (a keyless server's plan): their entries are skipped, so a blob they held is found
+    /// in whichever pack still has it.
+    pub fn set_gone(&mut self, packs: impl IntoIterator<Item = Id>) {
+        self.gone.extend(packs);
+    }
+
     /// True when a pending prune plan condemns the pack.
     pub fn is_condemned(&self, pack: &Id) -> bool {
         self.condemned.contains(pack)
@@ -91,6 +99,9 @@ impl Index {
 
     /// Adds one pack's entries (idempotent).
     pub fn add_pack(&mut self, pack: Id, entries: &[PackEntry]) {
+        if self.gone.contains(&pack) {
+            return;
+        }
         let pos = *self.pack_pos.entry(pack).or_insert_with(|| {
             self.packs.push(pack);
             (self.packs.len() - 1) as u32
@@ -190,6 +201,25 @@ mod tests {
         let mut idx = Index::default();
         idx.add_pack(Id([3; 32]), &f.packs[0].blobs);
         assert_eq!(idx.get(&Id([2; 32])).unwrap().0, Id([3; 32]));
+    }
+
+    #[test]
+    fn a_deleted_pack_never_shadows_a_copy_that_still_exists() {
+        let e = PackEntry { id: Id([9; 32]), kind: BlobKind::Data, compression: Compression::None, offset: 0, length: 5, raw_length: 5 };
+        let (deleted, later, live) = (Id([1; 32]), Id([2; 32]), Id([3; 32]));
+        // Both condemned; the first one added is gone: the other copy is the one found.
+        let mut idx = Index::default();
+        idx.set_gone([deleted]);
+        idx.set_condemned([deleted, later]);
+        idx.add_pack(deleted, std::slice::from_ref(&e));
+        idx.add_pack(later, std::slice::from_ref(&e));
+        assert_eq!(idx.get(&e.id).unwrap().0, later);
+        assert!(!idx.is_live(&e.id));
+        assert!(!idx.has_pack(&deleted));
+        // A live copy still wins over a condemned one.
+        idx.add_pack(live, std::slice::from_ref(&e));
+        assert_eq!(idx.get(&e.id).unwrap().0, live);
+        assert!(idx.is_live(&e.id));
     }
 
     proptest::proptest! {

@@ -5,7 +5,8 @@ use crate::id::{Id, IdMap, IdSet, hex_id, hex_ids};
 use kura_store::{Kind, ObjectName, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
-/// One move: the used blobs that were in `from` now live in the packs `to`.
+/// One move: the used blobs that were in `from` now live in the packs `to` (none: `from` was
+/// deleted with nothing in it that a snapshot used).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Edge {
@@ -30,11 +31,11 @@ pub struct Lineage {
 }
 
 impl Lineage {
-    /// A record of `edges` (merged per source pack, sorted).
+    /// A record of `edges` (merged per source pack, sorted). An edge to nothing records a pack
+    /// deleted with no used data in it.
     pub fn new(edges: &IdMap<IdSet>) -> Lineage {
         let mut v: Vec<Edge> = edges
             .iter()
-            .filter(|(_, to)| !to.is_empty())
             .map(|(from, to)| {
                 let mut to: Vec<Id> = to.iter().copied().collect();
                 to.sort();
@@ -154,8 +155,9 @@ mod tests {
     #[test]
     fn round_trip_and_refusals() {
         let l = Lineage::new(&map(&[(5, &[7, 6]), (3, &[])]));
-        assert_eq!(l.edges.len(), 1);
-        assert_eq!(l.edges[0].to, vec![id(6), id(7)]);
+        assert_eq!(l.edges.len(), 2);
+        assert!(l.edges[0].to.is_empty());
+        assert_eq!(l.edges[1].to, vec![id(6), id(7)]);
         assert_eq!(Lineage::decode(&l.encode()).unwrap(), l);
         assert!(Lineage::decode(b"{}").is_err());
         let mut v2 = l.clone();

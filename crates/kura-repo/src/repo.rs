@@ -280,7 +280,16 @@ impl Repository {
             let seen: Vec<String> = plans.iter().map(|(id, _)| id.to_hex()).collect();
             s.saw_plans(&seen)?;
         }
+        // Condemned packs already deleted are left out altogether: a blob they held may have been
+        // stored again in a pack that a later plan condemns, and only that copy can be read.
+        let gone: Vec<Id> = if plans.is_empty() {
+            Vec::new()
+        } else {
+            let listed: HashSet<Id> = self.store.list(Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+            plans.iter().flat_map(|(_, p)| p.condemned.iter().copied()).filter(|p| !listed.contains(p)).collect()
+        };
         let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        idx.set_gone(gone);
         idx.set_condemned(plans.iter().flat_map(|(_, p)| p.condemned.iter().copied()));
         *lock(&self.plans) = plans;
         for l in self.store.list(Kind::Index)? {
@@ -626,8 +635,8 @@ impl Repository {
         spec: &str,
         filter: impl Fn(&Snapshot) -> bool,
     ) -> Result<(Id, Snapshot), RepoError> {
-        let all = self.snapshots()?;
         if spec == "latest" {
+            let all = self.snapshots()?;
             let mut problems = Vec::new();
             let mut best: Option<(Id, Snapshot)> = None;
             for (id, s) in all {
@@ -647,12 +656,19 @@ impl Repository {
                 (None, None) => Err(RepoError::NoSnapshot(spec.into())),
             };
         }
+        let id = self.find_snapshot_id(spec)?;
+        self.read_snapshot(&id).map(|s| (id, s))
+    }
+
+    /// Resolves a unique id prefix among the stored snapshots by name alone, readable or not:
+    /// how a damaged or forged snapshot is named to be forgotten.
+    pub fn find_snapshot_id(&self, spec: &str) -> Result<Id, RepoError> {
         let spec_l = spec.to_ascii_lowercase();
-        let mut hits = all.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec_l));
+        let mut hits = self.store.list(Kind::Snapshot)?.into_iter().filter_map(|l| Id::from_hex(&l.name)).filter(|id| id.to_hex().starts_with(&spec_l));
         match (hits.next(), hits.next()) {
             (None, _) => Err(RepoError::NoSnapshot(spec.into())),
             (Some(_), Some(_)) => Err(RepoError::Ambiguous(spec.into())),
-            (Some((id, s)), None) => s.map(|s| (id, s)),
+            (Some(id), None) => Ok(id),
         }
     }
 

@@ -491,8 +491,29 @@ pub async fn put_object(
     }
     let (data, _permit) = read_upload(&s, kind, &headers, body).await?;
     let claimed = check_upload(&s, kind, &name, &data)?;
+    if kind == Kind::Session && tok.role != Role::Admin {
+        // A prune or repair session makes every other prune and repair wait: admins only.
+        let command = serde_json::from_slice::<kura_repo::session::SessionInfo>(&data).map(|i| i.command).unwrap_or_default();
+        if matches!(command.as_str(), "prune" | "repair") {
+            return Err(err(StatusCode::FORBIDDEN, format!("a {} token cannot run {command}", tok.role.name())));
+        }
+    }
     if kind == Kind::Session {
         claim_session(&hosted, &tok, &name).await?;
+    }
+    if kind == Kind::Snapshot {
+        // A snapshot naming a pack the server does not have is damaged from the start, and
+        // would stop the server's prune (which cannot tell it from lost data). A real client
+        // checks the same before writing its snapshot.
+        let (h, d) = (hosted.clone(), data.clone());
+        let missing = blocking(move || {
+            let packs = kura_repo::snapshot::decode_public(&d).map(|(p, _)| p.packs).unwrap_or_default();
+            Ok(packs.into_iter().find(|p| h.store.object_path(Kind::Pack, &p.to_hex()).map_or(true, |f| !f.is_file())))
+        })
+        .await?;
+        if let Some(p) = missing {
+            return Err(err(StatusCode::BAD_REQUEST, format!("the snapshot names pack {} which this server does not have; nothing was stored", p.to_hex())));
+        }
     }
     let size = data.len();
     let rec = claimed.map(|c| receipt(&s, c, &tok));

@@ -115,7 +115,8 @@ fn forget_ids(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
         if spec == "latest" {
             anyhow::bail!("forget takes explicit snapshot ids, not \"latest\"");
         }
-        let (id, _) = repo.find_snapshot(spec, |_| true)?;
+        // By name alone: a damaged snapshot (which stops prune) must be forgettable.
+        let id = repo.find_snapshot_id(spec)?;
         if protected.contains(&id) {
             anyhow::bail!("snapshot {} is protected; `kura unprotect {}` first", id.short(), id.short());
         }

@@ -906,6 +906,27 @@ fn the_servers_keyless_prune_frees_forgotten_data_and_follows_admin_repacks() {
     s.ok(&s.admin, &["check", "--read-data"]);
     restore_all(&s, &[1004], "c");
 
+    // A backup token can neither plant a snapshot naming a pack the server lacks (which would
+    // stop the keyless prune) nor register a prune session (which would hold every prune off);
+    // forged snapshots it may upload keep only what they name.
+    let ghost = format!("{:064x}", 7);
+    let body = forged_snapshot_of(serde_json::json!({"time": jiff::Timestamp::now().to_string(), "host": "evil", "paths": ["/"], "tags": [], "packs": [ghost]}), 1);
+    let r = http.put(s.obj_url("snapshots", &hash_hex(&body))).bearer_auth(&s.backup).body(body).send().unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().contains("does not have"));
+    let session = serde_json::json!({"version": 1, "command": "prune", "host": "evil", "machine": "", "pid": 1, "pid_start": 0,
+        "started": jiff::Timestamp::now().to_string(), "heartbeat": jiff::Timestamp::now().to_string(), "plans_seen": []});
+    let r = http.put(s.obj_url("sessions", &format!("{:032x}", 5))).bearer_auth(&s.backup).body(session.to_string()).send().unwrap();
+    assert_eq!(r.status(), 403);
+    let body = forged_snapshot(&jiff::Timestamp::now().to_string(), 2);
+    let forged = hash_hex(&body);
+    let r = http.put(s.obj_url("snapshots", &forged)).bearer_auth(&s.backup).body(body).send().unwrap();
+    assert_eq!(r.status(), 201);
+    let (code, text) = job("prune");
+    assert_eq!(code, 200, "{text}");
+    // An admin prune refuses to guess what a forged body uses until it is forgotten.
+    s.ok(&s.admin, &["forget", &forged[..12]]);
+
     // A damaged lineage record stops the keyless prune with a message naming it.
     s.ok(&s.admin, &["prune", "--max-unused", "0%"]);
     for name in s.names("lineage") {
