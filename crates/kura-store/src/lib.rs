@@ -17,9 +17,11 @@
 
 mod local;
 pub mod remote;
+pub mod s3;
 
 pub use local::LocalStore;
 pub use remote::{RemoteOptions, RemoteStore};
+pub use s3::{S3Options, S3Store};
 
 use std::fmt;
 
@@ -215,6 +217,17 @@ pub enum StoreError {
         status: u16,
         /// The server's message.
         message: String,
+    },
+    /// An object store refused a request for good (an invalid bucket name, an unsupported
+    /// request): retrying would not help.
+    #[error("cannot {verb} {target}: {detail}")]
+    Backend {
+        /// What was being done.
+        verb: Verb,
+        /// The object or location.
+        target: String,
+        /// The store's answer.
+        detail: String,
     },
     /// The server could not be reached or the connection broke, after retries.
     #[error("cannot {verb} {target}: {detail}")]

@@ -412,6 +412,7 @@ fn copy_error(e: &StoreError) -> StoreError {
             StoreError::Server { verb: *verb, target: target.clone(), status: *status, message: message.clone() }
         }
         StoreError::Network { verb, target, detail } => StoreError::Network { verb: *verb, target: target.clone(), detail: detail.clone() },
+        StoreError::Backend { verb, target, detail } => StoreError::Backend { verb: *verb, target: target.clone(), detail: detail.clone() },
         StoreError::Io { verb, target, source } => {
             StoreError::Io { verb: *verb, target: target.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
         }

@@ -6,7 +6,8 @@ use crate::args::Cli;
 use anyhow::{Context, Result, bail};
 use kura_repo::{KdfParams, RepoError, Repository};
 use kura_store::remote::{RemoteOptions, is_remote};
-use kura_store::{LocalStore, RemoteStore, Store};
+use kura_store::s3::{S3Options, is_s3};
+use kura_store::{LocalStore, RemoteStore, S3Store, Store};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 pub struct Location {
     /// Directory of the repository (empty for a server's).
     pub path: PathBuf,
-    /// `kura://HOST:PORT/REPO` when a kura server hosts it.
+    /// `kura://HOST:PORT/REPO` when a kura server hosts it, `s3://BUCKET/PREFIX` in a bucket.
     pub url: Option<String>,
     /// True when no repository was named and the default is used.
     pub default: bool,
@@ -39,7 +40,7 @@ pub fn default_paths() -> Result<(PathBuf, PathBuf)> {
 /// Resolves the repository location.
 pub fn location(cli: &Cli) -> Result<Location> {
     match &cli.repo {
-        Some(u) if is_remote(u) => Ok(Location { path: PathBuf::new(), url: Some(u.clone()), default: false }),
+        Some(u) if is_remote(u) || is_s3(u) => Ok(Location { path: PathBuf::new(), url: Some(u.clone()), default: false }),
         Some(p) => Ok(Location { path: PathBuf::from(p), url: None, default: false }),
         None => Ok(Location { path: default_paths()?.0, url: None, default: true }),
     }
@@ -63,9 +64,19 @@ fn remote_options(cli: &Cli) -> Result<RemoteOptions> {
     Ok(opts)
 }
 
+/// S3 settings from the AWS environment, and KURA_RETRIES.
+fn s3_options() -> Result<S3Options> {
+    let mut opts = S3Options::from_env();
+    if let Ok(r) = std::env::var("KURA_RETRIES") {
+        opts.retries = r.parse().with_context(|| format!("KURA_RETRIES={r:?} is not a number"))?;
+    }
+    Ok(opts)
+}
+
 /// Opens the store of an existing repository (no key needed yet).
 pub fn open_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
     Ok(match &loc.url {
+        Some(u) if is_s3(u) => Arc::new(S3Store::open(u, &s3_options()?).map_err(RepoError::from)?),
         Some(u) => Arc::new(RemoteStore::open(u, &remote_options(cli)?).map_err(RepoError::from)?),
         None => Arc::new(LocalStore::open(&loc.path).map_err(RepoError::from)?),
     })
@@ -74,6 +85,11 @@ pub fn open_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
 /// Prepares the store of a repository `init` is about to create; refuses an existing one.
 pub fn create_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
     match &loc.url {
+        Some(u) if is_s3(u) => match S3Store::create(u, &s3_options()?) {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(kura_store::StoreError::Exists(_)) => bail!(RepoError::AlreadyExists(loc.describe())),
+            Err(e) => Err(RepoError::from(e).into()),
+        },
         Some(u) => {
             let s = RemoteStore::create(u, &remote_options(cli)?).map_err(RepoError::from)?;
             if s.info().map_err(RepoError::from)?.initialised {

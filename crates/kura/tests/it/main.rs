@@ -8,5 +8,6 @@ mod corruption;
 mod crash;
 mod generations;
 mod roundtrip;
+mod s3;
 mod server;
 mod util;

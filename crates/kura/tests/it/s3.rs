@@ -1,0 +1,247 @@
+//! Repositories in an S3 bucket, against a real S3 server process on loopback (s3s-fs, which
+//! checks SigV4 signatures and stores objects as plain files): every command, wrong credentials,
+//! a missing bucket, an unreachable or killed server, and an object deleted behind kura's back.
+
+use crate::util::{BIN, assert_same_tree, bytes, no_panic, restored, stderr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BUCKET: &str = "kura-test";
+const ACCESS: &str = "kura";
+const SECRET: &str = "kura-secret-key";
+
+/// The s3s-fs binary `scripts/test` installs (a cargo install into the CI cache).
+fn s3s_fs() -> PathBuf {
+    let p = std::env::var_os("KURA_S3S_FS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kura-ci/s3s-fs-0.14.1/bin/s3s-fs")
+    });
+    assert!(p.is_file(), "no S3 server at {}: run ./scripts/test, which installs s3s-fs", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running s3s-fs with one bucket, and a scratch directory for the client side.
+struct S3 {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl S3 {
+    fn start() -> S3 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data").join(BUCKET)).unwrap();
+        let mut s = S3 { dir, port: free_port(), child: None };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("s3s.log")).unwrap();
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string(), "--access-key", ACCESS, "--secret-key", SECRET])
+            .arg(self.dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Where the bucket's objects are on disk.
+    fn bucket_dir(&self) -> PathBuf {
+        self.dir.path().join("data").join(BUCKET)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kura_at(&self, repo: &str, secret: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("-r").arg(repo).args(args);
+        c.env("KURA_PASSWORD", "test-pass")
+            .env("HOME", self.dir.path())
+            .env("AWS_ACCESS_KEY_ID", ACCESS)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_ENDPOINT_URL", self.endpoint())
+            .env("AWS_REGION", "us-east-1")
+            .env("KURA_RETRIES", "2")
+            .env_remove("KURA_REPOSITORY")
+            .env_remove("KURA_PASSWORD_FILE")
+            .env_remove("AWS_SESSION_TOKEN");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let o = self.kura_at(&format!("s3://{BUCKET}/office"), SECRET, args).output().unwrap();
+        no_panic(&o);
+        o
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "kura {args:?} failed ({:?}): {}", o.status.code(), stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A tree with a file larger than a pack (multipart upload), small files and a symlink.
+fn source(dir: &Path, seed: u64) -> PathBuf {
+    let src = dir.join(format!("src{seed}"));
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("big.bin"), bytes(20 << 20, seed)).unwrap();
+    for i in 0..30u64 {
+        std::fs::write(src.join("sub").join(format!("f{i}")), bytes(500 + i as usize * 91, seed + i)).unwrap();
+    }
+    std::os::unix::fs::symlink("sub/f1", src.join("link")).unwrap();
+    src
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+#[test]
+fn every_command_works_on_a_bucket() {
+    let s = S3::start();
+    s.ok(&["init"]);
+    // The layout below the prefix is the local one.
+    assert!(s.bucket_dir().join("office/config").is_file());
+    let again = s.run(&["init"]);
+    assert!(!again.status.success() && stderr(&again).contains("already"), "{}", stderr(&again));
+
+    let src = source(s.dir.path(), 1);
+    s.ok(&["backup", src.to_str().unwrap()]);
+    // Mostly unchanged, one file new: the second backup adds little.
+    std::fs::write(src.join("sub").join("new"), bytes(3000, 99)).unwrap();
+    s.ok(&["backup", src.to_str().unwrap()]);
+    let packs = files_under(&s.bucket_dir().join("office/data"));
+    assert!(packs.len() >= 3, "{packs:?}");
+    let target = s.dir.path().join("restore");
+    s.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target, &src));
+    s.ok(&["check", "--read-data"]);
+
+    // forget and prune delete objects in the bucket; what is left still checks and restores.
+    let snaps: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(snaps.len(), 2);
+    std::fs::write(src.join("big.bin"), bytes(20 << 20, 7)).unwrap();
+    s.ok(&["backup", src.to_str().unwrap()]);
+    s.ok(&["forget", "--keep-last", "1", "--prune"]);
+    s.ok(&["check", "--read-data"]);
+    let target2 = s.dir.path().join("restore2");
+    s.ok(&["restore", "latest", "--target", target2.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target2, &src));
+    let left: u64 = files_under(&s.bucket_dir().join("office/data")).iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert!(left < 30 << 20, "prune left {left} bytes of packs");
+}
+
+#[test]
+fn wrong_credentials_missing_bucket_and_unreachable_server_are_clear_errors() {
+    let mut s = S3::start();
+    s.ok(&["init"]);
+    let src = source(s.dir.path(), 2);
+
+    let o = s.kura_at(&format!("s3://{BUCKET}/office"), "not-the-secret", &["snapshots"]).output().unwrap();
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(13), "{}", stderr(&o));
+    assert!(stderr(&o).contains("SignatureDoesNotMatch") && stderr(&o).contains("credentials") && !stderr(&o).contains("not-the-secret"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+
+    let o = s.kura_at("s3://no-such-bucket/office", SECRET, &["snapshots"]).output().unwrap();
+    no_panic(&o);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no-such-bucket") && stderr(&o).contains("does not exist"), "{}", stderr(&o));
+
+    let o = s.kura_at(&format!("s3://{BUCKET}/nothing-here"), SECRET, &["snapshots"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+
+    let o = s.kura_at(&format!("s3://{BUCKET}/office"), SECRET, &["snapshots"]).env_remove("AWS_SECRET_ACCESS_KEY").output().unwrap();
+    assert!(stderr(&o).contains("AWS_SECRET_ACCESS_KEY"), "{}", stderr(&o));
+
+    // The server dies: a clear error with its own exit code, after a bounded retry.
+    s.kill9();
+    let t = Instant::now();
+    let o = s.run(&["backup", src.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert!(stderr(&o).contains(&format!("s3://{BUCKET}/office")), "{}", stderr(&o));
+}
+
+#[test]
+fn a_server_killed_mid_backup_leaves_a_repository_the_next_backup_completes() {
+    let mut s = S3::start();
+    s.ok(&["init"]);
+    let src = source(s.dir.path(), 3);
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("more{i}.bin")), bytes(12 << 20, 40 + i)).unwrap();
+    }
+    let child = s.kura_at(&format!("s3://{BUCKET}/office"), SECRET, &["backup", src.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    // Kill the server once some packs have landed.
+    let t = Instant::now();
+    while files_under(&s.bucket_dir().join("office/data")).len() < 2 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.kill9();
+    let o = child.wait_with_output().unwrap();
+    no_panic(&o);
+    assert!(!o.status.success(), "the backup cannot have finished");
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    s.spawn();
+    // No snapshot of the killed backup; its packs are reused by the next one.
+    let snaps: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["--json", "snapshots"])).unwrap();
+    assert!(snaps.is_empty(), "{snaps:?}");
+    s.ok(&["backup", src.to_str().unwrap()]);
+    s.ok(&["check", "--read-data"]);
+    let target = s.dir.path().join("restore");
+    s.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target, &src));
+}
+
+#[test]
+fn an_object_deleted_behind_kuras_back_is_named_by_check() {
+    let s = S3::start();
+    s.ok(&["init"]);
+    let src = source(s.dir.path(), 4);
+    s.ok(&["backup", src.to_str().unwrap()]);
+    let snap: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["--json", "snapshots"])).unwrap();
+    let id = snap[0]["id"].as_str().unwrap().to_string();
+    // The largest pack holds big.bin.
+    let mut packs = files_under(&s.bucket_dir().join("office/data"));
+    packs.sort_by_key(|p| std::cmp::Reverse(p.metadata().unwrap().len()));
+    std::fs::remove_file(&packs[0]).unwrap();
+    let o = s.run(&["check"]);
+    assert!(!o.status.success());
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    let name = packs[0].file_name().unwrap().to_str().unwrap();
+    assert!(out.contains(&name[..8]) && out.contains("missing"), "{out}");
+    assert!(out.contains(&id[..8]) && out.contains("big.bin"), "{out}");
+}
