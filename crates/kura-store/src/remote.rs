@@ -51,8 +51,10 @@ impl Default for RemoteOptions {
 /// tree walk reads thousands of small neighbouring blobs, which would otherwise cost one
 /// round trip each.
 const BLOCK: u64 = 2 << 20;
-/// Blocks kept (32 MiB).
-const CACHED_BLOCKS: usize = 16;
+/// Blocks kept (48 MiB): read-ahead for several restore threads in different places.
+const CACHED_BLOCKS: usize = 24;
+/// Blocks fetched ahead of a reader.
+const READ_AHEAD: u64 = 4;
 
 /// Packs uploading in the background at most (memory: this many packs besides the ones being
 /// filled).
@@ -590,12 +592,14 @@ impl RemoteStore {
                     }
                 }
             }
-            // Read ahead: readers go through a pack in order, so the next block is wanted next.
-            let next = (pack.to_string(), b + 1);
-            if !slots.iter().any(|(k, _)| *k == next) {
-                slots.push((next, Slot::Loading));
-                let (store, pack) = (self.clone_handle(), pack.to_string());
-                std::thread::spawn(move || store.load_block(&pack, b + 1));
+            // Read ahead: readers go through a pack in order, so the next blocks are wanted next.
+            for ahead in 1..=READ_AHEAD {
+                let next = (pack.to_string(), b + ahead);
+                if !slots.iter().any(|(k, _)| *k == next) {
+                    slots.push((next, Slot::Loading));
+                    let (store, pack) = (self.clone_handle(), pack.to_string());
+                    std::thread::spawn(move || store.load_block(&pack, b + ahead));
+                }
             }
         }
         self.load_block(pack, b)
