@@ -5,6 +5,7 @@
 //! client keeps a pool of connections, so the threads of a backup upload in parallel.
 
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
+use crate::blocks::{BLOCK, Blocks, FetchBlock};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -47,15 +48,6 @@ impl Default for RemoteOptions {
     }
 }
 
-/// Packs are read in aligned blocks of this size and kept in a small cache: a restore or a
-/// tree walk reads thousands of small neighbouring blobs, which would otherwise cost one
-/// round trip each.
-const BLOCK: u64 = 2 << 20;
-/// Blocks kept (48 MiB): read-ahead for several restore threads in different places.
-const CACHED_BLOCKS: usize = 24;
-/// Blocks fetched ahead of a reader.
-const READ_AHEAD: u64 = 4;
-
 /// Packs uploading in the background at most (memory: this many packs besides the ones being
 /// filled).
 const UPLOADS_IN_FLIGHT: usize = 2;
@@ -74,27 +66,10 @@ struct Uploads {
     done: std::sync::Condvar,
 }
 
-/// A cached block, or one that a thread is fetching (the others wait for it instead of
-/// fetching it again: restore threads work on neighbouring files, so they miss together).
-enum Slot {
-    Loading,
-    Ready(Arc<Vec<u8>>),
-}
-
-/// Recently read pack blocks, least recently used first. Objects are write-once, so a cached
-/// block can never show other bytes than the name stands for.
-#[derive(Default)]
-struct Blocks {
-    slots: std::sync::Mutex<Vec<((String, u64), Slot)>>,
-    loaded: std::sync::Condvar,
-}
-
-type BlockCache = Arc<Blocks>;
-
 /// A repository hosted by a kura server.
 pub struct RemoteStore {
     uploads: Arc<Uploads>,
-    blocks: BlockCache,
+    blocks: Arc<Blocks>,
     client: Client,
     /// `https://host:port[/prefix]/v1/<repo>`
     base: String,
@@ -457,7 +432,8 @@ impl Store for RemoteStore {
             return Ok(Vec::new());
         }
         if kind == Kind::Pack && len < BLOCK {
-            return self.get_cached(name, offset, len);
+            let src: Arc<dyn FetchBlock> = Arc::new(self.clone_handle());
+            return self.blocks.get_range(&src, name, offset, len);
         }
         self.fetch_range(kind, name, offset, len)
     }
@@ -568,91 +544,6 @@ impl RemoteStore {
         Ok(body)
     }
 
-    /// A block of a pack (shorter at the pack's end), from the cache or the server; one fetch
-    /// per block however many threads want it at once.
-    fn block(&self, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
-        let key = (pack.to_string(), b);
-        let cache = &self.blocks;
-        {
-            let mut slots = cache.slots.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                match slots.iter().position(|(k, _)| *k == key) {
-                    Some(i) => match &slots[i].1 {
-                        Slot::Ready(d) => {
-                            let d = d.clone();
-                            let hit = slots.remove(i);
-                            slots.push(hit);
-                            return Ok(d);
-                        }
-                        Slot::Loading => slots = cache.loaded.wait(slots).unwrap_or_else(|p| p.into_inner()),
-                    },
-                    None => {
-                        slots.push((key.clone(), Slot::Loading));
-                        break;
-                    }
-                }
-            }
-            // Read ahead: readers go through a pack in order, so the next blocks are wanted next.
-            for ahead in 1..=READ_AHEAD {
-                let next = (pack.to_string(), b + ahead);
-                if !slots.iter().any(|(k, _)| *k == next) {
-                    slots.push((next, Slot::Loading));
-                    let (store, pack) = (self.clone_handle(), pack.to_string());
-                    std::thread::spawn(move || store.load_block(&pack, b + ahead));
-                }
-            }
-        }
-        self.load_block(pack, b)
-    }
-
-    /// Fetches a block whose slot this thread marked as loading, and publishes it.
-    fn load_block(&self, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
-        let key = (pack.to_string(), b);
-        let cache = &self.blocks;
-        let fetched = self.fetch_range_upto(Kind::Pack, pack, b * BLOCK, BLOCK).map(Arc::new);
-        let mut slots = cache.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|(k, _)| *k != key);
-        if let Ok(d) = &fetched {
-            slots.push((key, Slot::Ready(d.clone())));
-            // Evict the least recently used ready blocks beyond the budget.
-            while slots.iter().filter(|(_, s)| matches!(s, Slot::Ready(_))).count() > CACHED_BLOCKS {
-                if let Some(i) = slots.iter().position(|(_, s)| matches!(s, Slot::Ready(_))) {
-                    slots.remove(i);
-                }
-            }
-        }
-        cache.loaded.notify_all();
-        fetched
-    }
-
-    /// A small range of a pack, assembled from (at most two) cached blocks.
-    fn get_cached(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        let end = offset.checked_add(len).ok_or_else(|| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end: u64::MAX, len: 0 })?;
-        let short = |have: u64| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end, len: have };
-        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / BLOCK;
-            let block = match self.block(pack, b) {
-                // Report the caller's range, not the block's.
-                Err(StoreError::Short { len: have, .. }) => return Err(short(have)),
-                r => r?,
-            };
-            let start = usize::try_from(pos - b * BLOCK).unwrap_or(usize::MAX);
-            if start >= block.len() {
-                return Err(short(b * BLOCK + block.len() as u64));
-            }
-            let take = (block.len() - start).min(usize::try_from(end - pos).unwrap_or(usize::MAX));
-            out.extend_from_slice(&block[start..start + take]);
-            pos += take as u64;
-            // A block shorter than BLOCK is the pack's last.
-            if pos < end && (block.len() as u64) < BLOCK {
-                return Err(short(pos));
-            }
-        }
-        Ok(out)
-    }
-
     /// Waits until every pack handed to a background upload is stored; fails with the first
     /// upload that failed (after its retries).
     pub fn settle(&self) -> Result<(), StoreError> {
@@ -678,6 +569,12 @@ impl RemoteStore {
             token: self.token.clone(),
             retries: self.retries,
         }
+    }
+}
+
+impl FetchBlock for RemoteStore {
+    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.fetch_range_upto(Kind::Pack, pack, offset, len)
     }
 }
 

@@ -7,6 +7,7 @@
 //! checked with a HEAD first and written with `If-None-Match`, which is as good as the server
 //! makes it.
 
+use crate::blocks::{BLOCK, Blocks, FetchBlock};
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
 use opendal::{ErrorKind, Operator};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,7 +97,7 @@ pub fn is_s3(location: &str) -> bool {
 const MULTIPART_ABOVE: usize = 8 << 20;
 
 /// A repository in an S3 bucket.
-pub struct S3Store(std::sync::Arc<Inner>);
+pub struct S3Store(std::sync::Arc<Inner>, std::sync::Arc<Blocks>);
 
 struct Inner {
     rt: tokio::runtime::Runtime,
@@ -192,7 +193,7 @@ impl S3Store {
         // before any work.
         let probe = s.rt.block_on(async { s.op.list_with("/").limit(1).await });
         match probe {
-            Ok(_) => Ok(S3Store(std::sync::Arc::new(s))),
+            Ok(_) => Ok(S3Store(std::sync::Arc::new(s), std::sync::Arc::default())),
             // Servers differ in how they say it; the S3 error code is the same everywhere.
             Err(e) if e.kind() == ErrorKind::NotFound || e.to_string().contains("NoSuchBucket") => {
                 Err(StoreError::NoStore(format!("{} (bucket {bucket:?} does not exist)", s.display)))
@@ -396,6 +397,10 @@ impl Store for S3Store {
         self.0.get(kind, name)
     }
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        if kind == Kind::Pack && len > 0 && len < BLOCK {
+            let src: std::sync::Arc<dyn FetchBlock> = self.0.clone();
+            return self.1.get_range(&src, name, offset, len);
+        }
         self.0.get_range(kind, name, offset, len)
     }
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
@@ -415,6 +420,25 @@ impl Store for S3Store {
     }
     fn is_remote(&self) -> bool {
         true
+    }
+}
+
+impl FetchBlock for Inner {
+    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        // A block may end past the pack: the bytes up to its end, as HTTP ranges have it, in
+        // one request.
+        let path = Self::path(Kind::Pack, pack)?;
+        Stats::add(&self.stats.get, 1);
+        match self.rt.block_on(async { self.op.read_with(&path).range(offset..offset.saturating_add(len)).await }) {
+            Ok(b) if !b.is_empty() => {
+                Stats::add(&self.stats.get_bytes, b.len() as u64);
+                Ok(b.to_vec())
+            }
+            _ => match self.get_range(Kind::Pack, pack, offset, len) {
+                Err(StoreError::Short { len: have, .. }) if offset < have => self.get_range(Kind::Pack, pack, offset, have - offset),
+                r => r,
+            },
+        }
     }
 }
 

@@ -1,0 +1,160 @@
+//! A small cache of aligned pack blocks for stores where every read is a round trip (a kura
+//! server, an S3 bucket): a restore or a tree walk reads thousands of small neighbouring blobs,
+//! which would otherwise cost one request each.
+
+use crate::{Kind, ObjectName, StoreError};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Packs are read in aligned blocks of this size.
+pub(crate) const BLOCK: u64 = 2 << 20;
+/// Blocks kept (48 MiB): read-ahead for several restore threads in different places.
+const CACHED_BLOCKS: usize = 24;
+/// Blocks fetched ahead of a reader.
+const READ_AHEAD: u64 = 4;
+
+/// How a store fetches up to `len` bytes of a pack at `offset` (fewer at the pack's end).
+pub(crate) trait FetchBlock: Send + Sync + 'static {
+    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
+}
+
+/// A cached block, or one that a thread is fetching (the others wait for it instead of
+/// fetching it again: restore threads work on neighbouring files, so they miss together).
+enum Slot {
+    Loading,
+    Ready(Arc<Vec<u8>>),
+}
+
+/// Recently read pack blocks, least recently used first. Objects are write-once, so a cached
+/// block can never show other bytes than the name stands for.
+#[derive(Default)]
+pub(crate) struct Blocks {
+    slots: Mutex<Vec<((String, u64), Slot)>>,
+    loaded: Condvar,
+}
+
+impl Blocks {
+    /// A small range of a pack, assembled from (at most two) cached blocks.
+    pub(crate) fn get_range(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let end = offset.checked_add(len).ok_or_else(|| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end: u64::MAX, len: 0 })?;
+        let short = |have: u64| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end, len: have };
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK;
+            let block = match self.block(src, pack, b) {
+                // Report the caller's range, not the block's.
+                Err(StoreError::Short { len: have, .. }) => return Err(short(have)),
+                r => r?,
+            };
+            let start = usize::try_from(pos - b * BLOCK).unwrap_or(usize::MAX);
+            if start >= block.len() {
+                return Err(short(b * BLOCK + block.len() as u64));
+            }
+            let take = (block.len() - start).min(usize::try_from(end - pos).unwrap_or(usize::MAX));
+            out.extend_from_slice(&block[start..start + take]);
+            pos += take as u64;
+            // A block shorter than BLOCK is the pack's last.
+            if pos < end && (block.len() as u64) < BLOCK {
+                return Err(short(pos));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A block of a pack (shorter at the pack's end), from the cache or the store; one fetch
+    /// per block however many threads want it at once.
+    fn block(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
+        let key = (pack.to_string(), b);
+        {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match slots.iter().position(|(k, _)| *k == key) {
+                    Some(i) => match &slots[i].1 {
+                        Slot::Ready(d) => {
+                            let d = d.clone();
+                            let hit = slots.remove(i);
+                            slots.push(hit);
+                            return Ok(d);
+                        }
+                        Slot::Loading => slots = self.loaded.wait(slots).unwrap_or_else(|p| p.into_inner()),
+                    },
+                    None => {
+                        slots.push((key.clone(), Slot::Loading));
+                        break;
+                    }
+                }
+            }
+            // Read ahead: readers go through a pack in order, so the next blocks are wanted next.
+            for ahead in 1..=READ_AHEAD {
+                let next = (pack.to_string(), b + ahead);
+                if !slots.iter().any(|(k, _)| *k == next) {
+                    slots.push((next, Slot::Loading));
+                    let (cache, src, pack) = (self.clone(), src.clone(), pack.to_string());
+                    std::thread::spawn(move || cache.load(&src, &pack, b + ahead));
+                }
+            }
+        }
+        self.load(src, pack, b)
+    }
+
+    /// Fetches a block whose slot this thread marked as loading, and publishes it.
+    fn load(&self, src: &Arc<dyn FetchBlock>, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
+        let key = (pack.to_string(), b);
+        let fetched = src.fetch_block(pack, b * BLOCK, BLOCK).map(Arc::new);
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|(k, _)| *k != key);
+        if let Ok(d) = &fetched {
+            slots.push((key, Slot::Ready(d.clone())));
+            // Evict the least recently used ready blocks beyond the budget.
+            while slots.iter().filter(|(_, s)| matches!(s, Slot::Ready(_))).count() > CACHED_BLOCKS {
+                if let Some(i) = slots.iter().position(|(_, s)| matches!(s, Slot::Ready(_))) {
+                    slots.remove(i);
+                }
+            }
+        }
+        self.loaded.notify_all();
+        fetched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A pack of `len` bytes where byte i is i mod 251, counting fetches.
+    struct Fake {
+        len: u64,
+        fetches: AtomicUsize,
+    }
+
+    impl FetchBlock for Fake {
+        fn fetch_block(&self, _pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+            if offset >= self.len {
+                return Err(StoreError::Short { name: ObjectName::new(Kind::Pack, "p"), offset, end: offset + len, len: self.len });
+            }
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            Ok((offset..(offset + len).min(self.len)).map(|i| (i % 251) as u8).collect())
+        }
+    }
+
+    #[test]
+    fn ranges_across_blocks_and_past_the_end() {
+        let fake = Arc::new(Fake { len: 5 * BLOCK + 7, fetches: AtomicUsize::new(0) });
+        let src: Arc<dyn FetchBlock> = fake.clone();
+        let cache = Arc::new(Blocks::default());
+        let want = |o: u64, n: u64| (o..o + n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+        assert_eq!(cache.get_range(&src, "p", BLOCK - 3, 10).unwrap(), want(BLOCK - 3, 10));
+        assert_eq!(cache.get_range(&src, "p", 5 * BLOCK, 7).unwrap(), want(5 * BLOCK, 7));
+        match cache.get_range(&src, "p", 5 * BLOCK + 5, 10) {
+            Err(StoreError::Short { len, .. }) => assert_eq!(len, 5 * BLOCK + 7),
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        // Each of the 6 blocks was fetched once (some by read-ahead), however often it was read.
+        for _ in 0..3 {
+            cache.get_range(&src, "p", 2 * BLOCK + 1, 100).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(fake.fetches.load(Ordering::Relaxed), 6);
+    }
+}
