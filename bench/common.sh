@@ -16,3 +16,24 @@ prepare() {
   (cd "$ROOT" && cargo build --release --quiet --bin kura)
   KURA=$ROOT/target/release/kura
 }
+
+# cpu_of PID: user+system CPU seconds of a process (0 without one).
+cpu_of() {
+  [ -n "$1" ] || { echo 0; return; }
+  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
+}
+
+# measure TOOL STEP ROUND CMD...: runs CMD under /usr/bin/time and appends one row to $OUT
+# (wall, client CPU, peak RSS, and the CPU $SERVER_PID used meanwhile); the command's output
+# goes to $W/TOOL-STEP.log.
+measure() {
+  local tool=$1 step=$2 round=$3; shift 3
+  local s0; s0=$(cpu_of "${SERVER_PID:-}")
+  /usr/bin/time -f '%e %U %S %M' -o "$W/time" "$@" >"$W/$tool-$step.log" 2>&1 || { echo "$tool $step failed: $(tail -3 "$W/$tool-$step.log")" >&2; return 1; }
+  local s1; s1=$(cpu_of "${SERVER_PID:-}")
+  read -r wall user sys rss <"$W/time"
+  printf '%s\t%s\t%s\t%s\t%.2f\t%s\t%.2f\n' "$tool" "$step" "$round" "$wall" "$(echo "$user + $sys" | bc)" "$rss" "$(echo "$s1 - $s0" | bc)" | tee -a "$OUT"
+}
+
+# Stops the server a benchmark started (SERVER_PID), if any.
+stop_server() { if [ -n "${SERVER_PID:-}" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; SERVER_PID=""; }

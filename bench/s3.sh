@@ -22,17 +22,10 @@ printf 'tool\tstep\tround\twall_s\tcpu_s\tmaxrss_kb\tserver_cpu_s\n' >"$OUT"
 RESTORE=/dev/shm/kura-bench-restore
 SERVER_PID=""
 
-cpu_of() { [ -n "$1" ] || { echo 0; return; }; awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
-measure() { # tool step round cmd...
-  local tool=$1 step=$2 round=$3; shift 3
-  local s0; s0=$(cpu_of "$SERVER_PID")
-  /usr/bin/time -f '%e %U %S %M' -o "$W/time" "$@" >"$W/$tool-$step.log" 2>&1 || { echo "$tool $step failed: $(tail -3 "$W/$tool-$step.log")" >&2; return 1; }
-  local s1; s1=$(cpu_of "$SERVER_PID")
-  read -r wall user sys rss <"$W/time"
-  printf '%s\t%s\t%s\t%s\t%.2f\t%s\t%.2f\n' "$tool" "$step" "$round" "$wall" "$(echo "$user + $sys" | bc)" "$rss" "$(echo "$s1 - $s0" | bc)" | tee -a "$OUT"
-  grep '^s3 requests' "$W/$tool-$step.log" | sed "s/^/  $tool $step: /" || true
+measure_s3() { # measure, then the S3 request counts the command printed (KURA_S3_STATS)
+  measure "$@"
+  grep '^s3 requests' "$W/$1-$2.log" | sed "s/^/  $1 $2: /" || true
 }
-stop_server() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; SERVER_PID=""; }
 trap stop_server EXIT
 start_s3() {
   rm -rf "$W/s3data"; mkdir -p "$W/s3data/bench"
@@ -51,11 +44,11 @@ run_kura() { # tool round repo
   local tool=$1 r=$2 repo=$3
   "$KURA" -r "$repo" init -q
   use_tree linux; warm
-  measure "$tool" backup "$r" "$KURA" -r "$repo" backup -q --host bench "$TREE"
+  measure_s3 "$tool" backup "$r" "$KURA" -r "$repo" backup -q --host bench "$TREE"
   use_tree linux-v2; warm
-  measure "$tool" incremental "$r" "$KURA" -r "$repo" backup -q --host bench "$TREE"
+  measure_s3 "$tool" incremental "$r" "$KURA" -r "$repo" backup -q --host bench "$TREE"
   rm -rf "$RESTORE"
-  measure "$tool" restore "$r" "$KURA" -r "$repo" restore -q latest --target "$RESTORE"
+  measure_s3 "$tool" restore "$r" "$KURA" -r "$repo" restore -q latest --target "$RESTORE"
   rm -rf "$RESTORE"
 }
 

@@ -22,21 +22,6 @@ printf 'tool\tstep\tround\twall_s\tcpu_s\tmaxrss_kb\tserver_cpu_s\n' >"$OUT"
 RESTORE=/dev/shm/kura-bench-restore
 SERVER_PID=""
 
-cpu_of() { # utime+stime of a process, in seconds
-  [ -n "$1" ] || { echo 0; return; }
-  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
-}
-
-measure() { # tool step round cmd...
-  local tool=$1 step=$2 round=$3; shift 3
-  local s0; s0=$(cpu_of "$SERVER_PID")
-  /usr/bin/time -f '%e %U %S %M' -o "$W/time" "$@" >"$W/$tool-$step.log" 2>&1 || { echo "$tool $step failed: $(tail -3 "$W/$tool-$step.log")" >&2; return 1; }
-  local s1; s1=$(cpu_of "$SERVER_PID")
-  read -r wall user sys rss <"$W/time"
-  printf '%s\t%s\t%s\t%s\t%.2f\t%s\t%.2f\n' "$tool" "$step" "$round" "$wall" "$(echo "$user + $sys" | bc)" "$rss" "$(echo "$s1 - $s0" | bc)" | tee -a "$OUT"
-}
-
-stop_server() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; SERVER_PID=""; }
 trap stop_server EXIT
 
 # The trees are backed up from one path, so the incremental backup has a parent.

@@ -5,12 +5,10 @@
 use crate::{Kind, ObjectName, StoreError};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Packs are read in aligned blocks of this size.
-pub(crate) const BLOCK: u64 = 2 << 20;
-/// Blocks kept (48 MiB): read-ahead for several restore threads in different places.
-const CACHED_BLOCKS: usize = 24;
-/// Blocks fetched ahead of a reader.
-const READ_AHEAD: u64 = 4;
+/// Bytes kept in blocks (48 MiB): read-ahead for several restore threads in different places.
+const CACHE_BYTES: u64 = 48 << 20;
+/// Bytes fetched ahead of a reader.
+const READ_AHEAD_BYTES: u64 = 8 << 20;
 
 /// How a store fetches up to `len` bytes of a pack at `offset` (fewer at the pack's end).
 pub(crate) trait FetchBlock: Send + Sync + 'static {
@@ -26,13 +24,31 @@ enum Slot {
 
 /// Recently read pack blocks, least recently used first. Objects are write-once, so a cached
 /// block can never show other bytes than the name stands for.
-#[derive(Default)]
 pub(crate) struct Blocks {
+    /// Packs are read in aligned blocks of this size.
+    block: u64,
     slots: Mutex<Vec<((String, u64), Slot)>>,
     loaded: Condvar,
+    /// Lengths of packs whose last block was seen: no read-ahead past them.
+    ends: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Blocks {
+    /// A cache of `block`-sized blocks: a kura server answers 2 MiB quickly; object stores
+    /// prefer fewer, larger requests.
+    pub(crate) fn new(block: u64) -> Blocks {
+        Blocks { block, slots: Mutex::default(), loaded: Condvar::new(), ends: Mutex::default() }
+    }
+
+    /// Whether a read of `len` bytes goes through the cache (large reads go straight out).
+    pub(crate) fn covers(&self, len: u64) -> bool {
+        len > 0 && len < self.block
+    }
+
+    fn cached_blocks(&self) -> usize {
+        usize::try_from(CACHE_BYTES / self.block).unwrap_or(1).max(2)
+    }
+
     /// A small range of a pack, assembled from (at most two) cached blocks.
     pub(crate) fn get_range(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
         let end = offset.checked_add(len).ok_or_else(|| StoreError::Short { name: ObjectName::new(Kind::Pack, pack), offset, end: u64::MAX, len: 0 })?;
@@ -40,21 +56,21 @@ impl Blocks {
         let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         let mut pos = offset;
         while pos < end {
-            let b = pos / BLOCK;
-            let block = match self.block(src, pack, b) {
+            let b = pos / self.block;
+            let block = match self.cached(src, pack, b) {
                 // Report the caller's range, not the block's.
                 Err(StoreError::Short { len: have, .. }) => return Err(short(have)),
                 r => r?,
             };
-            let start = usize::try_from(pos - b * BLOCK).unwrap_or(usize::MAX);
+            let start = usize::try_from(pos - b * self.block).unwrap_or(usize::MAX);
             if start >= block.len() {
-                return Err(short(b * BLOCK + block.len() as u64));
+                return Err(short(b * self.block + block.len() as u64));
             }
             let take = (block.len() - start).min(usize::try_from(end - pos).unwrap_or(usize::MAX));
             out.extend_from_slice(&block[start..start + take]);
             pos += take as u64;
-            // A block shorter than BLOCK is the pack's last.
-            if pos < end && (block.len() as u64) < BLOCK {
+            // A block shorter than self.block is the pack's last.
+            if pos < end && (block.len() as u64) < self.block {
                 return Err(short(pos));
             }
         }
@@ -63,7 +79,7 @@ impl Blocks {
 
     /// A block of a pack (shorter at the pack's end), from the cache or the store; one fetch
     /// per block however many threads want it at once.
-    fn block(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
+    fn cached(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
         let key = (pack.to_string(), b);
         {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -85,7 +101,11 @@ impl Blocks {
                 }
             }
             // Read ahead: readers go through a pack in order, so the next blocks are wanted next.
-            for ahead in 1..=READ_AHEAD {
+            let end = self.ends.lock().unwrap_or_else(|p| p.into_inner()).get(pack).copied();
+            for ahead in 1..=(READ_AHEAD_BYTES / self.block).max(1) {
+                if end.is_some_and(|e| (b + ahead) * self.block >= e) {
+                    break;
+                }
                 let next = (pack.to_string(), b + ahead);
                 if !slots.iter().any(|(k, _)| *k == next) {
                     slots.push((next, Slot::Loading));
@@ -100,13 +120,26 @@ impl Blocks {
     /// Fetches a block whose slot this thread marked as loading, and publishes it.
     fn load(&self, src: &Arc<dyn FetchBlock>, pack: &str, b: u64) -> Result<Arc<Vec<u8>>, StoreError> {
         let key = (pack.to_string(), b);
-        let fetched = src.fetch_block(pack, b * BLOCK, BLOCK).map(Arc::new);
+        let fetched = src.fetch_block(pack, b * self.block, self.block).map(Arc::new);
+        let end = match &fetched {
+            Ok(d) if (d.len() as u64) < self.block => Some(b * self.block + d.len() as u64),
+            Err(StoreError::Short { len, .. }) => Some(*len),
+            _ => None,
+        };
+        if let Some(e) = end {
+            let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded like the blocks: only the packs being read now matter.
+            if ends.len() >= 4 * self.cached_blocks() {
+                ends.clear();
+            }
+            ends.insert(pack.to_string(), e);
+        }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|(k, _)| *k != key);
         if let Ok(d) = &fetched {
             slots.push((key, Slot::Ready(d.clone())));
             // Evict the least recently used ready blocks beyond the budget.
-            while slots.iter().filter(|(_, s)| matches!(s, Slot::Ready(_))).count() > CACHED_BLOCKS {
+            while slots.iter().filter(|(_, s)| matches!(s, Slot::Ready(_))).count() > self.cached_blocks() {
                 if let Some(i) = slots.iter().position(|(_, s)| matches!(s, Slot::Ready(_))) {
                     slots.remove(i);
                 }
@@ -138,21 +171,23 @@ mod tests {
         }
     }
 
+    const B: u64 = 1 << 16;
+
     #[test]
     fn ranges_across_blocks_and_past_the_end() {
-        let fake = Arc::new(Fake { len: 5 * BLOCK + 7, fetches: AtomicUsize::new(0) });
+        let fake = Arc::new(Fake { len: 5 * B + 7, fetches: AtomicUsize::new(0) });
         let src: Arc<dyn FetchBlock> = fake.clone();
-        let cache = Arc::new(Blocks::default());
+        let cache = Arc::new(Blocks::new(B));
         let want = |o: u64, n: u64| (o..o + n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
-        assert_eq!(cache.get_range(&src, "p", BLOCK - 3, 10).unwrap(), want(BLOCK - 3, 10));
-        assert_eq!(cache.get_range(&src, "p", 5 * BLOCK, 7).unwrap(), want(5 * BLOCK, 7));
-        match cache.get_range(&src, "p", 5 * BLOCK + 5, 10) {
-            Err(StoreError::Short { len, .. }) => assert_eq!(len, 5 * BLOCK + 7),
+        assert_eq!(cache.get_range(&src, "p", B - 3, 10).unwrap(), want(B - 3, 10));
+        assert_eq!(cache.get_range(&src, "p", 5 * B, 7).unwrap(), want(5 * B, 7));
+        match cache.get_range(&src, "p", 5 * B + 5, 10) {
+            Err(StoreError::Short { len, .. }) => assert_eq!(len, 5 * B + 7),
             other => panic!("{:?}", other.map(|v| v.len())),
         }
         // Each of the 6 blocks was fetched once (some by read-ahead), however often it was read.
         for _ in 0..3 {
-            cache.get_range(&src, "p", 2 * BLOCK + 1, 100).unwrap();
+            cache.get_range(&src, "p", 2 * B + 1, 100).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert_eq!(fake.fetches.load(Ordering::Relaxed), 6);

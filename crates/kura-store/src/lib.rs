@@ -350,6 +350,37 @@ pub trait Staged: std::io::Write + Send {
     fn commit(self: Box<Self>, name: &str) -> Result<(), StoreError>;
 }
 
+/// A staged object buffered in memory and handed whole to `commit` (remote stores: one upload
+/// once the name, the hash of the bytes, is known).
+pub(crate) struct MemStaged<C> {
+    buf: Vec<u8>,
+    commit: C,
+}
+
+impl<C: FnOnce(&str, Vec<u8>) -> Result<(), StoreError> + Send> MemStaged<C> {
+    pub(crate) fn new(commit: C) -> Self {
+        MemStaged { buf: Vec::new(), commit }
+    }
+}
+
+impl<C: Send> std::io::Write for MemStaged<C> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<C: FnOnce(&str, Vec<u8>) -> Result<(), StoreError> + Send> Staged for MemStaged<C> {
+    fn commit(self: Box<Self>, name: &str) -> Result<(), StoreError> {
+        let MemStaged { buf, commit } = *self;
+        commit(name, buf)
+    }
+}
+
 /// Checks that `name` is a plain object name: no separators, not `.`/`..`, not empty, and not
 /// starting with `.` (reserved for in-progress temporary files).
 pub fn check_name(name: &str) -> Result<(), StoreError> {

@@ -5,7 +5,7 @@
 //! client keeps a pool of connections, so the threads of a backup upload in parallel.
 
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
-use crate::blocks::{BLOCK, Blocks, FetchBlock};
+use crate::blocks::{Blocks, FetchBlock};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -238,7 +238,8 @@ impl RemoteStore {
         let hostport = root.trim_start_matches("https://");
         Ok(RemoteStore {
             uploads: Arc::default(),
-            blocks: Arc::default(),
+            // A kura server answers small ranges quickly: 2 MiB blocks.
+            blocks: Arc::new(Blocks::new(2 << 20)),
             client,
             base: format!("{root}/v1/{repo}"),
             display: format!("kura://{hostport}/{repo}"),
@@ -431,7 +432,7 @@ impl Store for RemoteStore {
         if len == 0 {
             return Ok(Vec::new());
         }
-        if kind == Kind::Pack && len < BLOCK {
+        if kind == Kind::Pack && self.blocks.covers(len) {
             let src: Arc<dyn FetchBlock> = Arc::new(self.clone_handle());
             return self.blocks.get_range(&src, name, offset, len);
         }
@@ -456,7 +457,8 @@ impl Store for RemoteStore {
     }
 
     fn stage(&self, kind: Kind) -> Result<Box<dyn Staged>, StoreError> {
-        Ok(Box::new(RemoteStaged { store: self.clone_handle(), kind, buf: Vec::new() }))
+        let store = self.clone_handle();
+        Ok(Box::new(crate::MemStaged::new(move |name: &str, buf: Vec<u8>| RemoteStore::commit_staged(store, kind, name, buf))))
     }
 
     fn replace(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
@@ -578,31 +580,13 @@ impl FetchBlock for RemoteStore {
     }
 }
 
-/// A pack being written: buffered, then uploaded in one PUT under its hash once complete.
-struct RemoteStaged {
-    store: RemoteStore,
-    kind: Kind,
-    buf: Vec<u8>,
-}
-
-impl std::io::Write for RemoteStaged {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Staged for RemoteStaged {
-    /// Hands the pack to a background upload and returns, so the thread that filled it goes on
-    /// sealing; at most [`UPLOADS_IN_FLIGHT`] packs are on their way at once. The pack is
-    /// durable once [`RemoteStore::settle`] returns, which every write of another kind and
-    /// every listing calls first, so no index file or snapshot can name a pack before it is.
-    fn commit(self: Box<Self>, name: &str) -> Result<(), StoreError> {
-        let RemoteStaged { store, kind, buf } = *self;
+impl RemoteStore {
+    /// Commits a staged object: hands the pack to a background upload and returns, so the
+    /// thread that filled it goes on sealing; at most [`UPLOADS_IN_FLIGHT`] packs are on their
+    /// way at once. The pack is durable once [`RemoteStore::settle`] returns, which every write
+    /// of another kind and every listing calls first, so no index file or snapshot can name a
+    /// pack before it is.
+    fn commit_staged(store: RemoteStore, kind: Kind, name: &str, buf: Vec<u8>) -> Result<(), StoreError> {
         let up = store.uploads.clone();
         {
             let mut st = up.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,7 +7,7 @@
 //! checked with a HEAD first and written with `If-None-Match`, which is as good as the server
 //! makes it.
 
-use crate::blocks::{BLOCK, Blocks, FetchBlock};
+use crate::blocks::{Blocks, FetchBlock};
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
 use opendal::{ErrorKind, Operator};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +92,10 @@ fn describe(e: &opendal::Error) -> String {
 pub fn is_s3(location: &str) -> bool {
     location.starts_with("s3://")
 }
+
+/// Packs are read in blocks of this size: object stores answer each request slowly (tens of
+/// milliseconds on AWS) but stream fast.
+const S3_BLOCK: u64 = 8 << 20;
 
 /// Objects larger than this go up in parts, several at once.
 const MULTIPART_ABOVE: usize = 8 << 20;
@@ -193,7 +197,7 @@ impl S3Store {
         // before any work.
         let probe = s.rt.block_on(async { s.op.list_with("/").limit(1).await });
         match probe {
-            Ok(_) => Ok(S3Store(std::sync::Arc::new(s), std::sync::Arc::default())),
+            Ok(_) => Ok(S3Store(std::sync::Arc::new(s), std::sync::Arc::new(Blocks::new(S3_BLOCK)))),
             // Servers differ in how they say it; the S3 error code is the same everywhere.
             Err(e) if e.kind() == ErrorKind::NotFound || e.to_string().contains("NoSuchBucket") => {
                 Err(StoreError::NoStore(format!("{} (bucket {bucket:?} does not exist)", s.display)))
@@ -222,6 +226,32 @@ impl S3Store {
         }
     }
 
+    /// Finds out whether the server honours `If-None-Match: *` (some accept it and overwrite
+    /// anyway), by creating one probe object twice, and records the answer in `store.json`
+    /// beside the repository (informational: kura never relies on it). Returns the answer.
+    pub fn probe(&self) -> Result<bool, StoreError> {
+        let inner = &self.0;
+        let mut raw = [0u8; 8];
+        getrandom::fill(&mut raw).map_err(|e| StoreError::Io { verb: Verb::Write, target: "probe name".into(), source: std::io::Error::other(e.to_string()) })?;
+        let probe = format!("probe-{}", hex::encode(raw));
+        let put = |body: &'static [u8]| inner.rt.block_on(async { inner.op.write_with(&probe, body).if_not_exists(true).await.map(|_| ()) });
+        put(b"1").map_err(|e| inner.err(Verb::Write, &format!("{}/{probe}", inner.display), e))?;
+        let honoured = match put(b"2") {
+            Err(e) if e.kind() == ErrorKind::ConditionNotMatch => true,
+            Ok(()) => false,
+            Err(e) => return Err(inner.err(Verb::Write, &format!("{}/{probe}", inner.display), e)),
+        };
+        let _ = inner.rt.block_on(inner.op.delete(&probe));
+        let record = format!(
+            "{{\"version\":1,\"probed\":\"{}\",\"conditional_create\":{honoured}}}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+        );
+        inner
+            .rt
+            .block_on(async { inner.op.write("store.json", record.into_bytes()).await.map(|_| ()) })
+            .map_err(|e| inner.err(Verb::Write, &format!("{}/store.json", inner.display), e))?;
+        Ok(honoured)
+    }
 }
 
 impl Inner {
@@ -397,7 +427,7 @@ impl Store for S3Store {
         self.0.get(kind, name)
     }
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        if kind == Kind::Pack && len > 0 && len < BLOCK {
+        if kind == Kind::Pack && self.1.covers(len) {
             let src: std::sync::Arc<dyn FetchBlock> = self.0.clone();
             return self.1.get_range(&src, name, offset, len);
         }
@@ -407,7 +437,9 @@ impl Store for S3Store {
         self.0.list(kind)
     }
     fn stage(&self, kind: Kind) -> Result<Box<dyn Staged>, StoreError> {
-        Ok(Box::new(S3Staged { store: self.0.clone(), kind, buf: Vec::new() }))
+        // One PUT (or multipart upload) at commit.
+        let store = self.0.clone();
+        Ok(Box::new(crate::MemStaged::new(move |name: &str, buf: Vec<u8>| store.write(kind, name, buf, !kind.content_addressed()))))
     }
     fn replace(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), StoreError> {
         self.0.replace(kind, name, data)
@@ -439,30 +471,6 @@ impl FetchBlock for Inner {
                 r => r,
             },
         }
-    }
-}
-
-/// A pack being assembled in memory; one PUT (or multipart upload) at commit.
-struct S3Staged {
-    store: std::sync::Arc<Inner>,
-    kind: Kind,
-    buf: Vec<u8>,
-}
-
-impl std::io::Write for S3Staged {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Staged for S3Staged {
-    fn commit(self: Box<Self>, name: &str) -> Result<(), StoreError> {
-        let S3Staged { store, kind, buf } = *self;
-        store.write(kind, name, buf, !kind.content_addressed())
     }
 }
 

@@ -86,7 +86,16 @@ pub fn open_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
 pub fn create_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
     match &loc.url {
         Some(u) if is_s3(u) => match S3Store::create(u, &s3_options()?) {
-            Ok(s) => Ok(Arc::new(s)),
+            Ok(s) => {
+                let honoured = s.probe().map_err(RepoError::from)?;
+                if !cli.quiet {
+                    eprintln!(
+                        "{u}: the server {} conditional writes (If-None-Match); kura does not rely on them",
+                        if honoured { "honours" } else { "ignores" }
+                    );
+                }
+                Ok(Arc::new(s))
+            }
             Err(kura_store::StoreError::Exists(_)) => bail!(RepoError::AlreadyExists(loc.describe())),
             Err(e) => Err(RepoError::from(e).into()),
         },

@@ -2,7 +2,7 @@
 //! checks SigV4 signatures and stores objects as plain files): every command, wrong credentials,
 //! a missing bucket, an unreachable or killed server, and an object deleted behind kura's back.
 
-use crate::util::{BIN, assert_same_tree, bytes, no_panic, restored, stderr};
+use crate::util::{BIN, assert_same_tree, bytes, no_panic, restored, sample_tree, stderr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -110,14 +110,7 @@ impl Drop for S3 {
 
 /// A tree with a file larger than a pack (multipart upload), small files and a symlink.
 fn source(dir: &Path, seed: u64) -> PathBuf {
-    let src = dir.join(format!("src{seed}"));
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    std::fs::write(src.join("big.bin"), bytes(20 << 20, seed)).unwrap();
-    for i in 0..30u64 {
-        std::fs::write(src.join("sub").join(format!("f{i}")), bytes(500 + i as usize * 91, seed + i)).unwrap();
-    }
-    std::os::unix::fs::symlink("sub/f1", src.join("link")).unwrap();
-    src
+    sample_tree(dir, seed, 20 << 20, 30)
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -132,7 +125,12 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_command_works_on_a_bucket() {
     let s = S3::start();
-    s.ok(&["init"]);
+    let o = s.run(&["init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // init found out that s3s-fs honours If-None-Match, and recorded it.
+    assert!(stderr(&o).contains("honours conditional writes"), "{}", stderr(&o));
+    let probe: serde_json::Value = serde_json::from_slice(&std::fs::read(s.bucket_dir().join("office/store.json")).unwrap()).unwrap();
+    assert_eq!(probe["conditional_create"], true);
     // The layout below the prefix is the local one.
     assert!(s.bucket_dir().join("office/config").is_file());
     let again = s.run(&["init"]);

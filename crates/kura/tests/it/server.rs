@@ -2,7 +2,7 @@
 //! backup token (deletes, overwrites, traversal, oversized and truncated bodies, slow clients,
 //! forged and future-dated snapshots, token guessing) and kill -9 of the server mid-upload.
 
-use crate::util::{BIN, assert_same_tree, bytes, no_panic, restored, stderr};
+use crate::util::{BIN, assert_same_tree, bytes, no_panic, restored, sample_tree, stderr};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -217,14 +217,7 @@ impl JsonFallback for reqwest::blocking::Response {
 
 /// A small tree with a multi-megabyte file, small files and a symlink.
 fn source(dir: &Path, seed: u64) -> PathBuf {
-    let src = dir.join(format!("src{seed}"));
-    std::fs::create_dir_all(src.join("sub")).unwrap();
-    std::fs::write(src.join("big.bin"), bytes(3 << 20, seed)).unwrap();
-    for i in 0..20u64 {
-        std::fs::write(src.join("sub").join(format!("f{i}")), bytes(1000 + i as usize * 37, seed + i)).unwrap();
-    }
-    std::os::unix::fs::symlink("sub/f1", src.join("link")).unwrap();
-    src
+    sample_tree(dir, seed, 3 << 20, 20)
 }
 
 fn code(o: &Output) -> Option<i32> {

@@ -137,3 +137,15 @@ pub fn restored(target: &Path, src: &Path) -> PathBuf {
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
+
+/// `dir/src<seed>`: one file of `big` bytes, `small` files in `sub/` and a symlink.
+pub fn sample_tree(dir: &Path, seed: u64, big: usize, small: u64) -> PathBuf {
+    let src = dir.join(format!("src{seed}"));
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("big.bin"), bytes(big, seed)).unwrap();
+    for i in 0..small {
+        std::fs::write(src.join("sub").join(format!("f{i}")), bytes(500 + i as usize * 91, seed + i)).unwrap();
+    }
+    std::os::unix::fs::symlink("sub/f1", src.join("link")).unwrap();
+    src
+}
