@@ -52,9 +52,9 @@ pub struct KeylessReport {
 /// Public pack lists of every snapshot and trashed snapshot. A snapshot whose public part cannot
 /// be read stops the run (the server checked it on upload: this is damage); an unreadable trash
 /// record keeps nothing and is reported.
-fn public_lists(store: &dyn Store, report: &mut KeylessReport) -> Result<Vec<(Id, Vec<Id>)>, OpsError> {
+fn public_lists(store: &dyn Store, skip: &dyn Fn(&Id) -> bool, report: &mut KeylessReport) -> Result<Vec<(Id, Vec<Id>)>, OpsError> {
     let mut out = Vec::new();
-    for st in stored_snapshots(store)? {
+    for st in stored_snapshots(store, skip)? {
         match st.bytes.and_then(|b| decode_public(&b).map_err(|e| e.to_string())) {
             Ok((public, _)) => {
                 out.push((st.id, public.packs));
@@ -107,7 +107,7 @@ pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
     }
 
     // Snapshots before lineage and packs: every pack a listed snapshot needs is then listed.
-    let lists = public_lists(store, &mut report)?;
+    let lists = public_lists(store, &|_| false, &mut report)?;
     let lineage::Records { edges, problems, .. } = lineage::read_all(store)?;
     if let Some(p) = problems.first() {
         return Err(OpsError::Unsafe(format!("{p}; prune cannot know where an earlier prune moved data")));
@@ -209,8 +209,8 @@ fn sweep(store: &dyn Store, me: &str, plan_id: &Id, plan: &PrunePlan, edges: &Id
     }
     let known: HashSet<Id> = plan.snapshots.iter().copied().collect();
     let mut scratch = KeylessReport::default();
-    let newer: Vec<Id> = match public_lists(store, &mut scratch) {
-        Ok(l) => l.into_iter().filter(|(id, _)| !known.contains(id)).flat_map(|(_, p)| p).collect(),
+    let newer: Vec<Id> = match public_lists(store, &|id| known.contains(id), &mut scratch) {
+        Ok(l) => l.into_iter().flat_map(|(_, p)| p).collect(),
         Err(e) => {
             report.plans_deferred.push(Deferred { plan: hex, waiting_for: vec![e.to_string()] });
             return Ok(false);

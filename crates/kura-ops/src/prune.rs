@@ -198,14 +198,15 @@ pub(crate) struct Stored {
 
 /// Every snapshot and trashed snapshot, listing snapshots, the trash, then snapshots again: a
 /// snapshot moving into the trash (record written first) or out of it (snapshot written first)
-/// meanwhile is seen at least once.
-pub(crate) fn stored_snapshots(store: &dyn Store) -> Result<Vec<Stored>, OpsError> {
+/// meanwhile is seen at least once. Snapshots `skip` names are not read (a sweep needs only
+/// the ones made since its plan).
+pub(crate) fn stored_snapshots(store: &dyn Store, skip: &dyn Fn(&Id) -> bool) -> Result<Vec<Stored>, OpsError> {
     let mut out: Vec<Stored> = Vec::new();
     let mut seen = HashSet::new();
     for kind in [Kind::Snapshot, Kind::Trash, Kind::Snapshot] {
         for l in store.list(kind)? {
             let Some(id) = Id::from_hex(&l.name) else { continue };
-            if !seen.insert(id) {
+            if skip(&id) || !seen.insert(id) {
                 continue;
             }
             let bytes = match store.get(kind, &l.name) {
@@ -572,7 +573,8 @@ fn write_lineage(
     // Roots: the snapshots this prune walked, and every public list stored now (a snapshot
     // undeleted while prune listed, a trashed one whose body is unreadable).
     let mut roots: HashSet<Id> = snapshots.iter().filter_map(|(_, s)| s.as_ref().ok()).flat_map(|s| s.public.packs.iter().copied()).collect();
-    for st in stored_snapshots(repo.store().as_ref())? {
+    let walked: HashSet<Id> = snapshots.iter().filter(|(_, s)| s.is_ok()).map(|(id, _)| *id).collect();
+    for st in stored_snapshots(repo.store().as_ref(), &|id| walked.contains(id))? {
         if let Some((public, _)) = st.bytes.ok().and_then(|b| kura_repo::snapshot::decode_public(&b).ok()) {
             roots.extend(public.packs);
         }
@@ -650,10 +652,7 @@ fn sweep(
     let mut keep: HashSet<Id> = HashSet::new();
     let mut wanted: HashSet<Id> = HashSet::new();
     let mut roots = Vec::new();
-    for st in stored_snapshots(repo.store().as_ref())? {
-        if known.contains(&st.id) {
-            continue;
-        }
+    for st in stored_snapshots(repo.store().as_ref(), &|id| known.contains(id))? {
         let id = st.id;
         let public = st.bytes.as_ref().ok().and_then(|b| kura_repo::snapshot::decode_public(b).ok());
         let Some((public, _)) = public else {
