@@ -53,12 +53,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// Where a hosted repository's objects are.
+pub enum Storage {
+    /// A directory: whole objects are streamed from their files.
+    Local(Arc<LocalStore>),
+    /// Any other store (an S3 bucket): read through the [`Store`] calls.
+    Other(Arc<dyn Store>),
+}
+
 /// A hosted repository.
 pub struct Hosted {
     /// Its name in URLs.
     pub name: String,
-    /// Its storage.
-    pub store: Arc<LocalStore>,
+    /// Its storage, through the common interface.
+    pub store: Arc<dyn Store>,
+    /// The same, when it is a directory.
+    pub local: Option<Arc<LocalStore>>,
     /// Which token created each session object, so only it (or an admin) replaces or deletes
     /// it; kept in `owners_path` across restarts.
     owners: Mutex<HashMap<String, String>>,
@@ -71,7 +81,11 @@ pub struct Hosted {
 
 impl Hosted {
     /// Hosts a repository stored in `store`; session owners are kept in `owners_path`.
-    pub fn new(name: String, store: LocalStore, jobs: RepoJobs, owners_path: PathBuf) -> Self {
+    pub fn new(name: String, storage: Storage, jobs: RepoJobs, owners_path: PathBuf) -> Self {
+        let (store, local): (Arc<dyn Store>, _) = match storage {
+            Storage::Local(l) => (l.clone(), Some(l)),
+            Storage::Other(s) => (s, None),
+        };
         // Owners of sessions that are gone are dropped as the file is read.
         let owners: HashMap<String, String> = std::fs::read(&owners_path)
             .ok()
@@ -80,7 +94,7 @@ impl Hosted {
         let live: std::collections::HashSet<String> =
             store.list(Kind::Session).map(|l| l.into_iter().map(|l| l.name).collect()).unwrap_or_default();
         let owners = owners.into_iter().filter(|(n, _)| live.contains(n)).collect();
-        Hosted { name, store: Arc::new(store), owners: Mutex::new(owners), owners_path, snapshot_lock: Mutex::new(()), jobs }
+        Hosted { name, store, local, owners: Mutex::new(owners), owners_path, snapshot_lock: Mutex::new(()), jobs }
     }
 
     /// Writes the owner list (temporary file, rename); a failure is logged, and costs only
@@ -286,6 +300,67 @@ fn parse_range(v: &str) -> Option<(u64, u64)> {
     Some((a, (b - a).checked_add(1)?))
 }
 
+/// Objects up to this size are answered from one read; larger ones are streamed.
+const READ_WHOLE: u64 = 1 << 20;
+
+/// A whole object of a directory store: its file, streamed.
+async fn whole_file(local: &LocalStore, kind: Kind, name: &str) -> Result<(u64, Body), ApiError> {
+    let path = local.object_path(kind, name)?;
+    let n = name.to_string();
+    let (file, len, small) = blocking(move || {
+        let io_err = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound(kura_store::ObjectName::new(kind, &n)),
+            _ => StoreError::Io { verb: kura_store::Verb::Read, target: kura_store::ObjectName::new(kind, &n).to_string(), source: e },
+        };
+        let mut f = std::fs::File::open(&path).map_err(io_err)?;
+        let len = f.metadata().map_err(io_err)?.len();
+        if len <= READ_WHOLE {
+            let mut buf = Vec::with_capacity(len as usize);
+            std::io::Read::read_to_end(&mut f, &mut buf).map_err(io_err)?;
+            return Ok((None, len, Some(buf)));
+        }
+        Ok((Some(f), len, None))
+    })
+    .await?;
+    let body = match (file, small) {
+        (_, Some(buf)) => Body::from(buf),
+        (Some(f), None) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), 256 << 10)),
+        (None, None) => Body::empty(),
+    };
+    Ok((len, body))
+}
+
+/// A whole object of any other store (a bucket): its size first, then ranges of a few MiB
+/// read one after the other as the client takes them.
+async fn whole_object(store: Arc<dyn Store>, kind: Kind, name: String) -> Result<(u64, Body), ApiError> {
+    const PIECE: u64 = 4 << 20;
+    let (st, n) = (store.clone(), name.clone());
+    let len = blocking(move || st.size(kind, &n)).await?;
+    if len <= READ_WHOLE {
+        let data = blocking(move || store.get(kind, &name)).await?;
+        return Ok((data.len() as u64, Body::from(data)));
+    }
+    let pieces = futures_util::stream::unfold(0u64, move |off| {
+        let (store, name) = (store.clone(), name.clone());
+        async move {
+            if off >= len {
+                return None;
+            }
+            let take = PIECE.min(len - off);
+            let r = tokio::task::spawn_blocking(move || store.get_range(kind, &name, off, take)).await;
+            let piece = match r {
+                Ok(Ok(d)) => Ok(axum::body::Bytes::from(d)),
+                Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            // An error ends the body early: the client sees a short object and retries or fails.
+            let next = if piece.is_ok() { off + take } else { len };
+            Some((piece, next))
+        }
+    });
+    Ok((len, Body::from_stream(pieces)))
+}
+
 /// `GET /v1/<repo>/<kind>/<name>`, whole (streamed from the file) or `Range: bytes=A-B` (at
 /// most `max_object_size` bytes, answered with `Content-Range`).
 pub async fn get_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, kind, name)): Path<(String, String, String)>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -296,27 +371,9 @@ pub async fn get_object(State(s): Shared, ConnectInfo(peer): Peer, Path((repo, k
     let Some(v) = headers.get(header::RANGE) else {
         // Small objects in one blocking call; large ones streamed, so memory stays bounded
         // however many clients read packs at once.
-        let path = store.object_path(kind, &name)?;
-        let n = name.clone();
-        let (file, len, small) = blocking(move || {
-            let io_err = |e: std::io::Error| match e.kind() {
-                std::io::ErrorKind::NotFound => StoreError::NotFound(kura_store::ObjectName::new(kind, &n)),
-                _ => StoreError::Io { verb: kura_store::Verb::Read, target: kura_store::ObjectName::new(kind, &n).to_string(), source: e },
-            };
-            let mut f = std::fs::File::open(&path).map_err(io_err)?;
-            let len = f.metadata().map_err(io_err)?.len();
-            if len <= 1 << 20 {
-                let mut buf = Vec::with_capacity(len as usize);
-                std::io::Read::read_to_end(&mut f, &mut buf).map_err(io_err)?;
-                return Ok((None, len, Some(buf)));
-            }
-            Ok((Some(f), len, None))
-        })
-        .await?;
-        let body = match (file, small) {
-            (_, Some(buf)) => Body::from(buf),
-            (Some(f), None) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), 256 << 10)),
-            (None, None) => Body::empty(),
+        let (len, body) = match hosted.local.clone() {
+            Some(local) => whole_file(&local, kind, &name).await?,
+            None => whole_object(store, kind, name.clone()).await?,
         };
         return Ok(([(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, len.to_string())], body).into_response());
     };
@@ -508,7 +565,14 @@ pub async fn put_object(
         let (h, d) = (hosted.clone(), data.clone());
         let missing = blocking(move || {
             let packs = kura_repo::snapshot::decode_public(&d).map(|(p, _)| p.packs).unwrap_or_default();
-            Ok(packs.into_iter().find(|p| h.store.object_path(Kind::Pack, &p.to_hex()).map_or(true, |f| !f.is_file())))
+            match &h.local {
+                Some(l) => Ok(packs.into_iter().find(|p| l.object_path(Kind::Pack, &p.to_hex()).map_or(true, |f| !f.is_file()))),
+                // One listing rather than a request per pack the snapshot names.
+                None => {
+                    let have: std::collections::HashSet<String> = h.store.list(Kind::Pack)?.into_iter().map(|l| l.name).collect();
+                    Ok(packs.into_iter().find(|p| !have.contains(&p.to_hex())))
+                }
+            }
         })
         .await?;
         if let Some(p) = missing {

@@ -51,6 +51,10 @@ pub struct RepoConfig {
     /// Directory of the repository (created if missing); default `<state_dir>/repos/<name>`.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Object storage instead of a directory: `s3://BUCKET/PREFIX`, reached with the AWS
+    /// environment variables of the server process (`AWS_ACCESS_KEY_ID`, ...).
+    #[serde(default)]
+    pub storage: Option<String>,
     /// How long a deleted snapshot stays in the trash, recoverable with `kura undelete`, before
     /// the server lets its data go (`7d`).
     #[serde(default = "default_window")]
@@ -235,6 +239,13 @@ impl ServerConfig {
         for r in &cfg.repositories {
             let ctx = |m: String| ServerError::Config(format!("repository {:?}: {m}", r.name));
             duration("undelete_window", &r.undelete_window).map_err(|e| ctx(e.to_string()))?;
+            match (&r.path, &r.storage) {
+                (Some(_), Some(_)) => return Err(ctx("give either path or storage, not both".into())),
+                (_, Some(s)) if !kura_store::s3::is_s3(s) => {
+                    return Err(ctx(format!("storage {s:?} is not an s3://BUCKET/PREFIX location")));
+                }
+                _ => {}
+            }
             if let Some(j) = &r.retention {
                 j.schedule.parse::<crate::schedule::Schedule>().map_err(ctx)?;
                 j.policy().resolve(None, None, None).map_err(|e| ctx(format!("retention: {e}")))?;
@@ -287,6 +298,16 @@ mod tests {
         let l = c.limits().unwrap();
         assert_eq!(l.max_object_size, 256 << 20);
         assert_eq!(l.past_skew, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn storage_is_a_bucket_or_a_directory_never_both() {
+        let c = ServerConfig::parse("state_dir = \"/x\"\n[[repository]]\nname = \"a\"\nstorage = \"s3://b/p\"\n").unwrap();
+        assert_eq!(c.repositories[0].storage.as_deref(), Some("s3://b/p"));
+        for bad in ["storage = \"s3://b/p\"\npath = \"/y\"", "storage = \"/y\""] {
+            let e = ServerConfig::parse(&format!("state_dir = \"/x\"\n[[repository]]\nname = \"a\"\n{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains("repository \"a\""), "{e}");
+        }
     }
 
     #[test]

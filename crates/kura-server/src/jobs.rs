@@ -13,7 +13,7 @@ use kura_ops::forget::{ForgetOptions, plan_store};
 use kura_ops::policy::Resolved;
 use kura_repo::Id;
 use kura_repo::trash::TrashRecord;
-use kura_store::{Kind, LocalStore, Store, StoreError};
+use kura_store::{Kind, Store, StoreError};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -133,10 +133,10 @@ pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
         // Also on demand when none is scheduled: an admin frees space after deleting snapshots.
         "prune" => prune(hosted),
         "verify" => match hosted.jobs.verify {
-            Some((_, n)) => verify(&hosted.store, n, hosted.jobs.verify_round.fetch_add(1, Ordering::Relaxed)),
+            Some((_, n)) => verify(hosted.store.as_ref(), n, hosted.jobs.verify_round.fetch_add(1, Ordering::Relaxed)),
             None => Err("no verification is configured for this repository".into()),
         },
-        _ => expire(&hosted.store, hosted.jobs.undelete_window),
+        _ => expire(hosted.store.as_ref(), hosted.jobs.undelete_window),
     };
     let next = hosted.jobs.schedule(job).and_then(|s| s.next_after(&Timestamp::now().to_zoned_datetime(hosted.jobs.zone.clone())));
     if let Ok(mut all) = hosted.jobs.status.lock() {
@@ -218,7 +218,7 @@ fn prune(hosted: &Hosted) -> Result<String, String> {
 
 /// Empties the trash of snapshots deleted longer than the undelete window ago, and drops
 /// receipts of snapshots that are gone for good.
-fn expire(store: &LocalStore, window: Duration) -> Result<String, String> {
+fn expire(store: &dyn Store, window: Duration) -> Result<String, String> {
     let now = Timestamp::now();
     let window = jiff::SignedDuration::try_from(window).unwrap_or(jiff::SignedDuration::MAX);
     let mut expired = 0;
@@ -276,7 +276,7 @@ fn expire(store: &LocalStore, window: Duration) -> Result<String, String> {
 
 /// Reads objects and checks each against its name (the BLAKE3 of its bytes): every key, index
 /// file, snapshot, plan and lineage record, and the `round`-th of `n` slices of the packs.
-fn verify(store: &LocalStore, n: u64, round: u64) -> Result<String, String> {
+fn verify(store: &dyn Store, n: u64, round: u64) -> Result<String, String> {
     let slice = round % n;
     let (mut objects, mut bytes) = (0u64, 0u64);
     let mut damaged = Vec::new();

@@ -23,7 +23,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use futures_util::FutureExt;
-use kura_store::LocalStore;
+use kura_store::{LocalStore, S3Options, S3Store};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,8 +131,11 @@ fn host_repos(cfg: &ServerConfig) -> Result<Vec<api::Hosted>, ServerError> {
     cfg.repositories
         .iter()
         .map(|r| {
-            let path = cfg.repo_path(r);
-            let store = LocalStore::create(&path).map_err(|source| ServerError::Repo { name: r.name.clone(), source })?;
+            let err = |source| ServerError::Repo { name: r.name.clone(), source };
+            let store = match &r.storage {
+                Some(url) => api::Storage::Other(Arc::new(S3Store::attach(url, &S3Options::from_env()).map_err(err)?)),
+                None => api::Storage::Local(Arc::new(LocalStore::create(&cfg.repo_path(r)).map_err(err)?)),
+            };
             let owners = cfg.state_dir.join(format!("session-owners-{}.json", r.name));
             Ok(api::Hosted::new(r.name.clone(), store, jobs::RepoJobs::new(r)?, owners))
         })

@@ -3,6 +3,7 @@
 //! repositories the token opens, computed at each scrape.
 
 use crate::api::Hosted;
+use kura_store::Kind;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -54,13 +55,16 @@ impl Metrics {
         let now = std::time::SystemTime::now();
         for (name, h) in repos {
             let repo = vec![("repository".to_string(), name.clone())];
-            let root = h.store.root();
-            let (count, newest) = dir_stats(&root.join("snapshots"));
-            snapshots.get_or_create(&repo).set(count as i64);
-            if let Some(t) = newest {
-                newest_age.get_or_create(&repo).set(now.duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+            // A store that cannot be listed now leaves its gauges out, which alerting sees.
+            if let Ok(listed) = h.store.list(Kind::Snapshot) {
+                snapshots.get_or_create(&repo).set(listed.len() as i64);
+                if let Some(t) = listed.iter().filter_map(|l| l.modified).max() {
+                    newest_age.get_or_create(&repo).set(now.duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+                }
             }
-            trash.get_or_create(&repo).set(dir_stats(&root.join("trash")).0 as i64);
+            if let Ok(listed) = h.store.list(Kind::Trash) {
+                trash.get_or_create(&repo).set(listed.len() as i64);
+            }
             if let Ok(jobs) = h.jobs.status.lock() {
                 for (job, st) in jobs.iter() {
                     let l = vec![("repository".to_string(), name.clone()), ("job".to_string(), job.to_string())];
@@ -87,21 +91,4 @@ impl Metrics {
         let _ = encode(&mut out, &reg);
         out
     }
-}
-
-/// Number of objects in a directory and the newest modification time among them.
-fn dir_stats(dir: &std::path::Path) -> (usize, Option<std::time::SystemTime>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return (0, None) };
-    let mut n = 0;
-    let mut newest = None;
-    for e in rd.flatten() {
-        if e.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        n += 1;
-        if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-            newest = newest.max(Some(t));
-        }
-    }
-    (n, newest)
 }

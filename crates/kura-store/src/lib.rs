@@ -283,6 +283,8 @@ pub struct Listed {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
+    /// When the object was written, where the store says (health metrics use it).
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// A storage backend. All methods are blocking and safe to call from several threads.
@@ -305,6 +307,12 @@ pub trait Store: Send + Sync {
 
     /// Lists the objects of a kind (any order). In-progress writes are never listed.
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError>;
+
+    /// The size of one object, [`StoreError::NotFound`] when it does not exist. Stores that can
+    /// ask without reading the object (a file's metadata, an S3 HEAD) override this.
+    fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError> {
+        self.get(kind, name).map(|d| d.len() as u64)
+    }
 
     /// Starts an object whose name is known only once all its bytes are written (a pack is
     /// named by the hash of its bytes). Nothing is visible until [`Staged::commit`]; dropping the

@@ -188,11 +188,21 @@ impl Store for LocalStore {
         }
     }
 
+    fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError> {
+        let path = self.object_path(kind, name)?;
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(m.len()),
+            Ok(_) => Err(StoreError::NotFound(ObjectName::new(kind, name))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(StoreError::NotFound(ObjectName::new(kind, name))),
+            Err(e) => Err(io(Verb::Read, path.display(), e)),
+        }
+    }
+
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
         let dirs: Vec<PathBuf> = match kind {
             Kind::Config => {
                 return Ok(fs::metadata(self.root.join("config"))
-                    .map(|m| vec![Listed { name: "config".into(), size: m.len() }])
+                    .map(|m| vec![Listed { name: "config".into(), size: m.len(), modified: m.modified().ok() }])
                     .unwrap_or_default());
             }
             Kind::Pack => {
@@ -224,12 +234,12 @@ impl Store for LocalStore {
                 }
                 // An object deleted between readdir and stat (a session ending, a prune
                 // sweeping) simply is not there any more.
-                let size = match entry.metadata() {
-                    Ok(m) => m.len(),
+                let (size, modified) = match entry.metadata() {
+                    Ok(m) => (m.len(), m.modified().ok()),
                     Err(e) if e.kind() == ErrorKind::NotFound => continue,
                     Err(e) => return Err(io(Verb::List, dir.display(), e)),
                 };
-                out.push(Listed { name, size });
+                out.push(Listed { name, size, modified });
             }
         }
         Ok(out)

@@ -453,7 +453,7 @@ impl Store for RemoteStore {
             status: 200,
             message: format!("unreadable listing: {e}"),
         })?;
-        Ok(entries.into_iter().map(|e| Listed { name: e.name, size: e.size }).collect())
+        Ok(entries.into_iter().map(|e| Listed { name: e.name, size: e.size, modified: None }).collect())
     }
 
     fn stage(&self, kind: Kind) -> Result<Box<dyn Staged>, StoreError> {

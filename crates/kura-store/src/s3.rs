@@ -216,6 +216,12 @@ impl S3Store {
         }
     }
 
+    /// Connects whether or not the prefix holds a repository yet (`kura serve` hosting one,
+    /// which its first client initialises).
+    pub fn attach(location: &str, opts: &S3Options) -> Result<S3Store, StoreError> {
+        Self::connect(location, opts)
+    }
+
     /// Prepares a new repository; refuses a prefix that already holds one.
     pub fn create(location: &str, opts: &S3Options) -> Result<S3Store, StoreError> {
         let s = Self::connect(location, opts)?;
@@ -377,7 +383,7 @@ impl Inner {
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
         if kind == Kind::Config {
             return match self.head("config") {
-                Ok(m) => Ok(vec![Listed { name: "config".into(), size: m.content_length() }]),
+                Ok(m) => Ok(vec![Listed { name: "config".into(), size: m.content_length(), modified: m.last_modified().map(Into::into) }]),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
                 Err(e) => Err(self.err(Verb::List, &format!("{}/config", self.display), e)),
             };
@@ -397,7 +403,11 @@ impl Inner {
             .into_iter()
             .filter(|e| e.metadata().is_file())
             .filter(|e| check_name(e.name()).is_ok())
-            .map(|e| Listed { name: e.name().to_string(), size: e.metadata().content_length() })
+            .map(|e| Listed {
+                name: e.name().to_string(),
+                size: e.metadata().content_length(),
+                modified: e.metadata().last_modified().map(Into::into),
+            })
             .collect())
     }
 
@@ -435,6 +445,10 @@ impl Store for S3Store {
     }
     fn list(&self, kind: Kind) -> Result<Vec<Listed>, StoreError> {
         self.0.list(kind)
+    }
+    fn size(&self, kind: Kind, name: &str) -> Result<u64, StoreError> {
+        let path = Inner::path(kind, name)?;
+        self.0.head(&path).map(|m| m.content_length()).map_err(|e| self.0.obj_err(Verb::Read, kind, name, e))
     }
     fn stage(&self, kind: Kind) -> Result<Box<dyn Staged>, StoreError> {
         // One PUT (or multipart upload) at commit.

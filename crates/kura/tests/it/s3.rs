@@ -73,16 +73,20 @@ impl S3 {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The AWS environment that reaches this server with `secret`.
+    fn aws_env(&self, secret: &str) -> Vec<(String, String)> {
+        [("AWS_ACCESS_KEY_ID", ACCESS), ("AWS_SECRET_ACCESS_KEY", secret), ("AWS_ENDPOINT_URL", &self.endpoint()), ("AWS_REGION", "us-east-1"), ("KURA_RETRIES", "2")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     fn kura_at(&self, repo: &str, secret: &str, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.arg("-r").arg(repo).args(args);
         c.env("KURA_PASSWORD", "test-pass")
             .env("HOME", self.dir.path())
-            .env("AWS_ACCESS_KEY_ID", ACCESS)
-            .env("AWS_SECRET_ACCESS_KEY", secret)
-            .env("AWS_ENDPOINT_URL", self.endpoint())
-            .env("AWS_REGION", "us-east-1")
-            .env("KURA_RETRIES", "2")
+            .envs(self.aws_env(secret))
             .env_remove("KURA_REPOSITORY")
             .env_remove("KURA_PASSWORD_FILE")
             .env_remove("AWS_SESSION_TOKEN");
@@ -242,4 +246,56 @@ fn an_object_deleted_behind_kuras_back_is_named_by_check() {
     let name = packs[0].file_name().unwrap().to_str().unwrap();
     assert!(out.contains(&name[..8]) && out.contains("missing"), "{out}");
     assert!(out.contains(&id[..8]) && out.contains("big.bin"), "{out}");
+}
+
+#[test]
+fn kura_serve_hosts_a_repository_whose_storage_is_a_bucket() {
+    let s = S3::start();
+    let srv = crate::server::Server::start_with_env(&format!("storage = \"s3://{BUCKET}/hosted\"\nundelete_window = \"0s\"\n[repository.verify]\nschedule = \"weekly sun 04:00\"\nsubset = \"all\""), s.aws_env(SECRET));
+    srv.ok(&srv.admin, &["init"]);
+    assert!(s.bucket_dir().join("hosted/config").is_file(), "the server wrote the repository into the bucket");
+    let src = source(s.dir.path(), 5);
+    srv.ok(&srv.backup, &["backup", src.to_str().unwrap()]);
+    std::fs::write(src.join("sub").join("new"), bytes(5000, 3)).unwrap();
+    srv.ok(&srv.backup, &["backup", src.to_str().unwrap()]);
+    // Whole packs larger than a read piece come back streamed from the bucket.
+    let target = s.dir.path().join("restore");
+    srv.ok(&srv.read, &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target, &src));
+    srv.ok(&srv.admin, &["check", "--read-data"]);
+    let pack = files_under(&s.bucket_dir().join("hosted/data")).into_iter().max_by_key(|p| p.metadata().unwrap().len()).unwrap();
+    let name = pack.file_name().unwrap().to_str().unwrap().to_string();
+    let got = srv.http().get(srv.obj_url("data", &name)).bearer_auth(&srv.read).send().unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().unwrap().as_ref(), std::fs::read(&pack).unwrap().as_slice());
+
+    // The backup token still cannot delete, whatever the storage.
+    let r = srv.http().delete(srv.obj_url("data", &name)).bearer_auth(&srv.backup).send().unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(pack.is_file());
+
+    // The server's own jobs run on the bucket: verification, the keyless prune after a forget.
+    let job = |name: &str| srv.http().post(format!("https://{}/v1/office/jobs/{name}", srv.addr)).bearer_auth(&srv.admin).send().unwrap();
+    let v = job("verify");
+    assert!(v.status().is_success(), "{}", v.text().unwrap());
+    std::fs::write(src.join("big.bin"), bytes(20 << 20, 8)).unwrap();
+    srv.ok(&srv.backup, &["backup", src.to_str().unwrap()]);
+    let packs = |s: &S3| -> u64 { files_under(&s.bucket_dir().join("hosted/data")).iter().map(|p| p.metadata().unwrap().len()).sum() };
+    // The big file replaced: its first version is only in the forgotten snapshots.
+    std::fs::write(src.join("big.bin"), bytes(20 << 20, 9)).unwrap();
+    srv.ok(&srv.backup, &["backup", src.to_str().unwrap()]);
+    srv.ok(&srv.admin, &["forget", "--keep-last", "1"]);
+    let e = job("expire").text().unwrap();
+    assert!(e.contains("expired 3"), "{e}");
+    let before = packs(&s);
+    let p = job("prune");
+    assert!(p.status().is_success(), "{}", p.text().unwrap());
+    assert!(packs(&s) <= before - (20 << 20), "the keyless prune freed less than the replaced file: {before} -> {}", packs(&s));
+    let m = srv.http().get(format!("https://{}/metrics", srv.addr)).bearer_auth(&srv.read).send().unwrap().text().unwrap();
+    assert!(m.contains("kura_repository_snapshots{repository=\"office\"} 1"), "{m}");
+    assert!(m.contains("kura_repository_newest_snapshot_age_seconds{repository=\"office\"}"), "{m}");
+    srv.ok(&srv.admin, &["check", "--read-data"]);
+    let target2 = s.dir.path().join("restore2");
+    srv.ok(&srv.read, &["restore", "latest", "--target", target2.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target2, &src));
 }

@@ -19,6 +19,8 @@ pub struct Server {
     pub admin: String,
     pub backup: String,
     pub read: String,
+    /// Environment of the server process (S3 credentials).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -36,6 +38,11 @@ fn token(config: &Path, role: &str) -> String {
 impl Server {
     /// Starts a server; `extra` is appended to its configuration (a `[limits]` table).
     pub fn start(extra: &str) -> Server {
+        Self::start_with_env(extra, Vec::new())
+    }
+
+    /// Starts a server whose process also gets `env`.
+    pub fn start_with_env(extra: &str, env: Vec<(String, String)>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("server.toml");
         let mut s = Server {
@@ -46,6 +53,7 @@ impl Server {
             admin: String::new(),
             backup: String::new(),
             read: String::new(),
+            env,
             child: None,
             dir,
         };
@@ -72,6 +80,7 @@ impl Server {
         let mut child = Command::new(BIN)
             .args(["serve", "-c"])
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
