@@ -264,8 +264,9 @@ fn decision(id: &Id, p: &kura_repo::SnapshotPublic, reasons: Vec<Reason>, receiv
 }
 
 /// Deletes the snapshots the plans remove. Protections are read again first, so a snapshot
-/// protected since the plan was made survives. Returns the ids deleted.
-pub fn remove(repo: &Repository, plans: &[GroupPlan]) -> Result<Vec<String>, OpsError> {
+/// protected since the plan was made survives; so does one the store keeps locked (S3 Object
+/// Lock), listed in `locked`. Returns the ids deleted.
+pub fn remove(repo: &Repository, plans: &[GroupPlan], locked: &mut Vec<crate::prune::Locked>) -> Result<Vec<String>, OpsError> {
     let protected = repo.protections()?;
     let mut gone = Vec::new();
     for d in plans.iter().flat_map(|g| &g.snapshots).filter(|d| !d.keep) {
@@ -274,7 +275,7 @@ pub fn remove(repo: &Repository, plans: &[GroupPlan]) -> Result<Vec<String>, Ops
         }
         match repo.store().delete(Kind::Snapshot, &d.id) {
             Ok(()) | Err(StoreError::NotFound(_)) => gone.push(d.id.clone()),
-            Err(e) => return Err(e.into()),
+            Err(e) => locked.push(crate::prune::Locked::from_error(&e).ok_or(e)?),
         }
     }
     Ok(gone)

@@ -41,6 +41,10 @@ pub struct KeylessReport {
     pub plans_deferred: Vec<Deferred>,
     /// Dead sessions whose objects were removed.
     pub sessions_cleaned: usize,
+    /// Unused packs an S3 Object Lock keeps: left alone, for a run after their date.
+    pub locked: Vec<crate::prune::Locked>,
+    /// Object Lock upkeep, on a store that locks objects.
+    pub lock: Option<kura_store::LockUpkeep>,
     /// Temporary files of writes killed a day or more ago, removed.
     pub temporaries_removed: u64,
     /// Set when an admin prune's plan (sealed with the key) is pending: nothing was done.
@@ -79,6 +83,13 @@ fn public_lists(store: &dyn Store, skip: &dyn Fn(&Id) -> bool, report: &mut Keyl
 
 /// Runs a keyless prune as session `me` (registered by the caller, command `prune`).
 pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
+    let mut report = prune_unlocked(store, me)?;
+    report.lock = crate::lock::upkeep(store)?;
+    Ok(report)
+}
+
+/// The prune itself; [`prune`] adds the Object Lock upkeep.
+fn prune_unlocked(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
     ensure_alone_in(store, Some(me), "prune")?;
     let mut report = KeylessReport { sessions_cleaned: reap_sessions(store)?, ..Default::default() };
     (report.temporaries_removed, _) = store.remove_stale_temporaries(std::time::Duration::from_secs(86_400))?;
@@ -230,7 +241,7 @@ fn sweep(store: &dyn Store, me: &str, plan_id: &Id, plan: &PrunePlan, edges: &Id
                 report.bytes_freed += size;
             }
             Err(StoreError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => report.locked.push(crate::prune::Locked::from_error(&e).ok_or(e)?),
         }
     }
     report.plans_swept += 1;

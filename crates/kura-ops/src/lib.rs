@@ -10,6 +10,7 @@ pub mod forget;
 pub mod error;
 pub mod fsmeta;
 pub mod keyless;
+pub mod lock;
 pub mod policy;
 pub mod progress;
 pub mod prune;

@@ -115,8 +115,31 @@ pub struct PruneReport {
     pub packs_resurrected: usize,
     /// Dead sessions whose objects were removed.
     pub sessions_cleaned: usize,
+    /// Unused objects an S3 Object Lock keeps: left alone, for a run after their date.
+    pub locked: Vec<Locked>,
+    /// Object Lock upkeep, on a store that locks objects.
+    pub lock: Option<kura_store::LockUpkeep>,
     /// True for --dry-run.
     pub dry_run: bool,
+}
+
+/// An object a prune left because the store keeps it locked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Locked {
+    /// The object (`data/ab/abcd...`).
+    pub object: String,
+    /// When its retention ends (UTC).
+    pub until: String,
+}
+
+impl Locked {
+    /// The record of a [`StoreError::Locked`], `None` for any other error.
+    pub fn from_error(e: &StoreError) -> Option<Locked> {
+        match e {
+            StoreError::Locked { name, until } => Some(Locked { object: name.to_string(), until: kura_store::fmt_time(*until) }),
+            _ => None,
+        }
+    }
 }
 
 /// A plan that could not be swept yet.
@@ -234,6 +257,15 @@ pub(crate) fn stored_snapshots(store: &dyn Store, skip: &dyn Fn(&Id) -> bool) ->
 
 /// Runs prune. The caller opened the repository and started a session; prune loads the index.
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport, OpsError> {
+    let mut report = prune_unlocked(repo, opts, progress)?;
+    if !opts.dry_run {
+        report.lock = crate::lock::upkeep(repo.store().as_ref())?;
+    }
+    Ok(report)
+}
+
+/// The prune itself; [`prune`] adds the Object Lock upkeep.
+fn prune_unlocked(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport, OpsError> {
     if repo.session_id().is_none() && !opts.dry_run {
         return Err(OpsError::Invalid("prune needs a session (Repository::start_session)".into()));
     }
@@ -736,7 +768,8 @@ fn sweep(
             Ok(()) | Err(StoreError::NotFound(_)) => {
                 deleted.insert(*p);
             }
-            Err(e) => return Err(e.into()),
+            // Still locked: it stays, unindexed; a prune after its date deletes it.
+            Err(e) => report.locked.push(Locked::from_error(&e).ok_or(e)?),
         }
     }
     let obsolete: HashSet<Id> = plan.obsolete_indexes.iter().copied().collect();

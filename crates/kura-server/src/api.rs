@@ -43,6 +43,11 @@ impl From<StoreError> for ApiError {
             StoreError::Exists(_) => StatusCode::CONFLICT,
             StoreError::InvalidName(_) => StatusCode::BAD_REQUEST,
             StoreError::Short { len, .. } => return err(StatusCode::RANGE_NOT_SATISFIABLE, len.to_string()),
+            // The time in a form the client reads back (FORMAT.md §14).
+            StoreError::Locked { until, .. } => {
+                let secs = until.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                return err(StatusCode::LOCKED, format!("{e} (unix {secs})"));
+            }
             e if e.is_full() => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -686,7 +691,14 @@ pub fn trash_snapshot(h: &Hosted, name: &str, by: &str) -> Result<(), StoreError
         }
         Err(e) => return Err(e),
     }
-    h.store.delete(Kind::Snapshot, name)
+    match h.store.delete(Kind::Snapshot, name) {
+        // Locked in the bucket: it stays live, so the trash must not hold it too.
+        Err(e @ StoreError::Locked { .. }) => {
+            let _ = h.store.delete(Kind::Trash, name);
+            Err(e)
+        }
+        r => r,
+    }
 }
 
 /// `DELETE /v1/<repo>/<kind>/<name>`: admin tokens; other tokens only their own sessions.

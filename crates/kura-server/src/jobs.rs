@@ -176,7 +176,7 @@ fn retention(hosted: &Hosted, policy: &Resolved) -> Result<String, String> {
     }
     // Protection marks are read again: one set since the plan was made still counts.
     let protected: HashSet<String> = store.list(Kind::Protection).map_err(store_err)?.into_iter().map(|l| l.name).collect();
-    let (mut kept, mut trashed) = (0, 0);
+    let (mut kept, mut trashed, mut locked) = (0, 0, 0);
     for d in plans.iter().flat_map(|g| &g.snapshots) {
         if d.keep || protected.contains(&d.id) {
             kept += 1;
@@ -184,10 +184,13 @@ fn retention(hosted: &Hosted, policy: &Resolved) -> Result<String, String> {
         }
         match trash_snapshot(hosted, &d.id, "retention") {
             Ok(()) | Err(StoreError::NotFound(_)) => trashed += 1,
+            // Its lock has not ended; a later run moves it.
+            Err(StoreError::Locked { .. }) => locked += 1,
             Err(e) => return Err(format!("moving snapshot {} to the trash: {e}", &d.id[..8])),
         }
     }
-    Ok(format!("kept {kept} snapshot(s), moved {trashed} to the trash ({} unreadable left alone)", warnings.len()))
+    let locked = if locked > 0 { format!("; {locked} locked by Object Lock stay until their date") } else { String::new() };
+    Ok(format!("kept {kept} snapshot(s), moved {trashed} to the trash ({} unreadable left alone){locked}", warnings.len()))
 }
 
 /// Deletes packs no snapshot or trashed snapshot uses, as a session of its own (so an admin's
@@ -212,6 +215,10 @@ fn prune(hosted: &Hosted) -> Result<String, String> {
     }
     for d in &r.plans_deferred {
         msg.push_str(&format!("; plan {} waits for {}", &d.plan[..8], d.waiting_for.join(", ")));
+    }
+    for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref()) {
+        msg.push_str("; ");
+        msg.push_str(&line);
     }
     Ok(msg)
 }

@@ -19,6 +19,7 @@ mod blocks;
 mod local;
 pub mod remote;
 pub mod s3;
+pub mod s3lock;
 
 pub use local::LocalStore;
 pub use remote::{RemoteOptions, RemoteStore};
@@ -230,6 +231,14 @@ pub enum StoreError {
         /// The store's answer.
         detail: String,
     },
+    /// The object is under an S3 Object Lock retention: nobody may delete it before `until`.
+    #[error("object {name} is locked until {}", fmt_time(*until))]
+    Locked {
+        /// The object.
+        name: ObjectName,
+        /// When its retention ends.
+        until: std::time::SystemTime,
+    },
     /// The server could not be reached or the connection broke, after retries.
     #[error("cannot {verb} {target}: {detail}")]
     Network {
@@ -274,6 +283,24 @@ impl StoreError {
             || matches!(self, StoreError::Network { .. })
             || matches!(self, StoreError::Server { status, .. } if *status >= 500 && *status != 507)
     }
+}
+
+/// A time for messages, in UTC to the second.
+pub fn fmt_time(t: std::time::SystemTime) -> String {
+    jiff::Timestamp::try_from(t).map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_else(|_| format!("{t:?}"))
+}
+
+/// What a store's Object Lock upkeep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LockUpkeep {
+    /// Objects whose retention was extended.
+    pub extended: u64,
+    /// Old versions (of deleted or replaced objects) deleted once their retention ended.
+    pub versions_deleted: u64,
+    /// Their bytes.
+    pub version_bytes: u64,
+    /// Old versions still locked, left for a later run.
+    pub versions_locked: u64,
 }
 
 /// A listed object: its name and stored size in bytes.
@@ -340,6 +367,26 @@ pub trait Store: Send + Sync {
     /// than they have cores.
     fn is_remote(&self) -> bool {
         false
+    }
+
+    /// The retention a store with S3 Object Lock gives every new object (the bucket's default),
+    /// `None` when it locks nothing. Deleting a locked object fails with
+    /// [`StoreError::Locked`] and changes nothing.
+    fn lock_period(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Makes sure each named object stays locked at least until its time (extends shorter
+    /// retentions; never shortens one). Returns how many were extended.
+    fn keep_locked(&self, kind: Kind, until: &[(String, std::time::SystemTime)]) -> Result<u64, StoreError> {
+        let _ = (kind, until);
+        Ok(0)
+    }
+
+    /// Deletes old versions of objects (left by deletes and replacements on a locked bucket)
+    /// whose retention has ended; those still locked stay.
+    fn purge_versions(&self) -> Result<LockUpkeep, StoreError> {
+        Ok(LockUpkeep::default())
     }
 
     /// Removes temporary files of writes that a killed process left, if older than `age`

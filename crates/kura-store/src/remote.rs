@@ -346,6 +346,10 @@ impl RemoteStore {
         match self.send(verb, &obj.to_string(), make) {
             Err(StoreError::Server { status: 404, .. }) => Err(StoreError::NotFound(obj)),
             Err(StoreError::Server { status: 409, .. }) => Err(StoreError::Exists(obj)),
+            Err(StoreError::Server { status: 423, message, .. }) => {
+                let secs = message.rsplit("(unix ").next().and_then(|t| t.trim_end_matches(')').parse::<u64>().ok()).unwrap_or(0);
+                Err(StoreError::Locked { name: obj, until: std::time::UNIX_EPOCH + Duration::from_secs(secs) })
+            }
             other => other,
         }
     }
@@ -391,6 +395,7 @@ fn copy_error(e: &StoreError) -> StoreError {
         }
         StoreError::Network { verb, target, detail } => StoreError::Network { verb: *verb, target: target.clone(), detail: detail.clone() },
         StoreError::Backend { verb, target, detail } => StoreError::Backend { verb: *verb, target: target.clone(), detail: detail.clone() },
+        StoreError::Locked { name, until } => StoreError::Locked { name: name.clone(), until: *until },
         StoreError::Io { verb, target, source } => {
             StoreError::Io { verb: *verb, target: target.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
         }

@@ -8,6 +8,7 @@
 //! makes it.
 
 use crate::blocks::{Blocks, FetchBlock};
+use crate::s3lock::{BucketFeatures, Raw, Retention};
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
 use opendal::{ErrorKind, Operator};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +107,9 @@ pub struct S3Store(std::sync::Arc<Inner>, std::sync::Arc<Blocks>);
 struct Inner {
     rt: tokio::runtime::Runtime,
     op: Operator,
+    /// Signed requests for what OpenDAL lacks (Object Lock).
+    raw: Raw,
+    features: BucketFeatures,
     display: String,
     stats: Stats,
 }
@@ -164,46 +168,67 @@ impl S3Store {
         // calls are idempotent.
         crate::remote::install_crypto_provider();
         opendal::install_default();
-        let mut b = opendal::services::S3::default()
-            .bucket(bucket)
-            .root(&format!("/{prefix}"))
-            .region(&opts.region)
-            .access_key_id(&opts.access_key_id)
-            .secret_access_key(&opts.secret_access_key)
-            // Never wander off to instance metadata or ~/.aws for other credentials.
-            .disable_config_load()
-            .disable_ec2_metadata();
-        if !opts.endpoint.is_empty() {
-            b = b.endpoint(&opts.endpoint);
-        }
-        if let Some(t) = &opts.session_token {
-            b = b.session_token(t);
-        }
-        if opts.virtual_host {
-            b = b.enable_virtual_host_style();
-        }
-        let op = Operator::new(b)
-            .map_err(|e| StoreError::BadLocation(format!("{location}: {e}")))?
-            .layer(opendal::layers::TimeoutLayer::new().with_timeout(opts.timeout).with_io_timeout(Duration::from_secs(30)))
-            .layer(opendal::layers::RetryLayer::new().with_max_times(opts.retries).with_jitter());
+        // OpenDAL's S3 service lists and deletes versions when asked (Object Lock upkeep).
+        let build = |checksum: &str| {
+            let mut b = opendal::services::S3::default()
+                .bucket(bucket)
+                .root(&format!("/{prefix}"))
+                .region(&opts.region)
+                .access_key_id(&opts.access_key_id)
+                .secret_access_key(&opts.secret_access_key)
+                // Never wander off to instance metadata or ~/.aws for other credentials.
+                .disable_config_load()
+                .disable_ec2_metadata()
+                // The server checks each upload's bytes (a body damaged on the way is refused).
+                // Buckets with Object Lock take no upload without one, and some servers know
+                // only Content-MD5 then.
+                .checksum_algorithm(checksum);
+            if !opts.endpoint.is_empty() {
+                b = b.endpoint(&opts.endpoint);
+            }
+            if let Some(t) = &opts.session_token {
+                b = b.session_token(t);
+            }
+            if opts.virtual_host {
+                b = b.enable_virtual_host_style();
+            }
+            Ok::<_, StoreError>(
+                Operator::new(b)
+                    .map_err(|e| StoreError::BadLocation(format!("{location}: {e}")))?
+                    .layer(opendal::layers::TimeoutLayer::new().with_timeout(opts.timeout).with_io_timeout(Duration::from_secs(30)))
+                    .layer(opendal::layers::RetryLayer::new().with_max_times(opts.retries).with_jitter()),
+            )
+        };
+        let raw = Raw::new(opts, bucket, prefix)
+            .map_err(|e| StoreError::BadLocation(format!("{location}: {e}")))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kura-s3")
             .enable_all()
             .build()
             .map_err(|e| StoreError::Io { verb: Verb::Open, target: location.into(), source: e })?;
-        let s = Inner { rt, op, display: location.trim_end_matches('/').to_string(), stats: Stats::default() };
+        let display = location.trim_end_matches('/').to_string();
+        let mut s = Inner { rt, op: build("crc32c")?, raw, features: BucketFeatures::default(), display, stats: Stats::default() };
         // One listing: a missing bucket, wrong credentials or an unreachable server show here,
         // before any work.
         let probe = s.rt.block_on(async { s.op.list_with("/").limit(1).await });
         match probe {
-            Ok(_) => Ok(S3Store(std::sync::Arc::new(s), std::sync::Arc::new(Blocks::new(S3_BLOCK)))),
+            Ok(_) => {}
             // Servers differ in how they say it; the S3 error code is the same everywhere.
             Err(e) if e.kind() == ErrorKind::NotFound || e.to_string().contains("NoSuchBucket") => {
-                Err(StoreError::NoStore(format!("{} (bucket {bucket:?} does not exist)", s.display)))
+                return Err(StoreError::NoStore(format!("{} (bucket {bucket:?} does not exist)", s.display)));
             }
-            Err(e) => Err(s.err(Verb::Open, &s.display.clone(), e)),
+            Err(e) => return Err(s.err(Verb::Open, &s.display.clone(), e)),
         }
+        // Object Lock decides how deletes work, so it is asked every time, not remembered.
+        s.features = s
+            .rt
+            .block_on(s.raw.features())
+            .map_err(|detail| StoreError::Network { verb: Verb::Open, target: format!("{} (bucket settings)", s.display), detail })?;
+        if s.features.lock.is_some() || s.features.lock_without_default {
+            s.op = build("md5")?;
+        }
+        Ok(S3Store(std::sync::Arc::new(s), std::sync::Arc::new(Blocks::new(S3_BLOCK))))
     }
 
     /// Opens an existing repository.
@@ -214,6 +239,11 @@ impl S3Store {
             Err(e) if e.kind() == ErrorKind::NotFound => Err(StoreError::NoStore(s.0.display.clone())),
             Err(e) => Err(s.0.err(Verb::Open, &s.0.display.clone(), e)),
         }
+    }
+
+    /// The bucket's versioning and Object Lock settings, as it answered at open.
+    pub fn features(&self) -> &BucketFeatures {
+        &self.0.features
     }
 
     /// Connects whether or not the prefix holds a repository yet (`kura serve` hosting one,
@@ -233,8 +263,10 @@ impl S3Store {
     }
 
     /// Finds out whether the server honours `If-None-Match: *` (some accept it and overwrite
-    /// anyway), by creating one probe object twice, and records the answer in `store.json`
-    /// beside the repository (informational: kura never relies on it). Returns the answer.
+    /// anyway), by creating one probe object twice, and records the answer with the bucket's
+    /// versioning and Object Lock settings in `store.json` beside the repository
+    /// (informational: kura never relies on the first, and asks for the others at each open).
+    /// Returns the answer.
     pub fn probe(&self) -> Result<bool, StoreError> {
         let inner = &self.0;
         let mut raw = [0u8; 8];
@@ -248,10 +280,15 @@ impl S3Store {
             Err(e) => return Err(inner.err(Verb::Write, &format!("{}/{probe}", inner.display), e)),
         };
         let _ = inner.rt.block_on(inner.op.delete(&probe));
-        let record = format!(
-            "{{\"version\":1,\"probed\":\"{}\",\"conditional_create\":{honoured}}}",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-        );
+        let f = &inner.features;
+        let record = serde_json::json!({
+            "version": 1,
+            "probed": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "conditional_create": honoured,
+            "versioning": f.versioning,
+            "object_lock": f.lock.map(|l| serde_json::json!({"mode": l.mode.as_str(), "days": l.period.as_secs() / 86_400})),
+        })
+        .to_string();
         inner
             .rt
             .block_on(async { inner.op.write("store.json", record.into_bytes()).await.map(|_| ()) })
@@ -421,12 +458,143 @@ impl Inner {
 
     fn delete(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
         let path = Self::path(kind, name)?;
+        if self.features.lock.is_some() && guarded(kind) {
+            let obj = ObjectName::new(kind, name);
+            Stats::add(&self.stats.head, 1);
+            if let Some(r) = self.rt.block_on(self.raw.retention(&path, &obj))?
+                && r.until > std::time::SystemTime::now()
+            {
+                return Err(StoreError::Locked { name: obj, until: r.until });
+            }
+            // Its lock has ended: every version goes, so the bytes are really freed (a plain
+            // delete would only hide them behind a delete marker).
+            return self.delete_versions(kind, name, &path);
+        }
         // S3 answers a delete of a missing key with success; the contract says NotFound.
         self.head(&path).map_err(|e| self.obj_err(Verb::Delete, kind, name, e))?;
         Stats::add(&self.stats.delete, 1);
         self.rt.block_on(self.op.delete(&path)).map_err(|e| self.obj_err(Verb::Delete, kind, name, e))
     }
 
+}
+
+/// Kinds without which a generation cannot be restored (its snapshot, its packs, the key files
+/// and config that decrypt them): on a locked bucket they are deleted only once their retention
+/// has ended. The others (index files, which a repair rebuilds from packs, and bookkeeping:
+/// sessions, plans, lineage, trash records, receipts, protection marks) are hidden by a delete
+/// marker at once; their old versions go once unlocked.
+fn guarded(kind: Kind) -> bool {
+    matches!(kind, Kind::Pack | Kind::Snapshot | Kind::Key | Kind::Config)
+}
+
+impl Inner {
+    /// Deletes every version of one object for good.
+    fn delete_versions(&self, kind: Kind, name: &str, path: &str) -> Result<(), StoreError> {
+        Stats::add(&self.stats.list, 1);
+        let versions = self
+            .rt
+            .block_on(async { self.op.list_with(path).versions(true).deleted(true).await })
+            .map_err(|e| self.obj_err(Verb::Delete, kind, name, e))?;
+        let versions: Vec<String> = versions.iter().filter(|e| e.path() == path).filter_map(|e| e.metadata().version().map(str::to_string)).collect();
+        if versions.is_empty() {
+            return Err(StoreError::NotFound(ObjectName::new(kind, name)));
+        }
+        for v in versions {
+            Stats::add(&self.stats.delete, 1);
+            match self.rt.block_on(async { self.op.delete_with(path).version(&v).await }) {
+                Ok(()) => {}
+                // A version locked longer than the current one (kura extended it, or the
+                // retention was set by hand): the store has the last word.
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                    return Err(StoreError::Locked { name: ObjectName::new(kind, name), until: std::time::SystemTime::now() });
+                }
+                Err(e) => return Err(self.obj_err(Verb::Delete, kind, name, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_locked(&self, kind: Kind, until: &[(String, std::time::SystemTime)]) -> Result<u64, StoreError> {
+        let Some(default) = self.features.lock else { return Ok(0) };
+        use futures_util::StreamExt;
+        let one = |name: String, want: std::time::SystemTime| async move {
+            let path = Self::path(kind, &name)?;
+            let obj = ObjectName::new(kind, &name);
+            Stats::add(&self.stats.head, 1);
+            let now = self.raw.retention(&path, &obj).await?;
+            if now.is_some_and(|r| r.until >= want) {
+                return Ok(0);
+            }
+            let mode = now.map_or(default.mode, |r| r.mode);
+            Stats::add(&self.stats.put, 1);
+            self.raw.set_retention(&path, &obj, Retention { mode, until: want }).await?;
+            Ok::<u64, StoreError>(1)
+        };
+        self.rt.block_on(async {
+            let mut done = futures_util::stream::iter(until.iter().cloned().map(|(n, t)| one(n, t))).buffer_unordered(16);
+            let mut extended = 0;
+            while let Some(r) = done.next().await {
+                match r {
+                    Ok(n) => extended += n,
+                    // Gone meanwhile (a concurrent prune): nothing to keep.
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(extended)
+        })
+    }
+
+    fn purge_versions(&self) -> Result<crate::LockUpkeep, StoreError> {
+        let mut up = crate::LockUpkeep::default();
+        if self.features.lock.is_none() {
+            return Ok(up);
+        }
+        Stats::add(&self.stats.list, 1);
+        let all = self
+            .rt
+            .block_on(async { self.op.list_with("/").recursive(true).versions(true).deleted(true).await })
+            .map_err(|e| self.err(Verb::List, &self.display, e))?;
+        let mut by_path: std::collections::BTreeMap<String, Vec<opendal::Entry>> = std::collections::BTreeMap::new();
+        for e in all.into_iter().filter(|e| e.metadata().version().is_some()) {
+            by_path.entry(e.path().to_string()).or_default().push(e);
+        }
+        for (path, versions) in by_path {
+            let mut left = 0;
+            let mut current_marker = None;
+            for e in &versions {
+                let m = e.metadata();
+                let Some(v) = m.version() else { continue };
+                if m.is_current() != Some(false) {
+                    if m.is_deleted() {
+                        current_marker = Some(v.to_string());
+                    }
+                    continue;
+                }
+                Stats::add(&self.stats.delete, 1);
+                match self.rt.block_on(async { self.op.delete_with(&path).version(v).await }) {
+                    Ok(()) if !m.is_deleted() => {
+                        up.versions_deleted += 1;
+                        up.version_bytes += m.content_length();
+                    }
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                        up.versions_locked += 1;
+                        left += 1;
+                    }
+                    Err(e) => return Err(self.err(Verb::Delete, &format!("{}/{path}", self.display), e)),
+                }
+            }
+            // A delete marker over nothing: the object is gone for good, so is the marker.
+            if let (Some(v), 0) = (current_marker, left) {
+                Stats::add(&self.stats.delete, 1);
+                self.rt
+                    .block_on(async { self.op.delete_with(&path).version(&v).await })
+                    .map_err(|e| self.err(Verb::Delete, &format!("{}/{path}", self.display), e))?;
+            }
+        }
+        Ok(up)
+    }
 }
 
 impl Store for S3Store {
@@ -466,6 +634,15 @@ impl Store for S3Store {
     }
     fn is_remote(&self) -> bool {
         true
+    }
+    fn lock_period(&self) -> Option<Duration> {
+        self.0.features.lock.map(|l| l.period)
+    }
+    fn keep_locked(&self, kind: Kind, until: &[(String, std::time::SystemTime)]) -> Result<u64, StoreError> {
+        self.0.keep_locked(kind, until)
+    }
+    fn purge_versions(&self) -> Result<crate::LockUpkeep, StoreError> {
+        self.0.purge_versions()
     }
 }
 

@@ -93,6 +93,19 @@ pub fn create_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
                         "{u}: the server {} conditional writes (If-None-Match); kura does not rely on them",
                         if honoured { "honours" } else { "ignores" }
                     );
+                    let f = s.features();
+                    match (&f.lock, f.lock_without_default) {
+                        (Some(l), _) => eprintln!(
+                            "{u}: Object Lock {} for {} days: nothing kura writes can be deleted before then, not even by prune",
+                            l.mode.as_str(),
+                            l.period.as_secs() / 86_400
+                        ),
+                        (None, true) => eprintln!("{u}: Object Lock is on but without a default retention, so kura's objects are not locked"),
+                        (None, false) if f.versioning.as_deref() == Some("Enabled") => {
+                            eprintln!("{u}: versioning is on: deleted objects stay as old versions until a lifecycle rule expires them")
+                        }
+                        _ => {}
+                    }
                 }
                 Ok(Arc::new(s))
             }

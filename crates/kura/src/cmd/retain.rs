@@ -78,6 +78,9 @@ fn print_prune(r: &PruneReport) {
             d.waiting_for.join("; ")
         );
     }
+    for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref()) {
+        println!("{line}");
+    }
 }
 
 fn run_prune(cli: &Cli, repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
@@ -170,7 +173,11 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
     for w in &warnings {
         eprintln!("kura: warning: {w}");
     }
-    let removed = if a.dry_run { Vec::new() } else { forget::remove(&repo, &plans).context("removing snapshots")? };
+    let mut locked = Vec::new();
+    let removed = if a.dry_run { Vec::new() } else { forget::remove(&repo, &plans, &mut locked).context("removing snapshots")? };
+    for l in &locked {
+        eprintln!("kura: {} is locked until {} (S3 Object Lock): kept; a later forget removes it", l.object, l.until);
+    }
     if !cli.json && !cli.quiet {
         print_plans(&plans, &resolved.tz, a.dry_run);
     }
@@ -179,7 +186,7 @@ pub fn forget(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
         None => None,
     };
     if cli.json {
-        json(&j!({ "dry_run": a.dry_run, "groups": plans, "removed": removed, "prune": pruned }))?;
+        json(&j!({ "dry_run": a.dry_run, "groups": plans, "removed": removed, "locked": locked, "prune": pruned }))?;
     }
     Ok(Outcome::Ok)
 }

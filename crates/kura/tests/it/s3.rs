@@ -20,6 +20,15 @@ fn s3s_fs() -> PathBuf {
     p
 }
 
+/// The bin directory of the moto venv `scripts/test` installs.
+fn moto() -> PathBuf {
+    let p = std::env::var_os("KURA_MOTO").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/kura-ci/moto-5.2.5/bin")
+    });
+    assert!(p.join("moto_server").is_file(), "no moto at {}: run ./scripts/test, which installs it", p.display());
+    p
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -40,6 +49,30 @@ impl S3 {
         s
     }
 
+    /// moto instead of s3s-fs: versioning and Object Lock (it accepts any credentials and
+    /// keeps objects in memory); no bucket yet.
+    fn start_moto() -> S3 {
+        let mut s = S3 { dir: tempfile::tempdir().unwrap(), port: free_port(), child: None };
+        let log = std::fs::File::create(s.dir.path().join("moto.log")).unwrap();
+        let child = Command::new(moto().join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &s.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        s.child = Some(child);
+        s.wait_listening();
+        s
+    }
+
+    /// Runs the bucket administrator's helper (boto3) and returns what it printed.
+    fn admin(&self, args: &[&str]) -> String {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/s3admin.py");
+        let o = Command::new(moto().join("python")).arg(script).arg(self.endpoint()).args(args).output().unwrap();
+        assert!(o.status.success(), "s3admin {args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("s3s.log")).unwrap();
         let child = Command::new(s3s_fs())
@@ -50,9 +83,13 @@ impl S3 {
             .spawn()
             .unwrap();
         self.child = Some(child);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "s3s-fs did not start");
+            assert!(t.elapsed() < Duration::from_secs(30), "the S3 server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -298,4 +335,69 @@ fn kura_serve_hosts_a_repository_whose_storage_is_a_bucket() {
     let target2 = s.dir.path().join("restore2");
     srv.ok(&srv.read, &["restore", "latest", "--target", target2.to_str().unwrap()]);
     assert_same_tree(&src, &restored(&target2, &src));
+}
+
+#[test]
+fn object_lock_keeps_generations_whole_and_prune_leaves_locked_objects_alone() {
+    let s = S3::start_moto();
+    s.admin(&["mkbucket", "locked"]);
+    let repo = "s3://locked/office";
+    let kura = |args: &[&str]| {
+        let o = s.kura_at(repo, SECRET, args).output().unwrap();
+        no_panic(&o);
+        assert!(o.status.success(), "kura {args:?}: {}", stderr(&o));
+        o
+    };
+    let o = kura(&["init"]);
+    assert!(stderr(&o).contains("Object Lock GOVERNANCE for 1 days"), "{}", stderr(&o));
+    let ids = || -> Vec<String> {
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&kura(&["--json", "snapshots"]).stdout).unwrap();
+        v.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect()
+    };
+    let src = s.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), bytes(3 << 20, 1)).unwrap();
+    kura(&["backup", src.to_str().unwrap()]);
+    std::fs::write(src.join("a.bin"), bytes(3 << 20, 2)).unwrap();
+    kura(&["backup", src.to_str().unwrap()]);
+    let (old, new) = (ids()[0].clone(), ids()[1].clone());
+
+    // The older generation is locked for a day: forget keeps it and says so.
+    let o = kura(&["forget", "--keep-last", "1"]);
+    assert!(stderr(&o).contains(&format!("snapshots/{old} is locked until")), "{}", stderr(&o));
+    assert_eq!(ids(), [old.clone(), new.clone()]);
+
+    // Its lock ends: forget deletes it, every version of it.
+    s.admin(&["expire", "locked", &format!("office/snapshots/{old}")]);
+    std::thread::sleep(Duration::from_secs(2));
+    kura(&["forget", "--keep-last", "1"]);
+    assert_eq!(ids(), std::slice::from_ref(&new));
+    assert_eq!(s.admin(&["versions", "locked", &format!("office/snapshots/{old}")]), "0");
+
+    // Its data is still locked: prune leaves it alone, reports it, and the rest stays whole.
+    let packs_before: u64 = s.admin(&["versions", "locked", "office/data/"]).parse().unwrap();
+    let o = kura(&["prune"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("left 2 object(s) that Object Lock keeps") && out.contains("data/"), "{out}");
+    assert_eq!(s.admin(&["versions", "locked", "office/data/"]).parse::<u64>().unwrap(), packs_before);
+    kura(&["check", "--read-data"]);
+
+    // Every pack's lock ends (the newer snapshot's too, as if its packs were old): the next
+    // prune deletes the unused ones for good and locks the used ones again for as long as the
+    // snapshot that needs them.
+    s.admin(&["expire", "locked", "office/data/"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let o = kura(&["prune"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!out.contains("that Object Lock keeps"), "{out}");
+    let extended: u64 = out.split("extended the retention of ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(extended >= 1, "{out}");
+    assert!(s.admin(&["versions", "locked", "office/data/"]).parse::<u64>().unwrap() < packs_before, "{out}");
+    let snapshot_lock: u64 = s.admin(&["min_retention", "locked", "office/snapshots/"]).parse().unwrap();
+    let pack_lock: u64 = s.admin(&["min_retention", "locked", "office/data/"]).parse().unwrap();
+    assert!(pack_lock + 1 >= snapshot_lock, "packs locked until {pack_lock}, their snapshot until {snapshot_lock}");
+    kura(&["check", "--read-data"]);
+    let target = s.dir.path().join("restore");
+    kura(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target, &src));
 }
