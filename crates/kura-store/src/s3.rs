@@ -33,6 +33,8 @@ pub struct S3Options {
     pub retries: usize,
     /// Whole-request timeout.
     pub timeout: Duration,
+    /// Longest wait for the next bytes of an answer (a server that stalls).
+    pub io_timeout: Duration,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -62,6 +64,7 @@ impl S3Options {
             virtual_host: var("KURA_S3_VIRTUAL_HOST").is_some_and(|v| v == "1"),
             retries: 6,
             timeout: Duration::from_secs(120),
+            io_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -195,7 +198,7 @@ impl S3Store {
             Ok::<_, StoreError>(
                 Operator::new(b)
                     .map_err(|e| StoreError::BadLocation(format!("{location}: {e}")))?
-                    .layer(opendal::layers::TimeoutLayer::new().with_timeout(opts.timeout).with_io_timeout(Duration::from_secs(30)))
+                    .layer(opendal::layers::TimeoutLayer::new().with_timeout(opts.timeout).with_io_timeout(opts.io_timeout))
                     .layer(opendal::layers::RetryLayer::new().with_max_times(opts.retries).with_jitter()),
             )
         };

@@ -64,11 +64,16 @@ fn remote_options(cli: &Cli) -> Result<RemoteOptions> {
     Ok(opts)
 }
 
-/// S3 settings from the AWS environment, and KURA_RETRIES.
+/// S3 settings from the AWS environment, KURA_RETRIES and KURA_S3_TIMEOUT (seconds a stalled
+/// answer is waited for before the request is retried).
 fn s3_options() -> Result<S3Options> {
     let mut opts = S3Options::from_env();
     if let Ok(r) = std::env::var("KURA_RETRIES") {
         opts.retries = r.parse().with_context(|| format!("KURA_RETRIES={r:?} is not a number"))?;
+    }
+    if let Ok(t) = std::env::var("KURA_S3_TIMEOUT") {
+        let secs: u64 = t.parse().ok().filter(|s| *s > 0).with_context(|| format!("KURA_S3_TIMEOUT={t:?} is not a number of seconds"))?;
+        opts.io_timeout = std::time::Duration::from_secs(secs);
     }
     Ok(opts)
 }

@@ -6,6 +6,7 @@
 mod badinput;
 mod corruption;
 mod crash;
+mod faultproxy;
 mod generations;
 mod roundtrip;
 mod s3;

@@ -401,3 +401,70 @@ fn object_lock_keeps_generations_whole_and_prune_leaves_locked_objects_alone() {
     kura(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert_same_tree(&src, &restored(&target, &src));
 }
+
+#[test]
+fn slow_downs_cut_uploads_and_stalls_are_retried_and_leave_no_half_object() {
+    let s = S3::start();
+    let proxy = crate::faultproxy::Proxy::start(s.port);
+    let f = &proxy.faults;
+    let url = format!("http://127.0.0.1:{}", proxy.port);
+    let kura = |args: &[&str], retries: &str| {
+        let o = s
+            .kura_at(&format!("s3://{BUCKET}/office"), SECRET, args)
+            .env("AWS_ENDPOINT_URL", &url)
+            .env("KURA_RETRIES", retries)
+            .env("KURA_S3_TIMEOUT", "3")
+            .output()
+            .unwrap();
+        no_panic(&o);
+        o
+    };
+    let ok = |args: &[&str]| {
+        let o = kura(args, "6");
+        assert!(o.status.success(), "kura {args:?} failed ({:?}): {}", o.status.code(), stderr(&o));
+    };
+    use std::sync::atomic::Ordering::SeqCst;
+    ok(&["init"]);
+    let src = source(s.dir.path(), 7);
+
+    // The server asks to slow down for a while: backoff, then success.
+    f.slow_down.store(3, SeqCst);
+    ok(&["backup", src.to_str().unwrap()]);
+    assert_eq!(f.answered_503.load(SeqCst), 3);
+
+    // Connections cut halfway through uploads: retried, and no half object stays.
+    std::fs::write(src.join("big2.bin"), bytes(20 << 20, 70)).unwrap();
+    f.cut_uploads.store(2, SeqCst);
+    ok(&["backup", src.to_str().unwrap()]);
+    assert_eq!(f.cut.load(SeqCst), 2);
+
+    // A server that stops answering one request: it times out and is sent again.
+    std::fs::write(src.join("more.bin"), bytes(2 << 20, 71)).unwrap();
+    f.stall.store(1, SeqCst);
+    ok(&["backup", src.to_str().unwrap()]);
+    assert_eq!(f.stalled.load(SeqCst), 1);
+
+    // Every pack in the bucket is whole: its bytes hash to its name.
+    let packs = files_under(&s.bucket_dir().join("office/data"));
+    assert!(packs.len() >= 3, "{packs:?}");
+    for p in &packs {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(blake3::hash(&std::fs::read(p).unwrap()).to_hex().as_str(), name, "{}", p.display());
+    }
+    ok(&["check", "--read-data"]);
+    let target = s.dir.path().join("restore");
+    ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target, &src));
+
+    // Slow-downs that do not end: a one-line error with its own exit code after bounded
+    // retries; the next run, once the server recovers, completes.
+    std::fs::write(src.join("late.bin"), bytes(1 << 20, 72)).unwrap();
+    f.slow_down.store(1_000_000, SeqCst);
+    let o = kura(&["backup", src.to_str().unwrap()], "1");
+    assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
+    assert!(stderr(&o).contains("SlowDown"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    f.slow_down.store(0, SeqCst);
+    ok(&["backup", src.to_str().unwrap()]);
+    ok(&["check", "--read-data"]);
+}
