@@ -412,6 +412,62 @@ fn restore_chunks(
     Ok(n)
 }
 
+/// Sealed bytes the prefetcher keeps hinted ahead of the restore threads, so the next packs'
+/// round trips overlap the work on this one: a third of a remote store's block cache (measured
+/// on the kernel tree through S3 on loopback: 32 MiB 1.7x local, 48 MiB 1.5x, 64 MiB no better).
+const PREFETCH_AHEAD: u64 = 48 << 20;
+
+/// Tells the store, in restore order, which pack ranges the tasks after the ones being worked
+/// on will read; stays at most [`PREFETCH_AHEAD`] bytes ahead. Runs of neighbouring chunks in
+/// one pack are one hint.
+fn prefetch(repo: &Repository, tasks: &[(usize, std::ops::Range<usize>)], states: &[FileState], next: &AtomicUsize, failed: &AtomicBool) {
+    let idx = repo.index();
+    let store = repo.store();
+    // Sealed bytes of the tasks before each one.
+    let mut before = Vec::with_capacity(tasks.len() + 1);
+    let mut sum = 0u64;
+    for (i, range) in tasks {
+        before.push(sum);
+        sum += states[*i].job.node.content[range.clone()].iter().filter_map(|id| idx.get(id)).map(|(_, l)| u64::from(l.length)).sum::<u64>();
+    }
+    before.push(sum);
+    let mut run: Option<(kura_repo::Id, u64, u64)> = None;
+    let flush = |run: &mut Option<(kura_repo::Id, u64, u64)>| {
+        if let Some((pack, start, end)) = run.take() {
+            store.prefetch(&pack.to_hex(), start, end - start);
+        }
+    };
+    let mut h = 0;
+    while h < tasks.len() && !failed.load(Ordering::Relaxed) {
+        let cur = next.load(Ordering::Relaxed).min(tasks.len());
+        if cur >= tasks.len() {
+            break;
+        }
+        if h < cur {
+            h = cur; // the workers caught up: no use hinting what they read already
+        }
+        if before[h] - before[cur] >= PREFETCH_AHEAD {
+            flush(&mut run);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            continue;
+        }
+        let (i, range) = &tasks[h];
+        for id in &states[*i].job.node.content[range.clone()] {
+            let Some((pack, loc)) = idx.get(id) else { continue };
+            let (off, end) = (u64::from(loc.offset), u64::from(loc.offset) + u64::from(loc.length));
+            match &mut run {
+                Some((p, s, e)) if *p == pack && off < *e + (1 << 20) && off >= *s => *e = (*e).max(end),
+                _ => {
+                    flush(&mut run);
+                    run = Some((pack, off, end));
+                }
+            }
+        }
+        h += 1;
+    }
+    flush(&mut run);
+}
+
 /// Chunk offsets of a file from the index; the entry's size must be their sum.
 fn offsets(repo: &Repository, job: &FileJob) -> Result<Vec<u64>, OpsError> {
     let idx = repo.index();
@@ -491,8 +547,12 @@ pub fn restore(
     let fatal: Mutex<Option<OpsError>> = Mutex::new(None);
     let failed = AtomicBool::new(false);
     // Through a server, threads also wait on round trips: twice as many keep the cores busy.
-    let threads = if repo.store().is_remote() { 2 * crate::cores() + 1 } else { crate::cores() + 1 };
+    let remote = repo.store().is_remote();
+    let threads = if remote { 2 * crate::cores() + 1 } else { crate::cores() + 1 };
     std::thread::scope(|s| {
+        if remote {
+            s.spawn(|| prefetch(repo, &tasks, &states, &next, &failed));
+        }
         for _ in 0..threads {
             s.spawn(|| loop {
                 let t = next.fetch_add(1, Ordering::Relaxed);

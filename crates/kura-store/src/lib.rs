@@ -369,6 +369,13 @@ pub trait Store: Send + Sync {
         false
     }
 
+    /// A hint that `len` bytes at `offset` of a pack will be read soon (a restore knows its
+    /// order): remote stores start fetching them in the background, so the round trip overlaps
+    /// the work on what was fetched before. Never fails; others ignore it.
+    fn prefetch(&self, name: &str, offset: u64, len: u64) {
+        let _ = (name, offset, len);
+    }
+
     /// The retention a store with S3 Object Lock gives every new object (the bucket's default),
     /// `None` when it locks nothing. Deleting a locked object fails with
     /// [`StoreError::Locked`] and changes nothing.

@@ -486,6 +486,11 @@ impl Store for RemoteStore {
         true
     }
 
+    fn prefetch(&self, name: &str, offset: u64, len: u64) {
+        let src: Arc<dyn FetchBlock> = Arc::new(self.clone_handle());
+        self.blocks.prefetch(&src, name, offset, len);
+    }
+
     fn check_admin(&self) -> Result<(), StoreError> {
         let info = self.info()?;
         if info.role == "admin" {

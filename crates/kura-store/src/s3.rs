@@ -638,6 +638,10 @@ impl Store for S3Store {
     fn is_remote(&self) -> bool {
         true
     }
+    fn prefetch(&self, name: &str, offset: u64, len: u64) {
+        let src: std::sync::Arc<dyn FetchBlock> = self.0.clone();
+        self.1.prefetch(&src, name, offset, len);
+    }
     fn lock_period(&self) -> Option<Duration> {
         self.0.features.lock.map(|l| l.period)
     }
@@ -660,9 +664,18 @@ impl FetchBlock for Inner {
                 Stats::add(&self.stats.get_bytes, b.len() as u64);
                 Ok(b.to_vec())
             }
-            _ => match self.get_range(Kind::Pack, pack, offset, len) {
-                Err(StoreError::Short { len: have, .. }) if offset < have => self.get_range(Kind::Pack, pack, offset, have - offset),
-                r => r,
+            // Nothing there (a read-ahead past the pack's end), a block reaching past the end
+            // (OpenDAL then reports too little data) or a failure: the object's length says
+            // which, and what can be read.
+            _ => match self.head(&path) {
+                Ok(m) if offset >= m.content_length() => Err(StoreError::Short {
+                    name: ObjectName::new(Kind::Pack, pack),
+                    offset,
+                    end: offset.saturating_add(len),
+                    len: m.content_length(),
+                }),
+                Ok(m) => self.get_range(Kind::Pack, pack, offset, len.min(m.content_length() - offset)),
+                Err(e) => Err(self.obj_err(Verb::Read, Kind::Pack, pack, e)),
             },
         }
     }
