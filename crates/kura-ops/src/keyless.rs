@@ -45,6 +45,8 @@ pub struct KeylessReport {
     pub locked: Vec<crate::prune::Locked>,
     /// Object Lock upkeep, on a store that locks objects.
     pub lock: Option<kura_store::LockUpkeep>,
+    /// Why the Object Lock upkeep failed (the prune itself succeeded).
+    pub lock_error: Option<String>,
     /// Temporary files of writes killed a day or more ago, removed.
     pub temporaries_removed: u64,
     /// Set when an admin prune's plan (sealed with the key) is pending: nothing was done.
@@ -84,7 +86,10 @@ fn public_lists(store: &dyn Store, skip: &dyn Fn(&Id) -> bool, report: &mut Keyl
 /// Runs a keyless prune as session `me` (registered by the caller, command `prune`).
 pub fn prune(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError> {
     let mut report = prune_unlocked(store, me)?;
-    report.lock = crate::lock::upkeep(store)?;
+    match crate::lock::upkeep(store) {
+        Ok(u) => report.lock = u,
+        Err(e) => report.lock_error = Some(e.to_string()),
+    }
     Ok(report)
 }
 
@@ -155,7 +160,18 @@ fn prune_unlocked(store: &dyn Store, me: &str) -> Result<KeylessReport, OpsError
         }
     }
     let known: Vec<Id> = lists.iter().map(|(id, _)| *id).collect();
-    let fresh: Vec<Id> = sizes.keys().filter(|p| !used.contains(*p) && !pending.contains(*p)).copied().collect();
+    let mut fresh: Vec<Id> = sizes.keys().filter(|p| !used.contains(*p) && !pending.contains(*p)).copied().collect();
+    // Packs an Object Lock still keeps wait for a run after their date (see crate::prune).
+    if store.lock_period().is_some() {
+        let mut left = Vec::new();
+        for p in fresh {
+            match store.locked_until(Kind::Pack, &p.to_hex())? {
+                Some(until) => report.locked.push(crate::prune::Locked::new(&ObjectName::new(Kind::Pack, &p.to_hex()), until)),
+                None => left.push(p),
+            }
+        }
+        fresh = left;
+    }
     report.packs_condemned = fresh.len();
     // Packs executed plans deleted stay condemned (index files still name them); ones they
     // kept are live again.

@@ -32,12 +32,18 @@ pub fn upkeep(store: &dyn Store) -> Result<Option<LockUpkeep>, OpsError> {
         // Its own lock, from the bucket's default: its upload time plus the period.
         let until = l.modified.unwrap_or(now) + period;
         newest = newest.max(Some(until));
-        // Packs it names may have been repacked since: their data is where the lineage says.
-        for p in lineage::closure(public.packs.iter().copied(), &edges) {
+        // Packs it names may have been repacked since: their data is where the lineage says,
+        // and a pack with recorded moves is needed no more (a prune deleted it, or will once
+        // its own lock ends).
+        for p in lineage::closure(public.packs.iter().copied(), &edges).into_iter().filter(|p| !edges.contains_key(p)) {
             let w = want.entry(p).or_insert(until);
             *w = (*w).max(until);
         }
     }
+    // S3 takes no retention in the past, and one that ends now protects nothing.
+    let soon = now + std::time::Duration::from_secs(60);
+    want.retain(|_, until| *until > soon);
+    let newest = newest.filter(|t| *t > soon);
     // Every needed pack is asked (one HEAD each), not only those whose upload time says they
     // fall short: under GOVERNANCE a retention can have been shortened behind kura's back.
     let todo: Vec<(String, SystemTime)> = store
@@ -60,8 +66,11 @@ pub fn upkeep(store: &dyn Store) -> Result<Option<LockUpkeep>, OpsError> {
 }
 
 /// One line per fact for people: objects left locked, retentions extended, old versions.
-pub fn summary(locked: &[crate::prune::Locked], upkeep: Option<&LockUpkeep>) -> Vec<String> {
+pub fn summary(locked: &[crate::prune::Locked], upkeep: Option<&LockUpkeep>, error: Option<&str>) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some(e) = error {
+        out.push(format!("warning: Object Lock upkeep failed (the next prune tries again): {e}"));
+    }
     if let Some(first) = locked.iter().min_by(|a, b| a.until.cmp(&b.until)) {
         out.push(format!(
             "left {} object(s) that Object Lock keeps (the first, {}, until {}); a prune after that date deletes them",

@@ -119,6 +119,8 @@ pub struct PruneReport {
     pub locked: Vec<Locked>,
     /// Object Lock upkeep, on a store that locks objects.
     pub lock: Option<kura_store::LockUpkeep>,
+    /// Why the Object Lock upkeep failed (the prune itself succeeded).
+    pub lock_error: Option<String>,
     /// True for --dry-run.
     pub dry_run: bool,
 }
@@ -136,9 +138,14 @@ impl Locked {
     /// The record of a [`StoreError::Locked`], `None` for any other error.
     pub fn from_error(e: &StoreError) -> Option<Locked> {
         match e {
-            StoreError::Locked { name, until } => Some(Locked { object: name.to_string(), until: kura_store::fmt_time(*until) }),
+            StoreError::Locked { name, until } => Some(Locked::new(name, *until)),
             _ => None,
         }
+    }
+
+    /// The record of an object locked until `until`.
+    pub fn new(name: &kura_store::ObjectName, until: std::time::SystemTime) -> Locked {
+        Locked { object: name.to_string(), until: kura_store::fmt_time(until) }
     }
 }
 
@@ -259,7 +266,11 @@ pub(crate) fn stored_snapshots(store: &dyn Store, skip: &dyn Fn(&Id) -> bool) ->
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport, OpsError> {
     let mut report = prune_unlocked(repo, opts, progress)?;
     if !opts.dry_run {
-        report.lock = crate::lock::upkeep(repo.store().as_ref())?;
+        // The prune is done: a failed upkeep is reported, not made the prune's failure.
+        match crate::lock::upkeep(repo.store().as_ref()) {
+            Ok(u) => report.lock = u,
+            Err(e) => report.lock_error = Some(e.to_string()),
+        }
     }
     Ok(report)
 }
@@ -461,6 +472,23 @@ fn prune_unlocked(repo: &Repository, opts: &PruneOptions, progress: &dyn Progres
         repack.push(c.id);
         repack_bytes += on_disk[&c.id];
         unused_left -= c.unused;
+    }
+    // Packs an Object Lock still keeps cannot go yet: planning them would only rewrite the
+    // index on every run (each version of it locked in turn). A prune after their date does.
+    if repo.store().lock_period().is_some() {
+        let keep = |ids: &mut Vec<Id>, report: &mut PruneReport| -> Result<(), OpsError> {
+            let mut left = Vec::new();
+            for id in ids.drain(..) {
+                match repo.store().locked_until(Kind::Pack, &id.to_hex())? {
+                    Some(until) if !pending.contains(&id) => report.locked.push(Locked::new(&kura_store::ObjectName::new(Kind::Pack, &id.to_hex()), until)),
+                    _ => left.push(id),
+                }
+            }
+            *ids = left;
+            Ok(())
+        };
+        keep(&mut delete, &mut report)?;
+        keep(&mut repack, &mut report)?;
     }
     report.unused_left = unused_left;
     report.packs_deleted = delete.len();

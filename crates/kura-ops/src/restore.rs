@@ -421,40 +421,47 @@ const PREFETCH_AHEAD: u64 = 48 << 20;
 /// on will read; stays at most [`PREFETCH_AHEAD`] bytes ahead. Runs of neighbouring chunks in
 /// one pack are one hint.
 fn prefetch(repo: &Repository, tasks: &[(usize, std::ops::Range<usize>)], states: &[FileState], next: &AtomicUsize, failed: &AtomicBool) {
-    let idx = repo.index();
     let store = repo.store();
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(2));
     // Sealed bytes of the tasks before each one.
     let mut before = Vec::with_capacity(tasks.len() + 1);
     let mut sum = 0u64;
     for (i, range) in tasks {
         before.push(sum);
+        let idx = repo.index();
         sum += states[*i].job.node.content[range.clone()].iter().filter_map(|id| idx.get(id)).map(|(_, l)| u64::from(l.length)).sum::<u64>();
     }
     before.push(sum);
-    let mut run: Option<(kura_repo::Id, u64, u64)> = None;
+    let live = || !failed.load(Ordering::Relaxed) && next.load(Ordering::Relaxed) < tasks.len();
+    // Hints the run, again and again while the store is busy.
     let flush = |run: &mut Option<(kura_repo::Id, u64, u64)>| {
         if let Some((pack, start, end)) = run.take() {
-            store.prefetch(&pack.to_hex(), start, end - start);
+            let name = pack.to_hex();
+            while !store.prefetch(&name, start, end - start) && live() {
+                pause();
+            }
         }
     };
+    let mut run: Option<(kura_repo::Id, u64, u64)> = None;
     let mut h = 0;
-    while h < tasks.len() && !failed.load(Ordering::Relaxed) {
+    while h < tasks.len() && live() {
         let cur = next.load(Ordering::Relaxed).min(tasks.len());
-        if cur >= tasks.len() {
-            break;
-        }
         if h < cur {
             h = cur; // the workers caught up: no use hinting what they read already
         }
         if before[h] - before[cur] >= PREFETCH_AHEAD {
             flush(&mut run);
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            pause();
             continue;
         }
         let (i, range) = &tasks[h];
-        for id in &states[*i].job.node.content[range.clone()] {
-            let Some((pack, loc)) = idx.get(id) else { continue };
-            let (off, end) = (u64::from(loc.offset), u64::from(loc.offset) + u64::from(loc.length));
+        // The index lock only for one task at a time.
+        let locs: Vec<_> = {
+            let idx = repo.index();
+            states[*i].job.node.content[range.clone()].iter().filter_map(|id| idx.get(id).map(|(p, l)| (p, u64::from(l.offset), u64::from(l.length)))).collect()
+        };
+        for (pack, off, len) in locs {
+            let end = off + len;
             match &mut run {
                 Some((p, s, e)) if *p == pack && off < *e + (1 << 20) && off >= *s => *e = (*e).max(end),
                 _ => {

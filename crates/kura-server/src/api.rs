@@ -355,9 +355,13 @@ async fn whole_object(store: Arc<dyn Store>, kind: Kind, name: String) -> Result
             let r = tokio::task::spawn_blocking(move || store.get_range(kind, &name, off, take)).await;
             let piece = match r {
                 Ok(Ok(d)) => Ok(axum::body::Bytes::from(d)),
-                Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
             };
+            let piece = piece.map_err(|e| {
+                tracing::error!(error = %e, "storage failure while streaming an object");
+                std::io::Error::other(e)
+            });
             // An error ends the body early: the client sees a short object and retries or fails.
             let next = if piece.is_ok() { off + take } else { len };
             Some((piece, next))

@@ -216,7 +216,7 @@ fn prune(hosted: &Hosted) -> Result<String, String> {
     for d in &r.plans_deferred {
         msg.push_str(&format!("; plan {} waits for {}", &d.plan[..8], d.waiting_for.join(", ")));
     }
-    for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref()) {
+    for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref(), r.lock_error.as_deref()) {
         msg.push_str("; ");
         msg.push_str(&line);
     }

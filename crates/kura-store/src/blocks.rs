@@ -10,6 +10,8 @@ use std::sync::{Arc, Condvar, Mutex};
 const CACHE_BYTES: u64 = 128 << 20;
 /// Bytes fetched ahead of a reader.
 const READ_AHEAD_BYTES: u64 = 8 << 20;
+/// Blocks being fetched at once beyond which prefetch hints wait.
+const MAX_LOADING: usize = 6;
 
 /// How a store fetches up to `len` bytes of a pack at `offset` (fewer at the pack's end).
 pub(crate) trait FetchBlock: Send + Sync + 'static {
@@ -51,10 +53,11 @@ impl Blocks {
     }
 
     /// Starts fetching the blocks of a range that are neither cached nor being fetched, each in
-    /// a thread of its own.
-    pub(crate) fn prefetch(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, offset: u64, len: u64) {
+    /// a thread of its own, as long as fewer than [`MAX_LOADING`] are. Returns false when some
+    /// were left for lack of room (the caller hints them again later).
+    pub(crate) fn prefetch(self: &Arc<Self>, src: &Arc<dyn FetchBlock>, pack: &str, offset: u64, len: u64) -> bool {
         if len == 0 {
-            return;
+            return true;
         }
         let end = self.ends.lock().unwrap_or_else(|p| p.into_inner()).get(pack).copied();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -66,10 +69,19 @@ impl Blocks {
             if slots.iter().any(|(k, _)| *k == key) {
                 continue;
             }
-            slots.push((key, Slot::Loading));
+            if slots.iter().filter(|(_, s)| matches!(s, Slot::Loading)).count() >= MAX_LOADING {
+                return false;
+            }
+            slots.push((key.clone(), Slot::Loading));
             let (cache, src, pack) = (self.clone(), src.clone(), pack.to_string());
-            std::thread::spawn(move || cache.load(&src, &pack, b));
+            if std::thread::Builder::new().name("kura-prefetch".into()).spawn(move || cache.load(&src, &pack, b)).is_err() {
+                // No thread: the readers fetch it themselves.
+                slots.retain(|(k, _)| *k != key);
+                self.loaded.notify_all();
+                return false;
+            }
         }
+        true
     }
 
     /// A small range of a pack, assembled from (at most two) cached blocks.
@@ -131,9 +143,12 @@ impl Blocks {
                 }
                 let next = (pack.to_string(), b + ahead);
                 if !slots.iter().any(|(k, _)| *k == next) {
-                    slots.push((next, Slot::Loading));
+                    slots.push((next.clone(), Slot::Loading));
                     let (cache, src, pack) = (self.clone(), src.clone(), pack.to_string());
-                    std::thread::spawn(move || cache.load(&src, &pack, b + ahead));
+                    if std::thread::Builder::new().name("kura-readahead".into()).spawn(move || cache.load(&src, &pack, b + ahead)).is_err() {
+                        // No thread: whoever wants it fetches it.
+                        slots.retain(|(k, _)| *k != next);
+                    }
                 }
             }
         }

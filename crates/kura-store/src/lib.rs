@@ -372,8 +372,11 @@ pub trait Store: Send + Sync {
     /// A hint that `len` bytes at `offset` of a pack will be read soon (a restore knows its
     /// order): remote stores start fetching them in the background, so the round trip overlaps
     /// the work on what was fetched before. Never fails; others ignore it.
-    fn prefetch(&self, name: &str, offset: u64, len: u64) {
+    /// Returns false when the store has enough in flight already: the caller hints again a
+    /// little later.
+    fn prefetch(&self, name: &str, offset: u64, len: u64) -> bool {
         let _ = (name, offset, len);
+        true
     }
 
     /// The retention a store with S3 Object Lock gives every new object (the bucket's default),
@@ -381,6 +384,13 @@ pub trait Store: Send + Sync {
     /// [`StoreError::Locked`] and changes nothing.
     fn lock_period(&self) -> Option<std::time::Duration> {
         None
+    }
+
+    /// When the object's Object Lock retention ends, if it is locked now (deleting it would be
+    /// refused with [`StoreError::Locked`]).
+    fn locked_until(&self, kind: Kind, name: &str) -> Result<Option<std::time::SystemTime>, StoreError> {
+        let _ = (kind, name);
+        Ok(None)
     }
 
     /// Makes sure each named object stays locked at least until its time (extends shorter

@@ -486,9 +486,9 @@ impl Store for RemoteStore {
         true
     }
 
-    fn prefetch(&self, name: &str, offset: u64, len: u64) {
+    fn prefetch(&self, name: &str, offset: u64, len: u64) -> bool {
         let src: Arc<dyn FetchBlock> = Arc::new(self.clone_handle());
-        self.blocks.prefetch(&src, name, offset, len);
+        self.blocks.prefetch(&src, name, offset, len)
     }
 
     fn check_admin(&self) -> Result<(), StoreError> {

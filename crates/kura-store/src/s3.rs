@@ -498,18 +498,28 @@ impl Inner {
             .rt
             .block_on(async { self.op.list_with(path).versions(true).deleted(true).await })
             .map_err(|e| self.obj_err(Verb::Delete, kind, name, e))?;
-        let versions: Vec<String> = versions.iter().filter(|e| e.path() == path).filter_map(|e| e.metadata().version().map(str::to_string)).collect();
+        let mut versions: Vec<(bool, String)> = versions
+            .iter()
+            .filter(|e| e.path() == path)
+            .filter_map(|e| Some((e.metadata().is_current() != Some(false), e.metadata().version()?.to_string())))
+            .collect();
         if versions.is_empty() {
             return Err(StoreError::NotFound(ObjectName::new(kind, name)));
         }
-        for v in versions {
+        // The current version last: should an older one be refused, the object stays whole.
+        versions.sort_by_key(|(current, _)| *current);
+        for (_, v) in versions {
             Stats::add(&self.stats.delete, 1);
             match self.rt.block_on(async { self.op.delete_with(path).version(&v).await }) {
                 Ok(()) => {}
-                // A version locked longer than the current one (kura extended it, or the
-                // retention was set by hand): the store has the last word.
+                // Its lock ended (checked before), so a refusal is a version locked longer, or
+                // credentials without the permission: the store has the last word.
                 Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                    return Err(StoreError::Locked { name: ObjectName::new(kind, name), until: std::time::SystemTime::now() });
+                    return Err(StoreError::Denied {
+                        verb: Verb::Delete,
+                        target: format!("{} (version {v})", self.target(kind, name)),
+                        reason: "a version is locked longer than the current one, or the credentials lack s3:DeleteObjectVersion".into(),
+                    });
                 }
                 Err(e) => return Err(self.obj_err(Verb::Delete, kind, name, e)),
             }
@@ -558,8 +568,14 @@ impl Inner {
             .rt
             .block_on(async { self.op.list_with("/").recursive(true).versions(true).deleted(true).await })
             .map_err(|e| self.err(Verb::List, &self.display, e))?;
+        // Only kura's own objects: the prefix may be a whole bucket shared with other data.
+        let ours = |path: &str| {
+            matches!(path, "config" | "store.json")
+                || path.starts_with("probe-")
+                || Kind::ALL.iter().any(|k| k.dir() != "" && path.strip_prefix(k.dir()).is_some_and(|r| r.starts_with('/')))
+        };
         let mut by_path: std::collections::BTreeMap<String, Vec<opendal::Entry>> = std::collections::BTreeMap::new();
-        for e in all.into_iter().filter(|e| e.metadata().version().is_some()) {
+        for e in all.into_iter().filter(|e| e.metadata().version().is_some() && ours(e.path())) {
             by_path.entry(e.path().to_string()).or_default().push(e);
         }
         for (path, versions) in by_path {
@@ -638,9 +654,18 @@ impl Store for S3Store {
     fn is_remote(&self) -> bool {
         true
     }
-    fn prefetch(&self, name: &str, offset: u64, len: u64) {
+    fn prefetch(&self, name: &str, offset: u64, len: u64) -> bool {
         let src: std::sync::Arc<dyn FetchBlock> = self.0.clone();
-        self.1.prefetch(&src, name, offset, len);
+        self.1.prefetch(&src, name, offset, len)
+    }
+    fn locked_until(&self, kind: Kind, name: &str) -> Result<Option<std::time::SystemTime>, StoreError> {
+        if self.0.features.lock.is_none() || !guarded(kind) {
+            return Ok(None);
+        }
+        let path = Inner::path(kind, name)?;
+        Stats::add(&self.0.stats.head, 1);
+        let r = self.0.rt.block_on(self.0.raw.retention(&path, &ObjectName::new(kind, name)))?;
+        Ok(r.map(|r| r.until).filter(|u| *u > std::time::SystemTime::now()))
     }
     fn lock_period(&self) -> Option<Duration> {
         self.0.features.lock.map(|l| l.period)

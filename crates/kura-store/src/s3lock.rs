@@ -73,6 +73,8 @@ pub(crate) struct Raw {
     base: String,
     /// The repository's prefix in the bucket, without slashes at either end.
     prefix: String,
+    /// Retries after a failed attempt.
+    retries: usize,
 }
 
 /// The text of the first `<tag>...</tag>` in a small XML answer.
@@ -98,12 +100,33 @@ impl Raw {
             creds = creds.with_session_token(t);
         }
         let signer = reqsign_core::Signer::new(reqsign_core::Context::new(), creds, RequestSigner::new("s3", region));
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().map_err(|e| e.to_string())?;
-        Ok(Raw { client, signer, base, prefix: prefix.trim_matches('/').to_string() })
+        let client = reqwest::Client::builder().timeout(opts.timeout).read_timeout(opts.io_timeout).build().map_err(|e| e.to_string())?;
+        Ok(Raw { client, signer, base, prefix: prefix.trim_matches('/').to_string(), retries: opts.retries })
     }
 
-    /// Sends one signed request; `query` is the subresource (`versioning`, `retention`).
+    /// Sends one signed request, retrying network failures, 5xx and 429 answers with
+    /// exponential backoff as OpenDAL's own requests are.
     async fn send(&self, method: http::Method, key: Option<&str>, query: &str, body: Vec<u8>) -> Result<(u16, http::HeaderMap, String), String> {
+        let mut delay = Duration::from_millis(250);
+        let mut tries = 0;
+        loop {
+            let r = self.send_once(method.clone(), key, query, body.clone()).await;
+            let transient = match &r {
+                // 501 Not Implemented is an answer, not a hiccup.
+                Ok((status, _, _)) => matches!(*status, 429 | 500 | 502 | 503 | 504),
+                Err(_) => true,
+            };
+            if !transient || tries >= self.retries {
+                return r;
+            }
+            tries += 1;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(8));
+        }
+    }
+
+    /// One signed request; `query` is the subresource (`versioning`, `retention`).
+    async fn send_once(&self, method: http::Method, key: Option<&str>, query: &str, body: Vec<u8>) -> Result<(u16, http::HeaderMap, String), String> {
         let url = match key {
             Some(k) if self.prefix.is_empty() => format!("{}/{k}?{query}", self.base),
             Some(k) => format!("{}/{}/{k}?{query}", self.base, self.prefix),
@@ -127,16 +150,29 @@ impl Raw {
         Ok((status, headers, text))
     }
 
-    /// Versioning and Object Lock, as the bucket answers. A server that does not know these
-    /// calls (answers 4xx/501) has neither.
+    /// Versioning and Object Lock, as the bucket answers. Only an answer that says so (no lock
+    /// configuration; a server that does not implement the call) counts as "none": a refusal
+    /// or a failure is an error, since deletes would otherwise not respect the lock.
     pub(crate) async fn features(&self) -> Result<BucketFeatures, String> {
         let mut f = BucketFeatures::default();
+        let absent = |status: u16, text: &str, what: &str| -> Result<(), String> {
+            let code = xml_field(text, "Code").unwrap_or("");
+            match (status, code) {
+                (404 | 501, _) | (400, "NotImplemented" | "InvalidRequest") => Ok(()),
+                (403, _) => Err(format!("reading the bucket's {what} settings was refused ({code}); kura needs s3:GetBucketVersioning and s3:GetBucketObjectLockConfiguration")),
+                _ => Err(format!("reading the bucket's {what} settings answered {status} {code}")),
+            }
+        };
         let (status, _, text) = self.send(http::Method::GET, None, "versioning", Vec::new()).await?;
         if status == 200 {
             f.versioning = xml_field(&text, "Status").map(str::to_string);
+        } else {
+            absent(status, &text, "versioning")?;
         }
         let (status, _, text) = self.send(http::Method::GET, None, "object-lock", Vec::new()).await?;
-        if status == 200 && xml_field(&text, "ObjectLockEnabled") == Some("Enabled") {
+        if status != 200 {
+            absent(status, &text, "Object Lock")?;
+        } else if xml_field(&text, "ObjectLockEnabled") == Some("Enabled") {
             let mode = xml_field(&text, "Mode").and_then(LockMode::parse);
             let days = xml_field(&text, "Days").and_then(|d| d.parse::<u64>().ok()).map(|d| d * 86_400);
             let years = xml_field(&text, "Years").and_then(|y| y.parse::<u64>().ok()).map(|y| y * 365 * 86_400);
@@ -171,7 +207,10 @@ impl Raw {
     /// Sets an object's retention (only ever later than it is: S3 refuses to shorten one).
     pub(crate) async fn set_retention(&self, key: &str, obj: &crate::ObjectName, r: Retention) -> Result<(), StoreError> {
         let target = obj.to_string();
-        let until = jiff::Timestamp::try_from(r.until).map_err(|e| StoreError::Backend { verb: crate::Verb::Write, target: target.clone(), detail: e.to_string() })?;
+        // Rounded up to the second (the format has no finer unit): never shorter than asked,
+        // so the next run does not find it short again.
+        let until = jiff::Timestamp::try_from(r.until + Duration::from_millis(999))
+            .map_err(|e| StoreError::Backend { verb: crate::Verb::Write, target: target.clone(), detail: e.to_string() })?;
         let body = format!(
             "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>{}</Mode><RetainUntilDate>{}</RetainUntilDate></Retention>",
             r.mode.as_str(),

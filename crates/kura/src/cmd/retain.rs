@@ -78,7 +78,7 @@ fn print_prune(r: &PruneReport) {
             d.waiting_for.join("; ")
         );
     }
-    for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref()) {
+    for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref(), r.lock_error.as_deref()) {
         println!("{line}");
     }
 }
