@@ -339,6 +339,22 @@ impl Inner {
         self.err(verb, &self.target(kind, name), e)
     }
 
+    /// Runs a request to completion on the runtime's own threads and waits once for the
+    /// result. (`block_on` would poll it on this thread, which every arriving piece of a large
+    /// body then wakes: tens of thousands of context switches per restore.)
+    fn run<T: Send + 'static>(&self, f: impl std::future::Future<Output = opendal::Result<T>> + Send + 'static) -> opendal::Result<T> {
+        match self.rt.block_on(self.rt.spawn(f)) {
+            Ok(r) => r,
+            Err(e) => Err(opendal::Error::new(ErrorKind::Unexpected, format!("request task failed: {e}"))),
+        }
+    }
+
+    /// Reads a range (to its end, or the object's), as one contiguous buffer.
+    fn read_range(&self, path: &str, range: std::ops::Range<u64>) -> opendal::Result<Vec<u8>> {
+        let (op, path) = (self.op.clone(), path.to_string());
+        self.run(async move { op.read_with(&path).range(range).await.map(|b| b.to_vec()) })
+    }
+
     fn head(&self, path: &str) -> opendal::Result<opendal::Metadata> {
         Stats::add(&self.stats.head, 1);
         self.rt.block_on(self.op.stat(path))
@@ -349,14 +365,15 @@ impl Inner {
         let len = data.len();
         Stats::add(&self.stats.put, 1);
         Stats::add(&self.stats.put_bytes, len as u64);
-        let r = self.rt.block_on(async {
+        let op = self.op.clone();
+        let r = self.run(async move {
             if len > MULTIPART_ABOVE {
                 // Parts in flight at once: bounded memory, full bandwidth.
-                let mut w = self.op.writer_with(&path).chunk(MULTIPART_ABOVE).concurrent(4).await?;
+                let mut w = op.writer_with(&path).chunk(MULTIPART_ABOVE).concurrent(4).await?;
                 w.write(data).await?;
                 w.close().await.map(|_| ())
             } else {
-                self.op.write_with(&path, data).if_not_exists(create_only).await.map(|_| ())
+                op.write_with(&path, data).if_not_exists(create_only).await.map(|_| ())
             }
         });
         match r {
@@ -387,9 +404,10 @@ impl Inner {
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
         let path = Self::path(kind, name)?;
         Stats::add(&self.stats.get, 1);
-        let b = self.rt.block_on(self.op.read(&path)).map_err(|e| self.obj_err(Verb::Read, kind, name, e))?;
+        let (op, p) = (self.op.clone(), path.clone());
+        let b = self.run(async move { op.read(&p).await.map(|b| b.to_vec()) }).map_err(|e| self.obj_err(Verb::Read, kind, name, e))?;
         Stats::add(&self.stats.get_bytes, b.len() as u64);
-        Ok(b.to_vec())
+        Ok(b)
     }
 
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
@@ -399,13 +417,13 @@ impl Inner {
         }
         let end = offset.checked_add(len).ok_or_else(|| StoreError::InvalidName(format!("{name}: range overflows")))?;
         Stats::add(&self.stats.get, 1);
-        let got = self.rt.block_on(async { self.op.read_with(&path).range(offset..end).await });
+        let got = self.read_range(&path, offset..end);
         if let Ok(b) = &got {
             Stats::add(&self.stats.get_bytes, b.len() as u64);
         }
         let short = |have: u64| StoreError::Short { name: ObjectName::new(kind, name), offset, end, len: have };
         match got {
-            Ok(b) if b.len() as u64 == len => Ok(b.to_vec()),
+            Ok(b) if b.len() as u64 == len => Ok(b),
             Ok(_) | Err(_) => {
                 // A range past the end (416, or fewer bytes): say how long the object is.
                 match self.head(&path) {
@@ -684,10 +702,10 @@ impl FetchBlock for Inner {
         // one request.
         let path = Self::path(Kind::Pack, pack)?;
         Stats::add(&self.stats.get, 1);
-        match self.rt.block_on(async { self.op.read_with(&path).range(offset..offset.saturating_add(len)).await }) {
+        match self.read_range(&path, offset..offset.saturating_add(len)) {
             Ok(b) if !b.is_empty() => {
                 Stats::add(&self.stats.get_bytes, b.len() as u64);
-                Ok(b.to_vec())
+                Ok(b)
             }
             // Nothing there (a read-ahead past the pack's end), a block reaching past the end
             // (OpenDAL then reports too little data) or a failure: the object's length says
