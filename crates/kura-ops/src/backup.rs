@@ -703,16 +703,7 @@ fn commit(
         set.into_iter().collect()
     };
     packs.sort();
-    // Last line of defence against a prune that judged this session dead (a suspended machine
-    // that missed its heartbeats): never commit a snapshot whose packs are gone.
-    let present: HashSet<Id> =
-        repo.store().list(kura_store::Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
-    if let Some(gone) = packs.iter().find(|p| !present.contains(p)) {
-        return Err(OpsError::Unsafe(format!(
-            "pack {} this backup relies on was deleted by a concurrent prune; no snapshot was written, run the backup again",
-            gone.short()
-        )));
-    }
+    ensure_present(repo, &packs)?;
     summary.bytes_stored = repo.stored_bytes();
     let snap = Snapshot {
         public: SnapshotPublic {
@@ -733,6 +724,20 @@ fn commit(
         },
     };
     Ok((repo.save_snapshot(&snap)?, summary))
+}
+
+/// Last line of defence against a prune that judged this session dead (a suspended machine
+/// that missed its heartbeats): a snapshot is never committed while a pack it needs is gone.
+pub(crate) fn ensure_present(repo: &Repository, packs: &[Id]) -> Result<(), OpsError> {
+    let present: HashSet<Id> =
+        repo.store().list(kura_store::Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    if let Some(gone) = packs.iter().find(|p| !present.contains(p)) {
+        return Err(OpsError::Unsafe(format!(
+            "pack {} this snapshot relies on was deleted by a concurrent prune; no snapshot was written, run the command again",
+            gone.short()
+        )));
+    }
+    Ok(())
 }
 
 /// The sorted packs holding every blob reachable from a root tree (a snapshot's public list).

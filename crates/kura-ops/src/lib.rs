@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod copy;
 pub mod forget;
 pub mod error;
 pub mod fsmeta;

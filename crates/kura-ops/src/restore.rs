@@ -549,6 +549,17 @@ pub fn restore(
             written_end: AtomicU64::new(0),
         });
     }
+    // In the order the data lies in the packs, not the tree's: backup threads fill packs side
+    // by side, so tree order jumps between packs. Each pack is then read front to back once,
+    // which keeps a remote store's block cache and prefetch exact (from S3, tree order fetched
+    // 13% of the bytes twice). Files are independent; directories get their metadata at the end.
+    {
+        let idx = repo.index();
+        let at = |(i, range): &(usize, std::ops::Range<usize>)| {
+            states[*i].job.node.content.get(range.start).and_then(|id| idx.get(id)).map(|(p, l)| (p, l.offset))
+        };
+        tasks.sort_by_cached_key(at);
+    }
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let fatal: Mutex<Option<OpsError>> = Mutex::new(None);

@@ -73,6 +73,8 @@ pub enum Command {
     Forget(Box<ForgetArgs>),
     /// Delete data no snapshot uses; safe while backups run.
     Prune(PruneArgs),
+    /// Copy snapshots from another repository into this one (another key, machine or bucket).
+    Copy(CopyArgs),
     /// Protect a snapshot: forget never removes it.
     Protect {
         /// Snapshot id (prefix) or "latest".
@@ -166,6 +168,20 @@ pub enum RepairCommand {
         #[arg(long)]
         forget: bool,
     },
+}
+
+/// `kura copy` options.
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The repository to copy from (a path, `kura://HOST:PORT/REPO` or `s3://BUCKET/PREFIX`).
+    #[arg(long, value_name = "REPO")]
+    pub from_repo: String,
+    /// Read the source repository's password from this file (else KURA_FROM_PASSWORD, else a
+    /// prompt).
+    #[arg(long, env = "KURA_FROM_PASSWORD_FILE")]
+    pub from_password_file: Option<PathBuf>,
+    /// Snapshots to copy (ids, prefixes or `latest`); default: every one the destination lacks.
+    pub snapshots: Vec<String>,
 }
 
 /// `kura prune` options.

@@ -69,6 +69,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Key(k) => cmd::key::run(cli, k),
         Command::Forget(a) => cmd::retain::forget(cli, a),
         Command::Prune(a) => cmd::retain::prune(cli, a),
+        Command::Copy(a) => cmd::copy::run(cli, a),
         Command::Protect { snapshot, reason } => cmd::retain::protect(cli, snapshot, Some(reason)),
         Command::Unprotect { snapshot } => cmd::retain::protect(cli, snapshot, None),
         Command::Repair(r) => cmd::repair::run(cli, r),

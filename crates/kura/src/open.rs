@@ -39,7 +39,12 @@ pub fn default_paths() -> Result<(PathBuf, PathBuf)> {
 
 /// Resolves the repository location.
 pub fn location(cli: &Cli) -> Result<Location> {
-    match &cli.repo {
+    location_of(cli.repo.as_ref())
+}
+
+/// Where a repository given as a string (or the default one) is.
+pub fn location_of(repo: Option<&String>) -> Result<Location> {
+    match repo {
         Some(u) if is_remote(u) || is_s3(u) => Ok(Location { path: PathBuf::new(), url: Some(u.clone()), default: false }),
         Some(p) => Ok(Location { path: PathBuf::from(p), url: None, default: false }),
         None => Ok(Location { path: default_paths()?.0, url: None, default: true }),
@@ -209,7 +214,27 @@ pub fn open_admin(cli: &Cli, dry_run: bool) -> Result<Repository> {
 /// Opens the repository and loads its index for reading; packs no readable index file covers
 /// (an interrupted backup, a damaged index file) are indexed in memory from their headers.
 pub fn open_indexed(cli: &Cli, command: &str) -> Result<Repository> {
-    let repo = open(cli)?;
+    index(open(cli)?, command)
+}
+
+/// Opens the repository `copy` reads from: `--from-password-file`, else KURA_FROM_PASSWORD,
+/// else a prompt. A kura server there is reached with the same token options as the
+/// destination.
+pub fn open_source(cli: &Cli, from: &str, password_file: Option<&std::path::Path>) -> Result<Repository> {
+    let loc = location_of(Some(&from.to_string()))?;
+    let store = open_store(cli, &loc).context("opening the source repository")?;
+    let pw = match (password_file, std::env::var("KURA_FROM_PASSWORD")) {
+        (Some(f), _) => read_password_file(f)?,
+        (None, Ok(p)) => p.into_bytes(),
+        (None, Err(_)) if std::io::stdin().is_terminal() => prompt("source repository password", false)?,
+        (None, Err(_)) => bail!("no password for the source repository: set KURA_FROM_PASSWORD or use --from-password-file"),
+    };
+    let repo = Repository::open(store, &pw).context("opening the source repository")?;
+    index(repo, "copy")
+}
+
+/// Registers a reader's session and loads the index (see [`open_indexed`]).
+fn index(repo: Repository, command: &str) -> Result<Repository> {
     // The session keeps a concurrent prune from deleting packs this command reads. A
     // repository on read-only media cannot record it, and nothing can prune it either.
     start_reader_session(&repo, command)?;

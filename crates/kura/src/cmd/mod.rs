@@ -2,6 +2,7 @@
 //! operation and prints the result.
 
 pub mod backup;
+pub mod copy;
 pub mod info;
 pub mod key;
 pub mod repair;

@@ -468,3 +468,67 @@ fn slow_downs_cut_uploads_and_stalls_are_retried_and_leave_no_half_object() {
     ok(&["backup", src.to_str().unwrap()]);
     ok(&["check", "--read-data"]);
 }
+
+#[test]
+fn copy_moves_generations_between_a_directory_and_a_bucket_with_other_keys() {
+    let s = S3::start();
+    let local = s.dir.path().join("local-repo");
+    let at = |repo: &str, pw: &str, args: &[&str]| {
+        let o = s.kura_at(repo, SECRET, args).env("KURA_PASSWORD", pw).output().unwrap();
+        no_panic(&o);
+        o
+    };
+    let ok = |repo: &str, pw: &str, args: &[&str]| {
+        let o = at(repo, pw, args);
+        assert!(o.status.success(), "kura {args:?} failed ({:?}): {}", o.status.code(), stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (l, b) = (local.to_str().unwrap(), &format!("s3://{BUCKET}/copy"));
+    ok(l, "local-pass", &["init"]);
+    ok(b, "bucket-pass", &["init"]);
+    let src = source(s.dir.path(), 11);
+    ok(l, "local-pass", &["backup", src.to_str().unwrap()]);
+    let first: Vec<u8> = std::fs::read(src.join("sub/f0")).unwrap();
+    std::fs::write(src.join("sub/f0"), b"second generation").unwrap();
+    ok(l, "local-pass", &["backup", "--tag", "two", src.to_str().unwrap()]);
+
+    // Directory to bucket, every snapshot; the source password comes from its own variable.
+    let o = at(b, "bucket-pass", &["copy", "--from-repo", l]);
+    assert!(!o.status.success(), "copy without the source password must fail");
+    assert!(stderr(&o).contains("source"), "{}", stderr(&o));
+    let o = s.kura_at(b, SECRET, &["copy", "--from-repo", l]).env("KURA_PASSWORD", "bucket-pass").env("KURA_FROM_PASSWORD", "wrong").output().unwrap();
+    assert_eq!(o.status.code(), Some(12), "{}", stderr(&o));
+    let copy = |repo: &str, pw: &str, from: &str, from_pw: &str, extra: &[&str]| {
+        let mut args = vec!["--json", "copy", "--from-repo", from];
+        args.extend_from_slice(extra);
+        let o = s.kura_at(repo, SECRET, &args).env("KURA_PASSWORD", pw).env("KURA_FROM_PASSWORD", from_pw).output().unwrap();
+        no_panic(&o);
+        assert!(o.status.success(), "copy failed: {}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let r = copy(b, "bucket-pass", l, "local-pass", &[]);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["bytes_added"].as_u64().unwrap() >= 20 << 20, "{r}");
+    // Again: nothing to do.
+    let r = copy(b, "bucket-pass", l, "local-pass", &[]);
+    assert_eq!((r["copied"].as_array().unwrap().len(), r["skipped"].as_array().unwrap().len()), (0, 2), "{r}");
+    ok(b, "bucket-pass", &["check", "--read-data"]);
+    let target = s.dir.path().join("from-bucket");
+    ok(b, "bucket-pass", &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &restored(&target, &src));
+    let snaps: Vec<serde_json::Value> = serde_json::from_str(&ok(b, "bucket-pass", &["--json", "snapshots"])).unwrap();
+    assert_eq!(snaps.len(), 2);
+    assert_eq!(snaps[1]["tags"], serde_json::json!(["two"]));
+
+    // Bucket back to a fresh directory, one snapshot by id: the older generation, whole.
+    let back = s.dir.path().join("back-repo");
+    let bk = back.to_str().unwrap();
+    ok(bk, "back-pass", &["init"]);
+    let older = snaps[0]["id"].as_str().unwrap()[..8].to_string();
+    let r = copy(bk, "back-pass", b, "bucket-pass", &[&older]);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 1, "{r}");
+    ok(bk, "back-pass", &["check", "--read-data"]);
+    let target = s.dir.path().join("from-back");
+    ok(bk, "back-pass", &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_eq!(std::fs::read(restored(&target, &src).join("sub/f0")).unwrap(), first);
+}

@@ -1,0 +1,33 @@
+//! `kura copy`: snapshots from another repository into this one.
+
+use crate::args::{Cli, CopyArgs};
+use crate::output::{bytes, json, short};
+use crate::{Outcome, open};
+use anyhow::{Context, Result};
+
+/// Copies the named snapshots (or all the destination lacks) from `--from-repo`.
+pub fn run(cli: &Cli, a: &CopyArgs) -> Result<Outcome> {
+    let src = open::open_source(cli, &a.from_repo, a.from_password_file.as_deref())?;
+    // Copying only adds: a kura server's backup token is enough.
+    let dst = open::open_indexed(cli, "copy")?;
+    let ids = if a.snapshots.is_empty() {
+        let mut all: Vec<_> = src.snapshots()?.into_iter().filter_map(|(id, s)| s.ok().map(|s| (s.time(), id))).collect();
+        all.sort();
+        all.into_iter().map(|(_, id)| id).collect()
+    } else {
+        a.snapshots.iter().map(|s| src.find_snapshot(s, |_| true).map(|(id, _)| id)).collect::<Result<Vec<_>, _>>()?
+    };
+    let r = kura_ops::copy::copy(&src, &dst, &ids).context("copying")?;
+    if cli.json {
+        json(&r)?;
+    } else if !cli.quiet {
+        for c in &r.copied {
+            println!("snapshot {} copied as {}", short(&c.source, 8), short(&c.copy, 8));
+        }
+        for s in &r.skipped {
+            println!("snapshot {} is here already", short(s, 8));
+        }
+        println!("{} snapshot(s) copied; {} new blob(s), {} of data added", r.copied.len(), r.blobs_added, bytes(r.bytes_added));
+    }
+    Ok(Outcome::Ok)
+}
