@@ -5,7 +5,7 @@
 //! client keeps a pool of connections, so the threads of a backup upload in parallel.
 
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
-use crate::blocks::{Blocks, FetchBlock};
+use crate::blocks::{Block, Blocks, FetchBlock};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -585,8 +585,8 @@ impl RemoteStore {
 }
 
 impl FetchBlock for RemoteStore {
-    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
-        self.fetch_range_upto(Kind::Pack, pack, offset, len)
+    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Block, StoreError> {
+        self.fetch_range_upto(Kind::Pack, pack, offset, len).map(Block::from)
     }
 }
 

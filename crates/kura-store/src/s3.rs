@@ -7,7 +7,7 @@
 //! checked with a HEAD first and written with `If-None-Match`, which is as good as the server
 //! makes it.
 
-use crate::blocks::{Blocks, FetchBlock};
+use crate::blocks::{Block, Blocks, FetchBlock};
 use crate::s3lock::{BucketFeatures, Raw, Retention};
 use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
 use opendal::{ErrorKind, Operator};
@@ -697,13 +697,15 @@ impl Store for S3Store {
 }
 
 impl FetchBlock for Inner {
-    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+    fn fetch_block(&self, pack: &str, offset: u64, len: u64) -> Result<Block, StoreError> {
         // A block may end past the pack: the bytes up to its end, as HTTP ranges have it, in
-        // one request.
+        // one request, kept in the pieces it arrived in.
         let path = Self::path(Kind::Pack, pack)?;
         Stats::add(&self.stats.get, 1);
-        match self.read_range(&path, offset..offset.saturating_add(len)) {
-            Ok(b) if !b.is_empty() => {
+        let (op, p) = (self.op.clone(), path.clone());
+        let range = offset..offset.saturating_add(len);
+        match self.run(async move { op.read_with(&p).range(range).await.map(Block::from_parts) }) {
+            Ok(b) if b.len() > 0 => {
                 Stats::add(&self.stats.get_bytes, b.len() as u64);
                 Ok(b)
             }
@@ -717,7 +719,7 @@ impl FetchBlock for Inner {
                     end: offset.saturating_add(len),
                     len: m.content_length(),
                 }),
-                Ok(m) => self.get_range(Kind::Pack, pack, offset, len.min(m.content_length() - offset)),
+                Ok(m) => self.get_range(Kind::Pack, pack, offset, len.min(m.content_length() - offset)).map(Block::from),
                 Err(e) => Err(self.obj_err(Verb::Read, Kind::Pack, pack, e)),
             },
         }
