@@ -118,14 +118,16 @@ fn is_root() -> bool {
 
 /// What restored metadata is applied to: a file still open (through its descriptor: no path
 /// lookups, nothing to follow), or an entry by path, never following a symlink.
-enum MetaTarget<'a> {
+pub enum MetaTarget<'a> {
+    /// An open file.
     Open(&'a File),
+    /// The entry at the path given beside it.
     Path,
 }
 
 /// Applies ownership (root only), xattrs, mode and mtime, in that order (chown clears setuid).
 /// `path` names the entry in messages, and is the target itself for [`MetaTarget::Path`].
-fn apply_meta(target: MetaTarget<'_>, path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
+pub fn apply_meta(target: MetaTarget<'_>, path: &Path, n: &Node, warnings: &Mutex<Vec<String>>) {
     use xattr::FileExt as _;
     let warn = |what: &str, e: &dyn std::fmt::Display| {
         if let Ok(mut w) = warnings.lock() {

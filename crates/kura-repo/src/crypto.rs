@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn test_vectors_of_format_md() {
-        // docs/FORMAT.md §16 quotes these: a change here is a format change.
+        // docs/FORMAT.md §17 quotes these: a change here is a format change.
         let k = MasterKey::from_secret([1; 32]);
         assert_eq!(k.blob_id(b"kura").to_hex(), "f3883362eb7fef31131ea7b0cab696cbe56d6419de572940a5813c78a7c4e82b");
         assert_eq!(k.chunker_seed(), 2815515105509547886);

@@ -32,7 +32,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
+pub(crate) fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
     ApiError(status, msg.into())
 }
 
@@ -140,6 +140,8 @@ pub struct AppState {
     failures: Mutex<HashMap<IpAddr, Bucket>>,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// Shadow streams received, by name.
+    pub streams: HashMap<String, Arc<kura_shadow::Stream>>,
 }
 
 fn mtime(p: &std::path::Path) -> Option<SystemTime> {
@@ -161,6 +163,7 @@ impl AppState {
             upload_permits: permits,
             failures: Mutex::new(HashMap::new()),
             metrics: Default::default(),
+            streams: HashMap::new(),
         })
     }
 
@@ -221,7 +224,7 @@ impl AppState {
     fn authorize(&self, headers: &HeaderMap, ip: IpAddr, repo: &str) -> Result<(TokenEntry, Arc<Hosted>), ApiError> {
         let entry = self.authenticate(headers, ip)?;
         // Refused before looked up: a token learns nothing of repositories it does not open.
-        if !entry.opens(repo) {
+        if !entry.opens(repo) || entry.role == Role::Shadow {
             return Err(err(StatusCode::FORBIDDEN, format!("token {} does not open repository {repo:?}", entry.id)));
         }
         let hosted = self.repos.get(repo).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("this server hosts no repository named {repo:?}")))?;
@@ -422,7 +425,7 @@ fn may_write(role: Role, kind: Kind) -> Result<(), ApiError> {
     let ok = match kind {
         Kind::Receipt | Kind::Trash => false,
         Kind::Session => true,
-        Kind::Pack | Kind::Index | Kind::Snapshot => role != Role::Read,
+        Kind::Pack | Kind::Index | Kind::Snapshot => matches!(role, Role::Backup | Role::Admin),
         Kind::Config | Kind::Key | Kind::Plan | Kind::Protection | Kind::Lineage => role == Role::Admin,
     };
     if ok {

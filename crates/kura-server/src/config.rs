@@ -26,6 +26,43 @@ pub struct ServerConfig {
     /// The repositories this server hosts.
     #[serde(default, rename = "repository")]
     pub repositories: Vec<RepoConfig>,
+    /// The shadow streams this server receives (it is their standby).
+    #[serde(default, rename = "stream")]
+    pub streams: Vec<StreamConfig>,
+}
+
+/// A shadow stream this server receives: a primary's `kura shadow push` appends to its
+/// journal, and the server applies it to the mirror.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Name in URLs: `kura://HOST:PORT/<name>`.
+    pub name: String,
+    /// The hot mirror: a directory kura owns (anything else in it is removed).
+    pub mirror: PathBuf,
+    /// Where the journal lives; default `<state_dir>/shadow/<name>`.
+    #[serde(default)]
+    pub journal: Option<PathBuf>,
+    /// Apply records only this long after they arrived (`1h`: a standby that stays behind on
+    /// purpose); `0s` applies at once.
+    #[serde(default = "default_delay")]
+    pub apply_delay: String,
+}
+
+fn default_delay() -> String {
+    "0s".into()
+}
+
+impl StreamConfig {
+    /// The journal directory.
+    pub fn journal_dir(&self, state_dir: &Path) -> PathBuf {
+        self.journal.clone().unwrap_or_else(|| state_dir.join("shadow").join(&self.name))
+    }
+
+    /// The apply delay.
+    pub fn delay(&self) -> Result<Duration, ServerError> {
+        duration(&format!("stream {:?} apply_delay", self.name), &self.apply_delay)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -228,8 +265,22 @@ impl ServerConfig {
         for r in &cfg.repositories {
             kura_store::check_name(&r.name)
                 .map_err(|_| ServerError::Config(format!("repository name {:?} is not a plain name", r.name)))?;
+            if r.name == "shadow" {
+                return Err(ServerError::Config("repository name \"shadow\" is reserved for shadow streams".into()));
+            }
             if !seen.insert(&r.name) {
                 return Err(ServerError::Config(format!("repository {:?} is listed twice", r.name)));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for st in &cfg.streams {
+            kura_store::check_name(&st.name).map_err(|_| ServerError::Config(format!("stream name {:?} is not a plain name", st.name)))?;
+            if !names.insert(&st.name) || seen.contains(&st.name) {
+                return Err(ServerError::Config(format!("stream {:?} is listed twice (or is also a repository)", st.name)));
+            }
+            st.delay()?;
+            if !st.mirror.is_absolute() {
+                return Err(ServerError::Config(format!("stream {:?}: mirror {} must be an absolute path", st.name, st.mirror.display())));
             }
         }
         let l = cfg.limits()?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod jobs;
 pub mod metrics;
 pub mod schedule;
+pub mod shadow;
 pub mod tls;
 pub mod tokens;
 
@@ -115,6 +116,10 @@ async fn metrics(
 pub fn router(state: Arc<api::AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/v1/shadow/{stream}", get(shadow::status))
+        .route("/v1/shadow/{stream}/manifest", get(shadow::manifest))
+        .route("/v1/shadow/{stream}/append", axum::routing::post(shadow::append))
+        .route("/v1/shadow/{stream}/wait", get(shadow::wait))
         .route("/v1/{repo}", get(api::repo_info))
         .route("/v1/{repo}/jobs", get(api::jobs_status))
         .route("/v1/{repo}/jobs/{job}", axum::routing::post(api::run_job))
@@ -159,7 +164,13 @@ pub fn run(cfg: &ServerConfig, ready: impl FnOnce(SocketAddr, &tls::Identity, us
         .map_err(|e| ServerError::Config(format!("cannot create state_dir {}: {e}", cfg.state_dir.display())))?;
     let identity = tls::identity(cfg)?;
     let repos = host_repos(cfg)?;
-    let state = Arc::new(api::AppState::new(repos, cfg.tokens_path(), limits)?);
+    let mut state = api::AppState::new(repos, cfg.tokens_path(), limits)?;
+    for st in &cfg.streams {
+        let s = kura_shadow::Stream::open(&st.name, &st.journal_dir(&cfg.state_dir), &st.mirror, st.delay()?)
+            .map_err(|e| ServerError::Config(format!("stream {:?}: {e}", st.name)))?;
+        state.streams.insert(st.name.clone(), s);
+    }
+    let state = Arc::new(state);
     let token_count = Tokens::load(&cfg.tokens_path())?.entries().len();
     let listener = std::net::TcpListener::bind(cfg.listen).map_err(|source| ServerError::Listen { addr: cfg.listen, source })?;
     listener.set_nonblocking(true).map_err(|source| ServerError::Listen { addr: cfg.listen, source })?;

@@ -19,15 +19,19 @@ pub enum Role {
     Backup,
     /// Everything, including init, keys, forget and prune.
     Admin,
+    /// Append to the shadow streams it names (a primary's `kura shadow push`); opens no
+    /// repository and can never shorten a stream's journal.
+    Shadow,
 }
 
 impl Role {
-    /// Parses `read`, `backup` or `admin`.
+    /// Parses `read`, `backup`, `admin` or `shadow`.
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "read" => Some(Role::Read),
             "backup" => Some(Role::Backup),
             "admin" => Some(Role::Admin),
+            "shadow" => Some(Role::Shadow),
             _ => None,
         }
     }
@@ -38,6 +42,7 @@ impl Role {
             Role::Read => "read",
             Role::Backup => "backup",
             Role::Admin => "admin",
+            Role::Shadow => "shadow",
         }
     }
 }

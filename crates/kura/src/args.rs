@@ -99,6 +99,80 @@ pub enum Command {
     },
     /// Run a kura server hosting repositories for other machines (see `kura serve token`).
     Serve(ServeArgs),
+    /// Real-time shadowing of a directory to a standby (a kura server with a `[[stream]]`).
+    #[command(subcommand)]
+    Shadow(ShadowCommand),
+}
+
+/// `kura shadow` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ShadowCommand {
+    /// On the primary: send every change of a directory to the standby as it happens.
+    Push {
+        /// The settings in a TOML file (keys source, to, token_file, fingerprint,
+        /// rescan_every); flags given too take precedence.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The directory to shadow.
+        #[arg(long, required_unless_present = "config")]
+        source: Option<PathBuf>,
+        /// The standby's stream: kura://HOST:PORT/STREAM (a `shadow` token of it).
+        #[arg(long, required_unless_present = "config")]
+        to: Option<String>,
+        /// Compare the whole tree at this interval too (the watcher is only a hint; default 10m).
+        #[arg(long)]
+        rescan_every: Option<String>,
+        /// Bring the standby up to date once and exit (no watching).
+        #[arg(long)]
+        once: bool,
+    },
+    /// A stream's role, epoch, lag and journal window.
+    Status {
+        /// Ask the standby: kura://HOST:PORT/STREAM.
+        #[arg(long, conflicts_with = "journal", required_unless_present = "journal")]
+        to: Option<String>,
+        /// Or read a stream's directory on this machine (the standby).
+        #[arg(long)]
+        journal: Option<PathBuf>,
+    },
+    /// Return once record SEQ is applied on the standby (an acknowledged write).
+    Wait {
+        /// Sequence number.
+        seq: u64,
+        /// The standby's stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
+        /// Give up after this long (exit 1).
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// List the changes the journal holds (on the standby), to find the moment before a mistake.
+    Log {
+        /// The stream's directory (`<state_dir>/shadow/<name>` unless configured).
+        #[arg(long)]
+        journal: PathBuf,
+        /// Only changes at or below this path (relative to the shadowed directory).
+        #[arg(long)]
+        path: Option<String>,
+        /// Only changes received at or after this time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Write the tree as it was at a moment into a new directory (on the standby).
+    Restore {
+        /// The stream's directory.
+        #[arg(long)]
+        journal: PathBuf,
+        /// The moment: "YYYY-MM-DD HH:MM[:SS]" (local time) or RFC 3339.
+        #[arg(long)]
+        at: String,
+        /// Only this path (relative to the shadowed directory) and what is below it.
+        #[arg(long)]
+        path: Option<String>,
+        /// Where to write it (empty or absent).
+        #[arg(long)]
+        target: PathBuf,
+    },
 }
 
 /// `kura serve` options.
@@ -128,7 +202,8 @@ pub enum ServeCommand {
 pub enum TokenCommand {
     /// Create a token and print its secret (shown only this once).
     Add {
-        /// backup (add snapshots, never delete), read (restore only) or admin (everything).
+        /// backup (add snapshots, never delete), read (restore only), admin (everything) or
+        /// shadow (push to the streams named with --repository).
         #[arg(long)]
         role: String,
         /// Repository it opens (repeatable); `*` for all.

@@ -47,6 +47,12 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(StoreError::Network { .. }) => return 14,
             _ => {}
         }
+        match cause.downcast_ref::<kura_shadow::ShadowError>() {
+            Some(kura_shadow::ShadowError::Remote(_)) => return 14,
+            Some(kura_shadow::ShadowError::Fenced(_)) => return 15,
+            Some(kura_shadow::ShadowError::Denied(_)) => return 13,
+            _ => {}
+        }
         match cause.downcast_ref::<OpsError>() {
             Some(OpsError::Interrupted) => return 130,
             Some(OpsError::Busy(_)) => return 11,
@@ -75,6 +81,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Repair(r) => cmd::repair::run(cli, r),
         Command::Serve(a) => cmd::serve::run(cli, a),
         Command::Undelete { snapshots } => cmd::retain::undelete(cli, snapshots),
+        Command::Shadow(c) => cmd::shadow::run(cli, c),
     }
 }
 

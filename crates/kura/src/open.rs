@@ -53,7 +53,7 @@ pub fn location_of(repo: Option<&String>) -> Result<Location> {
 
 /// How to reach a kura server: the token from --token-file or KURA_TOKEN, the pinned
 /// fingerprint, and KURA_RETRIES (attempts after the first for network failures).
-fn remote_options(cli: &Cli) -> Result<RemoteOptions> {
+pub fn remote_options(cli: &Cli) -> Result<RemoteOptions> {
     let token = match (&cli.token_file, std::env::var("KURA_TOKEN")) {
         (Some(f), _) => {
             let t = std::fs::read_to_string(f).with_context(|| format!("cannot read token file {}", f.display()))?;

@@ -9,3 +9,4 @@ pub mod repair;
 pub mod restore;
 pub mod retain;
 pub mod serve;
+pub mod shadow;

@@ -34,10 +34,17 @@ fn token(cli: &Cli, cfg: &ServerConfig, t: &TokenCommand) -> Result<Outcome> {
     let mut tokens = Tokens::load(&path)?;
     match t {
         TokenCommand::Add { role, repos, label } => {
-            let role = Role::parse(role).with_context(|| format!("role {role:?}: use backup, read or admin"))?;
+            let role = Role::parse(role).with_context(|| format!("role {role:?}: use backup, read, admin or shadow"))?;
             for r in repos {
-                if r != "*" && !cfg.repositories.iter().any(|c| &c.name == r) {
-                    bail!("the server configuration has no repository {r:?}");
+                if role == Role::Shadow && r == "*" {
+                    bail!("a shadow token names its streams: --repository STREAM");
+                }
+                let known = match role {
+                    Role::Shadow => cfg.streams.iter().any(|c| &c.name == r),
+                    _ => r == "*" || cfg.repositories.iter().any(|c| &c.name == r) || cfg.streams.iter().any(|c| &c.name == r),
+                };
+                if !known {
+                    bail!("the server configuration has no {} {r:?}", if role == Role::Shadow { "stream" } else { "repository or stream" });
                 }
             }
             let (entry, secret) = tokens.add(role, repos.clone(), label)?;

@@ -11,4 +11,5 @@ mod generations;
 mod roundtrip;
 mod s3;
 mod server;
+mod shadow;
 mod util;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// A running `kura serve` hosting the repository `office`, with one token of each role.
 pub struct Server {
     pub dir: tempfile::TempDir,
-    config: PathBuf,
+    pub config: PathBuf,
     extra: String,
     pub addr: String,
     pub fingerprint: String,

@@ -1,0 +1,118 @@
+//! The standby's side of shadowing inside `kura serve`: a primary's `shadow` token appends
+//! batches to its stream's journal; nothing it can send removes or rewrites a record.
+//! Endpoints (`docs/FORMAT.md` §15): status, manifest, append, wait.
+
+use crate::api::{AppState, ApiError, err};
+use crate::tokens::{Role, TokenEntry};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kura_shadow::{AppendError, Stream};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+type Shared = State<Arc<AppState>>;
+
+/// The token and stream of a request, or why not.
+fn open(state: &AppState, headers: &HeaderMap, peer: SocketAddr, stream: &str) -> Result<(TokenEntry, Arc<Stream>), ApiError> {
+    let tok = state.authenticate(headers, peer.ip())?;
+    if !tok.opens(stream) {
+        return Err(err(StatusCode::FORBIDDEN, format!("token {} does not open stream {stream:?}", tok.id)));
+    }
+    let s = state.streams.get(stream).ok_or_else(|| err(StatusCode::NOT_FOUND, format!("this server receives no stream named {stream:?}")))?;
+    Ok((tok, s.clone()))
+}
+
+fn may_push(tok: &TokenEntry) -> bool {
+    matches!(tok.role, Role::Shadow | Role::Admin)
+}
+
+/// `GET /v1/shadow/{stream}`: status; the chunk key only for a token that may push.
+pub async fn status(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+    match open(&state, &headers, peer, &stream) {
+        Ok((tok, s)) => axum::Json(s.status(may_push(&tok))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v1/shadow/{stream}/manifest`: the tree as of the newest record (postcard).
+pub async fn manifest(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if !may_push(&tok) {
+        return err(StatusCode::FORBIDDEN, "only a shadow token of the stream reads its tree").into_response();
+    }
+    match tokio::task::spawn_blocking(move || s.manifest()).await {
+        Ok(b) => b.into_response(),
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+/// `POST /v1/shadow/{stream}/append`: a batch; answers `{"head": N}` once it is durable.
+pub async fn append(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>, body: Body) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if !may_push(&tok) {
+        return err(StatusCode::FORBIDDEN, format!("a {} token cannot push to a stream", tok.role.name())).into_response();
+    }
+    let body = match axum::body::to_bytes(body, kura_shadow::record::MAX_BATCH).await {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response(),
+    };
+    let r = tokio::task::spawn_blocking(move || s.append(&body)).await;
+    match r {
+        Ok(Ok(head)) => axum::Json(serde_json::json!({ "head": head })).into_response(),
+        Ok(Err(e)) => {
+            let status = match &e {
+                AppendError::Malformed(_) => StatusCode::BAD_REQUEST,
+                AppendError::OutOfOrder { .. } => StatusCode::CONFLICT,
+                AppendError::Missing(_) => StatusCode::PRECONDITION_FAILED,
+                AppendError::Fenced { .. } => StatusCode::LOCKED,
+                AppendError::Store(kura_shadow::ShadowError::Io { source, .. }) if source.raw_os_error() == Some(28) => StatusCode::INSUFFICIENT_STORAGE,
+                AppendError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            if status.is_server_error() {
+                tracing::error!(stream = %stream, "append failed: {e}");
+            }
+            let mut j = serde_json::json!({ "error": e.to_string() });
+            match &e {
+                AppendError::OutOfOrder { expected, .. } => j["expected"] = (*expected).into(),
+                AppendError::Missing(ids) => j["missing"] = ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>().into(),
+                _ => {}
+            }
+            (status, axum::Json(j)).into_response()
+        }
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+/// Query of `wait`.
+#[derive(serde::Deserialize)]
+pub struct WaitQuery {
+    seq: u64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `GET /v1/shadow/{stream}/wait?seq=N&timeout_ms=M`: returns once record N is applied to the
+/// mirror (200), or 408 after the timeout (at most 10 minutes).
+pub async fn wait(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>, Query(q): Query<WaitQuery>) -> Response {
+    let (_, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(60_000).min(600_000));
+    let seq = q.seq;
+    let s2 = s.clone();
+    match tokio::task::spawn_blocking(move || s2.wait_applied(seq, timeout)).await {
+        Ok(true) => axum::Json(serde_json::json!({ "applied": s.status(false).applied })).into_response(),
+        Ok(false) => err(StatusCode::REQUEST_TIMEOUT, format!("record {seq} not applied within {} ms", timeout.as_millis())).into_response(),
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}

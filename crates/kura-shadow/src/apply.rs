@@ -1,0 +1,296 @@
+//! Applying records to a mirror directory, with the same meaning [`crate::Manifest::apply`]
+//! gives them. Files are written to a temporary name beside their target and renamed over it,
+//! so a reader of the mirror never sees a torn file; no path is followed through a symlink.
+
+use crate::path;
+use crate::record::Op;
+use crate::{Manifest, ShadowError};
+use kura_ops::restore::{MetaTarget, apply_meta};
+use kura_repo::{Id, Node, NodeKind};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Where chunk bytes come from (the journal).
+pub trait Chunks {
+    /// The plain bytes of a chunk, verified.
+    fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError>;
+}
+
+/// Prefix of the temporary names files are written under.
+pub const TEMP_PREFIX: &str = ".kura-shadow-";
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> ShadowError + '_ {
+    move |e| ShadowError::io(p, e)
+}
+
+/// Removes whatever is at `p` (a directory with all it holds), never following a link.
+fn remove(p: &Path) -> Result<(), ShadowError> {
+    match fs::symlink_metadata(p) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ShadowError::io(p, e)),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(io(p)),
+        Ok(_) => fs::remove_file(p).map_err(io(p)),
+    }
+}
+
+/// Makes every ancestor of `rel` under `root` a real directory (replacing files and links).
+fn make_parents(root: &Path, rel: &[u8]) -> Result<(), ShadowError> {
+    for a in path::ancestors(rel) {
+        let p = path::join(root, a);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                fs::remove_file(&p).map_err(io(&p))?;
+                fs::create_dir(&p).map_err(io(&p))?;
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::DirBuilder::new().mode(0o755).create(&p).map_err(io(&p))?;
+            }
+            Err(e) => return Err(ShadowError::io(&p, e)),
+        }
+    }
+    Ok(())
+}
+
+fn temp_beside(p: &Path) -> PathBuf {
+    let mut r = [0u8; 8];
+    let _ = getrandom::fill(&mut r);
+    p.with_file_name(format!("{TEMP_PREFIX}{}", hex::encode(r)))
+}
+
+/// Warnings from applying metadata (an owner the standby cannot set) go to the log.
+fn meta(target: MetaTarget<'_>, p: &Path, n: &Node) {
+    let w = Mutex::new(Vec::new());
+    apply_meta(target, p, n, &w);
+    for m in w.into_inner().unwrap_or_default() {
+        tracing::debug!("{m}");
+    }
+}
+
+/// Writes the node at `rel` (content from `chunks`), replacing what is there.
+pub fn put(root: &Path, rel: &[u8], node: &Node, chunks: &dyn Chunks) -> Result<(), ShadowError> {
+    make_parents(root, rel)?;
+    let p = path::join(root, rel);
+    match node.kind {
+        NodeKind::Dir => {
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    fs::remove_file(&p).map_err(io(&p))?;
+                    fs::create_dir(&p).map_err(io(&p))?;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir(&p).map_err(io(&p))?,
+                Err(e) => return Err(ShadowError::io(&p, e)),
+            }
+            meta(MetaTarget::Path, &p, node);
+        }
+        NodeKind::File => {
+            let tmp = temp_beside(&p);
+            let r = (|| {
+                let mut f = OpenOptions::new().write(true).create_new(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+                for id in &node.content {
+                    f.write_all(&chunks.chunk(id)?).map_err(io(&tmp))?;
+                }
+                meta(MetaTarget::Open(&f), &tmp, node);
+                if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                    fs::remove_dir_all(&p).map_err(io(&p))?;
+                }
+                fs::rename(&tmp, &p).map_err(io(&p))
+            })();
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r?;
+        }
+        NodeKind::Symlink => {
+            let tmp = temp_beside(&p);
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&node.target), &tmp).map_err(io(&tmp))?;
+            meta(MetaTarget::Path, &tmp, node);
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                fs::remove_dir_all(&p).map_err(io(&p))?;
+            }
+            fs::rename(&tmp, &p).map_err(io(&p))?;
+        }
+        _ => {
+            // Fifos, sockets and devices: made where the standby may (devices need root).
+            remove(&p)?;
+            let ft = match node.kind {
+                NodeKind::Fifo => rustix::fs::FileType::Fifo,
+                NodeKind::CharDev => rustix::fs::FileType::CharacterDevice,
+                NodeKind::BlockDev => rustix::fs::FileType::BlockDevice,
+                _ => rustix::fs::FileType::Socket,
+            };
+            let mode = rustix::fs::Mode::from_raw_mode(node.mode & 0o7777);
+            if let Err(e) = rustix::fs::mknodat(rustix::fs::CWD, &p, ft, mode, node.rdev) {
+                tracing::warn!(path = %p.display(), "cannot make special file: {e}");
+                return Ok(());
+            }
+            meta(MetaTarget::Path, &p, node);
+        }
+    }
+    Ok(())
+}
+
+/// Applies one record.
+pub fn apply(root: &Path, op: &Op, chunks: &dyn Chunks) -> Result<(), ShadowError> {
+    match op {
+        Op::Put { path: rel, node } => put(root, rel, node, chunks),
+        Op::Delete { path: rel } => remove(&path::join(root, rel)),
+        Op::Rename { from, to } => {
+            let (f, t) = (path::join(root, from), path::join(root, to));
+            if from == to || path::within(to, from) || fs::symlink_metadata(&f).is_err() {
+                return Ok(());
+            }
+            make_parents(root, to)?;
+            remove(&t)?;
+            fs::rename(&f, &t).map_err(io(&t))
+        }
+    }
+}
+
+/// What [`reconcile`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Entries written again.
+    pub written: u64,
+    /// Entries removed (not in the manifest, or temporaries).
+    pub removed: u64,
+}
+
+fn matches(m: &fs::Metadata, n: &Node) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let kind_ok = match n.kind {
+        NodeKind::File => m.is_file() && m.size() == n.size && m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()) == n.mtime_ns,
+        NodeKind::Dir => m.is_dir(),
+        NodeKind::Symlink => m.file_type().is_symlink(),
+        _ => !m.is_file() && !m.is_dir(),
+    };
+    kind_ok && (n.kind == NodeKind::Symlink || m.permissions().mode() & 0o7777 == n.mode & 0o7777)
+}
+
+/// Makes the mirror equal to `m`: entries whose kind, mode, size or mtime differ are written
+/// again, entries the manifest lacks (and leftover temporaries) are removed. Runs when a
+/// receiver starts, so a crash between applying a record and noting it is repaired.
+pub fn reconcile(root: &Path, m: &Manifest, chunks: &dyn Chunks) -> Result<Reconciled, ShadowError> {
+    fs::create_dir_all(root).map_err(io(root))?;
+    let mut done = Reconciled::default();
+    // Remove what should not be there, deepest first.
+    let mut extra = Vec::new();
+    let mut stack = vec![Vec::<u8>::new()];
+    while let Some(dir) = stack.pop() {
+        let dp = if dir.is_empty() { root.to_path_buf() } else { path::join(root, &dir) };
+        for e in fs::read_dir(&dp).map_err(io(&dp))? {
+            let e = e.map_err(io(&dp))?;
+            let name = e.file_name();
+            let rel = if dir.is_empty() { name.as_bytes().to_vec() } else { [dir.as_slice(), b"/", name.as_bytes()].concat() };
+            let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            match m.get(&rel) {
+                Some(n) if n.kind == NodeKind::Dir && is_dir => stack.push(rel),
+                Some(_) if !name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) => {}
+                _ => extra.push(rel),
+            }
+        }
+    }
+    for rel in extra {
+        remove(&path::join(root, &rel))?;
+        done.removed += 1;
+    }
+    let mut dirs = Vec::new();
+    for (rel, n) in m.iter() {
+        let p = path::join(root, rel);
+        let ok = fs::symlink_metadata(&p).is_ok_and(|md| matches(&md, n));
+        if n.kind == NodeKind::Dir {
+            dirs.push((rel, n));
+            if ok {
+                continue;
+            }
+        } else if ok && (n.kind != NodeKind::Symlink || fs::read_link(&p).is_ok_and(|t| t.as_os_str().as_bytes() == n.target)) {
+            continue;
+        }
+        put(root, rel, n, chunks)?;
+        done.written += 1;
+    }
+    // Directory times last: writing inside a directory moves its mtime.
+    for (rel, n) in dirs.into_iter().rev() {
+        let p = path::join(root, rel);
+        let t = filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32);
+        let _ = filetime::set_symlink_file_times(&p, t, t);
+    }
+    let _ = File::open(root).and_then(|d| d.sync_all());
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<Id, Vec<u8>>);
+    impl Chunks for Map {
+        fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
+            self.0.get(id).cloned().ok_or_else(|| ShadowError::Corrupt { what: "test".into(), detail: "no chunk".into() })
+        }
+    }
+
+    fn file(id: u8, size: u64) -> Node {
+        let mut n = Node::new(Vec::new(), NodeKind::File);
+        n.content = vec![Id([id; 32])];
+        n.size = size;
+        n.mode = 0o640;
+        n.mtime_ns = 1_700_000_000_000_000_000;
+        n
+    }
+
+    #[test]
+    fn applying_records_and_reconciling_give_the_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("m");
+        let chunks = Map(HashMap::from([(Id([1; 32]), b"one".to_vec()), (Id([2; 32]), b"two!".to_vec())]));
+        let ops = [
+            Op::Put { path: b"d/a".to_vec(), node: file(1, 3) },
+            Op::Put { path: b"d/b".to_vec(), node: file(2, 4) },
+            Op::Rename { from: b"d".to_vec(), to: b"e".to_vec() },
+            Op::Put { path: b"e/a/x".to_vec(), node: file(2, 4) },
+            Op::Delete { path: b"e/b".to_vec() },
+        ];
+        let mut m = Manifest::default();
+        fs::create_dir_all(&root).unwrap();
+        for op in &ops {
+            apply(&root, op, &chunks).unwrap();
+            m.apply(op);
+        }
+        assert_eq!(fs::read(root.join("e/a/x")).unwrap(), b"two!");
+        assert!(!root.join("d").exists() && !root.join("e/b").exists());
+        // Nothing to do when the mirror already is the manifest.
+        assert_eq!(reconcile(&root, &m, &chunks).unwrap(), Reconciled::default());
+        // Damage of every kind is repaired: a stray file, a temporary, a wrong mode, a file
+        // where a directory belongs.
+        fs::write(root.join("stray"), b"x").unwrap();
+        fs::write(root.join(format!("{TEMP_PREFIX}1234")), b"x").unwrap();
+        fs::remove_dir_all(root.join("e/a")).unwrap();
+        fs::write(root.join("e/a"), b"not a dir").unwrap();
+        let r = reconcile(&root, &m, &chunks).unwrap();
+        assert_eq!(r.removed, 2);
+        assert_eq!(fs::read(root.join("e/a/x")).unwrap(), b"two!");
+        assert_eq!(reconcile(&root, &m, &chunks).unwrap(), Reconciled::default());
+    }
+
+    #[test]
+    fn a_symlink_in_the_way_is_replaced_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("m"), d.path().join("outside"));
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let mut link = Node::new(Vec::new(), NodeKind::Symlink);
+        link.target = outside.as_os_str().as_encoded_bytes().to_vec();
+        let chunks = Map(HashMap::from([(Id([1; 32]), b"one".to_vec())]));
+        apply(&root, &Op::Put { path: b"l".to_vec(), node: link }, &chunks).unwrap();
+        apply(&root, &Op::Put { path: b"l/f".to_vec(), node: file(1, 3) }, &chunks).unwrap();
+        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote through the link");
+        assert_eq!(fs::read(root.join("l/f")).unwrap(), b"one");
+    }
+}

@@ -1,0 +1,240 @@
+//! Change capture on the primary: compares the source tree with the standby's tree (size,
+//! mtime, ctime and inode decide whether a file is read again, as the backup's files cache
+//! does) and turns every difference into records and the new chunks they need.
+
+use crate::record::{ChunkMeta, Op};
+use crate::{Manifest, ShadowError, path};
+use kura_ops::fsmeta::{node_from_meta, unchanged};
+use kura_repo::{Chunker, Id, Node, NodeKind};
+use std::collections::HashSet;
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// zstd level of chunks on the wire and in the journal.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Changes found and not yet sent.
+#[derive(Default)]
+pub struct Pending {
+    /// Records' changes in order.
+    pub ops: Vec<Op>,
+    /// For each change, how many of `chunks` it and those before it need.
+    pub marks: Vec<usize>,
+    /// The chunks they need that the standby lacks.
+    pub chunks: Vec<ChunkMeta>,
+    /// Those chunks' compressed bytes, concatenated.
+    pub data: Vec<u8>,
+}
+
+impl Pending {
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// The primary's view: its source tree and what the standby holds.
+pub struct Capture {
+    root: PathBuf,
+    chunker: Chunker,
+    id_key: [u8; 32],
+    /// Chunks the standby has or that are pending.
+    known: HashSet<Id>,
+    /// The standby's tree once everything pending is applied.
+    state: Manifest,
+    buf: Vec<u8>,
+}
+
+/// Whether two nodes describe the same entry (content aside).
+fn same_meta(a: &Node, b: &Node) -> bool {
+    a.kind == b.kind && a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtime_ns == b.mtime_ns && a.size == b.size && a.rdev == b.rdev && a.target == b.target
+}
+
+impl Capture {
+    /// Starts from the standby's tree `state`.
+    pub fn new(root: &Path, state: Manifest, id_key: [u8; 32], chunker_seed: u64) -> Capture {
+        let known = state.chunk_ids().copied().collect();
+        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new() }
+    }
+
+    /// The tree the standby will have.
+    pub fn state(&self) -> &Manifest {
+        &self.state
+    }
+
+    fn push(&mut self, op: Op, out: &mut Pending) {
+        self.state.apply(&op);
+        out.ops.push(op);
+        out.marks.push(out.chunks.len());
+    }
+
+    /// Compares the whole tree.
+    pub fn full_scan(&mut self, out: &mut Pending) -> Result<(), ShadowError> {
+        if let Err(e) = fs::symlink_metadata(&self.root) {
+            return Err(ShadowError::io(&self.root, e));
+        }
+        self.scan_children(b"", out)
+    }
+
+    /// Compares the entries of directory `rel` (the root when empty) with the state, deeply,
+    /// and deletes what is gone.
+    fn scan_children(&mut self, rel: &[u8], out: &mut Pending) -> Result<(), ShadowError> {
+        let dir = if rel.is_empty() { self.root.clone() } else { path::join(&self.root, rel) };
+        let mut names: Vec<Vec<u8>> = match fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().as_bytes().to_vec()).collect(),
+            Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(20) => Vec::new(),
+            Err(e) => return Err(ShadowError::io(&dir, e)),
+        };
+        names.sort();
+        let child = |n: &[u8]| if rel.is_empty() { n.to_vec() } else { [rel, b"/", n].concat() };
+        let present: HashSet<Vec<u8>> = names.iter().map(|n| child(n)).collect();
+        let gone: Vec<Vec<u8>> = if rel.is_empty() {
+            self.state.iter().filter(|(k, _)| !k.contains(&b'/')).map(|(k, _)| k.clone()).filter(|k| !present.contains(k)).collect()
+        } else {
+            self.state.below(rel).filter(|(k, _)| path::parent(k) == Some(rel)).map(|(k, _)| k.clone()).filter(|k| !present.contains(k)).collect()
+        };
+        for g in gone {
+            self.push(Op::Delete { path: g }, out);
+        }
+        for n in names {
+            self.scan_path(&child(&n), true, out)?;
+        }
+        Ok(())
+    }
+
+    /// Compares one path with the state; a directory's contents too when `deep` or when the
+    /// standby does not have it as a directory yet.
+    pub fn scan_path(&mut self, rel: &[u8], deep: bool, out: &mut Pending) -> Result<(), ShadowError> {
+        let p = path::join(&self.root, rel);
+        let m = match fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(20) => {
+                if self.state.get(rel).is_some() {
+                    self.push(Op::Delete { path: rel.to_vec() }, out);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(ShadowError::io(&p, e)),
+        };
+        let mut node = node_from_meta(b"", &m);
+        let old = self.state.get(rel).cloned();
+        match node.kind {
+            NodeKind::File => {
+                if let Some(o) = &old {
+                    if unchanged(o, &node) && same_meta(o, &node) {
+                        return Ok(());
+                    }
+                    if o.kind == NodeKind::File && o.size == node.size && o.mtime_ns == node.mtime_ns && o.inode == node.inode {
+                        // Only the status changed (mode, owner): same content.
+                        node.content = o.content.clone();
+                        self.push(Op::Put { path: rel.to_vec(), node }, out);
+                        return Ok(());
+                    }
+                }
+                match self.read_file(&p, &mut node, out) {
+                    Ok(()) => self.push(Op::Put { path: rel.to_vec(), node }, out),
+                    // Gone or replaced meanwhile: its next event or scan says what it became.
+                    Err(ShadowError::Io { source, .. }) if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(40) => {}
+                    // Unreadable (permissions): left out, said once per scan, the rest goes on.
+                    Err(e) => tracing::warn!("{e}; not shadowed"),
+                }
+            }
+            NodeKind::Dir => {
+                let was_dir = old.as_ref().is_some_and(|o| o.kind == NodeKind::Dir);
+                if !old.as_ref().is_some_and(|o| same_meta(o, &node)) {
+                    self.push(Op::Put { path: rel.to_vec(), node }, out);
+                }
+                if deep || !was_dir {
+                    self.scan_children(rel, out)?;
+                }
+            }
+            NodeKind::Symlink => {
+                node.target = fs::read_link(&p).map(|t| t.as_os_str().as_bytes().to_vec()).unwrap_or_default();
+                if !old.as_ref().is_some_and(|o| same_meta(o, &node)) {
+                    self.push(Op::Put { path: rel.to_vec(), node }, out);
+                }
+            }
+            _ => {
+                if !old.as_ref().is_some_and(|o| same_meta(o, &node)) {
+                    self.push(Op::Put { path: rel.to_vec(), node }, out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A rename the watcher saw: recorded as one when the state has `from` and `to` is the
+    /// same inode now, so a moved directory costs one record; then `to` is compared as usual.
+    pub fn renamed(&mut self, from: &[u8], to: &[u8], out: &mut Pending) -> Result<(), ShadowError> {
+        let same = match (self.state.get(from), fs::symlink_metadata(path::join(&self.root, to))) {
+            (Some(o), Ok(m)) => o.inode == m.ino() && o.kind == node_from_meta(b"", &m).kind,
+            _ => false,
+        };
+        if same && !path::within(to, from) {
+            self.push(Op::Rename { from: from.to_vec(), to: to.to_vec() }, out);
+        }
+        self.scan_path(from, false, out)?;
+        self.scan_path(to, !same, out)
+    }
+
+    /// Reads and chunks a file into `node.content`, adding chunks the standby lacks to `out`.
+    /// A file that changes while read is read again (three times at most, then taken as read:
+    /// its next event brings the rest).
+    fn read_file(&mut self, p: &Path, node: &mut Node, out: &mut Pending) -> Result<(), ShadowError> {
+        for _ in 0..3 {
+            let f = fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(p).map_err(|e| ShadowError::io(p, e))?;
+            let mut ids = Vec::new();
+            let mut fresh: Vec<(Id, Vec<u8>)> = Vec::new();
+            let mut buf = std::mem::take(&mut self.buf);
+            let (key, known) = (&self.id_key, &self.known);
+            let r = self.chunker.for_each_chunk(&f, &mut buf, |c: &[u8]| -> Result<(), std::io::Error> {
+                let id = Id(*blake3::keyed_hash(key, c).as_bytes());
+                if !known.contains(&id) && !fresh.iter().any(|(i, _)| *i == id) {
+                    fresh.push((id, c.to_vec()));
+                }
+                ids.push(id);
+                Ok(())
+            });
+            self.buf = buf;
+            let size = r.map_err(|e| ShadowError::io(p, e))?;
+            let after = f.metadata().map_err(|e| ShadowError::io(p, e))?;
+            let now = node_from_meta(b"", &after);
+            let stable = now.size == size && now.mtime_ns == node.mtime_ns && now.size == node.size;
+            *node = Node { content: ids, ..now };
+            if stable || fresh.is_empty() {
+                self.add_chunks(fresh, out);
+                return Ok(());
+            }
+            self.add_chunks(fresh, out);
+        }
+        Ok(())
+    }
+
+    fn add_chunks(&mut self, fresh: Vec<(Id, Vec<u8>)>, out: &mut Pending) {
+        for (id, plain) in fresh {
+            if !self.known.insert(id) {
+                continue;
+            }
+            let z = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap_or_default();
+            out.chunks.push(ChunkMeta { id, raw_len: plain.len() as u32, zlen: z.len() as u32 });
+            out.data.extend_from_slice(&z);
+        }
+    }
+
+    /// Forgets that the standby has these chunks (it said so).
+    pub fn forget_chunks(&mut self, ids: &[Id]) {
+        for id in ids {
+            self.known.remove(id);
+        }
+    }
+}
+
+/// A relative path of the tree for an absolute one the watcher reported (`None` outside it or
+/// for the root itself).
+pub fn relative(root: &Path, p: &Path) -> Option<Vec<u8>> {
+    let r = p.strip_prefix(root).ok()?.as_os_str().as_bytes().to_vec();
+    (!r.is_empty() && path::check(&r).is_ok()).then_some(r)
+}

@@ -1,0 +1,220 @@
+//! The state of a shadowed tree: every path with its node. The primary, the standby and a
+//! point-in-time restore all change it with the same [`Manifest::apply`], so they agree on what
+//! a sequence of records means.
+
+use crate::path;
+use crate::record::Op;
+use kura_repo::{Id, Node, NodeKind};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version of an encoded manifest.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Paths (relative, raw bytes) and their nodes; a path's parent is always a directory entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    entries: BTreeMap<Vec<u8>, Node>,
+}
+
+/// The range of keys strictly below `dir` (`dir/` up to `dir0`: `0` follows `/`).
+fn below(dir: &[u8]) -> (std::ops::Bound<Vec<u8>>, std::ops::Bound<Vec<u8>>) {
+    let mut lo = dir.to_vec();
+    lo.push(b'/');
+    let mut hi = dir.to_vec();
+    hi.push(b'0');
+    (std::ops::Bound::Included(lo), std::ops::Bound::Excluded(hi))
+}
+
+/// The directory a parent that was not a directory turns into.
+pub fn implicit_dir() -> Node {
+    let mut n = Node::new(Vec::new(), NodeKind::Dir);
+    n.mode = 0o755;
+    n
+}
+
+impl Manifest {
+    /// The node at `p`.
+    pub fn get(&self, p: &[u8]) -> Option<&Node> {
+        self.entries.get(p)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry in path order (a directory before what it holds).
+    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Node)> {
+        self.entries.iter()
+    }
+
+    /// The entries strictly below `dir`.
+    pub fn below(&self, dir: &[u8]) -> impl Iterator<Item = (&Vec<u8>, &Node)> {
+        self.entries.range(below(dir))
+    }
+
+    /// Every chunk id a file uses.
+    pub fn chunk_ids(&self) -> impl Iterator<Item = &Id> {
+        self.entries.values().flat_map(|n| n.content.iter())
+    }
+
+    fn remove_tree(&mut self, p: &[u8]) {
+        self.entries.remove(p);
+        let gone: Vec<Vec<u8>> = self.entries.range(below(p)).map(|(k, _)| k.clone()).collect();
+        for k in gone {
+            self.entries.remove(&k);
+        }
+    }
+
+    /// Makes every ancestor of `p` a directory (replacing files and links in the way).
+    fn make_parents(&mut self, p: &[u8]) {
+        for a in path::ancestors(p) {
+            match self.entries.get(a) {
+                Some(n) if n.kind == NodeKind::Dir => {}
+                Some(_) => {
+                    self.entries.remove(a);
+                    self.entries.insert(a.to_vec(), implicit_dir());
+                }
+                None => {
+                    self.entries.insert(a.to_vec(), implicit_dir());
+                }
+            }
+        }
+    }
+
+    /// Applies one change. Paths must have passed [`path::check`].
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Put { path: p, node } => {
+                self.make_parents(p);
+                if node.kind != NodeKind::Dir && self.entries.get(p.as_slice()).is_some_and(|n| n.kind == NodeKind::Dir) {
+                    self.remove_tree(p);
+                }
+                self.entries.insert(p.clone(), node.clone());
+            }
+            Op::Delete { path: p } => self.remove_tree(p),
+            Op::Rename { from, to } => {
+                if from == to || path::within(to, from) || !self.entries.contains_key(from.as_slice()) {
+                    return;
+                }
+                let mut moved: Vec<(Vec<u8>, Node)> = self.entries.range(below(from)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                let top = self.entries.remove(from.as_slice());
+                for (k, _) in &moved {
+                    self.entries.remove(k);
+                }
+                self.remove_tree(to);
+                self.make_parents(to);
+                if let Some(top) = top {
+                    self.entries.insert(to.clone(), top);
+                }
+                for (k, v) in moved.drain(..) {
+                    let mut nk = to.clone();
+                    nk.extend_from_slice(&k[from.len()..]);
+                    self.entries.insert(nk, v);
+                }
+            }
+        }
+    }
+
+    /// Encoded for the wire (`GET .../manifest`).
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(&(MANIFEST_VERSION, self)).unwrap_or_default()
+    }
+
+    /// Decodes [`Manifest::encode`]'s bytes.
+    pub fn decode(b: &[u8]) -> Result<Manifest, String> {
+        let (v, m): (u32, Manifest) = postcard::from_bytes(b).map_err(|e| format!("manifest does not decode: {e}"))?;
+        if v != MANIFEST_VERSION {
+            return Err(format!("manifest version {v} is not supported"));
+        }
+        if let Some(k) = m.entries.keys().find(|k| path::check(k).is_err()) {
+            return Err(format!("manifest names a bad path {:?}", path::show(k)));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn file(c: u8) -> Node {
+        let mut n = Node::new(Vec::new(), NodeKind::File);
+        n.content = vec![Id([c; 32])];
+        n
+    }
+    fn put(p: &str, n: Node) -> Op {
+        Op::Put { path: p.as_bytes().to_vec(), node: n }
+    }
+    fn keys(m: &Manifest) -> Vec<String> {
+        m.iter().map(|(k, _)| path::show(k)).collect()
+    }
+
+    #[test]
+    fn puts_make_parents_and_deletes_take_subtrees() {
+        let mut m = Manifest::default();
+        m.apply(&put("a/b/c", file(1)));
+        m.apply(&put("ab", file(2)));
+        assert_eq!(keys(&m), ["a", "a/b", "a/b/c", "ab"]);
+        m.apply(&Op::Delete { path: b"a".to_vec() });
+        assert_eq!(keys(&m), ["ab"]);
+        // A file under a file: the file in the way becomes a directory.
+        m.apply(&put("ab/x", file(3)));
+        assert_eq!(m.get(b"ab").unwrap().kind, NodeKind::Dir);
+        // A file over a directory replaces the whole subtree.
+        m.apply(&put("ab", file(4)));
+        assert_eq!(keys(&m), ["ab"]);
+    }
+
+    #[test]
+    fn renames_move_subtrees_and_replace_the_target() {
+        let mut m = Manifest::default();
+        m.apply(&put("d/x", file(1)));
+        m.apply(&put("d/y/z", file(2)));
+        m.apply(&put("e/old", file(3)));
+        m.apply(&Op::Rename { from: b"d".to_vec(), to: b"e".to_vec() });
+        assert_eq!(keys(&m), ["e", "e/x", "e/y", "e/y/z"]);
+        assert_eq!(m.get(b"e/y/z").unwrap().content, vec![Id([2; 32])]);
+        // Into itself, or from nowhere: nothing happens.
+        let before = m.clone();
+        m.apply(&Op::Rename { from: b"e".to_vec(), to: b"e/y/q".to_vec() });
+        m.apply(&Op::Rename { from: b"nope".to_vec(), to: b"e".to_vec() });
+        assert_eq!(m, before);
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    proptest! {
+        /// Whatever the order of changes, every entry's parent is a directory in the manifest.
+        #[test]
+        fn parents_are_always_directories(ops in proptest::collection::vec((0u8..4, 0usize..6, 0usize..6), 0..40)) {
+            let names = ["a", "a/b", "a/b/c", "b", "b/a", "c"];
+            let mut m = Manifest::default();
+            for (kind, x, y) in ops {
+                let op = match kind {
+                    0 => put(names[x], file(1)),
+                    1 => put(names[x], implicit_dir()),
+                    2 => Op::Delete { path: names[x].as_bytes().to_vec() },
+                    _ => Op::Rename { from: names[x].as_bytes().to_vec(), to: names[y].as_bytes().to_vec() },
+                };
+                m.apply(&op);
+                for (k, _) in m.iter() {
+                    if let Some(p) = path::parent(k) {
+                        prop_assert_eq!(m.get(p).map(|n| n.kind), Some(NodeKind::Dir), "{:?}", path::show(k));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic_the_decoder(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Manifest::decode(&b);
+        }
+    }
+}

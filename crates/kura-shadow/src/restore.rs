@@ -1,0 +1,99 @@
+//! Point in time, on the standby: the tree as it was at any moment the journal covers,
+//! materialised into a new directory (all of it or one path), and the list of changes that
+//! finds the moment before a mistake.
+
+use crate::apply::{self, Chunks};
+use crate::journal::{Entry, Journal, StreamFile};
+use crate::{ShadowError, path};
+use kura_repo::{Id, NodeKind};
+use std::path::Path;
+
+struct ReadOnly<'a>(&'a Journal);
+
+impl Chunks for ReadOnly<'_> {
+    fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
+        self.0
+            .chunk(id)
+            .ok_or_else(|| ShadowError::Corrupt { what: "journal".into(), detail: format!("chunk {} is not in the journal", id.short()) })?
+            .read(self.0.id_key())
+    }
+}
+
+/// Opens a stream's journal read-only (`dir` is the stream's directory, holding `stream.json`).
+pub fn open(dir: &Path) -> Result<Journal, ShadowError> {
+    if !dir.join("stream.json").exists() {
+        return Err(ShadowError::Usage(format!("{} is not a shadow stream's directory (no stream.json)", dir.display())));
+    }
+    let f = StreamFile::load(dir, false)?;
+    Journal::open(&dir.join("journal"), f.id_key(), true)
+}
+
+/// What a restore wrote.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Restored {
+    /// The newest record included.
+    pub seq: u64,
+    /// Its receive time (ns), 0 when none.
+    pub time_ns: i64,
+    /// Files written.
+    pub files: u64,
+    /// Directories and other entries.
+    pub others: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+}
+
+/// Writes the tree as of `at_ns` (records received up to then), or the part at and below
+/// `only`, into `target`, which must be empty or absent.
+pub fn restore(j: &Journal, at_ns: i64, only: Option<&[u8]>, target: &Path) -> Result<Restored, ShadowError> {
+    if let Some(p) = only {
+        path::check(p).map_err(ShadowError::Usage)?;
+    }
+    match std::fs::read_dir(target) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(ShadowError::Usage(format!("{} is not empty: restore into a new directory", target.display())));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(target).map_err(|e| ShadowError::io(target, e))?,
+        Err(e) => return Err(ShadowError::io(target, e)),
+    }
+    let seq = j.seq_at(at_ns);
+    let m = j.manifest_at(seq);
+    let mut done = Restored { seq, time_ns: j.entries().iter().find(|e| e.seq == seq).map(|e| e.recv_ns).unwrap_or(0), ..Restored::default() };
+    let chunks = ReadOnly(j);
+    let mut dirs = Vec::new();
+    for (rel, n) in m.iter() {
+        if only.is_some_and(|p| !path::within(rel, p)) {
+            continue;
+        }
+        apply::put(target, rel, n, &chunks)?;
+        if n.kind == NodeKind::File {
+            done.files += 1;
+            done.bytes += n.size;
+        } else {
+            done.others += 1;
+        }
+        if n.kind == NodeKind::Dir {
+            dirs.push((rel, n));
+        }
+    }
+    if let Some(p) = only
+        && m.get(p).is_none()
+    {
+        return Err(ShadowError::Usage(format!("{} did not exist at that time (record {seq})", path::show(p))));
+    }
+    for (rel, n) in dirs.into_iter().rev() {
+        let t = filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32);
+        let _ = filetime::set_symlink_file_times(path::join(target, rel), t, t);
+    }
+    Ok(done)
+}
+
+/// The records touching `only` (all when `None`) received at or after `since_ns`.
+pub fn log<'a>(j: &'a Journal, only: Option<&'a [u8]>, since_ns: i64) -> Vec<&'a Entry> {
+    match only {
+        Some(p) => j.touching(p).filter(|e| e.recv_ns >= since_ns).collect(),
+        None => j.entries().iter().filter(|e| e.recv_ns >= since_ns).collect(),
+    }
+}

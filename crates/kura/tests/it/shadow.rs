@@ -1,0 +1,245 @@
+//! Directory shadowing with real processes: `kura serve` receiving a stream, `kura shadow push`
+//! watching a source tree, both killed with SIGKILL; point-in-time restore of a deleted
+//! directory from the journal; what a primary's token can and cannot do.
+
+use crate::server::Server;
+use crate::util::{BIN, assert_same_tree, bytes, no_panic, sample_tree, stderr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server receiving stream `www` into `<dir>/mirror`, with a shadow token for it.
+struct Standby {
+    server: Server,
+    token: String,
+    mdir: tempfile::TempDir,
+}
+
+impl Standby {
+    fn start() -> Standby {
+        let mdir = tempfile::tempdir().unwrap();
+        let server = Server::start(&format!("[[stream]]\nname = \"www\"\nmirror = \"{}\"\n", mdir.path().join("mirror").display()));
+        let o = Command::new(BIN).args(["serve", "-c"]).arg(&server.config).args(["token", "add", "--role", "shadow", "--repository", "www"]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let token = String::from_utf8(o.stdout).unwrap().trim().to_string();
+        // The running server picks the new token up within a second.
+        let t = Instant::now();
+        while server.http().get(format!("https://{}/v1/shadow/www", server.addr)).bearer_auth(&token).send().unwrap().status() != 200 {
+            assert!(t.elapsed() < Duration::from_secs(10), "the server never accepted the new token");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Standby { server, token, mdir }
+    }
+
+    fn mirror(&self) -> PathBuf {
+        self.mdir.path().join("mirror")
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.server.dir.path().join("state/shadow/www")
+    }
+
+    fn url(&self) -> String {
+        format!("kura://{}/www", self.server.addr)
+    }
+
+    fn kura(&self, token: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).env("KURA_TOKEN", token).env("KURA_FINGERPRINT", &self.server.fingerprint).env_remove("KURA_TOKEN_FILE");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let o = self.kura(&self.token, args).output().unwrap();
+        no_panic(&o);
+        o
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "kura {args:?} failed ({:?}): {}", o.status.code(), stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `kura shadow push` watching `src`, in the background.
+    fn pusher(&self, src: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        self.kura(&self.token, &["shadow", "push", "--source", src.to_str().unwrap(), "--to", &self.url(), "--rescan-every", "2s"])
+            .env("KURA_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["--json", "shadow", "status", "--to", &self.url()])).unwrap()
+    }
+}
+
+/// Waits until the mirror is the same tree as `src` (contents, modes, mtimes, links).
+fn converge(sb: &Standby, src: &Path, what: &str) {
+    let t = Instant::now();
+    loop {
+        let same = std::panic::catch_unwind(|| assert_same_tree(src, &sb.mirror())).is_ok();
+        if same {
+            return;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            assert_same_tree(src, &sb.mirror());
+            panic!("{what}: mirror did not converge");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let o = Command::new("cp").arg("-a").arg(from).arg(to).output().unwrap();
+    assert!(o.status.success());
+}
+
+fn kill9(c: &mut Child) {
+    c.kill().unwrap();
+    c.wait().unwrap();
+}
+
+#[test]
+fn a_deleted_directory_replayed_on_the_standby_comes_back_bit_exact_from_the_journal() {
+    let sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = sample_tree(work.path(), 1, 3 << 20, 30);
+    std::fs::create_dir_all(src.join("docs/deep")).unwrap();
+    for i in 0..20 {
+        std::fs::write(src.join(format!("docs/deep/r{i}.txt")), bytes(2000 + i * 333, 100 + i as u64)).unwrap();
+    }
+    // The first sync, then the standby's figures.
+    let out = sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    let sent: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let head = sent["head"].as_u64().unwrap();
+    assert!(head > 50, "{sent}");
+    sb.ok(&["shadow", "wait", &head.to_string(), "--to", &sb.url()]);
+    assert_same_tree(&src, &sb.mirror());
+    // A second sync of an unchanged tree sends nothing.
+    let again: serde_json::Value = serde_json::from_str(&sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"])).unwrap();
+    assert_eq!(again["records"], 0, "{again}");
+
+    // Live: the watcher sends changes as they happen.
+    let mut push = sb.pusher(&src, &work.path().join("push.log"));
+    std::fs::write(src.join("new.txt"), b"written while shadowed").unwrap();
+    std::fs::write(src.join("sub/f3"), bytes(9000, 77)).unwrap();
+    std::fs::rename(src.join("sub"), src.join("sub-renamed")).unwrap();
+    converge(&sb, &src, "live changes");
+    let before_mistake = work.path().join("before");
+    copy_tree(&src, &before_mistake);
+    std::thread::sleep(Duration::from_millis(1100));
+    let moment = jiff::Timestamp::now().to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+    // The mistake, replayed on the standby as it happens.
+    std::fs::remove_dir_all(src.join("docs")).unwrap();
+    converge(&sb, &src, "the deletion");
+    assert!(!sb.mirror().join("docs").exists());
+    kill9(&mut push);
+
+    // The log finds the deletion.
+    let log = sb.ok(&["shadow", "log", "--journal", sb.journal().to_str().unwrap(), "--path", "docs"]);
+    assert!(log.lines().any(|l| l.contains("delete") && l.ends_with(" docs")), "{log}");
+    // The directory as it was, and the whole tree as it was.
+    let out = work.path().join("docs-back");
+    sb.ok(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--at", &moment, "--path", "docs", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&before_mistake.join("docs"), &out.join("docs"));
+    let all = work.path().join("all-back");
+    sb.ok(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--at", &moment, "--target", all.to_str().unwrap()]);
+    assert_same_tree(&before_mistake, &all);
+    // A non-empty target is refused, and nothing is written into it.
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--at", &moment, "--target", all.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_mirror_converges_after_kill9_of_the_receiver_and_of_the_pusher() {
+    let mut sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = sample_tree(work.path(), 2, 1 << 20, 10);
+    let log = work.path().join("push.log");
+    let mut push = sb.pusher(&src, &log);
+    converge(&sb, &src, "initial sync");
+    // Receiver killed while changes keep coming.
+    for i in 0..30 {
+        std::fs::write(src.join(format!("burst{i}")), bytes(5000 + i, i as u64)).unwrap();
+        if i == 10 {
+            sb.server.restart();
+        }
+    }
+    std::fs::remove_file(src.join("burst3")).unwrap();
+    converge(&sb, &src, "after the receiver's restart");
+    // Pusher killed; changes made while it is down arrive when it is back.
+    kill9(&mut push);
+    std::fs::write(src.join("while-down"), b"made while the pusher was dead").unwrap();
+    std::fs::remove_dir_all(src.join("sub")).unwrap();
+    let mut push = sb.pusher(&src, &log);
+    converge(&sb, &src, "after the pusher's restart");
+    // Every record the journal holds is there once: the head is the number of records.
+    let st = sb.status();
+    assert_eq!(st["head"], st["records"], "{st}");
+    assert_eq!(st["applied"], st["head"], "{st}");
+    kill9(&mut push);
+}
+
+#[test]
+fn a_primary_token_can_only_append_to_its_own_stream() {
+    let sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = sample_tree(work.path(), 3, 100_000, 3);
+    sb.ok(&["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    let before = sb.status();
+    let http = sb.server.http();
+    let base = format!("https://{}/v1/shadow/www", sb.server.addr);
+    // No repository opens with it, and no verb deletes.
+    let r = http.get(format!("https://{}/v1/office/snapshots/", sb.server.addr)).bearer_auth(&sb.token).send().unwrap();
+    assert_eq!(r.status(), 403);
+    for path in ["", "/append", "/manifest"] {
+        let r = http.delete(format!("{base}{path}")).bearer_auth(&sb.token).send().unwrap();
+        assert_eq!(r.status(), 405, "DELETE {path}");
+    }
+    // Replaying an old record (rewriting history) is refused; so are paths out of the tree
+    // and bytes that do not match their chunk id.
+    let batch = |seq: u64, path: &[u8]| {
+        let mut node = kura_repo::Node::new(Vec::new(), kura_repo::NodeKind::Dir);
+        node.mode = 0o755;
+        let m = kura_shadow::record::BatchMeta {
+            version: kura_shadow::record::BATCH_VERSION,
+            epoch: 1,
+            records: vec![kura_shadow::Record { seq, at_ns: 0, op: kura_shadow::Op::Put { path: path.to_vec(), node } }],
+            chunks: vec![],
+        };
+        m.encode(&[])
+    };
+    let post = |token: &str, body: Vec<u8>| http.post(format!("{base}/append")).bearer_auth(token).body(body).send().unwrap().status().as_u16();
+    assert_eq!(post(&sb.token, batch(1, b"overwritten")), 409);
+    assert_eq!(post(&sb.token, batch(before["head"].as_u64().unwrap() + 1, b"../escape")), 400);
+    let fake = {
+        let m = kura_shadow::record::BatchMeta {
+            version: kura_shadow::record::BATCH_VERSION,
+            epoch: 1,
+            records: vec![],
+            chunks: vec![kura_shadow::record::ChunkMeta { id: kura_repo::Id([9; 32]), raw_len: 3, zlen: 12 }],
+        };
+        m.encode(&zstd_like(b"abc"))
+    };
+    assert_eq!(post(&sb.token, fake), 400);
+    // Other roles may not push; a backup token of another resource sees nothing.
+    assert_eq!(post(&sb.server.admin, batch(1, b"x")), 403, "the admin token opens only office");
+    assert_eq!(post(&sb.server.backup, batch(1, b"x")), 403);
+    let after = sb.status();
+    assert_eq!(before["head"], after["head"]);
+    assert_eq!(before["journal_bytes"], after["journal_bytes"]);
+    assert!(!sb.mdir.path().join("escape").exists());
+}
+
+/// 12 bytes that are a valid zstd frame of `b` or not: the id check fails either way.
+fn zstd_like(b: &[u8]) -> Vec<u8> {
+    let mut v = b.to_vec();
+    v.resize(12, 0);
+    v
+}
