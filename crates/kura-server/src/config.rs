@@ -47,6 +47,32 @@ pub struct StreamConfig {
     /// purpose); `0s` applies at once.
     #[serde(default = "default_delay")]
     pub apply_delay: String,
+    /// The mass-deletion breaker: hold (and alert) when more than this percentage of the
+    /// mirror's files would be deleted or truncated within `breaker_window`; 0 turns it off.
+    #[serde(default = "default_breaker_percent")]
+    pub breaker_files_percent: f64,
+    /// ...counting only bursts of at least this many files.
+    #[serde(default = "default_breaker_min")]
+    pub breaker_min_files: u64,
+    /// Hold also when more than this many bytes would go within the window (`10GiB`).
+    #[serde(default = "default_breaker_bytes")]
+    pub breaker_bytes: String,
+    /// The window bursts are summed over (`1m`).
+    #[serde(default = "default_breaker_window")]
+    pub breaker_window: String,
+}
+
+fn default_breaker_percent() -> f64 {
+    20.0
+}
+fn default_breaker_min() -> u64 {
+    100
+}
+fn default_breaker_bytes() -> String {
+    "10GiB".into()
+}
+fn default_breaker_window() -> String {
+    "1m".into()
 }
 
 fn default_delay() -> String {
@@ -59,9 +85,22 @@ impl StreamConfig {
         self.journal.clone().unwrap_or_else(|| state_dir.join("shadow").join(&self.name))
     }
 
-    /// The apply delay.
-    pub fn delay(&self) -> Result<Duration, ServerError> {
-        duration(&format!("stream {:?} apply_delay", self.name), &self.apply_delay)
+    /// How the stream is received: the apply delay and the breaker.
+    pub fn options(&self) -> Result<kura_shadow::StreamOptions, ServerError> {
+        let key = |k: &str| format!("stream {:?} {k}", self.name);
+        if !(0.0..=100.0).contains(&self.breaker_files_percent) {
+            return Err(ServerError::Config(format!("{} = {} is not a percentage", key("breaker_files_percent"), self.breaker_files_percent)));
+        }
+        Ok(kura_shadow::StreamOptions {
+            apply_delay: duration(&key("apply_delay"), &self.apply_delay)?,
+            breaker: kura_shadow::Breaker {
+                files_percent: self.breaker_files_percent,
+                min_files: self.breaker_min_files,
+                bytes: kura_ops::prune::parse_size(&self.breaker_bytes)
+                    .ok_or_else(|| ServerError::Config(format!("{} = {:?} is not a size like 10GiB", key("breaker_bytes"), self.breaker_bytes)))?,
+                window: duration(&key("breaker_window"), &self.breaker_window)?,
+            },
+        })
     }
 }
 
@@ -278,7 +317,7 @@ impl ServerConfig {
             if !names.insert(&st.name) || seen.contains(&st.name) {
                 return Err(ServerError::Config(format!("stream {:?} is listed twice (or is also a repository)", st.name)));
             }
-            st.delay()?;
+            st.options()?;
             if !st.mirror.is_absolute() {
                 return Err(ServerError::Config(format!("stream {:?}: mirror {} must be an absolute path", st.name, st.mirror.display())));
             }

@@ -120,6 +120,8 @@ pub fn router(state: Arc<api::AppState>) -> Router {
         .route("/v1/shadow/{stream}/manifest", get(shadow::manifest))
         .route("/v1/shadow/{stream}/append", axum::routing::post(shadow::append))
         .route("/v1/shadow/{stream}/wait", get(shadow::wait))
+        .route("/v1/shadow/{stream}/release", axum::routing::post(shadow::release))
+        .route("/v1/shadow/{stream}/discard", axum::routing::post(shadow::discard))
         .route("/v1/{repo}", get(api::repo_info))
         .route("/v1/{repo}/jobs", get(api::jobs_status))
         .route("/v1/{repo}/jobs/{job}", axum::routing::post(api::run_job))
@@ -166,7 +168,7 @@ pub fn run(cfg: &ServerConfig, ready: impl FnOnce(SocketAddr, &tls::Identity, us
     let repos = host_repos(cfg)?;
     let mut state = api::AppState::new(repos, cfg.tokens_path(), limits)?;
     for st in &cfg.streams {
-        let s = kura_shadow::Stream::open(&st.name, &st.journal_dir(&cfg.state_dir), &st.mirror, st.delay()?)
+        let s = kura_shadow::Stream::open(&st.name, &st.journal_dir(&cfg.state_dir), &st.mirror, st.options()?)
             .map_err(|e| ServerError::Config(format!("stream {:?}: {e}", st.name)))?;
         state.streams.insert(st.name.clone(), s);
     }

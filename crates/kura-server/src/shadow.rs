@@ -116,3 +116,27 @@ pub async fn wait(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAdd
         Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
 }
+
+/// `POST /v1/shadow/{stream}/release` (admin): the held burst of deletions goes to the mirror.
+pub async fn release(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+    operator(&state, &headers, peer, &stream, |s| s.release())
+}
+
+/// `POST /v1/shadow/{stream}/discard` (admin): the held deletions never reach the mirror.
+pub async fn discard(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+    operator(&state, &headers, peer, &stream, |s| s.discard())
+}
+
+fn operator(state: &AppState, headers: &HeaderMap, peer: SocketAddr, stream: &str, act: impl FnOnce(&Stream) -> Option<kura_shadow::Held>) -> Response {
+    let (tok, s) = match open(state, headers, peer, stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if tok.role != Role::Admin {
+        return err(StatusCode::FORBIDDEN, "only an admin token releases or discards held changes").into_response();
+    }
+    match act(&s) {
+        Some(h) => axum::Json(serde_json::json!({ "held": h })).into_response(),
+        None => err(StatusCode::CONFLICT, "nothing is held").into_response(),
+    }
+}

@@ -46,6 +46,8 @@ pub struct Capture {
     /// The standby's tree once everything pending is applied.
     state: Manifest,
     buf: Vec<u8>,
+    /// One compression context for every chunk (making one per chunk is costly).
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 /// Whether two nodes describe the same entry (content aside).
@@ -57,7 +59,7 @@ impl Capture {
     /// Starts from the standby's tree `state`.
     pub fn new(root: &Path, state: Manifest, id_key: [u8; 32], chunker_seed: u64) -> Capture {
         let known = state.chunk_ids().copied().collect();
-        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new() }
+        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new(), zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok() }
     }
 
     /// The tree the standby will have.
@@ -218,7 +220,12 @@ impl Capture {
             if !self.known.insert(id) {
                 continue;
             }
-            let z = zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap_or_default();
+            let z = match self.zstd.as_mut() {
+                Some(c) => c.compress(&plain),
+                None => zstd::bulk::compress(&plain, ZSTD_LEVEL),
+            };
+            // A context that failed (out of memory) is not trusted twice.
+            let z = z.or_else(|_| zstd::bulk::compress(&plain, ZSTD_LEVEL)).unwrap_or_default();
             out.chunks.push(ChunkMeta { id, raw_len: plain.len() as u32, zlen: z.len() as u32 });
             out.data.extend_from_slice(&z);
         }

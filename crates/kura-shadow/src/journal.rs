@@ -193,12 +193,19 @@ impl Journal {
         self.chunks.get(id).map(|l| ChunkHandle { file: self.segments[l.seg].file.clone(), off: l.off, meta: l.meta })
     }
 
-    /// Appends a checked batch (`body` as received, `meta` decoded from it) and makes it
-    /// durable. Returns the receive time recorded.
+    /// Appends a checked batch (`body` as received, `meta` decoded from it). It is written but
+    /// not yet durable: [`Journal::last_segment`] and a `sync_data` make it so (one sync covers
+    /// every frame written before it, so concurrent appends share it). Returns the receive time
+    /// recorded.
     pub fn append(&mut self, body: &[u8], meta: &BatchMeta, data_off: usize) -> Result<i64, ShadowError> {
         let recv_ns = crate::now_ns().max(self.last_recv);
         let first = meta.records.first().map(|r| r.seq).unwrap_or(self.head() + 1);
         if self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES) {
+            // A closed segment is durable before the next one starts: only the last one ever
+            // needs a sync.
+            if let Some(s) = self.segments.last() {
+                s.file.sync_data().map_err(|e| ShadowError::io(&s.path, e))?;
+            }
             let p = self.dir.join(seg_name(first));
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
@@ -213,7 +220,7 @@ impl Journal {
         frame.extend_from_slice(&blake3::hash(body).as_bytes()[..16]);
         frame.extend_from_slice(body);
         let at = s.len;
-        let r = s.file.write_all_at(&frame, at).and_then(|_| s.file.sync_data());
+        let r = s.file.write_all_at(&frame, at);
         if let Err(e) = r {
             // Leave no partial frame for the next append to follow.
             let _ = s.file.set_len(at);
@@ -224,11 +231,24 @@ impl Journal {
         Ok(recv_ns)
     }
 
+    /// The segment appends go to, to sync it without holding the journal.
+    pub fn last_segment(&self) -> Option<(Arc<File>, PathBuf)> {
+        self.segments.last().map(|s| (s.file.clone(), s.path.clone()))
+    }
+
     /// The tree after every record up to and including `seq`.
     pub fn manifest_at(&self, seq: u64) -> crate::Manifest {
+        self.manifest_skipping(seq, &std::collections::BTreeSet::new())
+    }
+
+    /// The same without the records in `skip` (deletions an operator discarded: the mirror's
+    /// tree).
+    pub fn manifest_skipping(&self, seq: u64, skip: &std::collections::BTreeSet<u64>) -> crate::Manifest {
         let mut m = crate::Manifest::default();
         for e in self.entries.iter().take_while(|e| e.seq <= seq) {
-            m.apply(&e.op);
+            if !skip.contains(&e.seq) {
+                m.apply(&e.op);
+            }
         }
         m
     }

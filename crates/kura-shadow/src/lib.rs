@@ -18,7 +18,7 @@ pub mod stream;
 pub use journal::Journal;
 pub use manifest::Manifest;
 pub use record::{Op, Record};
-pub use stream::{AppendError, Stream, StreamStatus};
+pub use stream::{AppendError, Breaker, Held, Stream, StreamOptions, StreamStatus};
 
 /// Errors of the shadow library.
 #[derive(Debug, thiserror::Error)]

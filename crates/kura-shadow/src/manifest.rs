@@ -15,6 +15,11 @@ pub const MANIFEST_VERSION: u32 = 1;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     entries: BTreeMap<Vec<u8>, Node>,
+    /// Regular files and their bytes (kept as entries change; not encoded).
+    #[serde(skip)]
+    files: u64,
+    #[serde(skip)]
+    bytes: u64,
 }
 
 /// The range of keys strictly below `dir` (`dir/` up to `dir0`: `0` follows `/`).
@@ -64,11 +69,44 @@ impl Manifest {
         self.entries.values().flat_map(|n| n.content.iter())
     }
 
+    fn ins(&mut self, k: Vec<u8>, n: Node) {
+        if n.kind == NodeKind::File {
+            self.files += 1;
+            self.bytes = self.bytes.saturating_add(n.size);
+        }
+        if let Some(old) = self.entries.insert(k, n) {
+            self.uncount(&old);
+        }
+    }
+
+    fn rem(&mut self, k: &[u8]) -> Option<Node> {
+        let n = self.entries.remove(k)?;
+        self.uncount(&n);
+        Some(n)
+    }
+
+    fn uncount(&mut self, n: &Node) {
+        if n.kind == NodeKind::File {
+            self.files = self.files.saturating_sub(1);
+            self.bytes = self.bytes.saturating_sub(n.size);
+        }
+    }
+
+    /// Regular files, and their bytes.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.files, self.bytes)
+    }
+
+    /// Regular files at or below `p`, and their bytes.
+    pub fn totals_at(&self, p: &[u8]) -> (u64, u64) {
+        self.entries.get(p).into_iter().chain(self.entries.range(below(p)).map(|(_, n)| n)).filter(|n| n.kind == NodeKind::File).fold((0, 0), |(f, b), n| (f + 1, b + n.size))
+    }
+
     fn remove_tree(&mut self, p: &[u8]) {
-        self.entries.remove(p);
+        self.rem(p);
         let gone: Vec<Vec<u8>> = self.entries.range(below(p)).map(|(k, _)| k.clone()).collect();
         for k in gone {
-            self.entries.remove(&k);
+            self.rem(&k);
         }
     }
 
@@ -77,13 +115,7 @@ impl Manifest {
         for a in path::ancestors(p) {
             match self.entries.get(a) {
                 Some(n) if n.kind == NodeKind::Dir => {}
-                Some(_) => {
-                    self.entries.remove(a);
-                    self.entries.insert(a.to_vec(), implicit_dir());
-                }
-                None => {
-                    self.entries.insert(a.to_vec(), implicit_dir());
-                }
+                Some(_) | None => self.ins(a.to_vec(), implicit_dir()),
             }
         }
     }
@@ -96,7 +128,7 @@ impl Manifest {
                 if node.kind != NodeKind::Dir && self.entries.get(p.as_slice()).is_some_and(|n| n.kind == NodeKind::Dir) {
                     self.remove_tree(p);
                 }
-                self.entries.insert(p.clone(), node.clone());
+                self.ins(p.clone(), node.clone());
             }
             Op::Delete { path: p } => self.remove_tree(p),
             Op::Rename { from, to } => {
@@ -104,19 +136,19 @@ impl Manifest {
                     return;
                 }
                 let mut moved: Vec<(Vec<u8>, Node)> = self.entries.range(below(from)).map(|(k, v)| (k.clone(), v.clone())).collect();
-                let top = self.entries.remove(from.as_slice());
+                let top = self.rem(from);
                 for (k, _) in &moved {
-                    self.entries.remove(k);
+                    self.rem(k);
                 }
                 self.remove_tree(to);
                 self.make_parents(to);
                 if let Some(top) = top {
-                    self.entries.insert(to.clone(), top);
+                    self.ins(to.clone(), top);
                 }
                 for (k, v) in moved.drain(..) {
                     let mut nk = to.clone();
                     nk.extend_from_slice(&k[from.len()..]);
-                    self.entries.insert(nk, v);
+                    self.ins(nk, v);
                 }
             }
         }
@@ -129,7 +161,8 @@ impl Manifest {
 
     /// Decodes [`Manifest::encode`]'s bytes.
     pub fn decode(b: &[u8]) -> Result<Manifest, String> {
-        let (v, m): (u32, Manifest) = postcard::from_bytes(b).map_err(|e| format!("manifest does not decode: {e}"))?;
+        let (v, mut m): (u32, Manifest) = postcard::from_bytes(b).map_err(|e| format!("manifest does not decode: {e}"))?;
+        (m.files, m.bytes) = m.entries.values().filter(|n| n.kind == NodeKind::File).fold((0u64, 0u64), |(f, b), n| (f + 1, b.saturating_add(n.size)));
         if v != MANIFEST_VERSION {
             return Err(format!("manifest version {v} is not supported"));
         }
@@ -204,6 +237,8 @@ mod tests {
                     _ => Op::Rename { from: names[x].as_bytes().to_vec(), to: names[y].as_bytes().to_vec() },
                 };
                 m.apply(&op);
+                let counted = m.iter().filter(|(_, n)| n.kind == NodeKind::File).count() as u64;
+                prop_assert_eq!(m.totals().0, counted);
                 for (k, _) in m.iter() {
                     if let Some(p) = path::parent(k) {
                         prop_assert_eq!(m.get(p).map(|n| n.kind), Some(NodeKind::Dir), "{:?}", path::show(k));

@@ -22,6 +22,8 @@ const BATCH_RECORDS: usize = 4096;
 const QUIET: Duration = Duration::from_millis(2);
 /// ...or this long after its first.
 const COALESCE: Duration = Duration::from_millis(10);
+/// A file kept open for writing is compared at least this often.
+const WRITE_WAIT: Duration = Duration::from_secs(1);
 
 /// Where and how to push.
 #[derive(Debug, Clone)]
@@ -121,6 +123,16 @@ impl Link {
         }
         let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))?;
         v.get("head").and_then(|h| h.as_u64()).ok_or_else(|| ShadowError::Remote(format!("{}: no head in the answer", self.base)))
+    }
+
+    /// An operator's `release` or `discard` of held changes; returns what was held.
+    pub fn operate(&self, verb: &str) -> Result<crate::Held, ShadowError> {
+        let (s, b) = self.send(self.client.post(format!("{}/{verb}", self.base)))?;
+        if s != 200 {
+            return Err(self.refusal(s, &b));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))?;
+        serde_json::from_value(v["held"].clone()).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))
     }
 
     /// Waits until record `seq` is applied on the standby (at most `timeout`).
@@ -255,14 +267,22 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
     s.flush(link, &mut p, total)?;
     tracing::info!(head = total.head, "shadow push: in sync with the standby");
     let mut last_scan = Instant::now();
+    // Files written to and not yet closed: compared at their close (a half-written file is a
+    // state nobody wants on the standby), or after WRITE_WAIT for a writer that keeps its file
+    // open (a log).
+    let mut writing: std::collections::HashMap<Vec<u8>, Instant> = std::collections::HashMap::new();
     loop {
-        let wait = opts.rescan_every.saturating_sub(last_scan.elapsed()).max(Duration::from_millis(1));
+        let mut wait = opts.rescan_every.saturating_sub(last_scan.elapsed());
+        if let Some(oldest) = writing.values().min() {
+            wait = wait.min(WRITE_WAIT.saturating_sub(oldest.elapsed()));
+        }
+        let wait = wait.max(Duration::from_millis(1));
         let first = match rx.recv_timeout(wait) {
             Ok(e) => Some(e),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ShadowError::Usage("the file watcher stopped".into())),
         };
-        let mut rescan = first.is_none();
+        let mut rescan = last_scan.elapsed() >= opts.rescan_every;
         let mut events = Vec::new();
         events.extend(first);
         // A file is usually created, written and closed in a few syscalls: wait for the rest
@@ -303,12 +323,24 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
                             }
                         }
                         (EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)), _) => {}
+                        (EventKind::Modify(ModifyKind::Data(_)) | EventKind::Create(notify::event::CreateKind::File), _) => {
+                            for path in &ev.paths {
+                                if let Some(rel) = relative(&opts.source, path) {
+                                    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                                        writing.entry(rel).or_insert_with(Instant::now);
+                                    } else if seen.insert(rel.clone()) {
+                                        dirty.push(rel);
+                                    }
+                                }
+                            }
+                        }
                         _ => {
                             for path in &ev.paths {
-                                if let Some(rel) = relative(&opts.source, path)
-                                    && seen.insert(rel.clone())
-                                {
-                                    dirty.push(rel);
+                                if let Some(rel) = relative(&opts.source, path) {
+                                    writing.remove(&rel);
+                                    if seen.insert(rel.clone()) {
+                                        dirty.push(rel);
+                                    }
                                 }
                             }
                         }
@@ -317,6 +349,14 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
             }
             if p.data.len() >= BATCH_DATA {
                 s.flush(link, &mut p, total)?;
+            }
+        }
+        for (rel, since) in writing.iter_mut() {
+            if since.elapsed() >= WRITE_WAIT {
+                *since = Instant::now();
+                if seen.insert(rel.clone()) {
+                    dirty.push(rel.clone());
+                }
             }
         }
         // Halves never paired: moved in from or out to another place.

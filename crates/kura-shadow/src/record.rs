@@ -141,7 +141,22 @@ impl BatchMeta {
 
 /// Decompresses a chunk and checks it against its id.
 pub fn open_chunk(id_key: &[u8; 32], c: &ChunkMeta, stored: &[u8]) -> Result<Vec<u8>, String> {
-    let plain = zstd::bulk::decompress(stored, c.raw_len as usize).map_err(|e| format!("chunk {} does not decompress: {e}", c.id.short()))?;
+    thread_local! {
+        // A decompression context per thread: making one per chunk cost 7% of a standby's CPU.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    let plain = DCTX
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(stored, c.raw_len as usize),
+                None => Err(std::io::Error::other("no zstd context")),
+            }
+        })
+        .map_err(|e| format!("chunk {} does not decompress: {e}", c.id.short()))?;
     if plain.len() != c.raw_len as usize || blake3::keyed_hash(id_key, &plain).as_bytes() != &c.id.0 {
         return Err(format!("chunk {} does not match its id", c.id.short()));
     }

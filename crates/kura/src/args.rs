@@ -146,6 +146,19 @@ pub enum ShadowCommand {
         #[arg(long, default_value = "60s")]
         timeout: String,
     },
+    /// Apply a mass deletion the standby's breaker holds (admin token of the stream).
+    Release {
+        /// The standby's stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
+    },
+    /// Drop a held mass deletion: the mirror keeps those files, later changes are applied
+    /// (admin token of the stream).
+    Discard {
+        /// The standby's stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
+    },
     /// List the changes the journal holds (on the standby), to find the moment before a mistake.
     Log {
         /// The stream's directory (`<state_dir>/shadow/<name>` unless configured).

@@ -101,12 +101,15 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                         epoch: f.epoch,
                         head: j.head(),
                         applied,
+                        durable: j.head(),
                         head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(0),
                         oldest_time_ns: e.first().map(|e| e.recv_ns).unwrap_or(0),
                         records: e.len() as u64,
                         chunks: chunks as u64,
                         journal_bytes: bytes,
                         apply_error: None,
+                        held: None,
+                        discarded: 0,
                         id_key: String::new(),
                         chunker_seed: 0,
                     }
@@ -120,11 +123,31 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 println!("role          standby (epoch {})", st.epoch);
                 println!("head          record {} received {}", st.head, show_time(st.head_time_ns));
                 println!("applied       record {} ({} behind)", st.applied, st.head.saturating_sub(st.applied));
+                println!("durable       record {}", st.durable);
                 println!("window        {} records since {}", st.records, show_time(st.oldest_time_ns));
                 println!("journal       {} bytes, {} chunks", st.journal_bytes, st.chunks);
                 if let Some(e) = &st.apply_error {
                     println!("apply error   {e}");
                 }
+                if let Some(h) = &st.held {
+                    println!("HELD          since record {} ({}): {}", h.seq, show_time(h.since_ns), h.reason);
+                    println!("              kura shadow release --to URL applies it; kura shadow discard --to URL drops it");
+                }
+                if st.discarded > 0 {
+                    println!("discarded     {} records never applied to the mirror", st.discarded);
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        ShadowCommand::Release { to } | ShadowCommand::Discard { to } => {
+            let verb = if matches!(c, ShadowCommand::Release { .. }) { "release" } else { "discard" };
+            let (l, ..) = link(cli, to)?;
+            let held = l.operate(verb)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&held)?);
+            } else if !cli.quiet {
+                let done = if verb == "release" { "applied to the mirror" } else { "dropped: the mirror keeps those files" };
+                eprintln!("kura: the changes held since record {} ({}) are {done}", held.seq, held.reason);
             }
             Ok(Outcome::Ok)
         }

@@ -243,3 +243,96 @@ fn zstd_like(b: &[u8]) -> Vec<u8> {
     v.resize(12, 0);
     v
 }
+
+/// Waits for `cond` on the standby's status, at most 30 s.
+fn status_until(sb: &Standby, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let st = sb.status();
+        if cond(&st) {
+            return st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_buggy_script_s_rm_rf_is_held_by_the_breaker_then_discarded_or_released() {
+    let sb = Standby::start();
+    let admin = {
+        let o = Command::new(BIN).args(["serve", "-c"]).arg(&sb.server.config).args(["token", "add", "--role", "admin", "--repository", "www"]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("data");
+    for d in 0..4 {
+        std::fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
+        for i in 0..60 {
+            std::fs::write(src.join(format!("d{d}/f{i}")), bytes(300 + i, (d * 100 + i) as u64)).unwrap();
+        }
+    }
+    let mut push = sb.pusher(&src, &work.path().join("push.log"));
+    converge(&sb, &src, "initial sync");
+    // Small changes pass: 10 deletions of 240 files.
+    for i in 0..10 {
+        std::fs::remove_file(src.join(format!("d0/f{i}"))).unwrap();
+    }
+    converge(&sb, &src, "a few deletions");
+    copy_tree(&src, &work.path().join("kept2"));
+    let kept = work.path().join("kept2");
+    // The buggy maintenance script: rm -rf of everything.
+    for e in std::fs::read_dir(&src).unwrap() {
+        std::fs::remove_dir_all(e.unwrap().path()).unwrap();
+    }
+    let st = status_until(&sb, "the breaker holds", |st| !st["held"].is_null());
+    assert!(st["held"]["reason"].as_str().unwrap().contains("files would be deleted"), "{st}");
+    // The journal has the deletion; the mirror still has every file.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_same_tree(&kept, &sb.mirror());
+    let text = sb.ok(&["shadow", "status", "--to", &sb.url()]);
+    assert!(text.contains("HELD"), "{text}");
+    // The primary's token cannot release it.
+    let o = sb.run(&["shadow", "release", "--to", &sb.url()]);
+    assert_eq!(o.status.code(), Some(13), "{}", stderr(&o));
+    // Discard: the deletions never reach the mirror; new files written afterwards do.
+    std::fs::write(src.join("after.txt"), b"written after the mistake").unwrap();
+    let o = sb.kura(&admin, &["shadow", "discard", "--to", &sb.url()]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    status_until(&sb, "discard applied", |st| st["held"].is_null() && st["applied"] == st["head"] && st["discarded"].as_u64() > Some(0));
+    let t = Instant::now();
+    while !sb.mirror().join("after.txt").exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the file written after the discard never arrived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(sb.mirror().join("after.txt")).unwrap(), b"written after the mistake");
+    for d in 0..4 {
+        assert_same_tree(&kept.join(format!("d{d}")), &sb.mirror().join(format!("d{d}")));
+    }
+    // A receiver restart keeps the discarded files (the mirror is reconciled without them).
+    kill9(&mut push);
+    let mut sb = sb;
+    sb.server.restart();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sb.mirror().join("d1/f5").exists(), "the restart's reconcile deleted a discarded file");
+    // Release: the next mass deletion is held, then applied as the operator says.
+    let mut push = sb.pusher(&src, &work.path().join("push.log"));
+    for d in 0..4 {
+        std::fs::create_dir_all(src.join(format!("e{d}"))).unwrap();
+        for i in 0..60 {
+            std::fs::write(src.join(format!("e{d}/g{i}")), bytes(200 + i, i as u64)).unwrap();
+        }
+    }
+    status_until(&sb, "the new files", |st| st["applied"] == st["head"] && st["held"].is_null());
+    for d in 0..4 {
+        std::fs::remove_dir_all(src.join(format!("e{d}"))).unwrap();
+    }
+    status_until(&sb, "held again", |st| !st["held"].is_null());
+    assert!(sb.mirror().join("e2/g7").exists());
+    let o = sb.kura(&admin, &["shadow", "release", "--to", &sb.url()]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    status_until(&sb, "released", |st| st["held"].is_null() && st["applied"] == st["head"]);
+    assert!(!sb.mirror().join("e2").exists());
+    kill9(&mut push);
+}
