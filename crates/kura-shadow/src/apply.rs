@@ -37,6 +37,11 @@ fn remove(p: &Path) -> Result<(), ShadowError> {
     }
 }
 
+/// Whether every ancestor of `rel` under `root` is a real directory (no symlink on the way).
+fn parents_are_dirs(root: &Path, rel: &[u8]) -> bool {
+    path::ancestors(rel).all(|a| fs::symlink_metadata(path::join(root, a)).is_ok_and(|m| m.is_dir()))
+}
+
 /// Makes every ancestor of `rel` under `root` a real directory (replacing files and links).
 fn make_parents(root: &Path, rel: &[u8]) -> Result<(), ShadowError> {
     for a in path::ancestors(rel) {
@@ -139,10 +144,13 @@ pub fn put(root: &Path, rel: &[u8], node: &Node, chunks: &dyn Chunks) -> Result<
 pub fn apply(root: &Path, op: &Op, chunks: &dyn Chunks) -> Result<(), ShadowError> {
     match op {
         Op::Put { path: rel, node } => put(root, rel, node, chunks),
-        Op::Delete { path: rel } => remove(&path::join(root, rel)),
+        // Below an entry that is not a real directory nothing exists (the tree's meaning), and
+        // a path through a symlink must never be followed out of the mirror.
+        Op::Delete { path: rel } if parents_are_dirs(root, rel) => remove(&path::join(root, rel)),
+        Op::Delete { .. } => Ok(()),
         Op::Rename { from, to } => {
             let (f, t) = (path::join(root, from), path::join(root, to));
-            if from == to || path::within(to, from) || fs::symlink_metadata(&f).is_err() {
+            if from == to || path::within(to, from) || path::within(from, to) || !parents_are_dirs(root, from) || fs::symlink_metadata(&f).is_err() {
                 return Ok(());
             }
             make_parents(root, to)?;
@@ -289,6 +297,12 @@ mod tests {
         link.target = outside.as_os_str().as_encoded_bytes().to_vec();
         let chunks = Map(HashMap::from([(Id([1; 32]), b"one".to_vec())]));
         apply(&root, &Op::Put { path: b"l".to_vec(), node: link }, &chunks).unwrap();
+        std::fs::write(outside.join("victim"), b"keep").unwrap();
+        apply(&root, &Op::Delete { path: b"l/victim".to_vec() }, &chunks).unwrap();
+        apply(&root, &Op::Rename { from: b"l/victim".to_vec(), to: b"stolen".to_vec() }, &chunks).unwrap();
+        assert_eq!(fs::read(outside.join("victim")).unwrap(), b"keep", "deleted or moved through the link");
+        assert!(!root.join("stolen").exists());
+        fs::remove_file(outside.join("victim")).unwrap();
         apply(&root, &Op::Put { path: b"l/f".to_vec(), node: file(1, 3) }, &chunks).unwrap();
         assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote through the link");
         assert_eq!(fs::read(root.join("l/f")).unwrap(), b"one");

@@ -88,7 +88,11 @@ impl Capture {
         let mut names: Vec<Vec<u8>> = match fs::read_dir(&dir) {
             Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().as_bytes().to_vec()).collect(),
             Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(20) => Vec::new(),
-            Err(e) => return Err(ShadowError::io(&dir, e)),
+            // Unreadable (permissions): left as the standby has it, said, and the rest goes on.
+            Err(e) => {
+                tracing::warn!("{}: {e}; not shadowed", dir.display());
+                return Ok(());
+            }
         };
         names.sort();
         let child = |n: &[u8]| if rel.is_empty() { n.to_vec() } else { [rel, b"/", n].concat() };
@@ -119,7 +123,10 @@ impl Capture {
                 }
                 return Ok(());
             }
-            Err(e) => return Err(ShadowError::io(&p, e)),
+            Err(e) => {
+                tracing::warn!("{}: {e}; not shadowed", p.display());
+                return Ok(());
+            }
         };
         let mut node = node_from_meta(b"", &m);
         let old = self.state.get(rel).cloned();
@@ -190,11 +197,12 @@ impl Capture {
             let f = fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(p).map_err(|e| ShadowError::io(p, e))?;
             let mut ids = Vec::new();
             let mut fresh: Vec<(Id, Vec<u8>)> = Vec::new();
+            let mut fresh_ids: HashSet<Id> = HashSet::new();
             let mut buf = std::mem::take(&mut self.buf);
             let (key, known) = (&self.id_key, &self.known);
             let r = self.chunker.for_each_chunk(&f, &mut buf, |c: &[u8]| -> Result<(), std::io::Error> {
                 let id = Id(*blake3::keyed_hash(key, c).as_bytes());
-                if !known.contains(&id) && !fresh.iter().any(|(i, _)| *i == id) {
+                if !known.contains(&id) && fresh_ids.insert(id) {
                     fresh.push((id, c.to_vec()));
                 }
                 ids.push(id);

@@ -57,8 +57,19 @@ pub struct Journal {
     read_only: bool,
 }
 
-fn seg_name(first_seq: u64) -> String {
-    format!("{first_seq:020}.ksj")
+/// A segment's name: its first record and its place among the segments (a batch of chunks
+/// alone starts a segment at the same record as the next one may).
+fn seg_name(first_seq: u64, index: usize) -> String {
+    format!("{first_seq:020}-{index:08}.ksj")
+}
+
+/// The (first record, place) a segment's name gives.
+fn parse_seg_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".ksj")?;
+    match stem.split_once('-') {
+        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+        None => Some((stem.parse().ok()?, 0)),
+    }
 }
 
 /// A chunk's location, readable without the journal's lock.
@@ -87,18 +98,18 @@ impl Journal {
         if !read_only {
             std::fs::create_dir_all(dir).map_err(|e| ShadowError::io(dir, e))?;
         }
-        let mut names: Vec<(u64, PathBuf)> = Vec::new();
+        let mut names: Vec<((u64, u64), PathBuf)> = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| ShadowError::io(dir, e))? {
             let e = e.map_err(|e| ShadowError::io(dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_suffix(".ksj").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) = parse_seg_name(&name) {
                 names.push((n, e.path()));
             }
         }
         names.sort();
         let mut j = Journal { dir: dir.to_path_buf(), id_key, segments: Vec::new(), entries: Vec::new(), chunks: HashMap::new(), last_recv: 0, read_only };
         let count = names.len();
-        for (i, (first, p)) in names.into_iter().enumerate() {
+        for (i, ((first, _), p)) in names.into_iter().enumerate() {
             j.load_segment(&p, first, i + 1 == count)?;
         }
         Ok(j)
@@ -113,22 +124,25 @@ impl Journal {
         let mut pos = 0usize;
         let mut expect = first;
         while pos < bytes.len() {
+            // A frame is torn (never acknowledged as durable) only if it reaches the end of
+            // the file; a bad frame with more behind it is damage, reported and not cut.
             let frame = (|| {
-                let h = bytes.get(pos..pos + HEADER).ok_or("header cut short")?;
+                let h = bytes.get(pos..pos + HEADER).ok_or(("header cut short", true))?;
                 if &h[..4] != MAGIC {
-                    return Err("not a frame");
+                    return Err(("not a frame", false));
                 }
-                let recv = i64::from_le_bytes(h[4..12].try_into().map_err(|_| "header")?);
-                let len = u32::from_le_bytes(h[12..16].try_into().map_err(|_| "header")?) as usize;
-                let body = bytes.get(pos + HEADER..pos + HEADER + len).ok_or("body cut short")?;
+                let recv = i64::from_le_bytes(h[4..12].try_into().map_err(|_| ("header", false))?);
+                let len = u32::from_le_bytes(h[12..16].try_into().map_err(|_| ("header", false))?) as usize;
+                let end = pos + HEADER + len;
+                let body = bytes.get(pos + HEADER..end).ok_or(("body cut short", true))?;
                 if blake3::hash(body).as_bytes()[..16] != h[16..32] {
-                    return Err("checksum mismatch");
+                    return Err(("checksum mismatch", end == bytes.len()));
                 }
                 Ok((recv, body))
             })();
             let (recv, body) = match frame {
                 Ok(f) => f,
-                Err(why) if last => {
+                Err((why, true)) if last => {
                     // Never acknowledged: the append that wrote it did not finish.
                     tracing::warn!(segment = %p.display(), offset = pos, dropped = bytes.len() - pos, "journal ends in a torn frame ({why}); cutting it off");
                     if !self.read_only {
@@ -137,7 +151,7 @@ impl Journal {
                     }
                     break;
                 }
-                Err(why) => return Err(corrupt(format!("frame at byte {pos}: {why}"))),
+                Err((why, _)) => return Err(corrupt(format!("frame at byte {pos}: {why}"))),
             };
             let (meta, data_off) = BatchMeta::decode(body).map_err(|e| corrupt(format!("frame at byte {pos}: {e}")))?;
             if meta.records.first().is_some_and(|r| r.seq != expect) {
@@ -206,7 +220,7 @@ impl Journal {
             if let Some(s) = self.segments.last() {
                 s.file.sync_data().map_err(|e| ShadowError::io(&s.path, e))?;
             }
-            let p = self.dir.join(seg_name(first));
+            let p = self.dir.join(seg_name(first, self.segments.len()));
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
             self.segments.push(Segment { path: p, file: Arc::new(file), len: 0 });
@@ -376,7 +390,7 @@ mod tests {
         assert_eq!(j.chunk(&id).unwrap().read(&key).unwrap(), "b".repeat(1000).as_bytes());
         drop(j);
         // A crash mid-append: half a frame at the end.
-        let seg = d.path().join(seg_name(1));
+        let seg = d.path().join(seg_name(1, 0));
         let full = std::fs::metadata(&seg).unwrap().len();
         let (body, ..) = batch(&key, 4, "d", b"dddd");
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
@@ -391,7 +405,9 @@ mod tests {
         let mut b = std::fs::read(&seg).unwrap();
         b[HEADER + 20] ^= 1;
         std::fs::write(&seg, &b).unwrap();
-        std::fs::write(d.path().join(seg_name(9)), b"").unwrap();
+        // Damage mid-segment is reported even in the last segment.
+        assert!(matches!(Journal::open(d.path(), key, true), Err(ShadowError::Corrupt { .. })));
+        std::fs::write(d.path().join(seg_name(9, 1)), b"").unwrap();
         assert!(matches!(Journal::open(d.path(), key, true), Err(ShadowError::Corrupt { .. })));
     }
 }

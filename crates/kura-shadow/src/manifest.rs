@@ -99,7 +99,7 @@ impl Manifest {
 
     /// Regular files at or below `p`, and their bytes.
     pub fn totals_at(&self, p: &[u8]) -> (u64, u64) {
-        self.entries.get(p).into_iter().chain(self.entries.range(below(p)).map(|(_, n)| n)).filter(|n| n.kind == NodeKind::File).fold((0, 0), |(f, b), n| (f + 1, b + n.size))
+        self.entries.get(p).into_iter().chain(self.entries.range(below(p)).map(|(_, n)| n)).filter(|n| n.kind == NodeKind::File).fold((0u64, 0u64), |(f, b), n| (f + 1, b.saturating_add(n.size)))
     }
 
     fn remove_tree(&mut self, p: &[u8]) {

@@ -56,7 +56,13 @@ impl Op {
                 Ok(())
             }
             Op::Delete { path } => crate::path::check(path),
-            Op::Rename { from, to } => crate::path::check(from).and_then(|_| crate::path::check(to)),
+            Op::Rename { from, to } => crate::path::check(from).and_then(|_| crate::path::check(to)).and_then(|_| {
+                // The kernel refuses these; a standby would apply them differently from its tree.
+                if from != to && (crate::path::within(to, from) || crate::path::within(from, to)) {
+                    return Err(format!("rename of {} onto its own ancestor or into itself", crate::path::show(from)));
+                }
+                Ok(())
+            }),
         }
     }
 }
@@ -128,7 +134,7 @@ impl BatchMeta {
             return Err(format!("chunk {} of {} bytes is too large", c.id.short(), c.raw_len));
         }
         for w in m.records.windows(2) {
-            if w[1].seq != w[0].seq + 1 {
+            if w[0].seq.checked_add(1) != Some(w[1].seq) {
                 return Err(format!("records {} and {} are not consecutive", w[0].seq, w[1].seq));
             }
         }

@@ -532,8 +532,8 @@ fn burst_cost<'a>(tree: &Manifest, ops: impl Iterator<Item = &'a Op>) -> (u64, u
             Op::Delete { path } => deleted.push(path),
             _ => {
                 let (f, b) = destroys(tree, op);
-                files += f;
-                bytes += b;
+                files = files.saturating_add(f);
+                bytes = bytes.saturating_add(b);
             }
         }
     }
@@ -543,8 +543,8 @@ fn burst_cost<'a>(tree: &Manifest, ops: impl Iterator<Item = &'a Op>) -> (u64, u
             continue;
         }
         let (f, b) = tree.totals_at(p);
-        files += f;
-        bytes += b;
+        files = files.saturating_add(f);
+        bytes = bytes.saturating_add(b);
     }
     (files, bytes)
 }
@@ -592,8 +592,8 @@ impl BurstWindow {
     fn add(&mut self, t: i64, (files, bytes): (u64, u64)) {
         if files > 0 || bytes > 0 {
             self.recent.push_back((t, files, bytes));
-            self.files += files;
-            self.bytes += bytes;
+            self.files = self.files.saturating_add(files);
+            self.bytes = self.bytes.saturating_add(bytes);
         }
     }
 
@@ -605,15 +605,15 @@ impl BurstWindow {
         let start = t.saturating_sub(i64::try_from(b.window.as_nanos()).unwrap_or(i64::MAX));
         while self.recent.front().is_some_and(|(at, ..)| *at < start) {
             if let Some((_, f, by)) = self.recent.pop_front() {
-                self.files -= f;
-                self.bytes -= by;
+                self.files = self.files.saturating_sub(f);
+                self.bytes = self.bytes.saturating_sub(by);
             }
         }
         let (total_files, _) = tree.totals();
         // The share is of the files there were before this window's deletions.
-        let base = total_files + self.files;
+        let base = total_files.saturating_add(self.files);
         let limit = ((base as f64) * b.files_percent / 100.0).max(b.min_files as f64);
-        let (f, by) = (self.files + files, self.bytes + bytes);
+        let (f, by) = (self.files.saturating_add(files), self.bytes.saturating_add(bytes));
         if f as f64 > limit {
             return Some(format!("{f} of {base} files would be deleted or truncated within {:?} (limit {:.0})", b.window, limit));
         }

@@ -17,8 +17,13 @@ struct Standby {
 
 impl Standby {
     fn start() -> Standby {
+        Self::start_with("")
+    }
+
+    /// A standby whose stream table also gets `extra` (apply_delay, breaker keys).
+    fn start_with(extra: &str) -> Standby {
         let mdir = tempfile::tempdir().unwrap();
-        let server = Server::start(&format!("[[stream]]\nname = \"www\"\nmirror = \"{}\"\n", mdir.path().join("mirror").display()));
+        let server = Server::start(&format!("[[stream]]\nname = \"www\"\nmirror = \"{}\"\n{extra}", mdir.path().join("mirror").display()));
         let o = Command::new(BIN).args(["serve", "-c"]).arg(&server.config).args(["token", "add", "--role", "shadow", "--repository", "www"]).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         let token = String::from_utf8(o.stdout).unwrap().trim().to_string();
@@ -324,7 +329,11 @@ fn a_buggy_script_s_rm_rf_is_held_by_the_breaker_then_discarded_or_released() {
             std::fs::write(src.join(format!("e{d}/g{i}")), bytes(200 + i, i as u64)).unwrap();
         }
     }
-    status_until(&sb, "the new files", |st| st["applied"] == st["head"] && st["held"].is_null());
+    let t = Instant::now();
+    while !(0..4).all(|d| sb.mirror().join(format!("e{d}/g59")).exists()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the new files never reached the mirror");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for d in 0..4 {
         std::fs::remove_dir_all(src.join(format!("e{d}"))).unwrap();
     }
@@ -335,4 +344,26 @@ fn a_buggy_script_s_rm_rf_is_held_by_the_breaker_then_discarded_or_released() {
     status_until(&sb, "released", |st| st["held"].is_null() && st["applied"] == st["head"]);
     assert!(!sb.mirror().join("e2").exists());
     kill9(&mut push);
+}
+
+#[test]
+fn a_delayed_standby_stays_behind_on_purpose_and_wait_waits_for_it() {
+    let sb = Standby::start_with("apply_delay = \"5s\"\n");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"first").unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"])).unwrap();
+    let t = Instant::now();
+    // Journalled at once, on the mirror only after the delay.
+    let st = sb.status();
+    assert_eq!(st["head"], sent["head"], "{st}");
+    assert!(!sb.mirror().join("a").exists(), "applied before its delay");
+    // wait: a short timeout fails (exit 1), a long one returns once applied.
+    let o = sb.run(&["shadow", "wait", &sent["head"].to_string(), "--to", &sb.url(), "--timeout", "500ms"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not applied"), "{}", stderr(&o));
+    sb.ok(&["shadow", "wait", &sent["head"].to_string(), "--to", &sb.url(), "--timeout", "30s"]);
+    assert!(t.elapsed() >= Duration::from_millis(4000), "applied after {:?}", t.elapsed());
+    assert_eq!(std::fs::read(sb.mirror().join("a")).unwrap(), b"first");
 }
