@@ -9,6 +9,7 @@ use crate::capture::{Capture, Pending, relative};
 use crate::record::{BATCH_VERSION, BatchMeta, Record};
 use crate::stream::StreamStatus;
 use crate::{Manifest, ShadowError};
+use kura_store::remote::chain;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -144,19 +145,6 @@ impl Link {
             _ => Err(self.refusal(s, &b)),
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s = format!("{s}: {m}");
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// One connected session: the capture state, the next sequence number and the epoch.

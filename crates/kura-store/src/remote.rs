@@ -192,7 +192,7 @@ pub fn install_crypto_provider() {
 }
 
 /// The full error chain of a transport error in one line (reqwest nests the TLS cause).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
