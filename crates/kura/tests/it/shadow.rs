@@ -287,10 +287,14 @@ fn a_buggy_script_s_rm_rf_is_held_by_the_breaker_then_discarded_or_released() {
     converge(&sb, &src, "a few deletions");
     copy_tree(&src, &work.path().join("kept2"));
     let kept = work.path().join("kept2");
-    // The buggy maintenance script: rm -rf of everything.
+    // The buggy maintenance script: rm -rf of everything. The pusher is down meanwhile, so the
+    // whole burst reaches the standby at once (live, a burst split across batches lets the
+    // part below the limits through: that is the breaker's definition, not what this checks).
+    kill9(&mut push);
     for e in std::fs::read_dir(&src).unwrap() {
         std::fs::remove_dir_all(e.unwrap().path()).unwrap();
     }
+    let mut push = sb.pusher(&src, &work.path().join("push.log"));
     let st = status_until(&sb, "the breaker holds", |st| !st["held"].is_null());
     assert!(st["held"]["reason"].as_str().unwrap().contains("files would be deleted"), "{st}");
     // The journal has the deletion; the mirror still has every file.
@@ -334,9 +338,11 @@ fn a_buggy_script_s_rm_rf_is_held_by_the_breaker_then_discarded_or_released() {
         assert!(t.elapsed() < Duration::from_secs(30), "the new files never reached the mirror");
         std::thread::sleep(Duration::from_millis(100));
     }
+    kill9(&mut push);
     for d in 0..4 {
         std::fs::remove_dir_all(src.join(format!("e{d}"))).unwrap();
     }
+    let mut push = sb.pusher(&src, &work.path().join("push.log"));
     status_until(&sb, "held again", |st| !st["held"].is_null());
     assert!(sb.mirror().join("e2/g7").exists());
     let o = sb.kura(&admin, &["shadow", "release", "--to", &sb.url()]).output().unwrap();
