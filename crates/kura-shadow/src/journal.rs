@@ -161,6 +161,11 @@ impl Journal {
             expect += meta.records.len() as u64;
             pos += HEADER + body.len();
         }
+        if last && !self.read_only {
+            // Frames a killed standby wrote but never synced may still be only in the page
+            // cache: they count as durable from here on, so make them so.
+            file.sync_data().map_err(|e| ShadowError::io(p, e))?;
+        }
         self.segments.push(Segment { path: p.to_path_buf(), file: Arc::new(file), len: pos as u64 });
         Ok(())
     }

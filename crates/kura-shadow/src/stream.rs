@@ -159,6 +159,9 @@ impl Stream {
         let applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0).min(journal.head());
         let discarded: std::collections::BTreeSet<u64> =
             std::fs::read_to_string(dir.join("discarded")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
+        // Discarded records the journal lost with a torn tail are not the records that the
+        // primary sends again under the same numbers.
+        let discarded: std::collections::BTreeSet<u64> = discarded.into_iter().filter(|s| *s <= journal.head()).collect();
         let s = Arc::new(Stream {
             name: name.to_string(),
             mirror: mirror.to_path_buf(),
