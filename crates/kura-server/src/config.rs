@@ -47,6 +47,10 @@ pub struct StreamConfig {
     /// purpose); `0s` applies at once.
     #[serde(default = "default_delay")]
     pub apply_delay: String,
+    /// How long the journal keeps every record (any moment within it can be restored); older
+    /// records fold into the journal's base. `0s` keeps everything.
+    #[serde(default = "default_window")]
+    pub window: String,
     /// The mass-deletion breaker: hold (and alert) when more than this percentage of the
     /// mirror's files would be deleted or truncated within `breaker_window`; 0 turns it off.
     #[serde(default = "default_breaker_percent")]
@@ -93,6 +97,7 @@ impl StreamConfig {
         }
         Ok(kura_shadow::StreamOptions {
             apply_delay: duration(&key("apply_delay"), &self.apply_delay)?,
+            window: duration(&key("window"), &self.window)?,
             breaker: kura_shadow::Breaker {
                 files_percent: self.breaker_files_percent,
                 min_files: self.breaker_min_files,

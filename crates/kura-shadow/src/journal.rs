@@ -1,9 +1,14 @@
 //! The standby's journal: append-only segment files of frames, each a batch exactly as the
 //! primary sent it, stamped with the standby's receive time and made durable before it is
 //! acknowledged. Opening it rebuilds the record list and the chunk index; a torn last frame (a
-//! crash mid-append, never acknowledged) is cut off.
+//! crash mid-append, never acknowledged) is cut off. The window is kept by pruning: segments
+//! older than it are folded into a base (the tree before the first kept record) and the chunks
+//! still needed move into packs.
 //!
 //! Frame: `"KSJ1" | recv_ns i64 LE | body_len u32 LE | BLAKE3(body)[..16] | body`.
+//! Base (`base.ksb`): `"KSB1" | BLAKE3(body)[..16] | body (postcard BaseFile)`.
+//! Pack (`pack-N.ksp`): `"KSP1" | meta_len u32 LE | BLAKE3(meta)[..16] | meta (postcard
+//! Vec<ChunkMeta>) | the chunks as stored in frames, concatenated`.
 
 use crate::record::{BatchMeta, ChunkMeta, Op, open_chunk};
 use crate::{ShadowError, path};
@@ -16,7 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"KSJ1";
+const BASE_MAGIC: &[u8; 4] = b"KSB1";
+const PACK_MAGIC: &[u8; 4] = b"KSP1";
 const HEADER: usize = 32;
+/// Packs are merged once this many exist (those with more than half dead chunks).
+const PACKS_BEFORE_COMPACTION: usize = 8;
 /// A segment is closed and a new one started beyond this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
 
@@ -37,29 +46,75 @@ struct Segment {
     path: PathBuf,
     file: Arc<File>,
     len: u64,
+    /// Newest record in it (the one before its first when it holds chunks only).
+    last_seq: u64,
+    /// Receive time of its newest frame, and of its first.
+    max_recv: i64,
+    first_recv: i64,
+    /// Chunks first stored here.
+    ids: Vec<Id>,
 }
 
-#[derive(Clone, Copy)]
+/// Chunks moved out of pruned segments.
+struct Pack {
+    path: PathBuf,
+    file: Arc<File>,
+    ids: Vec<Id>,
+}
+
+#[derive(Clone)]
 struct Loc {
-    seg: usize,
+    file: Arc<File>,
     off: u64,
     meta: ChunkMeta,
+    /// Newest record naming the chunk (0 when none within the window).
+    last_ref: u64,
+}
+
+/// The tree before the first kept record: every pruned record folded in.
+#[derive(Debug, Clone, Default)]
+pub struct Base {
+    /// The newest record folded in (0: nothing was ever pruned).
+    pub seq: u64,
+    /// Its receive time: the oldest moment the journal can restore.
+    pub recv_ns: i64,
+    /// The primary's tree at `seq`.
+    pub tree: crate::Manifest,
+    /// The mirror's tree at `seq` when it differs (deletions an operator discarded).
+    pub mirror: Option<crate::Manifest>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BaseFile {
+    version: u32,
+    seq: u64,
+    recv_ns: i64,
+    tree: Vec<u8>,
+    mirror: Option<Vec<u8>>,
 }
 
 /// An open journal (one writer: the stream that owns it, or a read-only restore).
 pub struct Journal {
     dir: PathBuf,
     id_key: [u8; 32],
+    base: Arc<Base>,
+    packs: Vec<Pack>,
+    next_pack: u64,
     segments: Vec<Segment>,
     entries: Vec<Entry>,
     chunks: HashMap<Id, Loc>,
     last_recv: i64,
     read_only: bool,
+    /// A segment is closed once its first frame is this old (so pruning has whole segments to
+    /// drop even when little is written).
+    segment_age: Option<std::time::Duration>,
+    /// Place of the next new segment (names sort by first record, then place).
+    next_index: u64,
 }
 
 /// A segment's name: its first record and its place among the segments (a batch of chunks
 /// alone starts a segment at the same record as the next one may).
-fn seg_name(first_seq: u64, index: usize) -> String {
+fn seg_name(first_seq: u64, index: u64) -> String {
     format!("{first_seq:020}-{index:08}.ksj")
 }
 
@@ -83,44 +138,167 @@ pub struct ChunkHandle {
 impl ChunkHandle {
     /// Reads, decompresses and verifies the chunk.
     pub fn read(&self, id_key: &[u8; 32]) -> Result<Vec<u8>, ShadowError> {
+        let buf = self.read_stored()?;
+        open_chunk(id_key, &self.meta, &buf).map_err(|detail| ShadowError::Corrupt { what: "journal".into(), detail })
+    }
+
+    /// The chunk as stored (compressed), unverified.
+    fn read_stored(&self) -> Result<Vec<u8>, ShadowError> {
         let mut buf = vec![0; self.meta.zlen as usize];
         self.file
             .read_exact_at(&mut buf, self.off)
             .map_err(|e| ShadowError::Corrupt { what: format!("chunk {}", self.meta.id.short()), detail: e.to_string() })?;
-        open_chunk(id_key, &self.meta, &buf).map_err(|detail| ShadowError::Corrupt { what: "journal".into(), detail })
+        Ok(buf)
     }
+}
+
+/// What one pruning round takes out of the journal, gathered under the stream's lock and
+/// worked out without it ([`PrunePlan::build`]).
+pub struct PrunePlan {
+    old: Arc<Base>,
+    seq: u64,
+    recv_ns: i64,
+    fold: Vec<Entry>,
+    /// Segments dropped (their count from the front) and packs that may be merged.
+    drop_segments: usize,
+    segment_files: Vec<Arc<File>>,
+    packs: Vec<(PathBuf, Arc<File>, Vec<(Id, ChunkHandle, u64)>)>,
+    /// Chunks first stored in the dropped segments, with their newest reference.
+    candidates: Vec<(Id, ChunkHandle, u64)>,
+    dir: PathBuf,
+    id_key: [u8; 32],
+    pack_no: u64,
+}
+
+/// A pruning round worked out: the new base and the pack holding the chunks that stay.
+pub struct BuiltPrune {
+    plan_seq: u64,
+    drop_segments: usize,
+    segment_files: Vec<Arc<File>>,
+    base: Arc<Base>,
+    /// Chunks not copied, which a record appended meanwhile may have named.
+    left: Vec<(Id, ChunkHandle)>,
+    pack: Option<(PathBuf, Vec<ChunkMeta>)>,
+    merged_packs: Vec<(PathBuf, Arc<File>)>,
+    dir: PathBuf,
+    id_key: [u8; 32],
+    pack_no: u64,
+}
+
+/// Files a committed pruning round leaves to write and remove ([`Cleanup::finish`]).
+pub struct Cleanup {
+    base: Arc<Base>,
+    remove: Vec<PathBuf>,
+    dir: PathBuf,
+    /// Records and bytes pruned.
+    pub records: u64,
+    /// Bytes of segments and packs removed.
+    pub bytes: u64,
 }
 
 impl Journal {
     /// Opens (or, when `create`, makes) the journal in `dir`. Read-only opens never cut a torn
-    /// tail; they just stop before it.
+    /// tail or remove anything; they just stop before a torn tail.
     pub fn open(dir: &Path, id_key: [u8; 32], read_only: bool) -> Result<Journal, ShadowError> {
         if !read_only {
             std::fs::create_dir_all(dir).map_err(|e| ShadowError::io(dir, e))?;
         }
         let mut names: Vec<((u64, u64), PathBuf)> = Vec::new();
+        let mut packs: Vec<(u64, PathBuf)> = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| ShadowError::io(dir, e))? {
             let e = e.map_err(|e| ShadowError::io(dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(n) = parse_seg_name(&name) {
                 names.push((n, e.path()));
+            } else if let Some(n) = name.strip_prefix("pack-").and_then(|n| n.strip_suffix(".ksp")).and_then(|n| n.parse().ok()) {
+                packs.push((n, e.path()));
+            } else if name.starts_with(".tmp-") && !read_only {
+                // A pruning round killed before its rename: never part of the journal.
+                let _ = std::fs::remove_file(e.path());
             }
         }
         names.sort();
-        let mut j = Journal { dir: dir.to_path_buf(), id_key, segments: Vec::new(), entries: Vec::new(), chunks: HashMap::new(), last_recv: 0, read_only };
+        packs.sort();
+        let base = load_base(&dir.join("base.ksb"))?;
+        let mut j = Journal {
+            dir: dir.to_path_buf(),
+            id_key,
+            base: Arc::new(base),
+            packs: Vec::new(),
+            next_pack: packs.last().map(|(n, _)| n + 1).unwrap_or(1),
+            segments: Vec::new(),
+            entries: Vec::new(),
+            chunks: HashMap::new(),
+            last_recv: 0,
+            read_only,
+            segment_age: None,
+            next_index: names.iter().map(|((_, i), _)| i + 1).max().unwrap_or(0),
+        };
+        j.last_recv = j.base.recv_ns;
+        for (_, p) in packs {
+            j.load_pack(&p)?;
+        }
         let count = names.len();
         for (i, ((first, _), p)) in names.into_iter().enumerate() {
             j.load_segment(&p, first, i + 1 == count)?;
         }
+        if let Some(e) = j.entries.first()
+            && e.seq != j.base.seq + 1
+        {
+            return Err(ShadowError::Corrupt { what: dir.display().to_string(), detail: format!("records {} to {} are missing", j.base.seq + 1, e.seq - 1) });
+        }
+        if !read_only {
+            // Segments a killed pruning round folded into the base but did not remove yet.
+            let covered = j.segments.iter().take(j.segments.len().saturating_sub(1)).take_while(|s| s.last_seq <= j.base.seq).count();
+            if covered > 0 {
+                let files: Vec<Arc<File>> = j.segments[..covered].iter().map(|s| s.file.clone()).collect();
+                j.forget_chunks_in(&files, j.segments[..covered].iter().flat_map(|s| s.ids.iter().copied()).collect::<Vec<_>>().iter());
+                for s in j.segments.drain(..covered) {
+                    std::fs::remove_file(&s.path).map_err(|e| ShadowError::io(&s.path, e))?;
+                }
+            }
+        }
         Ok(j)
+    }
+
+    /// Closes segments once their first frame is `age` old.
+    pub fn set_segment_age(&mut self, age: std::time::Duration) {
+        self.segment_age = Some(age);
+    }
+
+    fn load_pack(&mut self, p: &Path) -> Result<(), ShadowError> {
+        let file = File::open(p).map_err(|e| ShadowError::io(p, e))?;
+        let corrupt = |detail: &str| ShadowError::Corrupt { what: p.display().to_string(), detail: detail.to_string() };
+        let mut h = [0u8; 24];
+        file.read_exact_at(&mut h, 0).map_err(|_| corrupt("header cut short"))?;
+        if &h[..4] != PACK_MAGIC {
+            return Err(corrupt("not a pack"));
+        }
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        let mut meta = vec![0u8; len];
+        file.read_exact_at(&mut meta, 24).map_err(|_| corrupt("chunk list cut short"))?;
+        if blake3::hash(&meta).as_bytes()[..16] != h[8..24] {
+            return Err(corrupt("chunk list checksum mismatch"));
+        }
+        let list: Vec<ChunkMeta> = postcard::from_bytes(&meta).map_err(|e| corrupt(&e.to_string()))?;
+        let file = Arc::new(file);
+        let mut off = (24 + len) as u64;
+        let mut ids = Vec::with_capacity(list.len());
+        for c in list {
+            self.chunks.entry(c.id).or_insert(Loc { file: file.clone(), off, meta: c, last_ref: 0 });
+            ids.push(c.id);
+            off += u64::from(c.zlen);
+        }
+        self.packs.push(Pack { path: p.to_path_buf(), file, ids });
+        Ok(())
     }
 
     fn load_segment(&mut self, p: &Path, first: u64, last: bool) -> Result<(), ShadowError> {
         let file = OpenOptions::new().read(true).write(!self.read_only).open(p).map_err(|e| ShadowError::io(p, e))?;
         let mut bytes = Vec::new();
         (&file).read_to_end(&mut bytes).map_err(|e| ShadowError::io(p, e))?;
-        let seg = self.segments.len();
         let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
+        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, last_seq: first.saturating_sub(1), max_recv: 0, first_recv: 0, ids: Vec::new() };
         let mut pos = 0usize;
         let mut expect = first;
         while pos < bytes.len() {
@@ -146,8 +324,8 @@ impl Journal {
                     // Never acknowledged: the append that wrote it did not finish.
                     tracing::warn!(segment = %p.display(), offset = pos, dropped = bytes.len() - pos, "journal ends in a torn frame ({why}); cutting it off");
                     if !self.read_only {
-                        file.set_len(pos as u64).map_err(|e| ShadowError::io(p, e))?;
-                        file.sync_all().map_err(|e| ShadowError::io(p, e))?;
+                        seg.file.set_len(pos as u64).map_err(|e| ShadowError::io(p, e))?;
+                        seg.file.sync_all().map_err(|e| ShadowError::io(p, e))?;
                     }
                     break;
                 }
@@ -157,39 +335,68 @@ impl Journal {
             if meta.records.first().is_some_and(|r| r.seq != expect) {
                 return Err(corrupt(format!("frame at byte {pos} starts at record {} where {expect} was due", meta.records[0].seq)));
             }
-            self.index(seg, (pos + HEADER + data_off) as u64, &meta, recv);
+            self.index(&mut seg, (pos + HEADER + data_off) as u64, &meta, recv);
             expect += meta.records.len() as u64;
             pos += HEADER + body.len();
         }
         if last && !self.read_only {
             // Frames a killed standby wrote but never synced may still be only in the page
             // cache: they count as durable from here on, so make them so.
-            file.sync_data().map_err(|e| ShadowError::io(p, e))?;
+            seg.file.sync_data().map_err(|e| ShadowError::io(p, e))?;
         }
-        self.segments.push(Segment { path: p.to_path_buf(), file: Arc::new(file), len: pos as u64 });
+        seg.len = pos as u64;
+        self.segments.push(seg);
         Ok(())
     }
 
-    fn index(&mut self, seg: usize, data_off: u64, meta: &BatchMeta, recv_ns: i64) {
+    fn index(&mut self, seg: &mut Segment, data_off: u64, meta: &BatchMeta, recv_ns: i64) {
         let mut off = data_off;
         for c in &meta.chunks {
-            self.chunks.entry(c.id).or_insert(Loc { seg, off, meta: *c });
+            if let std::collections::hash_map::Entry::Vacant(v) = self.chunks.entry(c.id) {
+                v.insert(Loc { file: seg.file.clone(), off, meta: *c, last_ref: 0 });
+                seg.ids.push(c.id);
+            }
             off += u64::from(c.zlen);
         }
         self.last_recv = self.last_recv.max(recv_ns);
+        if seg.first_recv == 0 {
+            seg.first_recv = recv_ns;
+        }
+        seg.max_recv = seg.max_recv.max(recv_ns);
         for r in &meta.records {
+            seg.last_seq = r.seq;
+            if r.seq <= self.base.seq {
+                continue;
+            }
+            if let Op::Put { node, .. } = &r.op {
+                for id in &node.content {
+                    if let Some(l) = self.chunks.get_mut(id) {
+                        l.last_ref = r.seq;
+                    }
+                }
+            }
             self.entries.push(Entry { seq: r.seq, at_ns: r.at_ns, recv_ns, op: r.op.clone() });
         }
     }
 
     /// Sequence number of the newest record (0 when empty).
     pub fn head(&self) -> u64 {
-        self.entries.last().map(|e| e.seq).unwrap_or(0)
+        self.entries.last().map(|e| e.seq).unwrap_or(self.base.seq)
     }
 
-    /// The records in order.
+    /// The records kept, in order (those after the base).
     pub fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+
+    /// The state before the first kept record.
+    pub fn base(&self) -> &Base {
+        &self.base
+    }
+
+    /// The oldest moment the journal can restore (ns; 0 when it holds nothing).
+    pub fn oldest_time(&self) -> i64 {
+        if self.base.seq > 0 { self.base.recv_ns } else { self.entries.first().map(|e| e.recv_ns).unwrap_or(0) }
     }
 
     /// The stream's chunk id key.
@@ -202,14 +409,15 @@ impl Journal {
         self.chunks.contains_key(id)
     }
 
-    /// Number of distinct chunks held, and bytes of all segments.
+    /// Number of distinct chunks held, and bytes of all segments and packs.
     pub fn sizes(&self) -> (usize, u64) {
-        (self.chunks.len(), self.segments.iter().map(|s| s.len).sum())
+        let packs: u64 = self.packs.iter().filter_map(|p| p.file.metadata().ok()).map(|m| m.len()).sum();
+        (self.chunks.len(), self.segments.iter().map(|s| s.len).sum::<u64>() + packs)
     }
 
     /// Where a chunk is, to read it without holding the journal.
     pub fn chunk(&self, id: &Id) -> Option<ChunkHandle> {
-        self.chunks.get(id).map(|l| ChunkHandle { file: self.segments[l.seg].file.clone(), off: l.off, meta: l.meta })
+        self.chunks.get(id).map(|l| ChunkHandle { file: l.file.clone(), off: l.off, meta: l.meta })
     }
 
     /// Appends a checked batch (`body` as received, `meta` decoded from it). It is written but
@@ -219,34 +427,39 @@ impl Journal {
     pub fn append(&mut self, body: &[u8], meta: &BatchMeta, data_off: usize) -> Result<i64, ShadowError> {
         let recv_ns = crate::now_ns().max(self.last_recv);
         let first = meta.records.first().map(|r| r.seq).unwrap_or(self.head() + 1);
-        if self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES) {
+        let aged = |s: &Segment| {
+            self.segment_age.is_some_and(|a| s.first_recv > 0 && recv_ns.saturating_sub(s.first_recv) > i64::try_from(a.as_nanos()).unwrap_or(i64::MAX))
+        };
+        if self.segments.last().is_none_or(|s| s.len >= SEGMENT_BYTES || aged(s)) {
             // A closed segment is durable before the next one starts: only the last one ever
             // needs a sync.
             if let Some(s) = self.segments.last() {
                 s.file.sync_data().map_err(|e| ShadowError::io(&s.path, e))?;
             }
-            let p = self.dir.join(seg_name(first, self.segments.len()));
+            let p = self.dir.join(seg_name(first, self.next_index));
+            self.next_index += 1;
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
-            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0 });
+            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, last_seq: first - 1, max_recv: 0, first_recv: 0, ids: Vec::new() });
         }
-        let seg = self.segments.len() - 1;
-        let s = &mut self.segments[seg];
+        let mut seg = self.segments.pop().ok_or_else(|| ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "no segment".into() })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
         frame.extend_from_slice(MAGIC);
         frame.extend_from_slice(&recv_ns.to_le_bytes());
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&blake3::hash(body).as_bytes()[..16]);
         frame.extend_from_slice(body);
-        let at = s.len;
-        let r = s.file.write_all_at(&frame, at);
-        if let Err(e) = r {
+        let at = seg.len;
+        if let Err(e) = seg.file.write_all_at(&frame, at) {
             // Leave no partial frame for the next append to follow.
-            let _ = s.file.set_len(at);
-            return Err(ShadowError::io(&s.path, e));
+            let _ = seg.file.set_len(at);
+            let path = seg.path.clone();
+            self.segments.push(seg);
+            return Err(ShadowError::io(&path, e));
         }
-        s.len += frame.len() as u64;
-        self.index(seg, at + (HEADER + data_off) as u64, meta, recv_ns);
+        seg.len += frame.len() as u64;
+        self.index(&mut seg, at + (HEADER + data_off) as u64, meta, recv_ns);
+        self.segments.push(seg);
         Ok(recv_ns)
     }
 
@@ -255,15 +468,19 @@ impl Journal {
         self.segments.last().map(|s| (s.file.clone(), s.path.clone()))
     }
 
-    /// The tree after every record up to and including `seq`.
+    /// The tree after every record up to and including `seq` (at least the base's).
     pub fn manifest_at(&self, seq: u64) -> crate::Manifest {
-        self.manifest_skipping(seq, &std::collections::BTreeSet::new())
+        let mut m = self.base.tree.clone();
+        for e in self.entries.iter().take_while(|e| e.seq <= seq) {
+            m.apply(&e.op);
+        }
+        m
     }
 
-    /// The same without the records in `skip` (deletions an operator discarded: the mirror's
-    /// tree).
+    /// The mirror's tree: the same without the records in `skip` (deletions an operator
+    /// discarded), from the base's mirror.
     pub fn manifest_skipping(&self, seq: u64, skip: &std::collections::BTreeSet<u64>) -> crate::Manifest {
-        let mut m = crate::Manifest::default();
+        let mut m = self.base.mirror.as_ref().unwrap_or(&self.base.tree).clone();
         for e in self.entries.iter().take_while(|e| e.seq <= seq) {
             if !skip.contains(&e.seq) {
                 m.apply(&e.op);
@@ -272,9 +489,19 @@ impl Journal {
         m
     }
 
-    /// The newest record received at or before `t_ns` (0 when none).
+    /// The newest record received at or before `t_ns` (the base's when none is kept from then;
+    /// 0 when nothing is).
     pub fn seq_at(&self, t_ns: i64) -> u64 {
-        self.entries.iter().take_while(|e| e.recv_ns <= t_ns).last().map(|e| e.seq).unwrap_or(0)
+        self.entries.iter().take_while(|e| e.recv_ns <= t_ns).last().map(|e| e.seq).unwrap_or(self.base.seq)
+    }
+
+    /// Receive time of record `seq`, 0 when it is not kept.
+    pub fn time_of(&self, seq: u64) -> i64 {
+        if seq == self.base.seq {
+            return self.base.recv_ns;
+        }
+        let i = self.entries.partition_point(|e| e.seq < seq);
+        self.entries.get(i).filter(|e| e.seq == seq).map(|e| e.recv_ns).unwrap_or(0)
     }
 
     /// Records touching `p` (or anything below it; a rename when either end does).
@@ -284,6 +511,260 @@ impl Journal {
             Op::Rename { from, to } => path::within(from, p) || path::within(to, p) || path::within(p, from) || path::within(p, to),
         })
     }
+
+    fn forget_chunks_in<'a>(&mut self, files: &[Arc<File>], ids: impl Iterator<Item = &'a Id>) {
+        for id in ids {
+            if self.chunks.get(id).is_some_and(|l| files.iter().any(|f| Arc::ptr_eq(f, &l.file))) {
+                self.chunks.remove(id);
+            }
+        }
+    }
+
+    /// Plans a pruning round: the leading segments whose every frame arrived before
+    /// `before_ns` and whose records are all at or below `upto` (applied and durable) are
+    /// folded into the base. The segment appends go to is never dropped. `None`: nothing to do.
+    pub fn prune_plan(&self, before_ns: i64, upto: u64) -> Option<PrunePlan> {
+        if self.read_only {
+            return None;
+        }
+        let n = self.segments.len().saturating_sub(1);
+        let drop = self.segments[..n].iter().take_while(|s| s.max_recv < before_ns && s.last_seq <= upto).count();
+        if drop == 0 {
+            return None;
+        }
+        let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
+        let fold: Vec<Entry> = self.entries.iter().take_while(|e| e.seq <= seq).cloned().collect();
+        let recv_ns = fold.last().map(|e| e.recv_ns).unwrap_or(self.base.recv_ns);
+        let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, ChunkHandle { file: l.file.clone(), off: l.off, meta: l.meta }, l.last_ref));
+        let mut candidates = Vec::new();
+        for s in &self.segments[..drop] {
+            candidates.extend(s.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &s.file))).filter_map(handle));
+        }
+        let packs = if self.packs.len() >= PACKS_BEFORE_COMPACTION {
+            self.packs
+                .iter()
+                .map(|p| (p.path.clone(), p.file.clone(), p.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &p.file))).filter_map(handle).collect()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(PrunePlan {
+            old: self.base.clone(),
+            seq,
+            recv_ns,
+            fold,
+            drop_segments: drop,
+            segment_files: self.segments[..drop].iter().map(|s| s.file.clone()).collect(),
+            packs,
+            candidates,
+            dir: self.dir.clone(),
+            id_key: self.id_key,
+            pack_no: self.next_pack,
+        })
+    }
+
+    /// Commits a built round: the base and index change, the dropped segments leave the
+    /// journal (their files are removed by [`Cleanup::finish`], after the base is written).
+    pub fn prune_commit(&mut self, mut b: BuiltPrune) -> Result<Cleanup, ShadowError> {
+        // A record appended while the round was built may name a chunk it left behind: those
+        // join the pack now (rare and few).
+        let late: Vec<(Id, ChunkHandle)> = b.left.drain(..).filter(|(id, _)| self.chunks.get(id).is_some_and(|l| l.last_ref > b.plan_seq)).collect();
+        if !late.is_empty() {
+            let no = self.next_pack.max(b.pack_no + 1);
+            let (path, list) = write_pack(&b.dir, no, &b.id_key, late.into_iter())?;
+            self.next_pack = no + 1;
+            self.adopt_pack(&path, list)?;
+        }
+        if let Some((path, list)) = b.pack.take() {
+            self.next_pack = self.next_pack.max(b.pack_no + 1);
+            self.adopt_pack(&path, list)?;
+        }
+        let dropped: Vec<Segment> = self.segments.drain(..b.drop_segments).collect();
+        let mut remove = Vec::new();
+        let mut bytes = 0;
+        for s in &dropped {
+            if !b.segment_files.iter().any(|f| Arc::ptr_eq(f, &s.file)) {
+                return Err(ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "segments changed during pruning".into() });
+            }
+        }
+        let files: Vec<Arc<File>> = dropped.iter().map(|s| s.file.clone()).chain(b.merged_packs.iter().map(|(_, f)| f.clone())).collect();
+        let ids: Vec<Id> = dropped.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        self.forget_chunks_in(&files, ids.iter());
+        for s in dropped {
+            bytes += s.len;
+            remove.push(s.path);
+        }
+        let merged: Vec<PathBuf> = b.merged_packs.iter().map(|(p, _)| p.clone()).collect();
+        let mut kept = Vec::new();
+        for p in std::mem::take(&mut self.packs) {
+            if merged.contains(&p.path) {
+                let ids = p.ids.clone();
+                self.forget_chunks_in(std::slice::from_ref(&p.file), ids.iter());
+                bytes += p.file.metadata().map(|m| m.len()).unwrap_or(0);
+                remove.push(p.path);
+            } else {
+                kept.push(p);
+            }
+        }
+        self.packs = kept;
+        let before = self.entries.len();
+        self.entries.retain(|e| e.seq > b.base.seq);
+        self.base = b.base.clone();
+        Ok(Cleanup { base: b.base, remove, dir: self.dir.clone(), records: (before - self.entries.len()) as u64, bytes })
+    }
+
+    fn adopt_pack(&mut self, path: &Path, list: Vec<ChunkMeta>) -> Result<(), ShadowError> {
+        let file = Arc::new(File::open(path).map_err(|e| ShadowError::io(path, e))?);
+        let meta_len = postcard::to_allocvec(&list).map(|v| v.len()).unwrap_or(0);
+        let mut off = (24 + meta_len) as u64;
+        let mut ids = Vec::with_capacity(list.len());
+        for c in list {
+            // The chunk now lives in the pack (the segment or pack it came from is going).
+            let last_ref = self.chunks.get(&c.id).map(|l| l.last_ref).unwrap_or(0);
+            self.chunks.insert(c.id, Loc { file: file.clone(), off, meta: c, last_ref });
+            ids.push(c.id);
+            off += u64::from(c.zlen);
+        }
+        self.packs.push(Pack { path: path.to_path_buf(), file, ids });
+        Ok(())
+    }
+}
+
+impl PrunePlan {
+    /// Folds the pruned records into a new base (`skip`: records the mirror never got) and
+    /// writes the chunks still needed into a pack. Runs without the stream's lock.
+    pub fn build(self, skip: &std::collections::BTreeSet<u64>) -> Result<BuiltPrune, ShadowError> {
+        let mut tree = self.old.tree.clone();
+        let mut mirror = self.old.mirror.clone();
+        if mirror.is_none() && self.fold.iter().any(|e| skip.contains(&e.seq)) {
+            mirror = Some(tree.clone());
+        }
+        for e in &self.fold {
+            tree.apply(&e.op);
+            if let Some(m) = &mut mirror
+                && !skip.contains(&e.seq)
+            {
+                m.apply(&e.op);
+            }
+        }
+        if mirror.as_ref() == Some(&tree) {
+            mirror = None;
+        }
+        let mut live: std::collections::HashSet<Id> = tree.chunk_ids().copied().collect();
+        if let Some(m) = &mirror {
+            live.extend(m.chunk_ids().copied());
+        }
+        let needed = |id: &Id, last_ref: u64| live.contains(id) || last_ref > self.seq;
+        let mut copy = Vec::new();
+        let mut left = Vec::new();
+        for (id, h, last_ref) in self.candidates {
+            if needed(&id, last_ref) { copy.push((id, h)) } else { left.push((id, h)) }
+        }
+        // Packs more than half dead are merged into the new one.
+        let mut merged_packs = Vec::new();
+        for (path, file, chunks) in self.packs {
+            let alive = chunks.iter().filter(|(id, _, r)| needed(id, *r)).count();
+            if alive * 2 < chunks.len() || chunks.is_empty() {
+                merged_packs.push((path, file));
+                for (id, h, r) in chunks {
+                    if needed(&id, r) { copy.push((id, h)) } else { left.push((id, h)) }
+                }
+            }
+        }
+        let pack = if copy.is_empty() { None } else { Some(write_pack(&self.dir, self.pack_no, &self.id_key, copy.into_iter())?) };
+        let base = Base { seq: self.seq, recv_ns: self.recv_ns, tree, mirror };
+        Ok(BuiltPrune {
+            plan_seq: self.seq,
+            drop_segments: self.drop_segments,
+            segment_files: self.segment_files,
+            base: Arc::new(base),
+            left,
+            pack,
+            merged_packs,
+            dir: self.dir,
+            id_key: self.id_key,
+            pack_no: self.pack_no,
+        })
+    }
+}
+
+impl Cleanup {
+    /// Writes the new base, then removes the pruned segments and merged packs (a crash in
+    /// between leaves files the next open removes or ignores).
+    pub fn finish(self) -> Result<(), ShadowError> {
+        let b = &self.base;
+        let file = BaseFile { version: 1, seq: b.seq, recv_ns: b.recv_ns, tree: b.tree.encode(), mirror: b.mirror.as_ref().map(|m| m.encode()) };
+        let body = postcard::to_allocvec(&file).map_err(|e| ShadowError::Corrupt { what: "base".into(), detail: e.to_string() })?;
+        let mut out = Vec::with_capacity(20 + body.len());
+        out.extend_from_slice(BASE_MAGIC);
+        out.extend_from_slice(&blake3::hash(&body).as_bytes()[..16]);
+        out.extend_from_slice(&body);
+        write_atomic(&self.dir, "base.ksb", &out)?;
+        for p in &self.remove {
+            std::fs::remove_file(p).map_err(|e| ShadowError::io(p, e))?;
+        }
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))
+    }
+}
+
+/// Writes `dir/name` whole or not at all (temporary file, sync, rename, directory sync).
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ShadowError> {
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let dst = dir.join(name);
+    let r = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &dst)?;
+        File::open(dir)?.sync_all()
+    })();
+    r.map_err(|e| ShadowError::io(&dst, e))
+}
+
+/// Writes pack number `no` of the given chunks (each read and verified); returns its path and
+/// chunk list.
+fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item = (Id, ChunkHandle)>) -> Result<(PathBuf, Vec<ChunkMeta>), ShadowError> {
+    let mut list = Vec::new();
+    let mut data = Vec::new();
+    for (_, h) in chunks {
+        let stored = h.read_stored()?;
+        open_chunk(id_key, &h.meta, &stored).map_err(|detail| ShadowError::Corrupt { what: format!("journal chunk {}", h.meta.id.short()), detail })?;
+        list.push(h.meta);
+        data.extend_from_slice(&stored);
+    }
+    let meta = postcard::to_allocvec(&list).map_err(|e| ShadowError::Corrupt { what: "pack".into(), detail: e.to_string() })?;
+    let mut out = Vec::with_capacity(24 + meta.len() + data.len());
+    out.extend_from_slice(PACK_MAGIC);
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&blake3::hash(&meta).as_bytes()[..16]);
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&data);
+    let name = format!("pack-{no:08}.ksp");
+    write_atomic(dir, &name, &out)?;
+    Ok((dir.join(name), list))
+}
+
+/// Reads `base.ksb` (the empty base when there is none).
+fn load_base(p: &Path) -> Result<Base, ShadowError> {
+    let b = match std::fs::read(p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Base::default()),
+        Err(e) => return Err(ShadowError::io(p, e)),
+    };
+    let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
+    if b.len() < 20 || &b[..4] != BASE_MAGIC {
+        return Err(corrupt("not a journal base".into()));
+    }
+    if blake3::hash(&b[20..]).as_bytes()[..16] != b[4..20] {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let f: BaseFile = postcard::from_bytes(&b[20..]).map_err(|e| corrupt(e.to_string()))?;
+    if f.version != 1 {
+        return Err(corrupt(format!("version {} not understood", f.version)));
+    }
+    let tree = crate::Manifest::decode(&f.tree).map_err(corrupt)?;
+    let mirror = f.mirror.map(|m| crate::Manifest::decode(&m)).transpose().map_err(corrupt)?;
+    Ok(Base { seq: f.seq, recv_ns: f.recv_ns, tree, mirror })
 }
 
 /// The stream's files: `stream.json` (its secret and epoch), beside the journal's segments.

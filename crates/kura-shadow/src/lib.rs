@@ -67,3 +67,13 @@ pub fn now_ns() -> i64 {
     let off = std::env::var("KURA_SHADOW_CLOCK_OFFSET").ok().and_then(|s| s.trim().parse::<i64>().ok()).unwrap_or(0);
     t.saturating_add(off.saturating_mul(1_000_000_000))
 }
+
+/// A receive time for people: local date and time to the millisecond ("-" for none).
+pub fn show_time(ns: i64) -> String {
+    if ns == 0 {
+        return "-".into();
+    }
+    jiff::Timestamp::from_nanosecond(i128::from(ns))
+        .map(|t| t.to_zoned_datetime(jiff::tz::TimeZone::system()).strftime("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|_| ns.to_string())
+}

@@ -58,9 +58,16 @@ pub fn restore(j: &Journal, at_ns: i64, only: Option<&[u8]>, target: &Path) -> R
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(target).map_err(|e| ShadowError::io(target, e))?,
         Err(e) => return Err(ShadowError::io(target, e)),
     }
+    if j.base().seq > 0 && at_ns < j.base().recv_ns {
+        return Err(ShadowError::Usage(format!(
+            "that moment is older than the journal's window: the oldest moment it can restore is {} (record {})",
+            crate::show_time(j.base().recv_ns),
+            j.base().seq
+        )));
+    }
     let seq = j.seq_at(at_ns);
     let m = j.manifest_at(seq);
-    let mut done = Restored { seq, time_ns: j.entries().iter().find(|e| e.seq == seq).map(|e| e.recv_ns).unwrap_or(0), ..Restored::default() };
+    let mut done = Restored { seq, time_ns: j.time_of(seq), ..Restored::default() };
     let chunks = ReadOnly(j);
     let mut dirs = Vec::new();
     for (rel, n) in m.iter() {

@@ -63,8 +63,14 @@ pub struct StreamStatus {
     pub records: u64,
     /// Distinct chunks kept, and journal bytes.
     pub chunks: u64,
-    /// Bytes of journal segments.
+    /// Bytes of journal segments and packs.
     pub journal_bytes: u64,
+    /// Records older than this are folded into the base (0: kept for ever).
+    #[serde(default)]
+    pub window_secs: u64,
+    /// The newest record folded into the base (0 when nothing was pruned yet).
+    #[serde(default)]
+    pub base_seq: u64,
     /// The last error of the applier, if it is stuck.
     pub apply_error: Option<String>,
     /// A mass deletion the breaker holds (the mirror is kept until release or discard).
@@ -91,6 +97,7 @@ pub struct Stream {
     name: String,
     mirror: PathBuf,
     apply_delay: Duration,
+    window: Duration,
     file: StreamFile,
     inner: Mutex<Inner>,
     applied: AtomicU64,
@@ -123,6 +130,8 @@ pub struct StreamOptions {
     pub apply_delay: Duration,
     /// The mass-deletion breaker.
     pub breaker: Breaker,
+    /// How long records are kept (restorable); zero keeps them for ever.
+    pub window: Duration,
 }
 
 struct JournalChunks<'a>(&'a Stream);
@@ -140,7 +149,10 @@ impl Stream {
     /// `mirror`: the mirror is first made equal to the state at the last applied record.
     pub fn open(name: &str, dir: &Path, mirror: &Path, opts: StreamOptions) -> Result<Arc<Stream>, ShadowError> {
         let mut file = StreamFile::load(dir, true)?;
-        let journal = Journal::open(&dir.join("journal"), file.id_key(), false)?;
+        let mut journal = Journal::open(&dir.join("journal"), file.id_key(), false)?;
+        if !opts.window.is_zero() {
+            journal.set_segment_age(opts.window / 8);
+        }
         if file.mirror.as_deref() != Some(mirror) {
             // The mirror is made equal to the journal, removing everything else: only ever in
             // a directory that is empty or already this stream's.
@@ -156,7 +168,7 @@ impl Stream {
             file.save(dir)?;
         }
         let head = journal.manifest_at(journal.head());
-        let applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0).min(journal.head());
+        let applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0).min(journal.head()).max(journal.base().seq);
         let discarded: std::collections::BTreeSet<u64> =
             std::fs::read_to_string(dir.join("discarded")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
         // Discarded records the journal lost with a torn tail are not the records that the
@@ -166,6 +178,7 @@ impl Stream {
             name: name.to_string(),
             mirror: mirror.to_path_buf(),
             apply_delay: opts.apply_delay,
+            window: opts.window,
             file,
             inner: Mutex::new(Inner { journal, head }),
             applied: AtomicU64::new(applied),
@@ -198,6 +211,13 @@ impl Stream {
             .name(format!("kura-sync-{name}"))
             .spawn(move || me.sync_loop())
             .map_err(|e| ShadowError::io(mirror, e))?;
+        if !opts.window.is_zero() {
+            let me = s.clone();
+            std::thread::Builder::new()
+                .name(format!("kura-prune-{name}"))
+                .spawn(move || me.prune_loop())
+                .map_err(|e| ShadowError::io(mirror, e))?;
+        }
         Ok(s)
     }
 
@@ -289,11 +309,13 @@ impl Stream {
             head: inner.journal.head(),
             applied: self.applied.load(Ordering::SeqCst),
             durable: self.durable.load(Ordering::SeqCst),
-            head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(0),
-            oldest_time_ns: e.first().map(|e| e.recv_ns).unwrap_or(0),
+            head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(inner.journal.base().recv_ns),
+            oldest_time_ns: inner.journal.oldest_time(),
             records: e.len() as u64,
             chunks: chunks as u64,
             journal_bytes: bytes,
+            window_secs: self.window.as_secs(),
+            base_seq: inner.journal.base().seq,
             apply_error: self.apply_error.lock().ok().and_then(|e| e.clone()),
             held: self.held.lock().ok().and_then(|h| h.clone()),
             discarded: self.discarded.lock().map(|d| d.len() as u64).unwrap_or(0),
@@ -315,6 +337,43 @@ impl Stream {
             g = self.changed.wait_timeout(g, left.min(Duration::from_millis(200))).unwrap_or_else(|p| p.into_inner()).0;
         }
         true
+    }
+
+    /// Prunes the journal to its window now and then, until the stream stops.
+    fn prune_loop(self: Arc<Self>) {
+        let every = (self.window / 10).clamp(Duration::from_millis(200), Duration::from_secs(60));
+        let mut last = std::time::Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100).min(every));
+            if last.elapsed() < every {
+                continue;
+            }
+            last = std::time::Instant::now();
+            if let Err(e) = self.prune() {
+                tracing::error!(stream = %self.name, "cannot prune the journal to its window: {e}");
+            }
+        }
+    }
+
+    /// One pruning round: records older than the window that are applied and durable are
+    /// folded into the journal's base; returns the records and bytes pruned. The costly part
+    /// (the new base, the pack of chunks that stay) runs without the stream's lock.
+    pub fn prune(&self) -> Result<(u64, u64), ShadowError> {
+        if self.window.is_zero() {
+            return Ok((0, 0));
+        }
+        let before = crate::now_ns().saturating_sub(i64::try_from(self.window.as_nanos()).unwrap_or(i64::MAX));
+        let upto = self.applied.load(Ordering::SeqCst).min(self.durable.load(Ordering::SeqCst));
+        let Some(plan) = self.lock_inner().journal.prune_plan(before, upto) else {
+            return Ok((0, 0));
+        };
+        let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
+        let built = plan.build(&skip)?;
+        let cleanup = self.lock_inner().journal.prune_commit(built)?;
+        let done = (cleanup.records, cleanup.bytes);
+        cleanup.finish()?;
+        tracing::info!(stream = %self.name, records = done.0, bytes = done.1, "journal pruned to its window");
+        Ok(done)
     }
 
     /// Syncs the journal whenever records are written but not durable: every append waiting

@@ -30,14 +30,7 @@ fn link(cli: &Cli, to: &str) -> Result<(Link, String, String)> {
     Ok((l, root, stream))
 }
 
-fn show_time(ns: i64) -> String {
-    if ns == 0 {
-        return "-".into();
-    }
-    jiff::Timestamp::from_nanosecond(i128::from(ns))
-        .map(|t| t.to_zoned_datetime(jiff::tz::TimeZone::system()).strftime("%Y-%m-%d %H:%M:%S%.3f").to_string())
-        .unwrap_or_else(|_| ns.to_string())
-}
+use kura_shadow::show_time;
 
 fn describe(op: &Op) -> String {
     match op {
@@ -102,11 +95,13 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                         head: j.head(),
                         applied,
                         durable: j.head(),
-                        head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(0),
-                        oldest_time_ns: e.first().map(|e| e.recv_ns).unwrap_or(0),
+                        head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(j.base().recv_ns),
+                        oldest_time_ns: j.oldest_time(),
                         records: e.len() as u64,
                         chunks: chunks as u64,
                         journal_bytes: bytes,
+                        window_secs: 0,
+                        base_seq: j.base().seq,
                         apply_error: None,
                         held: None,
                         discarded: 0,
@@ -124,7 +119,8 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 println!("head          record {} received {}", st.head, show_time(st.head_time_ns));
                 println!("applied       record {} ({} behind)", st.applied, st.head.saturating_sub(st.applied));
                 println!("durable       record {}", st.durable);
-                println!("window        {} records since {}", st.records, show_time(st.oldest_time_ns));
+                let kept = if st.window_secs > 0 { format!(", kept {}", format_args!("{:#}", jiff::SignedDuration::from_secs(st.window_secs as i64))) } else { String::new() };
+                println!("window        {} records since {}{kept}", st.records, show_time(st.oldest_time_ns));
                 println!("journal       {} bytes, {} chunks", st.journal_bytes, st.chunks);
                 if let Some(e) = &st.apply_error {
                     println!("apply error   {e}");
