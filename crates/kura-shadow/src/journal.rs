@@ -24,8 +24,9 @@ const MAGIC: &[u8; 4] = b"KSJ1";
 const BASE_MAGIC: &[u8; 4] = b"KSB1";
 const PACK_MAGIC: &[u8; 4] = b"KSP1";
 const HEADER: usize = 32;
-/// Packs are merged once this many exist (those with more than half dead chunks).
+/// Small packs (below `SMALL_PACK` bytes) are merged once this many packs exist.
 const PACKS_BEFORE_COMPACTION: usize = 8;
+const SMALL_PACK: u64 = 4 << 20;
 /// A segment is closed and a new one started beyond this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
 
@@ -540,14 +541,11 @@ impl Journal {
         for s in &self.segments[..drop] {
             candidates.extend(s.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &s.file))).filter_map(handle));
         }
-        let packs = if self.packs.len() >= PACKS_BEFORE_COMPACTION {
-            self.packs
-                .iter()
-                .map(|p| (p.path.clone(), p.file.clone(), p.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &p.file))).filter_map(handle).collect()))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let packs = self
+            .packs
+            .iter()
+            .map(|p| (p.path.clone(), p.file.clone(), p.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &p.file))).filter_map(handle).collect()))
+            .collect();
         Some(PrunePlan {
             old: self.base.clone(),
             seq,
@@ -660,11 +658,15 @@ impl PrunePlan {
         for (id, h, last_ref) in self.candidates {
             if needed(&id, last_ref) { copy.push((id, h)) } else { left.push((id, h)) }
         }
-        // Packs more than half dead are merged into the new one.
+        // Packs more than half dead (by bytes) are merged into the new one, and so are small
+        // ones once there are many (a short window makes a small pack each round).
         let mut merged_packs = Vec::new();
+        let many = self.packs.len() >= PACKS_BEFORE_COMPACTION;
         for (path, file, chunks) in self.packs {
-            let alive = chunks.iter().filter(|(id, _, r)| needed(id, *r)).count();
-            if alive * 2 < chunks.len() || chunks.is_empty() {
+            let size = |c: &(Id, ChunkHandle, u64)| u64::from(c.1.meta.zlen);
+            let total: u64 = chunks.iter().map(size).sum();
+            let alive: u64 = chunks.iter().filter(|(id, _, r)| needed(id, *r)).map(size).sum();
+            if alive * 2 < total || chunks.is_empty() || (many && total < SMALL_PACK) {
                 merged_packs.push((path, file));
                 for (id, h, r) in chunks {
                     if needed(&id, r) { copy.push((id, h)) } else { left.push((id, h)) }
@@ -843,7 +845,7 @@ mod tests {
     use crate::record::{BATCH_VERSION, Record};
     use kura_repo::{Node, NodeKind};
 
-    fn batch(key: &[u8; 32], seq: u64, name: &str, content: &[u8]) -> (Vec<u8>, BatchMeta, usize) {
+    pub(super) fn batch(key: &[u8; 32], seq: u64, name: &str, content: &[u8]) -> (Vec<u8>, BatchMeta, usize) {
         let id = Id(*blake3::keyed_hash(key, content).as_bytes());
         let z = zstd::bulk::compress(content, 1).unwrap();
         let mut node = Node::new(Vec::new(), NodeKind::File);
@@ -895,5 +897,142 @@ mod tests {
         assert!(matches!(Journal::open(d.path(), key, true), Err(ShadowError::Corrupt { .. })));
         std::fs::write(d.path().join(seg_name(9, 1)), b"").unwrap();
         assert!(matches!(Journal::open(d.path(), key, true), Err(ShadowError::Corrupt { .. })));
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+    use crate::record::{BATCH_VERSION, Record};
+    use std::collections::BTreeSet;
+
+    use super::tests::batch as put;
+
+    fn delete(seq: u64, name: &str) -> (Vec<u8>, BatchMeta, usize) {
+        let meta = BatchMeta { version: BATCH_VERSION, epoch: 1, records: vec![Record { seq, at_ns: 0, op: Op::Delete { path: name.as_bytes().to_vec() } }], chunks: vec![] };
+        let body = meta.encode(&[]);
+        let (m, off) = BatchMeta::decode(&body).unwrap();
+        (body, m, off)
+    }
+
+    fn content_of(j: &Journal, m: &crate::Manifest, name: &str) -> Vec<u8> {
+        let node = m.get(name.as_bytes()).unwrap_or_else(|| panic!("{name} missing"));
+        node.content.iter().flat_map(|id| j.chunk(id).unwrap_or_else(|| panic!("chunk of {name} gone")).read(j.id_key()).unwrap()).collect()
+    }
+
+    /// a, b put; a deleted; c put; each in its own segment (the first three pruned).
+    fn journal(dir: &Path, key: [u8; 32]) -> Journal {
+        let mut j = Journal::open(dir, key, false).unwrap();
+        j.set_segment_age(std::time::Duration::ZERO);
+        for (seq, (body, m, off)) in [put(&key, 1, "a", &[b'a'; 3000]), put(&key, 2, "b", &[b'b'; 3000]), delete(3, "a"), put(&key, 4, "c", &[b'c'; 3000])].into_iter().enumerate() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            j.append(&body, &m, off).unwrap();
+            assert_eq!(j.head(), seq as u64 + 1);
+        }
+        j
+    }
+
+    fn segments(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".ksj")).count()
+    }
+
+    #[test]
+    fn pruning_folds_old_records_into_the_base_and_keeps_only_live_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let key = [5u8; 32];
+        let mut j = journal(d.path(), key);
+        assert_eq!(segments(d.path()), 4);
+        let a_id = j.manifest_at(1).get(b"a").unwrap().content[0];
+        let before = j.time_of(4);
+        // Record 4 is not yet applied: only 1..=3 may go.
+        let plan = j.prune_plan(before, 3).unwrap();
+        let built = plan.build(&BTreeSet::new()).unwrap();
+        let c = j.prune_commit(built).unwrap();
+        assert_eq!(c.records, 3);
+        c.finish().unwrap();
+        assert_eq!((j.base().seq, j.head(), j.entries().len()), (3, 4, 1));
+        assert!(!j.has_chunk(&a_id), "a chunk only a deleted file named stays");
+        let m = j.manifest_at(4);
+        assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
+        assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
+        assert!(m.get(b"a").is_none());
+        assert_eq!(segments(d.path()), 1);
+        assert!(d.path().join("pack-00000001.ksp").exists());
+        // Moments before the base resolve to it; the oldest is its time.
+        assert_eq!(j.seq_at(0), 3);
+        assert_eq!(j.oldest_time(), j.base().recv_ns);
+        assert!(j.prune_plan(i64::MAX, 4).is_none(), "the segment appends go to is never dropped");
+        drop(j);
+        let j = Journal::open(d.path(), key, false).unwrap();
+        assert_eq!((j.base().seq, j.head()), (3, 4));
+        let m = j.manifest_at(4);
+        assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
+        assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
+        // A damaged base is reported, not taken for an empty one.
+        drop(j);
+        let p = d.path().join("base.ksb");
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        b[n - 1] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        assert!(matches!(Journal::open(d.path(), key, true), Err(ShadowError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_deletion_the_mirror_never_got_keeps_its_files_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let key = [6u8; 32];
+        let mut j = journal(d.path(), key);
+        let plan = j.prune_plan(j.time_of(4), 3).unwrap();
+        let skip: BTreeSet<u64> = [3].into();
+        let c = j.prune_commit(plan.build(&skip).unwrap()).unwrap();
+        c.finish().unwrap();
+        let mirror = j.manifest_skipping(4, &skip);
+        assert_eq!(content_of(&j, &mirror, "a"), vec![b'a'; 3000]);
+        assert!(j.manifest_at(4).get(b"a").is_none());
+        drop(j);
+        let j = Journal::open(d.path(), key, false).unwrap();
+        assert_eq!(content_of(&j, &j.manifest_skipping(4, &skip), "a"), vec![b'a'; 3000]);
+    }
+
+    #[test]
+    fn a_pruning_round_killed_at_any_step_leaves_a_journal_that_opens_whole() {
+        let key = [7u8; 32];
+        // Killed after the pack was written, before the base: the old base and every segment
+        // still stand; the pack's copies are harmless.
+        let d = tempfile::tempdir().unwrap();
+        let j = journal(d.path(), key);
+        let plan = j.prune_plan(j.time_of(4), 3).unwrap();
+        let built = plan.build(&BTreeSet::new()).unwrap();
+        drop(built);
+        drop(j);
+        std::fs::write(d.path().join(".tmp-base.ksb"), b"half").unwrap();
+        let j = Journal::open(d.path(), key, false).unwrap();
+        assert_eq!((j.base().seq, j.head(), j.entries().len()), (0, 4, 4));
+        assert_eq!(content_of(&j, &j.manifest_at(1), "a"), vec![b'a'; 3000]);
+        assert!(!d.path().join(".tmp-base.ksb").exists());
+        // Killed after the base was written, before the segments were removed: the next open
+        // removes them.
+        let d = tempfile::tempdir().unwrap();
+        let mut j = journal(d.path(), key);
+        let saved: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ksj"))
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        let plan = j.prune_plan(j.time_of(4), 3).unwrap();
+        j.prune_commit(plan.build(&BTreeSet::new()).unwrap()).unwrap().finish().unwrap();
+        drop(j);
+        for (p, b) in &saved {
+            std::fs::write(p, b).unwrap();
+        }
+        assert_eq!(segments(d.path()), 4);
+        let j = Journal::open(d.path(), key, false).unwrap();
+        assert_eq!((j.base().seq, j.head(), j.entries().len()), (3, 4, 1));
+        assert_eq!(segments(d.path()), 1);
+        let m = j.manifest_at(4);
+        assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
+        assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
     }
 }

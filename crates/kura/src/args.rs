@@ -176,9 +176,10 @@ pub enum ShadowCommand {
         /// The stream's directory.
         #[arg(long)]
         journal: PathBuf,
-        /// The moment: "YYYY-MM-DD HH:MM[:SS]" (local time) or RFC 3339.
+        /// The moment: "YYYY-MM-DD HH:MM[:SS]" (local time) or RFC 3339; the newest record
+        /// when left out.
         #[arg(long)]
-        at: String,
+        at: Option<String>,
         /// Only this path (relative to the shadowed directory) and what is below it.
         #[arg(long)]
         path: Option<String>,

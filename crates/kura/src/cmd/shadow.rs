@@ -175,7 +175,10 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
         }
         ShadowCommand::Restore { journal, at, path: only, target } => {
             let j = kura_shadow::restore::open(journal)?;
-            let at_ns = crate::cmd::backup::parse_time(at)?.as_nanosecond() as i64;
+            let at_ns = match at {
+                Some(at) => crate::cmd::backup::parse_time(at)?.as_nanosecond() as i64,
+                None => i64::MAX,
+            };
             let only = only.as_deref().map(|p| p.trim_matches('/').as_bytes().to_vec());
             let r = kura_shadow::restore::restore(&j, at_ns, only.as_deref(), target)?;
             if cli.json {

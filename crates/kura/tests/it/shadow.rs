@@ -373,3 +373,62 @@ fn a_delayed_standby_stays_behind_on_purpose_and_wait_waits_for_it() {
     assert!(t.elapsed() >= Duration::from_millis(4000), "applied after {:?}", t.elapsed());
     assert_eq!(std::fs::read(sb.mirror().join("a")).unwrap(), b"first");
 }
+
+#[test]
+fn the_journal_keeps_its_window_and_forgets_what_is_older() {
+    let sb = Standby::start_with("window = \"3s\"\n");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    let push = |sb: &Standby, what: &str| -> u64 {
+        let out = sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+        let head = serde_json::from_str::<serde_json::Value>(&out).unwrap()["head"].as_u64().unwrap();
+        sb.ok(&["shadow", "wait", &head.to_string(), "--to", &sb.url()]);
+        converge(sb, &src, what);
+        head
+    };
+    // Random bytes: a big file whose chunks only the pruned records name.
+    std::fs::write(src.join("big"), bytes(3 << 20, 41)).unwrap();
+    std::fs::write(src.join("keep"), bytes(5000, 42)).unwrap();
+    let first = push(&sb, "first");
+    let early = jiff::Timestamp::now().to_string();
+    std::thread::sleep(Duration::from_millis(800));
+    std::fs::remove_file(src.join("big")).unwrap();
+    std::fs::write(src.join("later"), bytes(7000, 43)).unwrap();
+    let second = push(&sb, "second");
+    let full = sb.status()["journal_bytes"].as_u64().unwrap();
+    assert!(full > 3 << 20, "journal {full} bytes");
+    // Once the deletion is older than the window it is folded into the base with the records
+    // before it (more changes keep arriving, so their segments are closed), and the deleted
+    // file's chunks go.
+    let t = Instant::now();
+    let st = loop {
+        std::thread::sleep(Duration::from_millis(700));
+        std::fs::write(src.join("tick"), t.elapsed().as_millis().to_string()).unwrap();
+        push(&sb, "tick");
+        let st = sb.status();
+        if st["base_seq"].as_u64().unwrap() >= second {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never pruned: {st}");
+    };
+    assert_eq!(st["window_secs"], 3, "{st}");
+    let now_bytes = st["journal_bytes"].as_u64().unwrap();
+    let files: Vec<String> = std::fs::read_dir(sb.journal().join("journal")).unwrap().map(|e| { let e = e.unwrap(); format!("{} {}", e.file_name().to_string_lossy(), e.metadata().unwrap().len()) }).collect();
+    assert!(now_bytes + (2 << 20) < full, "the deleted file's chunks stayed: {now_bytes} of {full} bytes: {files:?} {st}");
+    // A moment before the window is refused with its reason; the present restores whole.
+    let j = sb.journal();
+    let o = sb.run(&["shadow", "restore", "--journal", j.to_str().unwrap(), "--at", &early, "--target", work.path().join("old").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("older than the journal's window"), "{}", stderr(&o));
+    assert!(!work.path().join("old").exists() || std::fs::read_dir(work.path().join("old")).unwrap().next().is_none());
+    let back = work.path().join("back");
+    sb.ok(&["shadow", "restore", "--journal", j.to_str().unwrap(), "--target", back.to_str().unwrap()]);
+    assert_same_tree(&src, &back);
+    // The standby restarts on the pruned journal and goes on.
+    let mut sb = sb;
+    sb.server.restart();
+    std::fs::write(src.join("after-restart"), b"x").unwrap();
+    push(&sb, "after restart");
+    assert!(sb.status()["base_seq"].as_u64().unwrap() >= first);
+}
