@@ -1,6 +1,7 @@
 //! The standby's side of shadowing inside `kura serve`: a primary's `shadow` token appends
 //! batches to its stream's journal; nothing it can send removes or rewrites a record.
-//! Endpoints (`docs/FORMAT.md` §15): status, manifest, append, wait.
+//! Endpoints (`docs/FORMAT.md` §15): status, manifest, append, wait, release, discard,
+//! promote, chunk, branch append.
 
 use crate::api::{AppState, ApiError, err};
 use crate::tokens::{Role, TokenEntry};
@@ -37,8 +38,22 @@ pub async fn status(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketA
     }
 }
 
-/// `GET /v1/shadow/{stream}/manifest`: the tree as of the newest record (postcard).
-pub async fn manifest(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+/// Query of `manifest`.
+#[derive(serde::Deserialize)]
+pub struct ManifestQuery {
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// `GET /v1/shadow/{stream}/manifest[?seq=N]`: the tree as of the newest record, or of record N
+/// (postcard; 404 when N is outside the journal).
+pub async fn manifest(
+    State(state): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(stream): Path<String>,
+    Query(q): Query<ManifestQuery>,
+) -> Response {
     let (tok, s) = match open(&state, &headers, peer, &stream) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
@@ -46,8 +61,89 @@ pub async fn manifest(State(state): Shared, ConnectInfo(peer): ConnectInfo<Socke
     if !may_push(&tok) {
         return err(StatusCode::FORBIDDEN, "only a shadow token of the stream reads its tree").into_response();
     }
-    match tokio::task::spawn_blocking(move || s.manifest()).await {
-        Ok(b) => b.into_response(),
+    match tokio::task::spawn_blocking(move || match q.seq {
+        None => Some(s.manifest()),
+        Some(seq) => s.manifest_at(seq),
+    })
+    .await
+    {
+        Ok(Some(b)) => b.into_response(),
+        Ok(None) => err(StatusCode::NOT_FOUND, "that record is outside the journal's window").into_response(),
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+/// `GET /v1/shadow/{stream}/chunk/{id}`: a chunk's plain bytes (a rejoining host fetches
+/// what it lacks).
+pub async fn chunk(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path((stream, id)): Path<(String, String)>) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if !may_push(&tok) {
+        return err(StatusCode::FORBIDDEN, "only a shadow token of the stream reads its chunks").into_response();
+    }
+    let Some(id) = kura_repo::Id::from_hex(&id) else {
+        return err(StatusCode::BAD_REQUEST, format!("{id:?} is not a chunk id")).into_response();
+    };
+    match tokio::task::spawn_blocking(move || s.read_chunk(&id)).await {
+        Ok(Ok(b)) => b.into_response(),
+        Ok(Err(e)) => err(StatusCode::NOT_FOUND, e.to_string()).into_response(),
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+/// `POST /v1/shadow/{stream}/promote` (admin): the standby becomes the primary (epoch + 1; the
+/// old primary is fenced); answers once the mirror holds every record received before.
+pub async fn promote(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if tok.role != Role::Admin {
+        return err(StatusCode::FORBIDDEN, "only an admin token promotes a stream").into_response();
+    }
+    match tokio::task::spawn_blocking(move || s.promote(Duration::from_secs(300))).await {
+        Ok(Ok((epoch, seq, caught_up))) => axum::Json(serde_json::json!({ "epoch": epoch, "promoted_seq": seq, "caught_up": caught_up })).into_response(),
+        Ok(Err(e @ (kura_shadow::PromoteError::AlreadyPrimary(..) | kura_shadow::PromoteError::Held(..)))) => err(StatusCode::CONFLICT, e.to_string()).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(stream = %stream, "promotion failed: {e}");
+            err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+/// Query of a branch append.
+#[derive(serde::Deserialize)]
+pub struct BranchQuery {
+    #[serde(default)]
+    last: bool,
+}
+
+/// `POST /v1/shadow/{stream}/branch/{name}/append[?last=true]`: a batch of a fenced primary's
+/// tree, kept as a named branch (append-only; `last` seals it).
+pub async fn append_branch(
+    State(state): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path((stream, name)): Path<(String, String)>,
+    Query(q): Query<BranchQuery>,
+    body: Body,
+) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if !may_push(&tok) {
+        return err(StatusCode::FORBIDDEN, format!("a {} token cannot push to a stream", tok.role.name())).into_response();
+    }
+    let body = match axum::body::to_bytes(body, kura_shadow::record::MAX_BATCH).await {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response(),
+    };
+    match tokio::task::spawn_blocking(move || s.append_branch(&name, &body, q.last)).await {
+        Ok(r) => appended(&stream, r),
         Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
 }
@@ -65,15 +161,22 @@ pub async fn append(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketA
         Ok(b) => b,
         Err(e) => return err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response(),
     };
-    let r = tokio::task::spawn_blocking(move || s.append(&body)).await;
+    match tokio::task::spawn_blocking(move || s.append(&body)).await {
+        Ok(r) => appended(&stream, r),
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
+/// The answer to an append: `{"head": N}`, or the refusal with its status.
+fn appended(stream: &str, r: Result<u64, AppendError>) -> Response {
     match r {
-        Ok(Ok(head)) => axum::Json(serde_json::json!({ "head": head })).into_response(),
-        Ok(Err(e)) => {
+        Ok(head) => axum::Json(serde_json::json!({ "head": head })).into_response(),
+        Err(e) => {
             let status = match &e {
                 AppendError::Malformed(_) => StatusCode::BAD_REQUEST,
-                AppendError::OutOfOrder { .. } => StatusCode::CONFLICT,
+                AppendError::OutOfOrder { .. } | AppendError::Sealed(_) => StatusCode::CONFLICT,
                 AppendError::Missing(_) => StatusCode::PRECONDITION_FAILED,
-                AppendError::Fenced { .. } => StatusCode::LOCKED,
+                AppendError::Fenced { .. } | AppendError::Promoted { .. } => StatusCode::LOCKED,
                 AppendError::Store(kura_shadow::ShadowError::Io { source, .. }) if source.raw_os_error() == Some(28) => StatusCode::INSUFFICIENT_STORAGE,
                 AppendError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
@@ -88,7 +191,6 @@ pub async fn append(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketA
             }
             (status, axum::Json(j)).into_response()
         }
-        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
 }
 

@@ -184,6 +184,13 @@ fn matches(m: &fs::Metadata, n: &Node) -> bool {
 /// again, entries the manifest lacks (and leftover temporaries) are removed. Runs when a
 /// receiver starts, so a crash between applying a record and noting it is repaired.
 pub fn reconcile(root: &Path, m: &Manifest, chunks: &dyn Chunks) -> Result<Reconciled, ShadowError> {
+    reconcile_verified(root, m, chunks, None)
+}
+
+/// [`reconcile`], and when `local` (the tree at `root`, its files hashed into chunk ids) is
+/// given, a file whose content ids differ is written again too, whatever its size and mtime
+/// say: a verified resync.
+pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local: Option<&Manifest>) -> Result<Reconciled, ShadowError> {
     fs::create_dir_all(root).map_err(io(root))?;
     let mut done = Reconciled::default();
     // Remove what should not be there, deepest first.
@@ -210,7 +217,8 @@ pub fn reconcile(root: &Path, m: &Manifest, chunks: &dyn Chunks) -> Result<Recon
     let mut dirs = Vec::new();
     for (rel, n) in m.iter() {
         let p = path::join(root, rel);
-        let ok = fs::symlink_metadata(&p).is_ok_and(|md| matches(&md, n));
+        let same_content = n.kind != NodeKind::File || local.is_none_or(|l| l.get(rel).is_some_and(|o| o.content == n.content));
+        let ok = same_content && fs::symlink_metadata(&p).is_ok_and(|md| matches(&md, n));
         if n.kind == NodeKind::Dir {
             dirs.push((rel, n));
             if ok {

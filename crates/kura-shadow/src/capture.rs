@@ -239,6 +239,11 @@ impl Capture {
         }
     }
 
+    /// Notes chunks the standby holds beyond its tree's (so they are not sent).
+    pub fn know<'a>(&mut self, ids: impl Iterator<Item = &'a Id>) {
+        self.known.extend(ids.copied());
+    }
+
     /// Forgets that the standby has these chunks (it said so).
     pub fn forget_chunks(&mut self, ids: &[Id]) {
         for id in ids {

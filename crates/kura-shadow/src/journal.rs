@@ -153,6 +153,9 @@ impl ChunkHandle {
     }
 }
 
+/// A pack's path, file, and live chunks with their newest reference.
+type PackChunks = (PathBuf, Arc<File>, Vec<(Id, ChunkHandle, u64)>);
+
 /// What one pruning round takes out of the journal, gathered under the stream's lock and
 /// worked out without it ([`PrunePlan::build`]).
 pub struct PrunePlan {
@@ -163,7 +166,7 @@ pub struct PrunePlan {
     /// Segments dropped (their count from the front) and packs that may be merged.
     drop_segments: usize,
     segment_files: Vec<Arc<File>>,
-    packs: Vec<(PathBuf, Arc<File>, Vec<(Id, ChunkHandle, u64)>)>,
+    packs: Vec<PackChunks>,
     /// Chunks first stored in the dropped segments, with their newest reference.
     candidates: Vec<(Id, ChunkHandle, u64)>,
     dir: PathBuf,
@@ -631,7 +634,8 @@ impl Journal {
 impl PrunePlan {
     /// Folds the pruned records into a new base (`skip`: records the mirror never got) and
     /// writes the chunks still needed into a pack. Runs without the stream's lock.
-    pub fn build(self, skip: &std::collections::BTreeSet<u64>) -> Result<BuiltPrune, ShadowError> {
+    /// `keep`: chunks needed elsewhere (branches).
+    pub fn build(self, skip: &std::collections::BTreeSet<u64>, keep: &std::collections::HashSet<Id>) -> Result<BuiltPrune, ShadowError> {
         let mut tree = self.old.tree.clone();
         let mut mirror = self.old.mirror.clone();
         if mirror.is_none() && self.fold.iter().any(|e| skip.contains(&e.seq)) {
@@ -652,7 +656,7 @@ impl PrunePlan {
         if let Some(m) = &mirror {
             live.extend(m.chunk_ids().copied());
         }
-        let needed = |id: &Id, last_ref: u64| live.contains(id) || last_ref > self.seq;
+        let needed = |id: &Id, last_ref: u64| live.contains(id) || keep.contains(id) || last_ref > self.seq;
         let mut copy = Vec::new();
         let mut left = Vec::new();
         for (id, h, last_ref) in self.candidates {
@@ -782,6 +786,13 @@ pub struct StreamFile {
     /// directory that was not its own).
     #[serde(default)]
     pub mirror: Option<std::path::PathBuf>,
+    /// Set by a promotion: the stream's mirror is the primary copy (never written by the
+    /// applier again) and appends continue at the new epoch.
+    #[serde(default)]
+    pub primary: bool,
+    /// The newest record of the old epoch (the state the mirror was promoted at).
+    #[serde(default)]
+    pub promoted_seq: u64,
 }
 
 impl StreamFile {
@@ -799,7 +810,7 @@ impl StreamFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 let mut s = [0u8; 32];
                 getrandom::fill(&mut s).map_err(|e| ShadowError::io(&p, std::io::Error::other(e.to_string())))?;
-                let f = StreamFile { version: 1, secret: hex::encode(s), epoch: 1, mirror: None };
+                let f = StreamFile { version: 1, secret: hex::encode(s), epoch: 1, mirror: None, primary: false, promoted_seq: 0 };
                 f.save(dir)?;
                 Ok(f)
             }
@@ -946,7 +957,7 @@ mod prune_tests {
         let before = j.time_of(4);
         // Record 4 is not yet applied: only 1..=3 may go.
         let plan = j.prune_plan(before, 3).unwrap();
-        let built = plan.build(&BTreeSet::new()).unwrap();
+        let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
         let c = j.prune_commit(built).unwrap();
         assert_eq!(c.records, 3);
         c.finish().unwrap();
@@ -985,7 +996,7 @@ mod prune_tests {
         let mut j = journal(d.path(), key);
         let plan = j.prune_plan(j.time_of(4), 3).unwrap();
         let skip: BTreeSet<u64> = [3].into();
-        let c = j.prune_commit(plan.build(&skip).unwrap()).unwrap();
+        let c = j.prune_commit(plan.build(&skip, &Default::default()).unwrap()).unwrap();
         c.finish().unwrap();
         let mirror = j.manifest_skipping(4, &skip);
         assert_eq!(content_of(&j, &mirror, "a"), vec![b'a'; 3000]);
@@ -1003,7 +1014,7 @@ mod prune_tests {
         let d = tempfile::tempdir().unwrap();
         let j = journal(d.path(), key);
         let plan = j.prune_plan(j.time_of(4), 3).unwrap();
-        let built = plan.build(&BTreeSet::new()).unwrap();
+        let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
         drop(built);
         drop(j);
         std::fs::write(d.path().join(".tmp-base.ksb"), b"half").unwrap();
@@ -1022,7 +1033,7 @@ mod prune_tests {
             .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
             .collect();
         let plan = j.prune_plan(j.time_of(4), 3).unwrap();
-        j.prune_commit(plan.build(&BTreeSet::new()).unwrap()).unwrap().finish().unwrap();
+        j.prune_commit(plan.build(&BTreeSet::new(), &Default::default()).unwrap()).unwrap().finish().unwrap();
         drop(j);
         for (p, b) in &saved {
             std::fs::write(p, b).unwrap();

@@ -12,13 +12,14 @@ pub mod manifest;
 pub mod path;
 pub mod push;
 pub mod record;
+pub mod rejoin;
 pub mod restore;
 pub mod stream;
 
 pub use journal::Journal;
 pub use manifest::Manifest;
 pub use record::{Op, Record};
-pub use stream::{AppendError, Breaker, Held, Stream, StreamOptions, StreamStatus};
+pub use stream::{AppendError, BranchInfo, Breaker, Held, PromoteError, Stream, StreamOptions, StreamStatus};
 
 /// Errors of the shadow library.
 #[derive(Debug, thiserror::Error)]

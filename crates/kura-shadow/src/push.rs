@@ -43,6 +43,88 @@ pub struct PushOptions {
     pub rescan_every: Duration,
     /// Sync once and return (no watching).
     pub once: bool,
+    /// Where this host remembers the epoch it pushes at (fencing survives restarts).
+    pub state_dir: PathBuf,
+}
+
+/// What a host remembers of a stream between runs (`<state dir>/shadow-<id>.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PushState {
+    /// Format version (1).
+    pub version: u32,
+    /// The stream's name (for people reading the file).
+    pub stream: String,
+    /// The epoch this host pushes at.
+    pub epoch: u64,
+    /// This host rejoined as a copy of the promoted primary: it does not push.
+    #[serde(default)]
+    pub rejoined: bool,
+}
+
+impl PushState {
+    /// The state file of the stream whose chunk key is `id_key` (hex): one per stream, never
+    /// shared by two streams that happen to have the same name or address.
+    pub fn path(dir: &Path, id_key: &str) -> PathBuf {
+        let h = blake3::derive_key("kura shadow push state 2026", id_key.as_bytes());
+        dir.join(format!("shadow-{}.json", hex::encode(&h[..8])))
+    }
+
+    /// Reads the state (`None` when this host never pushed to the stream).
+    pub fn load(p: &Path) -> Result<Option<PushState>, ShadowError> {
+        match std::fs::read(p) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| ShadowError::Corrupt { what: p.display().to_string(), detail: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ShadowError::io(p, e)),
+        }
+    }
+
+    /// Writes it atomically and durably.
+    pub fn save(&self, p: &Path) -> Result<(), ShadowError> {
+        let dir = p.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| ShadowError::io(dir, e))?;
+        let tmp = p.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let r = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, p)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        r.map_err(|e| ShadowError::io(p, e))
+    }
+}
+
+/// The epoch this host may push at: the one it remembers, checked against the standby's. A
+/// standby at a newer epoch was promoted, so this host is fenced; the first push remembers the
+/// standby's.
+pub fn checked_epoch(st: &StreamStatus, state_dir: &Path) -> Result<u64, ShadowError> {
+    let p = PushState::path(state_dir, &st.id_key);
+    match PushState::load(&p)? {
+        None => {
+            PushState { version: 1, stream: st.stream.clone(), epoch: st.epoch, rejoined: false }.save(&p)?;
+            Ok(st.epoch)
+        }
+        Some(mine) if mine.rejoined && mine.epoch == st.epoch => Err(ShadowError::Fenced(format!(
+            "this host rejoined stream {} as a copy of its new primary (epoch {}): it does not push while that primary does ({} records it)",
+            st.stream,
+            st.epoch,
+            p.display()
+        ))),
+        Some(mine) if mine.epoch < st.epoch => Err(ShadowError::Fenced(format!(
+            "stream {} was promoted on the standby to epoch {} while this host pushed at epoch {}: this host is fenced and sends nothing; \
+             `kura shadow rejoin --source DIR --to URL` keeps its changes as a branch and makes DIR a copy of the new primary",
+            st.stream, st.epoch, mine.epoch
+        ))),
+        Some(mine) if mine.epoch > st.epoch => Err(ShadowError::Usage(format!(
+            "this host pushed to stream {} at epoch {} but the standby's is at {}: it is not the stream this host knew (recreated?); remove {} to start over",
+            st.stream,
+            mine.epoch,
+            st.epoch,
+            p.display()
+        ))),
+        Some(mine) => Ok(mine.epoch),
+    }
 }
 
 /// What a sync sent.
@@ -56,11 +138,37 @@ pub struct Sent {
     pub head: u64,
 }
 
+/// Where a primary's changes go: a standby over the network ([`Link`]), or a promoted
+/// stream recording its own mirror in the same process.
+pub trait Target {
+    /// The stream's status (with the chunk key).
+    fn status(&self) -> Result<StreamStatus, ShadowError>;
+    /// The stream's tree as of its newest record.
+    fn manifest(&self) -> Result<Manifest, ShadowError>;
+    /// Appends a batch; returns the new head.
+    fn append(&self, body: Vec<u8>) -> Result<u64, ShadowError>;
+}
+
+impl Target for Link {
+    fn status(&self) -> Result<StreamStatus, ShadowError> {
+        Link::status(self)
+    }
+    fn manifest(&self) -> Result<Manifest, ShadowError> {
+        Link::manifest(self)
+    }
+    fn append(&self, body: Vec<u8>) -> Result<u64, ShadowError> {
+        Link::append(self, body)
+    }
+}
+
 /// A connection to the standby's stream.
+#[derive(Clone)]
 pub struct Link {
     client: reqwest::blocking::Client,
     base: String,
     token: String,
+    /// `?last=true` on the next append (a branch's final batch).
+    query: String,
 }
 
 impl Link {
@@ -77,7 +185,7 @@ impl Link {
             b = b.tls_backend_preconfigured(kura_store::remote::pinned_config(fp).map_err(ShadowError::Usage)?);
         }
         let client = b.build().map_err(|e| ShadowError::Remote(format!("{server}: {e}")))?;
-        Ok(Link { client, base: format!("{server}/v1/shadow/{stream}"), token: token.to_string() })
+        Ok(Link { client, base: format!("{server}/v1/shadow/{stream}"), token: token.to_string(), query: String::new() })
     }
 
     fn send(&self, req: reqwest::blocking::RequestBuilder) -> Result<(u16, Vec<u8>), ShadowError> {
@@ -116,9 +224,52 @@ impl Link {
         Manifest::decode(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))
     }
 
+    /// The same stream's branch `name` (appends go to it).
+    pub fn branch(&self, name: &str) -> Link {
+        Link { base: format!("{}/branch/{name}", self.base), ..self.clone() }
+    }
+
+    /// Seals this branch link's branch (an empty final batch).
+    pub fn seal(&self) -> Result<u64, ShadowError> {
+        let body = BatchMeta { version: BATCH_VERSION, epoch: 0, records: Vec::new(), chunks: Vec::new() }.encode(&[]);
+        Link { query: "?last=true".into(), ..self.clone() }.append(body)
+    }
+
+    /// The tree as of record `seq` (`None` when the journal no longer holds it).
+    pub fn manifest_at(&self, seq: u64) -> Result<Option<Manifest>, ShadowError> {
+        let (s, b) = self.send(self.client.get(format!("{}/manifest?seq={seq}", self.base)))?;
+        match s {
+            200 => Manifest::decode(&b).map(Some).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base))),
+            404 => Ok(None),
+            _ => Err(self.refusal(s, &b)),
+        }
+    }
+
+    /// A chunk's plain bytes, checked against its id.
+    pub fn chunk(&self, id: &kura_repo::Id, id_key: &[u8; 32]) -> Result<Vec<u8>, ShadowError> {
+        let (s, b) = self.send(self.client.get(format!("{}/chunk/{}", self.base, id.to_hex())))?;
+        if s != 200 {
+            return Err(self.refusal(s, &b));
+        }
+        if blake3::keyed_hash(id_key, &b).as_bytes() != &id.0 {
+            return Err(ShadowError::Remote(format!("{}: chunk {} arrived damaged", self.base, id.short())));
+        }
+        Ok(b)
+    }
+
+    /// Promotes the stream (admin token): returns (epoch, promoted record, caught up).
+    pub fn promote(&self) -> Result<(u64, u64, bool), ShadowError> {
+        let (s, b) = self.send(self.client.post(format!("{}/promote", self.base)).timeout(Duration::from_secs(330)))?;
+        if s != 200 {
+            return Err(self.refusal(s, &b));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))?;
+        Ok((v["epoch"].as_u64().unwrap_or(0), v["promoted_seq"].as_u64().unwrap_or(0), v["caught_up"].as_bool().unwrap_or(false)))
+    }
+
     /// Appends a batch; returns the new head.
     pub fn append(&self, body: Vec<u8>) -> Result<u64, ShadowError> {
-        let (s, b) = self.send(self.client.post(format!("{}/append", self.base)).body(body))?;
+        let (s, b) = self.send(self.client.post(format!("{}/append{}", self.base, self.query)).body(body))?;
         if s != 200 {
             return Err(self.refusal(s, &b));
         }
@@ -148,24 +299,38 @@ impl Link {
 }
 
 /// One connected session: the capture state, the next sequence number and the epoch.
-struct Session {
-    cap: Capture,
-    next: u64,
-    epoch: u64,
+pub(crate) struct Session {
+    pub(crate) cap: Capture,
+    pub(crate) next: u64,
+    pub(crate) epoch: u64,
+}
+
+/// The stream's chunk key, which the standby gives only to a token that may push.
+pub(crate) fn id_key(st: &StreamStatus) -> Result<[u8; 32], ShadowError> {
+    hex::decode(&st.id_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| ShadowError::Remote("the standby did not give this token the stream's chunk key (is it a shadow token of this stream?)".into()))
 }
 
 impl Session {
-    fn start(link: &Link, source: &Path) -> Result<Session, ShadowError> {
+    /// Connects: the standby's status and tree. `state_dir`: where this host's epoch is kept
+    /// (`None` for a stream recording its own mirror).
+    fn start(link: &dyn Target, source: &Path, state_dir: Option<&Path>) -> Result<Session, ShadowError> {
         let st = link.status()?;
-        let key: [u8; 32] = hex::decode(&st.id_key).ok().and_then(|k| k.try_into().ok()).ok_or_else(|| ShadowError::Remote("the standby did not give this token the stream's chunk key (is it a shadow token of this stream?)".into()))?;
+        let key = id_key(&st)?;
+        let epoch = match state_dir {
+            Some(d) => checked_epoch(&st, d)?,
+            None => st.epoch,
+        };
         let manifest = link.manifest()?;
-        Ok(Session { cap: Capture::new(source, manifest, key, st.chunker_seed), next: st.head + 1, epoch: st.epoch })
+        Ok(Session { cap: Capture::new(source, manifest, key, st.chunker_seed), next: st.head + 1, epoch })
     }
 
     /// Sends pending changes in batches of at most [`BATCH_DATA`] bytes of chunks (more only
     /// for a single chunk) and [`BATCH_RECORDS`] records; a record's chunks travel in its batch
     /// or an earlier one (a large new file's chunks go ahead in batches of their own).
-    fn flush(&mut self, link: &Link, p: &mut Pending, sent: &mut Sent) -> Result<(), ShadowError> {
+    pub(crate) fn flush(&mut self, link: &dyn Target, p: &mut Pending, sent: &mut Sent) -> Result<(), ShadowError> {
         let now = crate::now_ns();
         let (ops, marks, chunks, data) = (std::mem::take(&mut p.ops), std::mem::take(&mut p.marks), std::mem::take(&mut p.chunks), std::mem::take(&mut p.data));
         let new = |epoch| BatchMeta { version: BATCH_VERSION, epoch, records: Vec::new(), chunks: Vec::new() };
@@ -208,8 +373,8 @@ impl Session {
 }
 
 /// Syncs the tree once: connects, compares everything, sends the differences.
-pub fn sync_once(link: &Link, source: &Path) -> Result<Sent, ShadowError> {
-    let mut s = Session::start(link, source)?;
+pub fn sync_once(link: &dyn Target, source: &Path, state_dir: Option<&Path>) -> Result<Sent, ShadowError> {
+    let mut s = Session::start(link, source, state_dir)?;
     let mut p = Pending::default();
     s.cap.full_scan(&mut p)?;
     let mut sent = Sent { head: s.next - 1, ..Sent::default() };
@@ -222,19 +387,23 @@ pub fn sync_once(link: &Link, source: &Path) -> Result<Sent, ShadowError> {
 pub fn run(opts: &PushOptions) -> Result<Sent, ShadowError> {
     let link = Link::new(&opts.server, &opts.stream, &opts.token, opts.fingerprint.as_deref())?;
     if opts.once {
-        return sync_once(&link, &opts.source);
+        return sync_once(&link, &opts.source, Some(&opts.state_dir));
     }
+    follow(&link, &opts.source, opts.rescan_every, Some(&opts.state_dir), &|| false)
+}
+
+/// Watches `source` and sends its changes to `target` until `stop` says so (checked at least
+/// every second) or an unrecoverable error.
+pub fn follow(target: &dyn Target, source: &Path, rescan_every: Duration, state_dir: Option<&Path>, stop: &dyn Fn() -> bool) -> Result<Sent, ShadowError> {
     let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
-    let mut watcher = notify::recommended_watcher(tx).map_err(|e| ShadowError::Usage(format!("cannot watch {}: {e}", opts.source.display())))?;
-    watcher
-        .watch(&opts.source, RecursiveMode::Recursive)
-        .map_err(|e| ShadowError::Usage(format!("cannot watch {}: {e}", opts.source.display())))?;
+    let mut watcher = notify::recommended_watcher(tx).map_err(|e| ShadowError::Usage(format!("cannot watch {}: {e}", source.display())))?;
+    watcher.watch(source, RecursiveMode::Recursive).map_err(|e| ShadowError::Usage(format!("cannot watch {}: {e}", source.display())))?;
     let mut backoff = Duration::from_millis(200);
     let mut total = Sent::default();
-    loop {
-        match session(&link, opts, &rx, &mut total) {
+    while !stop() {
+        match session(target, source, rescan_every, state_dir, &rx, &mut total, stop) {
             Err(e @ (ShadowError::Fenced(_) | ShadowError::Usage(_) | ShadowError::Denied(_))) => return Err(e),
-            Err(ShadowError::Io { path, source }) if !opts.source.exists() => return Err(ShadowError::Io { path, source }),
+            Err(ShadowError::Io { path, source: e }) if !source.exists() => return Err(ShadowError::Io { path, source: e }),
             Err(e) => {
                 tracing::warn!("shadow push: {e}; reconnecting in {backoff:?}");
                 std::thread::sleep(backoff);
@@ -243,11 +412,20 @@ pub fn run(opts: &PushOptions) -> Result<Sent, ShadowError> {
             Ok(()) => backoff = Duration::from_millis(200),
         }
     }
+    Ok(total)
 }
 
 /// One connected session: full comparison, then events until something fails.
-fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<notify::Event>>, total: &mut Sent) -> Result<(), ShadowError> {
-    let mut s = Session::start(link, &opts.source)?;
+fn session(
+    link: &dyn Target,
+    source: &Path,
+    rescan_every: Duration,
+    state_dir: Option<&Path>,
+    rx: &mpsc::Receiver<notify::Result<notify::Event>>,
+    total: &mut Sent,
+    stop: &dyn Fn() -> bool,
+) -> Result<(), ShadowError> {
+    let mut s = Session::start(link, source, state_dir)?;
     // Events from before this comparison are covered by it.
     while rx.try_recv().is_ok() {}
     let mut p = Pending::default();
@@ -259,8 +437,8 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
     // state nobody wants on the standby), or after WRITE_WAIT for a writer that keeps its file
     // open (a log).
     let mut writing: std::collections::HashMap<Vec<u8>, Instant> = std::collections::HashMap::new();
-    loop {
-        let mut wait = opts.rescan_every.saturating_sub(last_scan.elapsed());
+    while !stop() {
+        let mut wait = rescan_every.saturating_sub(last_scan.elapsed()).min(Duration::from_secs(1));
         if let Some(oldest) = writing.values().min() {
             wait = wait.min(WRITE_WAIT.saturating_sub(oldest.elapsed()));
         }
@@ -270,7 +448,7 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ShadowError::Usage("the file watcher stopped".into())),
         };
-        let mut rescan = last_scan.elapsed() >= opts.rescan_every;
+        let mut rescan = last_scan.elapsed() >= rescan_every;
         let mut events = Vec::new();
         events.extend(first);
         // A file is usually created, written and closed in a few syscalls: wait for the rest
@@ -305,7 +483,7 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
                                 s.cap.scan_path(&d, false, &mut p)?;
                             }
                             seen.clear();
-                            match (relative(&opts.source, &ev.paths[0]), relative(&opts.source, &ev.paths[1])) {
+                            match (relative(source, &ev.paths[0]), relative(source, &ev.paths[1])) {
                                 (Some(from), Some(to)) => s.cap.renamed(&from, &to, &mut p)?,
                                 (a, b) => dirty.extend(a.into_iter().chain(b)),
                             }
@@ -313,7 +491,7 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
                         (EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)), _) => {}
                         (EventKind::Modify(ModifyKind::Data(_)) | EventKind::Create(notify::event::CreateKind::File), _) => {
                             for path in &ev.paths {
-                                if let Some(rel) = relative(&opts.source, path) {
+                                if let Some(rel) = relative(source, path) {
                                     if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
                                         writing.entry(rel).or_insert_with(Instant::now);
                                     } else if seen.insert(rel.clone()) {
@@ -324,7 +502,7 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
                         }
                         _ => {
                             for path in &ev.paths {
-                                if let Some(rel) = relative(&opts.source, path) {
+                                if let Some(rel) = relative(source, path) {
                                     writing.remove(&rel);
                                     if seen.insert(rel.clone()) {
                                         dirty.push(rel);
@@ -348,7 +526,7 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
             }
         }
         // Halves never paired: moved in from or out to another place.
-        dirty.extend(halves.iter().filter_map(|(_, path)| relative(&opts.source, path)));
+        dirty.extend(halves.iter().filter_map(|(_, path)| relative(source, path)));
         for d in dirty {
             s.cap.scan_path(&d, false, &mut p)?;
         }
@@ -360,4 +538,5 @@ fn session(link: &Link, opts: &PushOptions, rx: &mpsc::Receiver<notify::Result<n
             s.flush(link, &mut p, total)?;
         }
     }
+    Ok(())
 }

@@ -25,6 +25,17 @@ pub enum AppendError {
         /// The batch's first.
         got: u64,
     },
+    /// The stream was promoted: it records its own mirror, nobody appends to it (HTTP 423).
+    #[error("stream {stream} was promoted to primary at epoch {epoch}: it records its own mirror and takes no pushes; a former primary comes back with `kura shadow rejoin`")]
+    Promoted {
+        /// The stream's name.
+        stream: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// The branch is complete: nothing more is added to it (HTTP 409).
+    #[error("branch {0} is sealed")]
+    Sealed(String),
     /// Files name chunks neither the journal nor the batch holds (HTTP 412).
     #[error("{} chunks are missing", .0.len())]
     Missing(Vec<Id>),
@@ -42,12 +53,22 @@ pub enum AppendError {
 }
 
 /// What `GET /v1/shadow/STREAM` reports.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StreamStatus {
     /// Stream name.
     pub stream: String,
     /// Failover epoch.
     pub epoch: u64,
+    /// `standby` (the mirror follows the journal) or `primary` (promoted: the mirror is the
+    /// live copy and the journal records its changes at the new epoch).
+    #[serde(default)]
+    pub role: String,
+    /// The newest record of the epoch before the promotion (0 when never promoted).
+    #[serde(default)]
+    pub promoted_seq: u64,
+    /// Branches kept from fenced primaries that rejoined.
+    #[serde(default)]
+    pub branches: Vec<BranchInfo>,
     /// Newest journalled record.
     pub head: u64,
     /// Newest record applied to the mirror.
@@ -90,6 +111,41 @@ pub struct StreamStatus {
 struct Inner {
     journal: Journal,
     head: Manifest,
+    /// Branches by name: each a journal of its own (records numbered from 1), sealed once
+    /// complete.
+    branches: std::collections::BTreeMap<String, Branch>,
+}
+
+struct Branch {
+    journal: Journal,
+    sealed: bool,
+}
+
+/// A branch in the status.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct BranchInfo {
+    /// Its name.
+    pub name: String,
+    /// Entries in its tree.
+    pub entries: u64,
+    /// When it was received (ns).
+    pub time_ns: i64,
+    /// Whether it is complete (a rejoin that was interrupted leaves it open, to be continued).
+    pub sealed: bool,
+}
+
+/// Why a promotion did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// The stream is already the primary.
+    #[error("stream {0} is already the primary (epoch {1})")]
+    AlreadyPrimary(String, u64),
+    /// The breaker holds changes: an operator decides first.
+    #[error("stream {0} holds a mass deletion (record {1}): release or discard it before promoting")]
+    Held(String, u64),
+    /// stream.json could not be written.
+    #[error(transparent)]
+    Store(#[from] ShadowError),
 }
 
 /// A stream being received.
@@ -98,7 +154,14 @@ pub struct Stream {
     mirror: PathBuf,
     apply_delay: Duration,
     window: Duration,
-    file: StreamFile,
+    file: Mutex<StreamFile>,
+    id_key: [u8; 32],
+    chunker_seed: u64,
+    /// Failover epoch; appends must carry it.
+    epoch: AtomicU64,
+    /// Promoted: the applier stops at `promoted_seq`, the mirror is the live copy.
+    primary: AtomicBool,
+    promoted_seq: AtomicU64,
     inner: Mutex<Inner>,
     applied: AtomicU64,
     /// Newest record synced to disk (an append is answered once written; a syncer thread makes
@@ -140,7 +203,7 @@ impl Chunks for JournalChunks<'_> {
     fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
         let h = self.0.lock_inner().journal.chunk(id);
         h.ok_or_else(|| ShadowError::Corrupt { what: format!("stream {}", self.0.name), detail: format!("chunk {} is not in the journal", id.short()) })?
-            .read(&self.0.file.id_key())
+            .read(&self.0.id_key)
     }
 }
 
@@ -168,7 +231,12 @@ impl Stream {
             file.save(dir)?;
         }
         let head = journal.manifest_at(journal.head());
-        let applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0).min(journal.head()).max(journal.base().seq);
+        let mut applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0).min(journal.head()).max(journal.base().seq);
+        // A promoted stream's later records came from the mirror itself.
+        if file.primary && applied >= file.promoted_seq {
+            applied = journal.head();
+        }
+        let branches = load_branches(&dir.join("branches"), file.id_key())?;
         let discarded: std::collections::BTreeSet<u64> =
             std::fs::read_to_string(dir.join("discarded")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
         // Discarded records the journal lost with a torn tail are not the records that the
@@ -179,8 +247,13 @@ impl Stream {
             mirror: mirror.to_path_buf(),
             apply_delay: opts.apply_delay,
             window: opts.window,
-            file,
-            inner: Mutex::new(Inner { journal, head }),
+            id_key: file.id_key(),
+            chunker_seed: file.chunker_seed(),
+            epoch: AtomicU64::new(file.epoch),
+            primary: AtomicBool::new(file.primary),
+            promoted_seq: AtomicU64::new(file.promoted_seq),
+            file: Mutex::new(file),
+            inner: Mutex::new(Inner { journal, head, branches }),
             applied: AtomicU64::new(applied),
             durable: AtomicU64::new(0),
             sync_failed: Mutex::new(None),
@@ -195,12 +268,16 @@ impl Stream {
             discard_upto: AtomicU64::new(0),
             discarded: Mutex::new(discarded.clone()),
         });
-        let at = s.lock_inner().journal.manifest_skipping(applied, &discarded);
-        let r = apply::reconcile(mirror, &at, &JournalChunks(&s))?;
-        if r != apply::Reconciled::default() {
-            tracing::info!(stream = name, written = r.written, removed = r.removed, "mirror reconciled with the journal at record {applied}");
+        // A promoted mirror is the live copy: users write to it, nothing is reconciled away.
+        if !s.primary.load(Ordering::SeqCst) {
+            let at = s.lock_inner().journal.manifest_skipping(applied, &discarded);
+            let r = apply::reconcile(mirror, &at, &JournalChunks(&s))?;
+            if r != apply::Reconciled::default() {
+                tracing::info!(stream = name, written = r.written, removed = r.removed, "mirror reconciled with the journal at record {applied}");
+            }
         }
         s.durable.store(s.lock_inner().journal.head(), Ordering::SeqCst);
+        // The applier; a promoted stream's records its own mirror once the applier is done.
         let me = s.clone();
         std::thread::Builder::new()
             .name(format!("kura-apply-{name}"))
@@ -239,8 +316,16 @@ impl Stream {
     /// Checks and appends a batch; returns the new head once it is written (the syncer makes it
     /// durable within milliseconds; `wait_applied` waits for that).
     pub fn append(&self, body: &[u8]) -> Result<u64, AppendError> {
+        self.append_from(body, false)
+    }
+
+    /// `own`: the batch comes from this stream's own mirror (a promoted stream recording it).
+    fn append_from(&self, body: &[u8], own: bool) -> Result<u64, AppendError> {
+        if self.primary.load(Ordering::SeqCst) && !own {
+            return Err(AppendError::Promoted { stream: self.name.clone(), epoch: self.epoch.load(Ordering::SeqCst) });
+        }
         let (meta, data_off) = BatchMeta::decode(body).map_err(AppendError::Malformed)?;
-        let key = self.file.id_key();
+        let key = self.id_key;
         // Chunks are checked against their ids before the lock: the costly part.
         let mut off = data_off;
         for c in &meta.chunks {
@@ -252,8 +337,12 @@ impl Stream {
             return Err(AppendError::Store(ShadowError::Corrupt { what: format!("stream {}", self.name), detail: format!("{e}; restart the standby") }));
         }
         let mut inner = self.lock_inner();
-        if meta.epoch < self.file.epoch {
-            return Err(AppendError::Fenced { stream: self.file.epoch, primary: meta.epoch });
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if meta.epoch < epoch {
+            return Err(AppendError::Fenced { stream: epoch, primary: meta.epoch });
+        }
+        if meta.epoch > epoch {
+            return Err(AppendError::Malformed(format!("epoch {} is ahead of the stream's {epoch}", meta.epoch)));
         }
         let expected = inner.journal.head() + 1;
         // A batch of chunks alone carries a large file's data ahead of its record.
@@ -287,10 +376,147 @@ impl Stream {
             inner.head.apply(&r.op);
         }
         let head = inner.journal.head();
+        if self.primary.load(Ordering::SeqCst) && self.applied.load(Ordering::SeqCst) >= self.promoted_seq.load(Ordering::SeqCst) {
+            // Records of a promoted stream came from its mirror: nothing to apply.
+            self.applied.store(head, Ordering::SeqCst);
+        }
         drop(inner);
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.changed.notify_all();
         Ok(head)
+    }
+
+    /// Makes this stream the primary (`kura shadow promote`): the epoch goes up, so the old
+    /// primary's appends are refused from now on; records received before are applied (at
+    /// once, without the apply delay); then the applier stops and the mirror is the live copy.
+    /// Waits at most `timeout` for the mirror to catch up; returns the record it was promoted at.
+    pub fn promote(&self, timeout: Duration) -> Result<(u64, u64, bool), PromoteError> {
+        if let Some(h) = self.held.lock().ok().and_then(|h| h.clone()) {
+            return Err(PromoteError::Held(self.name.clone(), h.seq));
+        }
+        let (epoch, seq) = {
+            let inner = self.lock_inner();
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            if f.primary {
+                return Err(PromoteError::AlreadyPrimary(self.name.clone(), f.epoch));
+            }
+            let mut next = f.clone();
+            next.epoch += 1;
+            next.primary = true;
+            next.promoted_seq = inner.journal.head();
+            next.save(&self.dir)?;
+            *f = next;
+            self.promoted_seq.store(f.promoted_seq, Ordering::SeqCst);
+            self.epoch.store(f.epoch, Ordering::SeqCst);
+            self.primary.store(true, Ordering::SeqCst);
+            (f.epoch, f.promoted_seq)
+        };
+        tracing::warn!(stream = %self.name, epoch, record = seq, "promoted: the mirror is the primary copy; the old primary is fenced");
+        {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.changed.notify_all();
+        }
+        let caught_up = self.wait_applied(seq, timeout);
+        Ok((epoch, seq, caught_up))
+    }
+
+    /// Appends a batch to branch `name` (created on first use; records numbered from 1; only
+    /// whole entries, `Put`): a fenced primary's tree, kept when it rejoins. `last` seals it.
+    /// Chunks the stream's journal holds need not be sent again.
+    pub fn append_branch(&self, name: &str, body: &[u8], last: bool) -> Result<u64, AppendError> {
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) || name.starts_with('.') {
+            return Err(AppendError::Malformed(format!("branch name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'")));
+        }
+        let (meta, data_off) = BatchMeta::decode(body).map_err(AppendError::Malformed)?;
+        let mut off = data_off;
+        for c in &meta.chunks {
+            open_chunk(&self.id_key, c, &body[off..off + c.zlen as usize]).map_err(AppendError::Malformed)?;
+            off += c.zlen as usize;
+        }
+        if meta.records.iter().any(|r| !matches!(r.op, Op::Put { .. })) {
+            return Err(AppendError::Malformed("a branch holds whole entries only (puts)".into()));
+        }
+        let mut inner = self.lock_inner();
+        let inner = &mut *inner;
+        if !inner.branches.contains_key(name) {
+            let j = Journal::open(&self.dir.join("branches").join(name), self.id_key, false)?;
+            inner.branches.insert(name.to_string(), Branch { journal: j, sealed: false });
+        }
+        let Some(b) = inner.branches.get_mut(name) else {
+            return Err(AppendError::Malformed("branch vanished".into()));
+        };
+        if b.sealed {
+            return Err(AppendError::Sealed(name.to_string()));
+        }
+        let expected = b.journal.head() + 1;
+        if let Some(first) = meta.records.first()
+            && first.seq != expected
+        {
+            return Err(AppendError::OutOfOrder { expected, got: first.seq });
+        }
+        let in_batch: std::collections::HashSet<Id> = meta.chunks.iter().map(|c| c.id).collect();
+        let mut missing: Vec<Id> = meta
+            .records
+            .iter()
+            .filter_map(|r| match &r.op {
+                Op::Put { node, .. } if node.kind == NodeKind::File => Some(node.content.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|id| !in_batch.contains(id) && !b.journal.has_chunk(id) && !inner.journal.has_chunk(id))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            missing.sort();
+            missing.dedup();
+            return Err(AppendError::Missing(missing));
+        }
+        if !meta.records.is_empty() || !meta.chunks.is_empty() {
+            b.journal.append(body, &meta, data_off)?;
+        }
+        if let Some((f, p)) = b.journal.last_segment() {
+            f.sync_data().map_err(|e| ShadowError::io(&p, e))?;
+        }
+        if last {
+            let p = self.dir.join("branches").join(name).join("sealed");
+            std::fs::write(&p, b"").and_then(|_| std::fs::File::open(&p)?.sync_all()).map_err(|e| ShadowError::io(&p, e))?;
+            b.sealed = true;
+            tracing::warn!(stream = %self.name, branch = name, entries = b.journal.head(), "branch kept from a fenced primary");
+        }
+        Ok(b.journal.head())
+    }
+
+    /// Records the promoted mirror's changes into the journal at the new epoch, as a primary's
+    /// push would (watcher, rescans), until the stream stops: history stays continuous across
+    /// the failover, and `restore --at` reaches on past it.
+    fn record_mirror(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("kura-record-{}", self.name)).spawn(move || {
+            let target = Own(me.clone());
+            while !me.stop.load(Ordering::SeqCst) {
+                match crate::push::follow(&target, &me.mirror, Duration::from_secs(600), None, &|| me.stop.load(Ordering::SeqCst)) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(stream = %me.name, "cannot record the promoted mirror {}: {e}; retrying", me.mirror.display());
+                        std::thread::sleep(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(stream = %self.name, "cannot start recording the promoted mirror: {e}");
+        }
+    }
+
+    /// A chunk's plain bytes (for a rejoining host's resync).
+    pub fn read_chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
+        JournalChunks(self).chunk(id)
+    }
+
+    /// The tree as of record `seq`, encoded; `None` when `seq` is outside the journal.
+    pub fn manifest_at(&self, seq: u64) -> Option<Vec<u8>> {
+        let inner = self.lock_inner();
+        (seq >= inner.journal.base().seq && seq <= inner.journal.head()).then(|| inner.journal.manifest_at(seq).encode())
     }
 
     /// The tree as of the newest record, encoded.
@@ -305,7 +531,14 @@ impl Stream {
         let (chunks, bytes) = inner.journal.sizes();
         StreamStatus {
             stream: self.name.clone(),
-            epoch: self.file.epoch,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            role: if self.primary.load(Ordering::SeqCst) { "primary" } else { "standby" }.into(),
+            promoted_seq: self.promoted_seq.load(Ordering::SeqCst),
+            branches: inner
+                .branches
+                .iter()
+                .map(|(n, b)| BranchInfo { name: n.clone(), entries: b.journal.head(), time_ns: b.journal.oldest_time(), sealed: b.sealed })
+                .collect(),
             head: inner.journal.head(),
             applied: self.applied.load(Ordering::SeqCst),
             durable: self.durable.load(Ordering::SeqCst),
@@ -319,8 +552,8 @@ impl Stream {
             apply_error: self.apply_error.lock().ok().and_then(|e| e.clone()),
             held: self.held.lock().ok().and_then(|h| h.clone()),
             discarded: self.discarded.lock().map(|d| d.len() as u64).unwrap_or(0),
-            id_key: if secrets { hex::encode(self.file.id_key()) } else { String::new() },
-            chunker_seed: if secrets { self.file.chunker_seed() } else { 0 },
+            id_key: if secrets { hex::encode(self.id_key) } else { String::new() },
+            chunker_seed: if secrets { self.chunker_seed } else { 0 },
         }
     }
 
@@ -368,7 +601,12 @@ impl Stream {
             return Ok((0, 0));
         };
         let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
-        let built = plan.build(&skip)?;
+        // Branches may name chunks only the journal holds.
+        let keep: std::collections::HashSet<Id> = {
+            let inner = self.lock_inner();
+            inner.branches.values().flat_map(|b| b.journal.manifest_at(b.journal.head()).chunk_ids().copied().collect::<Vec<_>>()).collect()
+        };
+        let built = plan.build(&skip, &keep)?;
         let cleanup = self.lock_inner().journal.prune_commit(built)?;
         let done = (cleanup.records, cleanup.bytes);
         cleanup.finish()?;
@@ -419,8 +657,21 @@ impl Stream {
         };
         while !self.stop.load(Ordering::SeqCst) {
             let applied = self.applied.load(Ordering::SeqCst);
+            let promoted = self.primary.load(Ordering::SeqCst);
+            if promoted && applied >= self.promoted_seq.load(Ordering::SeqCst) {
+                // The mirror is the live copy now; later records come from it.
+                self.applied.store(self.lock_inner().journal.head(), Ordering::SeqCst);
+                {
+                    let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                    self.changed.notify_all();
+                }
+                tracing::info!(stream = %self.name, "applier stopped: the mirror is the primary copy");
+                self.record_mirror();
+                return;
+            }
             let now = crate::now_ns();
-            let delay = i64::try_from(self.apply_delay.as_nanos()).unwrap_or(i64::MAX);
+            // A promotion applies what was received at once.
+            let delay = if promoted { 0 } else { i64::try_from(self.apply_delay.as_nanos()).unwrap_or(i64::MAX) };
             let held = self.held.lock().map(|h| h.is_some()).unwrap_or(false);
             let (batch, next_due): (Vec<(u64, i64, Op)>, Option<i64>) = if held {
                 (Vec::new(), None)
@@ -430,7 +681,8 @@ impl Stream {
                 let start = e.partition_point(|e| e.seq <= applied);
                 let mut out = Vec::new();
                 let mut due = None;
-                for e in &e[start..] {
+                let limit = if promoted { self.promoted_seq.load(Ordering::SeqCst) } else { u64::MAX };
+                for e in e[start..].iter().take_while(|e| e.seq <= limit) {
                     if e.recv_ns.saturating_add(delay) > now {
                         due = Some(e.recv_ns.saturating_add(delay));
                         break;
@@ -683,5 +935,40 @@ impl BurstWindow {
             return Some(format!("{by} bytes would be deleted or truncated within {:?} (limit {})", b.window, b.bytes));
         }
         None
+    }
+}
+
+/// Opens every branch under `dir` (none when it does not exist).
+fn load_branches(dir: &Path, id_key: [u8; 32]) -> Result<std::collections::BTreeMap<String, Branch>, ShadowError> {
+    let mut out = std::collections::BTreeMap::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(ShadowError::io(dir, e)),
+    };
+    for e in rd {
+        let e = e.map_err(|e| ShadowError::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let journal = Journal::open(&e.path(), id_key, false)?;
+        out.insert(name, Branch { journal, sealed: e.path().join("sealed").exists() });
+    }
+    Ok(out)
+}
+
+/// A promoted stream as the target of its own mirror's changes.
+struct Own(Arc<Stream>);
+
+impl crate::push::Target for Own {
+    fn status(&self) -> Result<StreamStatus, ShadowError> {
+        Ok(self.0.status(true))
+    }
+    fn manifest(&self) -> Result<Manifest, ShadowError> {
+        Manifest::decode(&self.0.manifest()).map_err(|e| ShadowError::Corrupt { what: format!("stream {}", self.0.name), detail: e })
+    }
+    fn append(&self, body: Vec<u8>) -> Result<u64, ShadowError> {
+        self.0.append_from(&body, true).map_err(|e| match e {
+            AppendError::Store(e) => e,
+            e => ShadowError::Remote(format!("stream {}: {e}", self.0.name)),
+        })
     }
 }

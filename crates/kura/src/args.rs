@@ -125,6 +125,34 @@ pub enum ShadowCommand {
         /// Bring the standby up to date once and exit (no watching).
         #[arg(long)]
         once: bool,
+        /// Where this host remembers the epoch it pushes at (default $KURA_STATE_DIR, else
+        /// $XDG_STATE_HOME/kura, else ~/.local/state/kura).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Make the standby the primary (admin token): the epoch goes up, the old primary's pushes
+    /// are refused from then on, the mirror gets every record received and becomes the live copy.
+    Promote {
+        /// The standby's stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
+    },
+    /// Bring a fenced former primary back after a failover: what it wrote that the new primary
+    /// never got is kept there as a branch, then DIR is made a copy of the new primary's tree
+    /// (only differing entries are fetched).
+    Rejoin {
+        /// This host's directory (the one it pushed).
+        #[arg(long)]
+        source: PathBuf,
+        /// The promoted stream: kura://HOST:PORT/STREAM (a `shadow` token of it).
+        #[arg(long)]
+        to: String,
+        /// The branch's name (default: this host's name and the time).
+        #[arg(long)]
+        branch: Option<String>,
+        /// As for push.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// A stream's role, epoch, lag and journal window.
     Status {
@@ -134,6 +162,9 @@ pub enum ShadowCommand {
         /// Or read a stream's directory on this machine (the standby).
         #[arg(long)]
         journal: Option<PathBuf>,
+        /// With --to: also say whether this host is fenced (as for push).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Return once record SEQ is applied on the standby (an acknowledged write).
     Wait {
@@ -178,8 +209,11 @@ pub enum ShadowCommand {
         journal: PathBuf,
         /// The moment: "YYYY-MM-DD HH:MM[:SS]" (local time) or RFC 3339; the newest record
         /// when left out.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "branch")]
         at: Option<String>,
+        /// Restore a branch instead: a fenced primary's tree kept when it rejoined.
+        #[arg(long)]
+        branch: Option<String>,
         /// Only this path (relative to the shadowed directory) and what is below it.
         #[arg(long)]
         path: Option<String>,

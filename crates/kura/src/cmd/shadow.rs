@@ -32,6 +32,19 @@ fn link(cli: &Cli, to: &str) -> Result<(Link, String, String)> {
 
 use kura_shadow::show_time;
 
+/// Where this host keeps its push state: the flag, `$KURA_STATE_DIR`, `$XDG_STATE_HOME/kura`,
+/// `~/.local/state/kura`.
+fn state_dir(flag: &Option<std::path::PathBuf>) -> Result<std::path::PathBuf> {
+    if let Some(d) = flag {
+        return Ok(d.clone());
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    env("KURA_STATE_DIR")
+        .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("kura")))
+        .or_else(|| env("HOME").map(|d| d.join(".local/state/kura")))
+        .context("no state directory: give --state-dir or set KURA_STATE_DIR")
+}
+
 fn describe(op: &Op) -> String {
     match op {
         Op::Put { path: p, node } => format!("{:<8} {}", format!("{:?}", node.kind).to_lowercase(), path::show(p)),
@@ -43,7 +56,7 @@ fn describe(op: &Op) -> String {
 /// Runs a `kura shadow` subcommand.
 pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
     match c {
-        ShadowCommand::Push { config, source, to, rescan_every, once } => {
+        ShadowCommand::Push { config, source, to, rescan_every, once, state_dir: sd } => {
             let file: PushFile = match config {
                 Some(p) => {
                     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -68,6 +81,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 fingerprint: cli.fingerprint.clone().or(file.fingerprint),
                 rescan_every: duration("--rescan-every", rescan_every.as_deref().or(file.rescan_every.as_deref()).unwrap_or("10m"))?,
                 once: *once,
+                state_dir: state_dir(sd)?,
             };
             if !*once {
                 kura_server::init_logging(false);
@@ -80,9 +94,17 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Status { to, journal } => {
+        ShadowCommand::Status { to, journal, state_dir: sd } => {
+            let mut mine = None;
             let st = match (to, journal) {
-                (Some(to), _) => link(cli, to)?.0.status()?,
+                (Some(to), _) => {
+                    let st = link(cli, to)?.0.status()?;
+                    if !st.id_key.is_empty() {
+                        let p = kura_shadow::push::PushState::path(&state_dir(sd)?, &st.id_key);
+                        mine = kura_shadow::push::PushState::load(&p)?;
+                    }
+                    st
+                }
                 (None, Some(dir)) => {
                     let j = kura_shadow::restore::open(dir)?;
                     let e = j.entries();
@@ -92,6 +114,8 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                     kura_shadow::StreamStatus {
                         stream: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                         epoch: f.epoch,
+                        role: if f.primary { "primary" } else { "standby" }.into(),
+                        promoted_seq: f.promoted_seq,
                         head: j.head(),
                         applied,
                         durable: j.head(),
@@ -100,22 +124,33 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                         records: e.len() as u64,
                         chunks: chunks as u64,
                         journal_bytes: bytes,
-                        window_secs: 0,
                         base_seq: j.base().seq,
-                        apply_error: None,
-                        held: None,
-                        discarded: 0,
-                        id_key: String::new(),
-                        chunker_seed: 0,
+                        ..Default::default()
                     }
                 }
                 (None, None) => anyhow::bail!("give --to or --journal"),
             };
+            let fenced = mine.as_ref().is_some_and(|m| m.epoch < st.epoch);
             if cli.json {
-                println!("{}", serde_json::to_string(&st)?);
+                let mut v = serde_json::to_value(&st)?;
+                if let Some(m) = &mine {
+                    v["this_host"] = serde_json::json!({"epoch": m.epoch, "fenced": fenced, "rejoined": m.rejoined});
+                }
+                println!("{v}");
             } else {
                 println!("stream        {}", st.stream);
-                println!("role          standby (epoch {})", st.epoch);
+                let since = if st.promoted_seq > 0 { format!(", promoted after record {}", st.promoted_seq) } else { String::new() };
+                println!("role          {} (epoch {}{since})", st.role, st.epoch);
+                if let Some(m) = &mine {
+                    let what = if fenced {
+                        "FENCED: the standby was promoted; `kura shadow rejoin` brings this host back"
+                    } else if m.rejoined {
+                        "a copy of the primary (rejoined)"
+                    } else {
+                        "pushes to it"
+                    };
+                    println!("this host     epoch {}: {what}", m.epoch);
+                }
                 println!("head          record {} received {}", st.head, show_time(st.head_time_ns));
                 println!("applied       record {} ({} behind)", st.applied, st.head.saturating_sub(st.applied));
                 println!("durable       record {}", st.durable);
@@ -131,6 +166,10 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 }
                 if st.discarded > 0 {
                     println!("discarded     {} records never applied to the mirror", st.discarded);
+                }
+                for b in &st.branches {
+                    let state = if b.sealed { "" } else { " (incomplete)" };
+                    println!("branch        {} ({} entries, {}){state}", b.name, b.entries, show_time(b.time_ns));
                 }
             }
             Ok(Outcome::Ok)
@@ -173,14 +212,58 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Restore { journal, at, path: only, target } => {
-            let j = kura_shadow::restore::open(journal)?;
-            let at_ns = match at {
-                Some(at) => crate::cmd::backup::parse_time(at)?.as_nanosecond() as i64,
-                None => i64::MAX,
-            };
+        ShadowCommand::Promote { to } => {
+            let (l, ..) = link(cli, to)?;
+            let (epoch, seq, caught_up) = l.promote()?;
+            if cli.json {
+                println!("{}", serde_json::json!({"epoch": epoch, "promoted_seq": seq, "caught_up": caught_up}));
+            } else if !cli.quiet {
+                eprintln!("kura: promoted to epoch {epoch} after record {seq}: the mirror is the primary copy; the old primary's pushes are refused");
+                if !caught_up {
+                    eprintln!("kura: the mirror is still applying records up to {seq} (see kura shadow status)");
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        ShadowCommand::Rejoin { source, to, branch, state_dir: sd } => {
+            let meta = std::fs::metadata(source).with_context(|| format!("source {}", source.display()))?;
+            anyhow::ensure!(meta.is_dir(), "source {} is not a directory", source.display());
+            let source = std::fs::canonicalize(source).with_context(|| format!("source {}", source.display()))?;
+            let (l, ..) = link(cli, to)?;
+            let name = branch.clone().unwrap_or_else(kura_shadow::rejoin::default_branch_name);
+            let r = kura_shadow::rejoin::rejoin(&l, &source, &state_dir(sd)?, &name)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else if !cli.quiet {
+                match &r.branch {
+                    Some(b) => eprintln!("kura: {} entries differed from the promoted tree: kept on the standby as branch {b} ({} bytes sent; kura shadow restore --branch {b} brings them back)", r.diverged, r.branch_bytes),
+                    None => eprintln!("kura: nothing this host wrote was missing on the new primary"),
+                }
+                eprintln!(
+                    "kura: {} is now a copy of the primary at epoch {} (record {}): {} entries written, {} removed, {} bytes fetched",
+                    source.display(),
+                    r.epoch,
+                    r.head,
+                    r.written,
+                    r.removed,
+                    r.fetched_bytes
+                );
+            }
+            Ok(Outcome::Ok)
+        }
+        ShadowCommand::Restore { journal, at, branch, path: only, target } => {
             let only = only.as_deref().map(|p| p.trim_matches('/').as_bytes().to_vec());
-            let r = kura_shadow::restore::restore(&j, at_ns, only.as_deref(), target)?;
+            let r = match branch {
+                Some(b) => kura_shadow::restore::restore_branch(journal, b, only.as_deref(), target)?,
+                None => {
+                    let j = kura_shadow::restore::open(journal)?;
+                    let at_ns = match at {
+                        Some(at) => crate::cmd::backup::parse_time(at)?.as_nanosecond() as i64,
+                        None => i64::MAX,
+                    };
+                    kura_shadow::restore::restore(&j, at_ns, only.as_deref(), target)?
+                }
+            };
             if cli.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else if !cli.quiet {

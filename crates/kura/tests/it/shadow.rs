@@ -13,6 +13,8 @@ struct Standby {
     server: Server,
     token: String,
     mdir: tempfile::TempDir,
+    /// The primary's state directory (the epoch it pushes at).
+    state: tempfile::TempDir,
 }
 
 impl Standby {
@@ -24,16 +26,13 @@ impl Standby {
     fn start_with(extra: &str) -> Standby {
         let mdir = tempfile::tempdir().unwrap();
         let server = Server::start(&format!("[[stream]]\nname = \"www\"\nmirror = \"{}\"\n{extra}", mdir.path().join("mirror").display()));
-        let o = Command::new(BIN).args(["serve", "-c"]).arg(&server.config).args(["token", "add", "--role", "shadow", "--repository", "www"]).output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        let token = String::from_utf8(o.stdout).unwrap().trim().to_string();
-        // The running server picks the new token up within a second.
-        let t = Instant::now();
-        while server.http().get(format!("https://{}/v1/shadow/www", server.addr)).bearer_auth(&token).send().unwrap().status() != 200 {
-            assert!(t.elapsed() < Duration::from_secs(10), "the server never accepted the new token");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Standby { server, token, mdir }
+        let token = stream_token(&server, "shadow");
+        Standby { server, token, mdir, state: tempfile::tempdir().unwrap() }
+    }
+
+    /// A new token of `role` for the stream, once the running server accepts it.
+    fn token(&self, role: &str) -> String {
+        stream_token(&self.server, role)
     }
 
     fn mirror(&self) -> PathBuf {
@@ -50,7 +49,7 @@ impl Standby {
 
     fn kura(&self, token: &str, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(args).env("KURA_TOKEN", token).env("KURA_FINGERPRINT", &self.server.fingerprint).env_remove("KURA_TOKEN_FILE");
+        c.args(args).env("KURA_TOKEN", token).env("KURA_FINGERPRINT", &self.server.fingerprint).env("KURA_STATE_DIR", self.state.path()).env_remove("KURA_TOKEN_FILE");
         c
     }
 
@@ -80,6 +79,20 @@ impl Standby {
     fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["--json", "shadow", "status", "--to", &self.url()])).unwrap()
     }
+}
+
+/// Adds a token of `role` for stream `www` and waits until the running server accepts it (it
+/// rereads its tokens within a second).
+fn stream_token(server: &Server, role: &str) -> String {
+    let o = Command::new(BIN).args(["serve", "-c"]).arg(&server.config).args(["token", "add", "--role", role, "--repository", "www"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let token = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    let t = Instant::now();
+    while server.http().get(format!("https://{}/v1/shadow/www", server.addr)).bearer_auth(&token).send().unwrap().status() != 200 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the server never accepted the new token");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    token
 }
 
 /// Waits until the mirror is the same tree as `src` (contents, modes, mtimes, links).
@@ -265,11 +278,7 @@ fn status_until(sb: &Standby, what: &str, cond: impl Fn(&serde_json::Value) -> b
 #[test]
 fn a_buggy_script_s_rm_rf_is_held_by_the_breaker_then_discarded_or_released() {
     let sb = Standby::start();
-    let admin = {
-        let o = Command::new(BIN).args(["serve", "-c"]).arg(&sb.server.config).args(["token", "add", "--role", "admin", "--repository", "www"]).output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        String::from_utf8(o.stdout).unwrap().trim().to_string()
-    };
+    let admin = sb.token("admin");
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("data");
     for d in 0..4 {
@@ -431,4 +440,104 @@ fn the_journal_keeps_its_window_and_forgets_what_is_older() {
     std::fs::write(src.join("after-restart"), b"x").unwrap();
     push(&sb, "after restart");
     assert!(sb.status()["base_seq"].as_u64().unwrap() >= first);
+}
+
+#[test]
+fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
+    let sb = Standby::start();
+    let admin = sb.token("admin");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("a");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    std::fs::write(src.join("keep.txt"), bytes(5000, 1)).unwrap();
+    std::fs::write(src.join("big.bin"), bytes(1 << 20, 2)).unwrap();
+    std::fs::write(src.join("data/x.bin"), bytes(200_000, 3)).unwrap();
+    std::fs::write(src.join("data/y.txt"), bytes(3000, 4)).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"])).unwrap();
+    sb.ok(&["shadow", "wait", &sent["head"].to_string(), "--to", &sb.url()]);
+    converge(&sb, &src, "initial sync");
+    let a0 = work.path().join("a0");
+    copy_tree(&src, &a0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let before_failover = jiff::Timestamp::now().to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // A's shadow token cannot promote; the admin's does, once.
+    let o = sb.run(&["shadow", "promote", "--to", &sb.url()]);
+    assert_eq!(o.status.code(), Some(13), "{}", stderr(&o));
+    let o = sb.kura(&admin, &["--json", "shadow", "promote", "--to", &sb.url()]).output().unwrap();
+    no_panic(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((p["epoch"].as_u64(), p["promoted_seq"].as_u64(), p["caught_up"].as_bool()), (Some(2), sent["head"].as_u64(), Some(true)), "{p}");
+    let o = sb.kura(&admin, &["shadow", "promote", "--to", &sb.url()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already the primary"), "{}", stderr(&o));
+    let st = sb.status();
+    assert_eq!((st["role"].as_str(), st["epoch"].as_u64()), (Some("primary"), Some(2)), "{st}");
+
+    // B's users work on the promoted mirror; its journal goes on recording (history continues).
+    std::fs::write(sb.mirror().join("on-b.txt"), b"written on B after the failover").unwrap();
+    std::fs::write(sb.mirror().join("keep.txt"), bytes(6000, 5)).unwrap();
+    let promoted = p["promoted_seq"].as_u64().unwrap();
+    let st = status_until(&sb, "the promoted mirror's changes recorded", |st| st["head"].as_u64().unwrap() >= promoted + 2);
+    let head_b = st["head"].as_u64().unwrap();
+
+    // A, cut off, kept writing: it is fenced and sends nothing.
+    std::fs::write(src.join("only-on-a.txt"), b"written on A after the failover").unwrap();
+    std::fs::write(src.join("data/y.txt"), bytes(3500, 6)).unwrap();
+    std::fs::remove_file(src.join("data/x.bin")).unwrap();
+    let a_then = work.path().join("a-then");
+    copy_tree(&src, &a_then);
+    let o = sb.run(&["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    assert_eq!(o.status.code(), Some(15), "{}", stderr(&o));
+    assert!(stderr(&o).contains("promoted") && stderr(&o).contains("rejoin"), "{}", stderr(&o));
+    // A reinstalled A (its state gone) is refused by the standby itself.
+    let fresh = tempfile::tempdir().unwrap();
+    let o = sb.kura(&sb.token, &["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]).env("KURA_STATE_DIR", fresh.path()).output().unwrap();
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(15), "{}", stderr(&o));
+    assert!(stderr(&o).contains("takes no pushes"), "{}", stderr(&o));
+    let st = sb.status();
+    assert_eq!(st["head"].as_u64(), Some(head_b), "{st}");
+    assert!(!sb.mirror().join("only-on-a.txt").exists());
+
+    // Rejoin: what A wrote is kept as a branch; A becomes a copy of B, fetching only what differs.
+    let out = sb.ok(&["--json", "shadow", "rejoin", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--branch", "a-after-failover"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["branch"], "a-after-failover", "{r}");
+    assert!(r["diverged"].as_u64().unwrap() >= 3, "{r}");
+    let fetched = r["fetched_bytes"].as_u64().unwrap();
+    assert!((200_000..1 << 20).contains(&fetched), "fetched {fetched} bytes: x.bin comes back, big.bin is not fetched again ({r})");
+    assert_same_tree(&sb.mirror(), &src);
+    // A copy does not push beside the primary.
+    let o = sb.run(&["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    assert_eq!(o.status.code(), Some(15), "{}", stderr(&o));
+    assert!(stderr(&o).contains("rejoined"), "{}", stderr(&o));
+    // The branch brings A's writes back bit-exact; it is sealed against later appends.
+    let back = work.path().join("branch");
+    sb.ok(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--branch", "a-after-failover", "--target", back.to_str().unwrap()]);
+    assert_same_tree(&a_then, &back);
+    let empty = kura_shadow::record::BatchMeta { version: kura_shadow::record::BATCH_VERSION, epoch: 2, records: vec![], chunks: vec![] }.encode(&[]);
+    let r = sb.server.http().post(format!("https://{}/v1/shadow/www/branch/a-after-failover/append", sb.server.addr)).bearer_auth(&sb.token).body(empty).send().unwrap();
+    assert_eq!(r.status(), 409);
+    let st = sb.status();
+    assert_eq!(st["branches"][0]["name"], "a-after-failover", "{st}");
+    assert_eq!(st["branches"][0]["sealed"], true, "{st}");
+    // One history across the failover: before it, and B's newest state.
+    let t0 = work.path().join("t0");
+    sb.ok(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--at", &before_failover, "--target", t0.to_str().unwrap()]);
+    assert_same_tree(&a0, &t0);
+    let now = work.path().join("now");
+    sb.ok(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--target", now.to_str().unwrap()]);
+    assert_same_tree(&sb.mirror(), &now);
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--branch", "nope", "--target", work.path().join("n").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no branch"), "{}", stderr(&o));
+    // The standby restarts as the primary: the users' files stay, recording goes on.
+    let mut sb = sb;
+    sb.server.restart();
+    assert_eq!(std::fs::read(sb.mirror().join("on-b.txt")).unwrap(), b"written on B after the failover");
+    std::fs::write(sb.mirror().join("after-restart.txt"), b"still recorded").unwrap();
+    status_until(&sb, "recording after a restart", |st| st["head"].as_u64().unwrap() > head_b && st["role"] == "primary");
 }
