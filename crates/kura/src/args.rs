@@ -102,6 +102,12 @@ pub enum Command {
     /// Real-time shadowing of a directory to a standby (a kura server with a `[[stream]]`).
     #[command(subcommand)]
     Shadow(ShadowCommand),
+    /// Make a standby the primary after a failover (the same as `kura shadow promote`).
+    Promote {
+        /// The standby's stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// `kura shadow` subcommands.

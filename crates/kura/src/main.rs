@@ -82,6 +82,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Serve(a) => cmd::serve::run(cli, a),
         Command::Undelete { snapshots } => cmd::retain::undelete(cli, snapshots),
         Command::Shadow(c) => cmd::shadow::run(cli, c),
+        Command::Promote { to } => cmd::shadow::run(cli, &args::ShadowCommand::Promote { to: to.clone() }),
     }
 }
 

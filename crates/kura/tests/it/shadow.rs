@@ -470,7 +470,8 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
     assert!(o.status.success(), "{}", stderr(&o));
     let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((p["epoch"].as_u64(), p["promoted_seq"].as_u64(), p["caught_up"].as_bool()), (Some(2), sent["head"].as_u64(), Some(true)), "{p}");
-    let o = sb.kura(&admin, &["shadow", "promote", "--to", &sb.url()]).output().unwrap();
+    // `kura promote` is the same command.
+    let o = sb.kura(&admin, &["promote", "--to", &sb.url()]).output().unwrap();
     assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
     assert!(stderr(&o).contains("already the primary"), "{}", stderr(&o));
     let st = sb.status();
