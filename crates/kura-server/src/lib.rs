@@ -103,9 +103,10 @@ async fn metrics(
         Err(e) => return e.into_response(),
     };
     let repos = state.repos.iter().filter(|(n, _)| tok.opens(n)).map(|(n, h)| (n.clone(), h.clone())).collect();
+    let streams = state.streams.iter().filter(|(n, _)| tok.opens(n)).map(|(n, s)| (n.clone(), s.clone())).collect();
     let text = tokio::task::spawn_blocking(move || {
         let m = &state.metrics;
-        m.render(&repos)
+        m.render(&repos, &streams)
     })
     .await
     .unwrap_or_default();

@@ -33,7 +33,13 @@ fn may_push(tok: &TokenEntry) -> bool {
 /// `GET /v1/shadow/{stream}`: status; the chunk key only for a token that may push.
 pub async fn status(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
     match open(&state, &headers, peer, &stream) {
-        Ok((tok, s)) => axum::Json(s.status(may_push(&tok))).into_response(),
+        Ok((tok, s)) => {
+            // A pusher's status request is its heartbeat.
+            if tok.role == Role::Shadow {
+                s.touch();
+            }
+            axum::Json(s.status(may_push(&tok))).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -161,6 +167,7 @@ pub async fn append(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketA
         Ok(b) => b,
         Err(e) => return err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response(),
     };
+    s.touch();
     match tokio::task::spawn_blocking(move || s.append(&body)).await {
         Ok(r) => appended(&stream, r),
         Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),

@@ -25,6 +25,9 @@ const QUIET: Duration = Duration::from_millis(2);
 const COALESCE: Duration = Duration::from_millis(10);
 /// A file kept open for writing is compared at least this often.
 const WRITE_WAIT: Duration = Duration::from_secs(1);
+/// With nothing to send, the primary asks for the standby's status this often: the standby
+/// sees the primary alive, and a primary that was failed over learns it is fenced.
+const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// Where and how to push.
 #[derive(Debug, Clone)]
@@ -433,11 +436,22 @@ fn session(
     s.flush(link, &mut p, total)?;
     tracing::info!(head = total.head, "shadow push: in sync with the standby");
     let mut last_scan = Instant::now();
+    let mut last_contact = Instant::now();
     // Files written to and not yet closed: compared at their close (a half-written file is a
     // state nobody wants on the standby), or after WRITE_WAIT for a writer that keeps its file
     // open (a log).
     let mut writing: std::collections::HashMap<Vec<u8>, Instant> = std::collections::HashMap::new();
     while !stop() {
+        if last_contact.elapsed() >= HEARTBEAT {
+            let st = link.status()?;
+            if st.epoch != s.epoch || (state_dir.is_some() && st.role == "primary") {
+                return Err(ShadowError::Fenced(format!(
+                    "stream {} was promoted on the standby (epoch {}, this host pushes at {}): this host is fenced; `kura shadow rejoin` brings it back",
+                    st.stream, st.epoch, s.epoch
+                )));
+            }
+            last_contact = Instant::now();
+        }
         let mut wait = rescan_every.saturating_sub(last_scan.elapsed()).min(Duration::from_secs(1));
         if let Some(oldest) = writing.values().min() {
             wait = wait.min(WRITE_WAIT.saturating_sub(oldest.elapsed()));
@@ -536,6 +550,7 @@ fn session(
         }
         if !p.is_empty() {
             s.flush(link, &mut p, total)?;
+            last_contact = Instant::now();
         }
     }
     Ok(())

@@ -69,6 +69,13 @@ pub struct StreamStatus {
     /// Branches kept from fenced primaries that rejoined.
     #[serde(default)]
     pub branches: Vec<BranchInfo>,
+    /// Seconds the oldest record not yet applied has been waiting (0 when the mirror is up
+    /// to date).
+    #[serde(default)]
+    pub lag_secs: f64,
+    /// When a primary last pushed or sent its heartbeat (ns; 0 since the standby started).
+    #[serde(default)]
+    pub last_contact_ns: i64,
     /// Newest journalled record.
     pub head: u64,
     /// Newest record applied to the mirror.
@@ -161,6 +168,8 @@ pub struct Stream {
     epoch: AtomicU64,
     /// Promoted: the applier stops at `promoted_seq`, the mirror is the live copy.
     primary: AtomicBool,
+    /// Last push or heartbeat from a primary (ns).
+    last_contact: std::sync::atomic::AtomicI64,
     promoted_seq: AtomicU64,
     inner: Mutex<Inner>,
     applied: AtomicU64,
@@ -251,6 +260,7 @@ impl Stream {
             chunker_seed: file.chunker_seed(),
             epoch: AtomicU64::new(file.epoch),
             primary: AtomicBool::new(file.primary),
+            last_contact: std::sync::atomic::AtomicI64::new(0),
             promoted_seq: AtomicU64::new(file.promoted_seq),
             file: Mutex::new(file),
             inner: Mutex::new(Inner { journal, head, branches }),
@@ -519,6 +529,11 @@ impl Stream {
         (seq >= inner.journal.base().seq && seq <= inner.journal.head()).then(|| inner.journal.manifest_at(seq).encode())
     }
 
+    /// Notes that a primary is in touch (a push or its heartbeat).
+    pub fn touch(&self) {
+        self.last_contact.store(crate::now_ns(), Ordering::SeqCst);
+    }
+
     /// The tree as of the newest record, encoded.
     pub fn manifest(&self) -> Vec<u8> {
         self.lock_inner().head.encode()
@@ -529,7 +544,11 @@ impl Stream {
         let inner = self.lock_inner();
         let e = inner.journal.entries();
         let (chunks, bytes) = inner.journal.sizes();
+        let applied = self.applied.load(Ordering::SeqCst);
+        let waiting = e.get(e.partition_point(|e| e.seq <= applied)).map(|e| e.recv_ns);
         StreamStatus {
+            lag_secs: waiting.map(|t| crate::now_ns().saturating_sub(t).max(0) as f64 / 1e9).unwrap_or(0.0),
+            last_contact_ns: self.last_contact.load(Ordering::SeqCst),
             stream: self.name.clone(),
             epoch: self.epoch.load(Ordering::SeqCst),
             role: if self.primary.load(Ordering::SeqCst) { "primary" } else { "standby" }.into(),

@@ -152,7 +152,10 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                     println!("this host     epoch {}: {what}", m.epoch);
                 }
                 println!("head          record {} received {}", st.head, show_time(st.head_time_ns));
-                println!("applied       record {} ({} behind)", st.applied, st.head.saturating_sub(st.applied));
+                println!("applied       record {} ({} behind, {:.3} s)", st.applied, st.head.saturating_sub(st.applied), st.lag_secs);
+                if st.last_contact_ns > 0 {
+                    println!("last contact  {} (a push or the primary's heartbeat)", show_time(st.last_contact_ns));
+                }
                 println!("durable       record {}", st.durable);
                 let kept = if st.window_secs > 0 { format!(", kept {}", format_args!("{:#}", jiff::SignedDuration::from_secs(st.window_secs as i64))) } else { String::new() };
                 println!("window        {} records since {}{kept}", st.records, show_time(st.oldest_time_ns));

@@ -461,6 +461,9 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
     std::thread::sleep(Duration::from_millis(1100));
     let before_failover = jiff::Timestamp::now().to_string();
     std::thread::sleep(Duration::from_millis(1100));
+    // A live pusher on A, idle: its heartbeat will tell it about the promotion.
+    let mut live = sb.pusher(&src, &work.path().join("push.log"));
+    status_until(&sb, "the pusher's first contact", |st| st["last_contact_ns"].as_i64().unwrap() > 0);
 
     // A's shadow token cannot promote; the admin's does, once.
     let o = sb.run(&["shadow", "promote", "--to", &sb.url()]);
@@ -476,6 +479,21 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
     assert!(stderr(&o).contains("already the primary"), "{}", stderr(&o));
     let st = sb.status();
     assert_eq!((st["role"].as_str(), st["epoch"].as_u64()), (Some("primary"), Some(2)), "{st}");
+    let metrics = sb.server.http().get(format!("https://{}/metrics", sb.server.addr)).bearer_auth(&admin).send().unwrap().text().unwrap();
+    assert!(metrics.contains("kura_shadow_primary{stream=\"www\"} 1"), "{metrics}");
+    assert!(metrics.contains("kura_shadow_epoch{stream=\"www\"} 2"), "{metrics}");
+    // The idle pusher learns from its heartbeat that it is fenced, and stops.
+    let t = Instant::now();
+    let code = loop {
+        if let Some(s) = live.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the fenced pusher kept running");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, Some(15));
+    let log = std::fs::read_to_string(work.path().join("push.log")).unwrap();
+    assert!(log.contains("fenced"), "{log}");
 
     // B's users work on the promoted mirror; its journal goes on recording (history continues).
     std::fs::write(sb.mirror().join("on-b.txt"), b"written on B after the failover").unwrap();
