@@ -168,6 +168,9 @@ pub struct Stream {
     epoch: AtomicU64,
     /// Promoted: the applier stops at `promoted_seq`, the mirror is the live copy.
     primary: AtomicBool,
+    /// `<dir>/apply.lock`: held exclusively while a run of records is applied, so a backup of
+    /// the mirror that holds it shared sees the state between two records.
+    apply_lock: std::fs::File,
     /// Last push or heartbeat from a primary (ns).
     last_contact: std::sync::atomic::AtomicI64,
     promoted_seq: AtomicU64,
@@ -194,6 +197,9 @@ pub struct Stream {
     /// Records never applied to the mirror (kept in `<dir>/discarded`).
     discarded: Mutex<std::collections::BTreeSet<u64>>,
 }
+
+/// The lock file a backup of the mirror holds shared (`kura backup --shadow-stream`).
+pub const APPLY_LOCK: &str = "apply.lock";
 
 /// How a stream is received.
 #[derive(Debug, Clone, Copy, Default)]
@@ -261,6 +267,7 @@ impl Stream {
             epoch: AtomicU64::new(file.epoch),
             primary: AtomicBool::new(file.primary),
             last_contact: std::sync::atomic::AtomicI64::new(0),
+            apply_lock: std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(APPLY_LOCK)).map_err(|e| ShadowError::io(dir.join(APPLY_LOCK), e))?,
             promoted_seq: AtomicU64::new(file.promoted_seq),
             file: Mutex::new(file),
             inner: Mutex::new(Inner { journal, head, branches }),
@@ -744,6 +751,11 @@ impl Stream {
             }
             let mut done = applied;
             let mut failed = None;
+            // A backup of the mirror holding the lock shared waits for this run to end, and
+            // this run for the backup (the journal keeps receiving meanwhile).
+            if let Err(e) = self.apply_lock.lock() {
+                tracing::warn!(stream = %self.name, "cannot lock {APPLY_LOCK}: {e}");
+            }
             for (seq, recv_ns, op) in &batch {
                 if let Some((at, reason)) = &hold_at
                     && seq == at
@@ -783,6 +795,9 @@ impl Stream {
                 if std::fs::write(&tmp, done.to_string()).is_ok() {
                     let _ = std::fs::rename(&tmp, self.dir.join("applied"));
                 }
+            }
+            let _ = self.apply_lock.unlock();
+            if done > applied {
                 let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                 self.changed.notify_all();
             }

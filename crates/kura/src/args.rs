@@ -453,6 +453,11 @@ pub struct BackupArgs {
     /// Read every file, even those unchanged since the parent.
     #[arg(short, long)]
     pub force: bool,
+    /// On a standby: back up this shadow stream's mirror (the stream's directory, holding
+    /// stream.json) at a consistent point: the applier pauses between two records while the
+    /// snapshot is read, and the snapshot is tagged shadow-record=N. Paths default to the mirror.
+    #[arg(long, conflicts_with = "stdin")]
+    pub shadow_stream: Option<PathBuf>,
 }
 
 /// Snapshot filters.

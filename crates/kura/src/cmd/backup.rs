@@ -42,7 +42,28 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
     if a.stdin && !a.paths.is_empty() {
         bail!("--stdin takes no paths");
     }
-    if !a.stdin && a.paths.is_empty() {
+    // A standby's mirror: hold its applier between two records for the whole read.
+    let mut paths = a.paths.clone();
+    let mut tags = a.tag.clone();
+    let _hold = match &a.shadow_stream {
+        Some(dir) => {
+            let f = kura_shadow::journal::StreamFile::load(dir, false).with_context(|| format!("shadow stream {}", dir.display()))?;
+            let mirror = f.mirror.clone().with_context(|| format!("shadow stream {} has no mirror yet", dir.display()))?;
+            let lock = std::fs::File::open(dir.join(kura_shadow::stream::APPLY_LOCK)).with_context(|| format!("shadow stream {}: is its standby running?", dir.display()))?;
+            lock.lock_shared().with_context(|| format!("locking {}", dir.join(kura_shadow::stream::APPLY_LOCK).display()))?;
+            let applied = std::fs::read_to_string(dir.join("applied")).unwrap_or_default().trim().parse::<u64>().unwrap_or(0);
+            if paths.is_empty() {
+                paths.push(mirror);
+            }
+            tags.push(format!("shadow-record={applied}"));
+            if f.primary {
+                eprintln!("kura: warning: stream {} was promoted: its mirror is the live copy, written by users while it is read", dir.display());
+            }
+            Some(lock)
+        }
+        None => None,
+    };
+    if !a.stdin && paths.is_empty() {
         bail!("nothing to back up: give one or more paths, or --stdin");
     }
     let time = a.time.as_deref().map(parse_time).transpose()?;
@@ -52,11 +73,11 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
         eprintln!("kura: warning: {e}; its packs are indexed again");
     }
     let opts = BackupOptions {
-        paths: a.paths.clone(),
+        paths,
         excludes: a.exclude.clone(),
         exclude_files: a.exclude_file.clone(),
         one_file_system: a.one_file_system,
-        tags: a.tag.clone(),
+        tags,
         host: a.host.clone().unwrap_or_else(hostname),
         time,
         parent: a.parent.clone(),

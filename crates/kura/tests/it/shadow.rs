@@ -560,3 +560,42 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
     std::fs::write(sb.mirror().join("after-restart.txt"), b"still recorded").unwrap();
     status_until(&sb, "recording after a restart", |st| st["head"].as_u64().unwrap() > head_b && st["role"] == "primary");
 }
+
+#[test]
+fn a_generation_of_the_mirror_is_taken_between_two_records() {
+    let sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = sample_tree(work.path(), 7, 300_000, 20);
+    let push = |sb: &Standby| -> u64 {
+        let out = sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["head"].as_u64().unwrap()
+    };
+    let h1 = push(&sb);
+    sb.ok(&["shadow", "wait", &h1.to_string(), "--to", &sb.url()]);
+    // While a backup holds the mirror (here: its lock, held as a long backup would), changes
+    // are journalled but wait; once it lets go they are applied.
+    let lock = std::fs::File::open(sb.journal().join("apply.lock")).unwrap();
+    lock.lock_shared().unwrap();
+    std::fs::write(src.join("during-backup.txt"), b"arrived while the mirror was read").unwrap();
+    let h2 = push(&sb);
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = sb.status();
+    assert_eq!((st["head"].as_u64(), st["applied"].as_u64()), (Some(h2), Some(h1)), "{st}");
+    assert!(!sb.mirror().join("during-backup.txt").exists());
+    lock.unlock().unwrap();
+    sb.ok(&["shadow", "wait", &h2.to_string(), "--to", &sb.url()]);
+    assert!(sb.mirror().join("during-backup.txt").exists());
+    // The generation: a repository on the standby's side, the mirror as of a record, tagged.
+    let e = crate::util::Env::new();
+    e.ok(&["backup", "--shadow-stream", sb.journal().to_str().unwrap()]);
+    let s = &e.json(&["snapshots"])[0];
+    assert_eq!(s["tags"][0], format!("shadow-record={h2}"), "{s}");
+    let back = e.path("back");
+    e.ok(&["restore", "latest", "--target", back.to_str().unwrap()]);
+    assert_same_tree(&src, &crate::util::restored(&back, &sb.mirror()));
+    // Not a stream's directory: a clear error, nothing saved.
+    let o = e.run(&["backup", "--shadow-stream", work.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("shadow stream"), "{}", stderr(&o));
+    assert_eq!(e.json(&["snapshots"]).as_array().unwrap().len(), 1);
+}
