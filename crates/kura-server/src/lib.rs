@@ -124,6 +124,7 @@ pub fn router(state: Arc<api::AppState>) -> Router {
         .route("/v1/shadow/{stream}/release", axum::routing::post(shadow::release))
         .route("/v1/shadow/{stream}/discard", axum::routing::post(shadow::discard))
         .route("/v1/shadow/{stream}/promote", axum::routing::post(shadow::promote))
+        .route("/v1/shadow/{stream}/verify", axum::routing::post(shadow::verify))
         .route("/v1/shadow/{stream}/chunk/{id}", get(shadow::chunk))
         .route("/v1/shadow/{stream}/branch/{name}/append", axum::routing::post(shadow::append_branch))
         .route("/v1/{repo}", get(api::repo_info))

@@ -120,6 +120,34 @@ pub async fn promote(State(state): Shared, ConnectInfo(peer): ConnectInfo<Socket
     }
 }
 
+/// Query of `verify`.
+#[derive(serde::Deserialize)]
+pub struct VerifyQuery {
+    #[serde(default)]
+    repair: bool,
+}
+
+/// `POST /v1/shadow/{stream}/verify[?repair=true]`: hashes the mirror and compares it with the
+/// journal; `repair` rewrites what differs (a token that may push).
+pub async fn verify(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>, Query(q): Query<VerifyQuery>) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if !may_push(&tok) {
+        return err(StatusCode::FORBIDDEN, "only a shadow or admin token of the stream verifies its mirror").into_response();
+    }
+    match tokio::task::spawn_blocking(move || s.verify_mirror(q.repair)).await {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e @ kura_shadow::ShadowError::Usage(_))) => err(StatusCode::CONFLICT, e.to_string()).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(stream = %stream, "verification failed: {e}");
+            err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
+}
+
 /// Query of a branch append.
 #[derive(serde::Deserialize)]
 pub struct BranchQuery {

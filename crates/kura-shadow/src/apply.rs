@@ -160,6 +160,34 @@ pub fn apply(root: &Path, op: &Op, chunks: &dyn Chunks) -> Result<(), ShadowErro
     }
 }
 
+/// Sets directories' mtimes, deepest first (give them so): writing inside a directory moves its
+/// mtime, so directory times go last.
+pub fn set_dir_times<'a>(root: &Path, dirs: impl Iterator<Item = (&'a Vec<u8>, &'a Node)>) {
+    for (rel, n) in dirs {
+        let t = filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32);
+        let _ = filetime::set_symlink_file_times(path::join(root, rel), t, t);
+    }
+}
+
+/// The directories whose mtime the records moved (the parents of what they changed, and
+/// directories they wrote), deepest first, as `tree` has them.
+pub fn touched_dirs<'a>(tree: &'a Manifest, ops: impl Iterator<Item = &'a Op>) -> Vec<(&'a Vec<u8>, &'a Node)> {
+    let mut set = std::collections::BTreeSet::new();
+    for op in ops {
+        let paths: Vec<&[u8]> = match op {
+            Op::Put { path, .. } | Op::Delete { path } => vec![path],
+            Op::Rename { from, to } => vec![from, to],
+        };
+        for p in paths {
+            set.insert(p.to_vec());
+            set.extend(path::parent(p).filter(|q| !q.is_empty()).map(|q| q.to_vec()));
+        }
+    }
+    let mut out: Vec<(&Vec<u8>, &Node)> = set.iter().filter_map(|p| tree.iter_at(p)).filter(|(_, n)| n.kind == NodeKind::Dir).collect();
+    out.reverse();
+    out
+}
+
 /// What [`reconcile`] changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reconciled {
@@ -230,12 +258,7 @@ pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local:
         put(root, rel, n, chunks)?;
         done.written += 1;
     }
-    // Directory times last: writing inside a directory moves its mtime.
-    for (rel, n) in dirs.into_iter().rev() {
-        let p = path::join(root, rel);
-        let t = filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32);
-        let _ = filetime::set_symlink_file_times(&p, t, t);
-    }
+    set_dir_times(root, dirs.into_iter().rev());
     let _ = File::open(root).and_then(|d| d.sync_all());
     Ok(done)
 }

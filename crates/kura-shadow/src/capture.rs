@@ -239,6 +239,12 @@ impl Capture {
         }
     }
 
+    /// Forgets what the standby has at `p` when it is a file, so the next scan reads and sends
+    /// it whatever its metadata says (a verified resync of content that drifted).
+    pub fn forget_file(&mut self, p: &[u8]) {
+        self.state.forget_file(p);
+    }
+
     /// Notes chunks the standby holds beyond its tree's (so they are not sent).
     pub fn know<'a>(&mut self, ids: impl Iterator<Item = &'a Id>) {
         self.known.extend(ids.copied());

@@ -14,6 +14,7 @@ pub mod push;
 pub mod record;
 pub mod rejoin;
 pub mod restore;
+pub mod verify;
 pub mod stream;
 
 pub use journal::Journal;

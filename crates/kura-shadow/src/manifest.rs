@@ -44,6 +44,11 @@ impl Manifest {
         self.entries.get(p)
     }
 
+    /// The entry at `p` with its stored key.
+    pub fn iter_at(&self, p: &[u8]) -> Option<(&Vec<u8>, &Node)> {
+        self.entries.get_key_value(p)
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -62,6 +67,24 @@ impl Manifest {
     /// The entries strictly below `dir`.
     pub fn below(&self, dir: &[u8]) -> impl Iterator<Item = (&Vec<u8>, &Node)> {
         self.entries.range(below(dir))
+    }
+
+    /// Paths whose entries differ between `self` and `other` (kind, mode, size, mtime, link
+    /// target or content; owners aside, a standby may not be able to set them), and paths only
+    /// one of them has.
+    pub fn differences(&self, other: &Manifest) -> Vec<Vec<u8>> {
+        let same = |a: &Node, b: &Node| a.kind == b.kind && a.mode == b.mode && a.size == b.size && a.mtime_ns == b.mtime_ns && a.target == b.target && a.content == b.content;
+        let mut out: Vec<Vec<u8>> = self.entries.iter().filter(|(p, n)| other.get(p).is_none_or(|o| !same(n, o))).map(|(p, _)| p.clone()).collect();
+        out.extend(other.entries.keys().filter(|p| !self.entries.contains_key(*p)).cloned());
+        out.sort();
+        out
+    }
+
+    /// Forgets the file at `p` (only a file), so the next comparison reads it again.
+    pub fn forget_file(&mut self, p: &[u8]) {
+        if self.entries.get(p).is_some_and(|n| n.kind == NodeKind::File) {
+            self.rem(p);
+        }
     }
 
     /// Every chunk id a file uses.

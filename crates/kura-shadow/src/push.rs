@@ -260,6 +260,16 @@ impl Link {
         Ok(b)
     }
 
+    /// Asks the standby to hash its mirror and compare it with its journal (and, with
+    /// `repair`, to rewrite what differs).
+    pub fn verify(&self, repair: bool) -> Result<crate::verify::Verified, ShadowError> {
+        let (s, b) = self.send(self.client.post(format!("{}/verify?repair={repair}", self.base)).timeout(Duration::from_secs(3600)))?;
+        if s != 200 {
+            return Err(self.refusal(s, &b));
+        }
+        serde_json::from_slice(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))
+    }
+
     /// Promotes the stream (admin token): returns (epoch, promoted record, caught up).
     pub fn promote(&self) -> Result<(u64, u64, bool), ShadowError> {
         let (s, b) = self.send(self.client.post(format!("{}/promote", self.base)).timeout(Duration::from_secs(330)))?;
@@ -319,7 +329,7 @@ pub(crate) fn id_key(st: &StreamStatus) -> Result<[u8; 32], ShadowError> {
 impl Session {
     /// Connects: the standby's status and tree. `state_dir`: where this host's epoch is kept
     /// (`None` for a stream recording its own mirror).
-    fn start(link: &dyn Target, source: &Path, state_dir: Option<&Path>) -> Result<Session, ShadowError> {
+    pub(crate) fn start(link: &dyn Target, source: &Path, state_dir: Option<&Path>) -> Result<Session, ShadowError> {
         let st = link.status()?;
         let key = id_key(&st)?;
         let epoch = match state_dir {

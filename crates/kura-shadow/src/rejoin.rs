@@ -7,7 +7,7 @@ use crate::apply::{self, Chunks};
 use crate::capture::Capture;
 use crate::push::{Link, PushState, Sent, Session, id_key};
 use crate::{Manifest, ShadowError};
-use kura_repo::{Id, Node};
+use kura_repo::Id;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -49,18 +49,6 @@ impl Chunks for Remote<'_> {
     }
 }
 
-/// Whether two entries are the same (owner aside: a standby may not be able to set it).
-fn same_entry(a: &Node, b: &Node) -> bool {
-    a.kind == b.kind && a.mode == b.mode && a.size == b.size && a.mtime_ns == b.mtime_ns && a.target == b.target && a.content == b.content
-}
-
-/// Entries of `mine` that `theirs` lacks or has otherwise, and entries only `theirs` has.
-pub fn diverged(mine: &Manifest, theirs: &Manifest) -> u64 {
-    let changed = mine.iter().filter(|(p, n)| theirs.get(p).is_none_or(|o| !same_entry(n, o))).count();
-    let gone = theirs.iter().filter(|(p, _)| mine.get(p).is_none()).count();
-    (changed + gone) as u64
-}
-
 /// A default branch name: this host's name and the time, `host-20261205T071500Z`.
 pub fn default_branch_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -99,7 +87,7 @@ pub fn rejoin(link: &Link, source: &Path, state_dir: &Path, branch: &str) -> Res
     let mut pending = crate::capture::Pending::default();
     cap.full_scan(&mut pending)?;
     let mine = cap.state().clone();
-    let mut out = Rejoined { epoch: st.epoch, diverged: diverged(&mine, &promoted), ..Rejoined::default() };
+    let mut out = Rejoined { epoch: st.epoch, diverged: mine.differences(&promoted).len() as u64, ..Rejoined::default() };
     if out.diverged > 0 {
         let b = link.branch(branch);
         let mut s = Session { cap, next: 1, epoch: st.epoch };

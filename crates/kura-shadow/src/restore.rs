@@ -113,10 +113,7 @@ fn write_tree(m: &crate::Manifest, only: Option<&[u8]>, target: &Path, chunks: &
     {
         return Err(ShadowError::Usage(format!("{} did not exist at that time (record {seq})", path::show(p))));
     }
-    for (rel, n) in dirs.into_iter().rev() {
-        let t = filetime::FileTime::from_unix_time(n.mtime_ns.div_euclid(1_000_000_000), n.mtime_ns.rem_euclid(1_000_000_000) as u32);
-        let _ = filetime::set_symlink_file_times(path::join(target, rel), t, t);
-    }
+    apply::set_dir_times(target, dirs.into_iter().rev());
     Ok(done)
 }
 

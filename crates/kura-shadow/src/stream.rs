@@ -525,6 +525,33 @@ impl Stream {
         }
     }
 
+    /// Hashes the mirror and compares it with the journal's tree as of the applied record; with
+    /// `repair`, rewrites what differs from the journal. The applier waits meanwhile (the
+    /// journal keeps receiving).
+    pub fn verify_mirror(&self, repair: bool) -> Result<crate::verify::Verified, ShadowError> {
+        if self.primary.load(Ordering::SeqCst) {
+            return Err(ShadowError::Usage(format!("stream {} was promoted: its mirror is the live copy, there is no journal state to compare it with", self.name)));
+        }
+        // A second open file description: flock() excludes it from the applier's.
+        let p = self.dir.join(APPLY_LOCK);
+        let lock = std::fs::File::open(&p).map_err(|e| ShadowError::io(&p, e))?;
+        lock.lock().map_err(|e| ShadowError::io(&p, e))?;
+        let applied = self.applied.load(Ordering::SeqCst);
+        let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
+        let tree = self.lock_inner().journal.manifest_skipping(applied, &skip);
+        let mine = crate::verify::hash_tree(&self.mirror, self.id_key, self.chunker_seed, &tree)?;
+        let drift = mine.differences(&tree);
+        let mut v = crate::verify::Verified::new(mine.len().max(tree.len()), &drift, applied);
+        if !drift.is_empty() {
+            tracing::warn!(stream = %self.name, drifted = drift.len(), "the mirror differs from the journal at record {applied}");
+        }
+        if repair && !drift.is_empty() {
+            apply::reconcile_verified(&self.mirror, &tree, &JournalChunks(self), Some(&mine))?;
+            v.repaired = true;
+        }
+        Ok(v)
+    }
+
     /// A chunk's plain bytes (for a rejoining host's resync).
     pub fn read_chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
         JournalChunks(self).chunk(id)
@@ -796,6 +823,9 @@ impl Stream {
                     let _ = std::fs::rename(&tmp, self.dir.join("applied"));
                 }
             }
+            // Writing inside a directory moved its mtime: back to the tree's.
+            let applied_ops = batch.iter().filter(|(seq, ..)| *seq <= done && !self.discarded.lock().is_ok_and(|d| d.contains(seq))).map(|(_, _, op)| op);
+            apply::set_dir_times(&self.mirror, apply::touched_dirs(&tree, applied_ops).into_iter());
             let _ = self.apply_lock.unlock();
             if done > applied {
                 let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());

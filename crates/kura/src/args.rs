@@ -136,6 +136,22 @@ pub enum ShadowCommand {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Compare by content: this host's tree with the standby's, and the standby's mirror with
+    /// its journal (every file hashed). Exit 3 when something differs.
+    Verify {
+        /// This host's directory (the one it pushes).
+        #[arg(long)]
+        source: PathBuf,
+        /// The standby's stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
+        /// Send what differs from this host, and rewrite what differs on the mirror.
+        #[arg(long)]
+        repair: bool,
+        /// As for push.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Make the standby the primary (admin token): the epoch goes up, the old primary's pushes
     /// are refused from then on, the mirror gets every record received and becomes the live copy.
     Promote {

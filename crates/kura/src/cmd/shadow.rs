@@ -215,6 +215,25 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
+        ShadowCommand::Verify { source, to, repair, state_dir: sd } => {
+            let source = std::fs::canonicalize(source).with_context(|| format!("source {}", source.display()))?;
+            let (l, ..) = link(cli, to)?;
+            let (primary, sent) = kura_shadow::verify::verify_primary(&l, &source, &state_dir(sd)?, *repair)?;
+            let standby = l.verify(*repair)?;
+            if cli.json {
+                println!("{}", serde_json::json!({"primary": primary, "standby": standby, "sent_records": sent.records}));
+            } else {
+                for (what, v) in [("this host vs the standby's tree", &primary), ("the standby's mirror vs its journal", &standby)] {
+                    let fixed = if v.repaired { " (repaired)" } else { "" };
+                    println!("{what}: {} entries at record {}, {} differ{fixed}", v.entries, v.record, v.drifted);
+                    for p in &v.drift {
+                        println!("  {p}");
+                    }
+                }
+            }
+            let clean = (primary.drifted == 0 || primary.repaired) && (standby.drifted == 0 || standby.repaired);
+            Ok(if clean { Outcome::Ok } else { Outcome::Partial })
+        }
         ShadowCommand::Promote { to } => {
             let (l, ..) = link(cli, to)?;
             let (epoch, seq, caught_up) = l.promote()?;
