@@ -766,13 +766,21 @@ impl Stream {
             let discard_upto = self.discard_upto.load(Ordering::SeqCst);
             let mut hold_at = None;
             if let Some(first) = batch.iter().find(|(seq, _, op)| *seq > release_upto.max(discard_upto) && destroys(&tree, op) != (0, 0)) {
-                let burst = {
+                // The mirror's files and bytes once the whole burst is applied, and the files
+                // it would cut to less than half.
+                let (after, truncated) = {
                     let inner = self.lock_inner();
                     let e = inner.journal.entries();
                     let start = e.partition_point(|e| e.seq < first.0);
-                    burst_cost(&tree, e[start..].iter().map(|e| &e.op))
+                    let mut m = tree.clone();
+                    let mut truncated = 0u64;
+                    for e in &e[start..] {
+                        truncated += truncates(&m, &e.op);
+                        m.apply(&e.op);
+                    }
+                    (m.totals(), truncated)
                 };
-                if let Some(reason) = window.trips(&self.breaker, &tree, first.1, burst) {
+                if let Some(reason) = window.trips(&self.breaker, &tree, first.1, after, truncated) {
                     hold_at = Some((first.0, reason));
                 }
             }
@@ -805,8 +813,8 @@ impl Stream {
                 }
                 match apply::apply(&self.mirror, op, &JournalChunks(&self)) {
                     Ok(()) => {
+                        window.truncated(*recv_ns, truncates(&tree, op));
                         tree.apply(op);
-                        window.add(*recv_ns, cost);
                         done = *seq;
                     }
                     Err(e) => {
@@ -822,6 +830,9 @@ impl Stream {
                 if std::fs::write(&tmp, done.to_string()).is_ok() {
                     let _ = std::fs::rename(&tmp, self.dir.join("applied"));
                 }
+            }
+            if let Some((_, recv_ns, _)) = batch.iter().find(|(seq, ..)| *seq == done) {
+                window.sample(&self.breaker, *recv_ns, tree.totals());
             }
             // Writing inside a directory moved its mtime: back to the tree's.
             let applied_ops = batch.iter().filter(|(seq, ..)| *seq <= done && !self.discarded.lock().is_ok_and(|d| d.contains(seq))).map(|(_, _, op)| op);
@@ -899,32 +910,13 @@ fn destroys(tree: &Manifest, op: &Op) -> (u64, u64) {
     }
 }
 
-/// What a run of records would remove from `tree` together: each deleted subtree counted once
-/// (a file's delete and its directory's do not add up), truncations and replaced targets added.
-fn burst_cost<'a>(tree: &Manifest, ops: impl Iterator<Item = &'a Op>) -> (u64, u64) {
-    let mut deleted: Vec<&[u8]> = Vec::new();
-    // Counted once per topmost deleted path.
-    let (mut files, mut bytes) = (0u64, 0u64);
-    for op in ops {
-        match op {
-            Op::Delete { path } => deleted.push(path),
-            _ => {
-                let (f, b) = destroys(tree, op);
-                files = files.saturating_add(f);
-                bytes = bytes.saturating_add(b);
-            }
-        }
+/// 1 when a record cuts a file of `tree` to less than half (the bytes lost count through the
+/// totals).
+fn truncates(tree: &Manifest, op: &Op) -> u64 {
+    match op {
+        Op::Put { path, node } => u64::from(tree.get(path).is_some_and(|old| old.kind == NodeKind::File && node.kind == NodeKind::File && node.size < old.size / 2)),
+        _ => 0,
     }
-    let set: std::collections::HashSet<&[u8]> = deleted.iter().copied().collect();
-    for p in set.iter().copied() {
-        if crate::path::ancestors(p).any(|a| set.contains(a)) {
-            continue;
-        }
-        let (f, b) = tree.totals_at(p);
-        files = files.saturating_add(f);
-        bytes = bytes.saturating_add(b);
-    }
-    (files, bytes)
 }
 
 /// Limits of the mass-deletion breaker.
@@ -961,40 +953,54 @@ pub struct Held {
 /// Deletions applied within the breaker's window.
 #[derive(Default)]
 struct BurstWindow {
-    recent: std::collections::VecDeque<(i64, u64, u64)>,
-    files: u64,
-    bytes: u64,
+    /// The mirror's files and bytes after each run of records within the window: the loss is
+    /// measured from their peak, so churn (files made and deleted again) is not a loss, and a
+    /// deleted subtree counts once.
+    samples: std::collections::VecDeque<(i64, u64, u64)>,
+    /// Files cut to less than half within the window.
+    truncations: std::collections::VecDeque<(i64, u64)>,
 }
 
 impl BurstWindow {
-    fn add(&mut self, t: i64, (files, bytes): (u64, u64)) {
-        if files > 0 || bytes > 0 {
-            self.recent.push_back((t, files, bytes));
-            self.files = self.files.saturating_add(files);
-            self.bytes = self.bytes.saturating_add(bytes);
+    fn sample(&mut self, b: &Breaker, t: i64, (files, bytes): (u64, u64)) {
+        self.expire(b, t);
+        self.samples.push_back((t, files, bytes));
+    }
+
+    fn truncated(&mut self, t: i64, files: u64) {
+        if files > 0 {
+            self.truncations.push_back((t, files));
         }
     }
 
-    /// Why applying `cost` at time `t` would trip the breaker, if it would.
-    fn trips(&mut self, b: &Breaker, tree: &Manifest, t: i64, (files, bytes): (u64, u64)) -> Option<String> {
+    /// Forgets what is older than the window before `t`.
+    fn expire(&mut self, b: &Breaker, t: i64) {
+        let start = t.saturating_sub(i64::try_from(b.window.as_nanos()).unwrap_or(i64::MAX));
+        while self.samples.front().is_some_and(|(at, ..)| *at < start) {
+            self.samples.pop_front();
+        }
+        while self.truncations.front().is_some_and(|(at, _)| *at < start) {
+            self.truncations.pop_front();
+        }
+    }
+
+    /// Why a burst at time `t` that leaves the mirror with `after` (files, bytes) and cuts
+    /// `truncated` files would trip the breaker, if it would.
+    fn trips(&mut self, b: &Breaker, tree: &Manifest, t: i64, after: (u64, u64), truncated: u64) -> Option<String> {
         if b.files_percent <= 0.0 {
             return None;
         }
-        let start = t.saturating_sub(i64::try_from(b.window.as_nanos()).unwrap_or(i64::MAX));
-        while self.recent.front().is_some_and(|(at, ..)| *at < start) {
-            if let Some((_, f, by)) = self.recent.pop_front() {
-                self.files = self.files.saturating_sub(f);
-                self.bytes = self.bytes.saturating_sub(by);
-            }
+        self.expire(b, t);
+        let now = tree.totals();
+        let peak_files = self.samples.iter().map(|s| s.1).chain([now.0]).max().unwrap_or(0);
+        let peak_bytes = self.samples.iter().map(|s| s.2).chain([now.1]).max().unwrap_or(0);
+        let cut: u64 = self.truncations.iter().map(|t| t.1).sum::<u64>().saturating_add(truncated);
+        let lost = peak_files.saturating_sub(after.0).saturating_add(cut);
+        let limit = ((peak_files as f64) * b.files_percent / 100.0).max(b.min_files as f64);
+        if lost as f64 > limit {
+            return Some(format!("{lost} of {peak_files} files would be deleted or truncated within {:?} (limit {:.0})", b.window, limit));
         }
-        let (total_files, _) = tree.totals();
-        // The share is of the files there were before this window's deletions.
-        let base = total_files.saturating_add(self.files);
-        let limit = ((base as f64) * b.files_percent / 100.0).max(b.min_files as f64);
-        let (f, by) = (self.files.saturating_add(files), self.bytes.saturating_add(bytes));
-        if f as f64 > limit {
-            return Some(format!("{f} of {base} files would be deleted or truncated within {:?} (limit {:.0})", b.window, limit));
-        }
+        let by = peak_bytes.saturating_sub(after.1);
         if by > b.bytes {
             return Some(format!("{by} bytes would be deleted or truncated within {:?} (limit {})", b.window, b.bytes));
         }
@@ -1034,5 +1040,76 @@ impl crate::push::Target for Own {
             AppendError::Store(e) => e,
             e => ShadowError::Remote(format!("stream {}: {e}", self.0.name)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kura_repo::Node;
+
+    fn file(size: u64) -> Node {
+        let mut n = Node::new(Vec::new(), NodeKind::File);
+        n.size = size;
+        n
+    }
+
+    fn put(tree: &mut Manifest, name: String, size: u64) -> Op {
+        let op = Op::Put { path: name.into_bytes(), node: file(size) };
+        tree.apply(&op);
+        op
+    }
+
+    #[test]
+    fn the_breaker_weighs_net_loss_not_churn() {
+        let b = Breaker { files_percent: 20.0, min_files: 10, bytes: 1 << 30, window: Duration::from_secs(60) };
+        let sec = 1_000_000_000i64;
+        let mut tree = Manifest::default();
+        for i in 0..100 {
+            put(&mut tree, format!("f{i}"), 1000);
+        }
+        let mut w = BurstWindow::default();
+        w.sample(&b, 0, tree.totals());
+        // Churn: 500 files made and deleted again within the window never trip it.
+        for round in 0..50 {
+            for i in 0..10 {
+                put(&mut tree, format!("tmp{i}"), 10);
+            }
+            w.sample(&b, sec + round, tree.totals());
+            let mut after = tree.clone();
+            for i in 0..10 {
+                after.apply(&Op::Delete { path: format!("tmp{i}").into_bytes() });
+            }
+            assert_eq!(w.trips(&b, &tree, sec + round, after.totals(), 0), None, "round {round}");
+            tree = after;
+            w.sample(&b, sec + round, tree.totals());
+        }
+        // Deleting the 100 files 10 at a time trips it once the loss from the window's peak (110:
+        // churn raises it by its amplitude) passes 20%: at 30.
+        let mut tripped = None;
+        for run in 0..3 {
+            let mut after = tree.clone();
+            for i in run * 10..run * 10 + 10 {
+                after.apply(&Op::Delete { path: format!("f{i}").into_bytes() });
+            }
+            tripped = w.trips(&b, &tree, 2 * sec, after.totals(), 0);
+            if tripped.is_some() {
+                assert_eq!(run, 1);
+                break;
+            }
+            tree = after;
+            w.sample(&b, 2 * sec, tree.totals());
+        }
+        assert!(tripped.as_deref().is_some_and(|r| r.contains("30 of 110")), "{tripped:?}");
+        // A minute later the earlier deletions are out of the window.
+        let later = 200 * sec;
+        let mut after = tree.clone();
+        after.apply(&Op::Delete { path: b"f15".to_vec() });
+        assert_eq!(w.trips(&b, &tree, later, after.totals(), 0), None);
+        // Truncations count as files lost though the count stays.
+        let t = w.trips(&b, &tree, later, tree.totals(), 19);
+        assert!(t.as_deref().is_some_and(|r| r.contains("19 of 90")), "{t:?}");
+        assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: file(400) }), 1);
+        assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: file(600) }), 0);
     }
 }

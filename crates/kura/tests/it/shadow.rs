@@ -3,7 +3,7 @@
 //! directory from the journal; what a primary's token can and cannot do.
 
 use crate::server::Server;
-use crate::util::{BIN, assert_same_tree, bytes, no_panic, sample_tree, stderr};
+use crate::util::{BIN, assert_same_tree, bytes, no_panic, same_tree, sample_tree, stderr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -99,11 +99,11 @@ fn stream_token(server: &Server, role: &str) -> String {
 fn converge(sb: &Standby, src: &Path, what: &str) {
     let t = Instant::now();
     loop {
-        let same = std::panic::catch_unwind(|| assert_same_tree(src, &sb.mirror())).is_ok();
-        if same {
+        if same_tree(src, &sb.mirror()) {
             return;
         }
         if t.elapsed() > Duration::from_secs(30) {
+            eprintln!("standby: {}", sb.status());
             assert_same_tree(src, &sb.mirror());
             panic!("{what}: mirror did not converge");
         }
@@ -645,4 +645,94 @@ fn verify_finds_content_that_drifted_under_the_same_size_and_mtime_and_repairs_i
     assert_eq!(std::fs::read(src.join(&name)).unwrap(), std::fs::read(sb.mirror().join(&name)).unwrap());
     let (code, v) = verify(false);
     assert_eq!(code, Some(0), "{v}");
+}
+
+/// A small deterministic random source for storms (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Changes `src` at random until `stop`: new, rewritten and deleted files, renamed files and
+/// directories, directories replaced by files and back, and one file appended to all along
+/// (rewritten while it is read).
+fn storm(src: PathBuf, seed: u64, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut r = Rng(seed | 1);
+        let mut n = 0u64;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(src.join("growing.log")).unwrap();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let d = src.join(format!("d{}", r.below(6)));
+            let f = d.join(format!("f{}", r.below(20)));
+            let _ = match r.below(10) {
+                0..=3 => std::fs::create_dir_all(&d).and_then(|_| std::fs::write(&f, bytes(1 + r.below(40_000) as usize, r.next()))),
+                4 => std::fs::remove_file(&f),
+                5 => std::fs::rename(&f, d.join(format!("f{}", r.below(20)))),
+                6 => std::fs::rename(&d, src.join(format!("d{}", r.below(6)))),
+                7 => std::fs::remove_dir_all(&d).and_then(|_| std::fs::write(&d, b"a file where a directory was")),
+                8 => std::fs::remove_file(&d).and_then(|_| std::fs::create_dir(&d)),
+                _ => std::io::Write::write_all(&mut log, &bytes(100 + r.below(3000) as usize, r.next())),
+            };
+            n += 1;
+            if n % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        n
+    })
+}
+
+#[test]
+fn the_mirror_converges_after_20_kills_at_random_points_of_a_write_storm() {
+    let mut sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    let log = work.path().join("push.log");
+    let mut push = sb.pusher(&src, &log);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = storm(src.clone(), 0x5eed_2026, stop.clone());
+    let mut r = Rng(0xdead_beef);
+    let mut moments = Vec::new();
+    for i in 0..20 {
+        std::thread::sleep(Duration::from_millis(150 + r.below(500)));
+        if i % 2 == 0 {
+            kill9(&mut push);
+            push = sb.pusher(&src, &log);
+        } else {
+            sb.server.restart();
+        }
+        moments.push(jiff::Timestamp::now().to_string());
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let changes = writer.join().unwrap();
+    assert!(changes > 500, "only {changes} changes");
+    converge(&sb, &src, "after 20 kills");
+    kill9(&mut push);
+    // Hash-identical, on both sides of the standby.
+    let o = sb.run(&["--json", "shadow", "verify", "--source", src.to_str().unwrap(), "--to", &sb.url()]);
+    assert_eq!(o.status.code(), Some(0), "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // Every moment of the storm can still be restored, and the last is the tree.
+    let j = sb.journal();
+    for (i, m) in moments.iter().enumerate() {
+        let t = work.path().join(format!("at{i}"));
+        sb.ok(&["shadow", "restore", "--journal", j.to_str().unwrap(), "--at", m, "--target", t.to_str().unwrap()]);
+    }
+    let t = work.path().join("now");
+    sb.ok(&["shadow", "restore", "--journal", j.to_str().unwrap(), "--target", t.to_str().unwrap()]);
+    assert_same_tree(&src, &t);
+    // One record per number: the log counts them all.
+    let st = sb.status();
+    let logged: Vec<serde_json::Value> = serde_json::from_str(&sb.ok(&["--json", "shadow", "log", "--journal", j.to_str().unwrap()])).unwrap();
+    assert_eq!(logged.len() as u64, st["head"].as_u64().unwrap());
+    assert!(logged.windows(2).all(|w| w[1]["seq"].as_u64().unwrap() == w[0]["seq"].as_u64().unwrap() + 1));
 }

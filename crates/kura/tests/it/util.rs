@@ -121,6 +121,11 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Whether two trees are the same (as [`assert_same_tree`] checks, without panicking).
+pub fn same_tree(a: &Path, b: &Path) -> bool {
+    snapshot_tree(a) == snapshot_tree(b)
+}
+
 pub fn assert_same_tree(a: &Path, b: &Path) {
     let (x, y) = (snapshot_tree(a), snapshot_tree(b));
     for (k, v) in &x {
