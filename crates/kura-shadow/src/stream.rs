@@ -628,13 +628,15 @@ impl Stream {
     /// Prunes the journal to its window now and then, until the stream stops.
     fn prune_loop(self: Arc<Self>) {
         let every = (self.window / 10).clamp(Duration::from_millis(200), Duration::from_secs(60));
-        let mut last = std::time::Instant::now();
+        // The first round soon after start: a standby that was down for days has catching up
+        // to do.
+        let mut next = std::time::Instant::now() + every.min(Duration::from_secs(1));
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100).min(every));
-            if last.elapsed() < every {
+            if std::time::Instant::now() < next {
                 continue;
             }
-            last = std::time::Instant::now();
+            next = std::time::Instant::now() + every;
             if let Err(e) = self.prune() {
                 tracing::error!(stream = %self.name, "cannot prune the journal to its window: {e}");
             }

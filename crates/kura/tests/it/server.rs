@@ -21,6 +21,8 @@ pub struct Server {
     pub read: String,
     /// Environment of the server process (S3 credentials).
     env: Vec<(String, String)>,
+    /// A command the server runs under (`unshare … bash -c '…; exec "$@"' bash`), if any.
+    wrapper: Vec<String>,
     child: Option<Child>,
 }
 
@@ -43,6 +45,11 @@ impl Server {
 
     /// Starts a server whose process also gets `env`.
     pub fn start_with_env(extra: &str, env: Vec<(String, String)>) -> Server {
+        Self::start_wrapped(extra, env, Vec::new())
+    }
+
+    /// Starts a server under `wrapper` (a command that ends by running its arguments).
+    pub fn start_wrapped(extra: &str, env: Vec<(String, String)>, wrapper: Vec<String>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("server.toml");
         let mut s = Server {
@@ -54,6 +61,7 @@ impl Server {
             backup: String::new(),
             read: String::new(),
             env,
+            wrapper,
             child: None,
             dir,
         };
@@ -77,7 +85,15 @@ impl Server {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let mut child = Command::new(BIN)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(["serve", "-c"])
             .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -101,6 +117,11 @@ impl Server {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    /// Changes the environment of the next start.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     /// Starts again on the same port with the same state.

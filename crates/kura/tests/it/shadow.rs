@@ -24,8 +24,13 @@ impl Standby {
 
     /// A standby whose stream table also gets `extra` (apply_delay, breaker keys).
     fn start_with(extra: &str) -> Standby {
+        Self::start_custom(extra, Vec::new(), Vec::new())
+    }
+
+    /// The same, the server with `env` and under `wrapper` (see `Server::start_wrapped`).
+    fn start_custom(extra: &str, env: Vec<(String, String)>, wrapper: Vec<String>) -> Standby {
         let mdir = tempfile::tempdir().unwrap();
-        let server = Server::start(&format!("[[stream]]\nname = \"www\"\nmirror = \"{}\"\n{extra}", mdir.path().join("mirror").display()));
+        let server = Server::start_wrapped(&format!("[[stream]]\nname = \"www\"\nmirror = \"{}\"\n{extra}", mdir.path().join("mirror").display()), env, wrapper);
         let token = stream_token(&server, "shadow");
         Standby { server, token, mdir, state: tempfile::tempdir().unwrap() }
     }
@@ -735,4 +740,187 @@ fn the_mirror_converges_after_20_kills_at_random_points_of_a_write_storm() {
     let logged: Vec<serde_json::Value> = serde_json::from_str(&sb.ok(&["--json", "shadow", "log", "--journal", j.to_str().unwrap()])).unwrap();
     assert_eq!(logged.len() as u64, st["head"].as_u64().unwrap());
     assert!(logged.windows(2).all(|w| w[1]["seq"].as_u64().unwrap() == w[0]["seq"].as_u64().unwrap() + 1));
+}
+
+/// A network cable between the primary and the standby (a TCP relay on loopback) that can be
+/// pulled: every connection through it is cut at once and new ones are refused until it is
+/// plugged back.
+struct Cable {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cable {
+    fn to(addr: &str) -> Cable {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+        let (u, c, addr) = (up.clone(), conns.clone(), addr.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !u.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(server) = std::net::TcpStream::connect(&addr) else { continue };
+                let mut list = c.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Cable { port, up, conns }
+    }
+
+    fn pull(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn plug(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn the_mirror_converges_after_the_network_is_cut_during_a_write_storm() {
+    let sb = Standby::start();
+    let cable = Cable::to(&sb.server.addr);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    let url = format!("kura://127.0.0.1:{}/www", cable.port);
+    let log = std::fs::File::create(work.path().join("push.log")).unwrap();
+    let mut push = sb
+        .kura(&sb.token, &["shadow", "push", "--source", src.to_str().unwrap(), "--to", &url, "--rescan-every", "2s"])
+        .env("KURA_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = storm(src.clone(), 0xc0ffee, stop.clone());
+    let mut r = Rng(42);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300 + r.below(700)));
+        cable.pull();
+        std::thread::sleep(Duration::from_millis(500 + r.below(1500)));
+        cable.plug();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    converge(&sb, &src, "after four network cuts");
+    assert!(push.try_wait().unwrap().is_none(), "the pusher gave up on a network cut");
+    kill9(&mut push);
+    let log = std::fs::read_to_string(work.path().join("push.log")).unwrap();
+    assert!(log.contains("reconnecting"), "the cuts were never felt: {log}");
+    let o = sb.run(&["--json", "shadow", "verify", "--source", src.to_str().unwrap(), "--to", &sb.url()]);
+    assert_eq!(o.status.code(), Some(0), "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}
+
+#[test]
+fn a_full_disk_on_the_standby_stops_the_journal_cleanly_and_it_catches_up_once_space_is_freed() {
+    // The standby's journal on a real 8 MiB tmpfs in a private mount namespace; the server runs
+    // inside it, and a watcher there grows the tmpfs when the test says so ("space freed").
+    let work = tempfile::tempdir().unwrap();
+    let jdir = work.path().join("journal");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let grow = work.path().join("grow");
+    let script = format!(
+        "mount -t tmpfs -o size=8m tmpfs '{j}' || exit 99; \
+         (while [ ! -e '{g}' ] && kill -0 $$ 2>/dev/null; do sleep 0.1; done; mount -o remount,size=400m tmpfs '{j}') & \
+         exec \"$@\"",
+        j = jdir.display(),
+        g = grow.display()
+    );
+    let sb = Standby::start_custom(&format!("journal = \"{}\"\n", jdir.display()), Vec::new(), vec!["unshare".into(), "-rm".into(), "bash".into(), "-c".into(), script, "bash".into()]);
+    let src = work.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("first.txt"), b"fits").unwrap();
+    let out = sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    let before: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // 24 MiB of new data does not fit: refused (507), said, nothing half-written counted.
+    for i in 0..6 {
+        std::fs::write(src.join(format!("big{i}")), bytes(4 << 20, 900 + i)).unwrap();
+    }
+    let o = sb.run(&["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
+    assert!(stderr(&o).contains("507"), "{}", stderr(&o));
+    let st = sb.status();
+    assert!(st["head"].as_u64().unwrap() >= before["head"].as_u64().unwrap(), "{st}");
+    assert!(sb.server.log().contains("No space left on device"), "{}", sb.server.log());
+    // Space freed: the next push sends the rest, the mirror converges, every moment restores.
+    std::fs::write(&grow, b"").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    let head = serde_json::from_str::<serde_json::Value>(&out).unwrap()["head"].as_u64().unwrap();
+    sb.ok(&["shadow", "wait", &head.to_string(), "--to", &sb.url()]);
+    converge(&sb, &src, "after space was freed");
+    let o = sb.run(&["--json", "shadow", "verify", "--source", src.to_str().unwrap(), "--to", &sb.url()]);
+    assert_eq!(o.status.code(), Some(0), "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}
+
+#[test]
+fn three_days_later_the_deleted_directory_comes_back_though_the_primary_s_clock_is_two_hours_off() {
+    const DAY: i64 = 86_400;
+    let mut sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = sample_tree(work.path(), 5, 100_000, 10);
+    std::fs::create_dir_all(src.join("projects/q4")).unwrap();
+    for i in 0..10 {
+        std::fs::write(src.join(format!("projects/q4/report{i}.txt")), bytes(3000 + i * 100, 500 + i as u64)).unwrap();
+    }
+    // The primary's clock is two hours behind the standby's.
+    let push = |sb: &Standby| {
+        let o = sb.kura(&sb.token, &["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]).env("KURA_SHADOW_CLOCK_OFFSET", "-7200").output().unwrap();
+        no_panic(&o);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let head = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["head"].as_u64().unwrap();
+        sb.ok(&["shadow", "wait", &head.to_string(), "--to", &sb.url()]);
+    };
+    push(&sb);
+    let before = work.path().join("before");
+    copy_tree(&src, &before);
+    std::thread::sleep(Duration::from_millis(1100));
+    let moment = jiff::Timestamp::now().to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::remove_dir_all(src.join("projects")).unwrap();
+    push(&sb);
+    assert!(!sb.mirror().join("projects").exists(), "the deletion was replayed");
+    // The journal's timeline is the standby's: the primary's skewed time is kept beside it.
+    let j = sb.journal();
+    let log: Vec<serde_json::Value> = serde_json::from_str(&sb.ok(&["--json", "shadow", "log", "--journal", j.to_str().unwrap(), "--path", "projects"])).unwrap();
+    let del = log.iter().find(|e| e["change"].as_str().unwrap().starts_with("delete")).unwrap();
+    let skew = (del["received_ns"].as_i64().unwrap() - del["primary_time_ns"].as_i64().unwrap()) / 1_000_000_000;
+    assert!((7190..7210).contains(&skew), "{del}");
+    // Three days later (the standby's clock moved on; changes keep coming): still restorable.
+    sb.server.set_env(vec![("KURA_SHADOW_CLOCK_OFFSET".into(), (3 * DAY).to_string())]);
+    sb.server.restart();
+    std::fs::write(src.join("monday.txt"), b"three days later").unwrap();
+    push(&sb);
+    std::thread::sleep(Duration::from_millis(500));
+    let back = work.path().join("back");
+    sb.ok(&["shadow", "restore", "--journal", j.to_str().unwrap(), "--at", &moment, "--path", "projects", "--target", back.to_str().unwrap()]);
+    assert_same_tree(&before.join("projects"), &back.join("projects"));
+    assert_eq!(sb.status()["base_seq"], 0, "nothing is older than the 7-day window yet");
+    // Eight days later the moment is out of the window: refused with the oldest one there is.
+    sb.server.set_env(vec![("KURA_SHADOW_CLOCK_OFFSET".into(), (8 * DAY).to_string())]);
+    sb.server.restart();
+    std::fs::write(src.join("next-week.txt"), b"eight days later").unwrap();
+    push(&sb);
+    status_until(&sb, "pruned to the window", |st| st["base_seq"].as_u64().unwrap() > 0);
+    let o = sb.run(&["shadow", "restore", "--journal", j.to_str().unwrap(), "--at", &moment, "--target", work.path().join("late").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("older than the journal's window"), "{}", stderr(&o));
+    converge(&sb, &src, "after eight days");
 }
