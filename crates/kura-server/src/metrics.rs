@@ -98,36 +98,33 @@ impl Metrics {
 /// The shadow streams' figures: the same as `kura shadow status`.
 fn shadow(reg: &mut Registry, streams: &HashMap<String, Arc<kura_shadow::Stream>>) {
     let now = kura_shadow::now_ns();
-    let age = |ns: i64| if ns > 0 { (now.saturating_sub(ns)) as f64 / 1e9 } else { f64::NAN };
-    let ints: [(&str, &str, fn(&kura_shadow::StreamStatus) -> i64); 9] = [
-        ("kura_shadow_epoch", "The stream's failover epoch", |s| s.epoch as i64),
-        ("kura_shadow_primary", "1 once the standby was promoted (its mirror is the primary copy)", |s| i64::from(s.role == "primary")),
-        ("kura_shadow_head_record", "Newest record in the journal", |s| s.head as i64),
-        ("kura_shadow_applied_record", "Newest record applied to the mirror", |s| s.applied as i64),
-        ("kura_shadow_lag_records", "Records received and not yet applied to the mirror", |s| s.head.saturating_sub(s.applied) as i64),
-        ("kura_shadow_held", "1 while the breaker holds a mass deletion", |s| i64::from(s.held.is_some())),
-        ("kura_shadow_journal_bytes", "Bytes of journal segments and packs", |s| s.journal_bytes as i64),
-        ("kura_shadow_records", "Records kept in the window", |s| s.records as i64),
-        ("kura_shadow_branches", "Branches kept from fenced primaries", |s| s.branches.len() as i64),
-    ];
-    let floats: [(&str, &str, Box<dyn Fn(&kura_shadow::StreamStatus) -> f64>); 3] = [
-        ("kura_shadow_lag_seconds", "Seconds the oldest record not yet applied has waited (0 when none)", Box::new(|s| s.lag_secs)),
-        ("kura_shadow_last_contact_age_seconds", "Seconds since the primary last pushed or sent its heartbeat", Box::new(move |s| age(s.last_contact_ns))),
-        ("kura_shadow_window_age_seconds", "Age of the oldest moment the journal can restore", Box::new(move |s| age(s.oldest_time_ns))),
-    ];
-    let status: Vec<(String, kura_shadow::StreamStatus)> = streams.iter().map(|(n, s)| (n.clone(), s.status(false))).collect();
-    for (name, help, f) in ints {
-        let fam = Family::<Labels, Gauge>::default();
-        for (n, st) in &status {
-            fam.get_or_create(&vec![("stream".to_string(), n.clone())]).set(f(st));
+    let age = |ns: i64| if ns > 0 { now.saturating_sub(ns) as f64 / 1e9 } else { f64::NAN };
+    let figures = |s: &kura_shadow::StreamStatus| -> Vec<(&'static str, &'static str, f64)> {
+        vec![
+            ("kura_shadow_epoch", "The stream's failover epoch", s.epoch as f64),
+            ("kura_shadow_primary", "1 once the standby was promoted (its mirror is the primary copy)", f64::from(u8::from(s.role == "primary"))),
+            ("kura_shadow_head_record", "Newest record in the journal", s.head as f64),
+            ("kura_shadow_applied_record", "Newest record applied to the mirror", s.applied as f64),
+            ("kura_shadow_lag_records", "Records received and not yet applied to the mirror", s.head.saturating_sub(s.applied) as f64),
+            ("kura_shadow_lag_seconds", "Seconds the oldest record not yet applied has waited (0 when none)", s.lag_secs),
+            ("kura_shadow_last_contact_age_seconds", "Seconds since the primary last pushed or sent its heartbeat", age(s.last_contact_ns)),
+            ("kura_shadow_held", "1 while the breaker holds a mass deletion", f64::from(u8::from(s.held.is_some()))),
+            ("kura_shadow_journal_bytes", "Bytes of journal segments and packs", s.journal_bytes as f64),
+            ("kura_shadow_records", "Records kept in the window", s.records as f64),
+            ("kura_shadow_window_age_seconds", "Age of the oldest moment the journal can restore", age(s.oldest_time_ns)),
+            ("kura_shadow_branches", "Branches kept from fenced primaries", s.branches.len() as f64),
+        ]
+    };
+    let mut families: Vec<(&'static str, &'static str, Family<Labels, FloatGauge>)> = Vec::new();
+    for (name, s) in streams {
+        for (i, (metric, help, v)) in figures(&s.status(false)).into_iter().enumerate() {
+            if families.len() <= i {
+                families.push((metric, help, Family::default()));
+            }
+            families[i].2.get_or_create(&vec![("stream".to_string(), name.clone())]).set(v);
         }
-        reg.register(name, help, fam);
     }
-    for (name, help, f) in floats {
-        let fam = Family::<Labels, FloatGauge>::default();
-        for (n, st) in &status {
-            fam.get_or_create(&vec![("stream".to_string(), n.clone())]).set(f(st));
-        }
-        reg.register(name, help, fam);
+    for (metric, help, fam) in families {
+        reg.register(metric, help, fam);
     }
 }

@@ -688,7 +688,7 @@ fn storm(src: PathBuf, seed: u64, stop: std::sync::Arc<std::sync::atomic::Atomic
                 _ => std::io::Write::write_all(&mut log, &bytes(100 + r.below(3000) as usize, r.next())),
             };
             n += 1;
-            if n % 20 == 0 {
+            if n.is_multiple_of(20) {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
