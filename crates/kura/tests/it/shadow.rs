@@ -924,3 +924,39 @@ fn three_days_later_the_deleted_directory_comes_back_though_the_primary_s_clock_
     assert!(stderr(&o).contains("older than the journal's window"), "{}", stderr(&o));
     converge(&sb, &src, "after eight days");
 }
+
+#[test]
+fn a_burst_of_100k_small_files_arrives_whole() {
+    let sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut push = sb.pusher(&src, &work.path().join("push.log"));
+    status_until(&sb, "the pusher's first contact", |st| st["last_contact_ns"].as_i64().unwrap() > 0);
+    // Far more events than inotify queues (16,384 by default): the overflow makes a rescan.
+    for d in 0..100 {
+        let dir = src.join(format!("mail{d:03}"));
+        std::fs::create_dir(&dir).unwrap();
+        for i in 0..1000 {
+            std::fs::write(dir.join(format!("m{i:04}")), format!("message {d}/{i}\n")).unwrap();
+        }
+    }
+    // Settled: everything received is applied, and nothing new arrives for two seconds.
+    let t = Instant::now();
+    let mut last = (0, Instant::now());
+    loop {
+        let st = sb.status();
+        let (head, applied) = (st["head"].as_u64().unwrap(), st["applied"].as_u64().unwrap());
+        if head != last.0 {
+            last = (head, Instant::now());
+        } else if head == applied && head > 100_000 && last.1.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "never settled: {st}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    kill9(&mut push);
+    assert_same_tree(&src, &sb.mirror());
+    let st = sb.status();
+    assert!(st["held"].is_null(), "{st}");
+}
