@@ -28,5 +28,13 @@ fi
   --rate 1000 --duration "$KURA_DURATION" --grace 10 --tail 10 >"$OUT/kura.out" 2>"$OUT/kura.log"
 tail -1 "$OUT/kura.out" >"$OUT/kura.jsonl"
 rm -rf "$W/lsyncd-load$KURA_DURATION/src" "$W/lsyncd-load$KURA_DURATION/dst"
+# The same load with new files up to 1 MiB (BIG_DURATION=0 skips it).
+BIG_DURATION=${BIG_DURATION:-30}
+if [ "$BIG_DURATION" != 0 ]; then
+  KURA_MAX_FILE=1048576 "$W/venv/bin/python" "$HERE/shadow_kura.py" "$W/shadow-peers-harness.py" "$KURA" fs-case --work "$W" --label "big$BIG_DURATION" \
+    --rate 1000 --duration "$BIG_DURATION" --grace 30 --tail 30 >"$OUT/kura-big.out" 2>"$OUT/kura-big.log"
+  tail -1 "$OUT/kura-big.out" >>"$OUT/kura.jsonl"
+  rm -rf "$W/lsyncd-big$BIG_DURATION"
+fi
 python3 "$HERE/summarize_shadow.py" "$OUT"/lsyncd/results.jsonl "$OUT/kura.jsonl" | tee "$OUT/summary.txt"
 echo "results: $OUT"

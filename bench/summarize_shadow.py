@@ -18,7 +18,7 @@ def cpu(r):
     return r.get('lsyncd_own_cpu_s_load', 0), r.get('rsync_cpu_s_load', 0), r.get('lsyncd_rsync_cpu_s_load', 0)
 
 
-print('| case | changes | lag p50 / p90 / p99 / max ms | p50/p99 per 10 s window | not arrived | mismatches | partial copies seen | CPU s primary / standby (cores over the load) | journal MB |')
+print('| case | changes | lag p50 / p90 / p99 / max ms | p50/p99 per 10 s window | not arrived | mismatches | partial copies seen | CPU s primary / standby (cores over the load) | journal MB (per changed byte) |')
 print('|---|---|---|---|---|---|---|---|---|')
 for r in rows:
     l = r['lag_ms']
@@ -28,4 +28,4 @@ for r in rows:
     print('| %s | %d | %.1f / %.1f / %.1f / %.1f | %s | %d | %d | %d | %.1f / %.1f (%.2f) | %s |' % (
         r['case'], r['changes'], l['p50'], l['p90'], l['p99'], l['max'], r['lag_p50_p99_ms_by_10s'],
         r['not_arrived_tail'], r['final_mismatches'], r['partial_copies_seen'], p, s, both / dur,
-        '%.0f' % (jb / 1e6) if jb else '-'))
+        '%.0f (%s)' % (jb / 1e6, r.get('journal_per_changed_byte', '-')) if jb else '-'))
