@@ -80,6 +80,27 @@ impl Manifest {
         out
     }
 
+    /// The entries at and below `paths` and their ancestors: enough for the records naming
+    /// those paths to change it as they change the whole tree (counts included).
+    pub fn subset<'a>(&self, paths: impl Iterator<Item = &'a [u8]>) -> Manifest {
+        let mut m = Manifest::default();
+        let mut done = std::collections::HashSet::new();
+        for p in paths {
+            if !done.insert(p) {
+                continue;
+            }
+            let subtree = self.entries.range(below(p)).map(|(k, _)| k.as_slice());
+            for k in path::ancestors(p).chain([p]).chain(subtree) {
+                if !m.entries.contains_key(k)
+                    && let Some(n) = self.entries.get(k)
+                {
+                    m.ins(k.to_vec(), n.clone());
+                }
+            }
+        }
+        m
+    }
+
     /// Forgets the file at `p` (only a file), so the next comparison reads it again.
     pub fn forget_file(&mut self, p: &[u8]) {
         if self.entries.get(p).is_some_and(|n| n.kind == NodeKind::File) {
@@ -268,6 +289,38 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// Changes applied to the subset of the tree they touch change its totals as they
+        /// change the whole tree's (the breaker weighs bursts that way).
+        #[test]
+        fn a_subset_changes_as_the_whole_tree_does(
+            setup in proptest::collection::vec((0u8..2, 0usize..8, 1u64..100), 0..20),
+            ops in proptest::collection::vec((0u8..4, 0usize..8, 0usize..8, 1u64..100), 0..20),
+        ) {
+            let names = ["a", "a/b", "a/b/c", "a/d", "b", "b/a", "c", "c/x/y"];
+            let make = |kind: u8, x: usize, y: usize, size: u64| match kind {
+                0 => put(names[x], Node { size, ..file(size as u8) }),
+                1 => put(names[x], implicit_dir()),
+                2 => Op::Delete { path: names[x].as_bytes().to_vec() },
+                _ => Op::Rename { from: names[x].as_bytes().to_vec(), to: names[y].as_bytes().to_vec() },
+            };
+            let mut whole = Manifest::default();
+            for (k, x, size) in setup {
+                whole.apply(&make(k, x, 0, size));
+            }
+            let ops: Vec<Op> = ops.into_iter().map(|(k, x, y, size)| make(k, x, y, size)).collect();
+            let mut part = whole.subset(ops.iter().flat_map(|op| match op {
+                Op::Put { path, .. } | Op::Delete { path } => vec![path.as_slice()],
+                Op::Rename { from, to } => vec![from.as_slice(), to.as_slice()],
+            }));
+            let (before_whole, before_part) = (whole.totals(), part.totals());
+            for op in &ops {
+                whole.apply(op);
+                part.apply(op);
+            }
+            let after = (before_whole.0 + part.totals().0 - before_part.0, before_whole.1 + part.totals().1 - before_part.1);
+            prop_assert_eq!(after, whole.totals());
         }
 
         #[test]

@@ -770,17 +770,25 @@ impl Stream {
             if let Some(first) = batch.iter().find(|(seq, _, op)| *seq > release_upto.max(discard_upto) && destroys(&tree, op) != (0, 0)) {
                 // The mirror's files and bytes once the whole burst is applied, and the files
                 // it would cut to less than half.
+                // Worked out on the part of the tree the burst touches (a copy of the whole
+                // tree per run cost a core on a large mirror).
                 let (after, truncated) = {
                     let inner = self.lock_inner();
                     let e = inner.journal.entries();
                     let start = e.partition_point(|e| e.seq < first.0);
-                    let mut m = tree.clone();
+                    let ops = &e[start..];
+                    let mut m = tree.subset(ops.iter().flat_map(|e| match &e.op {
+                        Op::Put { path, .. } | Op::Delete { path } => [Some(path.as_slice()), None],
+                        Op::Rename { from, to } => [Some(from.as_slice()), Some(to.as_slice())],
+                    }).flatten());
+                    let before = m.totals();
                     let mut truncated = 0u64;
-                    for e in &e[start..] {
+                    for e in ops {
                         truncated += truncates(&m, &e.op);
                         m.apply(&e.op);
                     }
-                    (m.totals(), truncated)
+                    let (now, later) = (tree.totals(), m.totals());
+                    (((now.0 + later.0).saturating_sub(before.0), (now.1 + later.1).saturating_sub(before.1)), truncated)
                 };
                 if let Some(reason) = window.trips(&self.breaker, &tree, first.1, after, truncated) {
                     hold_at = Some((first.0, reason));
@@ -1020,6 +1028,9 @@ fn load_branches(dir: &Path, id_key: [u8; 32]) -> Result<std::collections::BTree
     };
     for e in rd {
         let e = e.map_err(|e| ShadowError::io(dir, e))?;
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let name = e.file_name().to_string_lossy().into_owned();
         let journal = Journal::open(&e.path(), id_key, false)?;
         out.insert(name, Branch { journal, sealed: e.path().join("sealed").exists() });

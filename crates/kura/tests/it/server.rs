@@ -50,12 +50,17 @@ impl Server {
 
     /// Starts a server under `wrapper` (a command that ends by running its arguments).
     pub fn start_wrapped(extra: &str, env: Vec<(String, String)>, wrapper: Vec<String>) -> Server {
+        Self::start_at("127.0.0.1:0", extra, env, wrapper)
+    }
+
+    /// The same, listening on `listen` (an address of a test host's network namespace).
+    pub fn start_at(listen: &str, extra: &str, env: Vec<(String, String)>, wrapper: Vec<String>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("server.toml");
         let mut s = Server {
             config,
             extra: extra.to_string(),
-            addr: "127.0.0.1:0".into(),
+            addr: listen.into(),
             fingerprint: String::new(),
             admin: String::new(),
             backup: String::new(),
