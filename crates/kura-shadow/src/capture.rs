@@ -16,6 +16,14 @@ use std::path::{Path, PathBuf};
 /// zstd level of chunks on the wire and in the journal.
 const ZSTD_LEVEL: i32 = 1;
 
+/// Pending chunk bytes at which a full scan hands its changes over to be sent.
+pub const FLUSH_DATA: usize = 8 << 20;
+/// Pending changes at which it does.
+pub const FLUSH_RECORDS: usize = 4096;
+
+/// Where a full scan hands its changes (the push session's sender).
+pub type Sink<'a> = dyn FnMut(&mut Pending) -> Result<(), ShadowError> + 'a;
+
 /// Changes found and not yet sent.
 #[derive(Default)]
 pub struct Pending {
@@ -75,15 +83,22 @@ impl Capture {
 
     /// Compares the whole tree.
     pub fn full_scan(&mut self, out: &mut Pending) -> Result<(), ShadowError> {
+        self.full_scan_with(out, &mut |_| Ok(()))
+    }
+
+    /// Compares the whole tree, handing `out` to `sink` whenever it holds [`FLUSH_DATA`] bytes
+    /// of chunks or [`FLUSH_RECORDS`] changes, so a large first sync is sent (and applied on the
+    /// standby) while the rest is still being read, and never held whole in memory.
+    pub fn full_scan_with(&mut self, out: &mut Pending, sink: &mut Sink<'_>) -> Result<(), ShadowError> {
         if let Err(e) = fs::symlink_metadata(&self.root) {
             return Err(ShadowError::io(&self.root, e));
         }
-        self.scan_children(b"", out)
+        self.scan_children(b"", out, sink)
     }
 
     /// Compares the entries of directory `rel` (the root when empty) with the state, deeply,
     /// and deletes what is gone.
-    fn scan_children(&mut self, rel: &[u8], out: &mut Pending) -> Result<(), ShadowError> {
+    fn scan_children(&mut self, rel: &[u8], out: &mut Pending, sink: &mut Sink<'_>) -> Result<(), ShadowError> {
         let dir = if rel.is_empty() { self.root.clone() } else { path::join(&self.root, rel) };
         let mut names: Vec<Vec<u8>> = match fs::read_dir(&dir) {
             Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().as_bytes().to_vec()).collect(),
@@ -106,7 +121,10 @@ impl Capture {
             self.push(Op::Delete { path: g }, out);
         }
         for n in names {
-            self.scan_path(&child(&n), true, out)?;
+            self.scan_path_into(&child(&n), true, out, sink)?;
+            if out.data.len() >= FLUSH_DATA || out.ops.len() >= FLUSH_RECORDS {
+                sink(out)?;
+            }
         }
         Ok(())
     }
@@ -114,6 +132,10 @@ impl Capture {
     /// Compares one path with the state; a directory's contents too when `deep` or when the
     /// standby does not have it as a directory yet.
     pub fn scan_path(&mut self, rel: &[u8], deep: bool, out: &mut Pending) -> Result<(), ShadowError> {
+        self.scan_path_into(rel, deep, out, &mut |_| Ok(()))
+    }
+
+    fn scan_path_into(&mut self, rel: &[u8], deep: bool, out: &mut Pending, sink: &mut Sink<'_>) -> Result<(), ShadowError> {
         let p = path::join(&self.root, rel);
         let m = match fs::symlink_metadata(&p) {
             Ok(m) => m,
@@ -157,7 +179,7 @@ impl Capture {
                     self.push(Op::Put { path: rel.to_vec(), node }, out);
                 }
                 if deep || !was_dir {
-                    self.scan_children(rel, out)?;
+                    self.scan_children(rel, out, sink)?;
                 }
             }
             NodeKind::Symlink => {

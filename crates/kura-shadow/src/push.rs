@@ -16,9 +16,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Batches are sent once this much chunk data is pending, without waiting for more events.
-const BATCH_DATA: usize = 8 << 20;
+const BATCH_DATA: usize = crate::capture::FLUSH_DATA;
 /// Records per batch at most.
-const BATCH_RECORDS: usize = 4096;
+const BATCH_RECORDS: usize = crate::capture::FLUSH_RECORDS;
 /// A burst of events ends after this long without one...
 const QUIET: Duration = Duration::from_millis(2);
 /// ...or this long after its first.
@@ -314,6 +314,11 @@ impl Link {
 /// One connected session: the capture state, the next sequence number and the epoch.
 pub(crate) struct Session {
     pub(crate) cap: Capture,
+    pub(crate) out: Outbox,
+}
+
+/// The sending half of a session: the next sequence number and the epoch.
+pub(crate) struct Outbox {
     pub(crate) next: u64,
     pub(crate) epoch: u64,
 }
@@ -337,9 +342,23 @@ impl Session {
             None => st.epoch,
         };
         let manifest = link.manifest()?;
-        Ok(Session { cap: Capture::new(source, manifest, key, st.chunker_seed), next: st.head + 1, epoch })
+        Ok(Session { cap: Capture::new(source, manifest, key, st.chunker_seed), out: Outbox { next: st.head + 1, epoch } })
     }
 
+    /// Compares the whole tree and sends the differences, in batches as the scan finds them.
+    pub(crate) fn full_sync(&mut self, link: &dyn Target, sent: &mut Sent) -> Result<(), ShadowError> {
+        let mut p = Pending::default();
+        let out = &mut self.out;
+        self.cap.full_scan_with(&mut p, &mut |p| out.flush(link, p, sent))?;
+        self.out.flush(link, &mut p, sent)
+    }
+
+    pub(crate) fn flush(&mut self, link: &dyn Target, p: &mut Pending, sent: &mut Sent) -> Result<(), ShadowError> {
+        self.out.flush(link, p, sent)
+    }
+}
+
+impl Outbox {
     /// Sends pending changes in batches of at most [`BATCH_DATA`] bytes of chunks (more only
     /// for a single chunk) and [`BATCH_RECORDS`] records; a record's chunks travel in its batch
     /// or an earlier one (a large new file's chunks go ahead in batches of their own).
@@ -348,7 +367,7 @@ impl Session {
         let (ops, marks, chunks, data) = (std::mem::take(&mut p.ops), std::mem::take(&mut p.marks), std::mem::take(&mut p.chunks), std::mem::take(&mut p.data));
         let new = |epoch| BatchMeta { version: BATCH_VERSION, epoch, records: Vec::new(), chunks: Vec::new() };
         let (mut batch, mut size, mut ci, mut from) = (new(self.epoch), 0usize, 0usize, 0usize);
-        let mut send = |s: &mut Session, batch: &mut BatchMeta, size: &mut usize, from: &mut usize| -> Result<(), ShadowError> {
+        let mut send = |s: &mut Outbox, batch: &mut BatchMeta, size: &mut usize, from: &mut usize| -> Result<(), ShadowError> {
             for (i, r) in batch.records.iter_mut().enumerate() {
                 r.seq = s.next + i as u64;
             }
@@ -388,10 +407,8 @@ impl Session {
 /// Syncs the tree once: connects, compares everything, sends the differences.
 pub fn sync_once(link: &dyn Target, source: &Path, state_dir: Option<&Path>) -> Result<Sent, ShadowError> {
     let mut s = Session::start(link, source, state_dir)?;
-    let mut p = Pending::default();
-    s.cap.full_scan(&mut p)?;
-    let mut sent = Sent { head: s.next - 1, ..Sent::default() };
-    s.flush(link, &mut p, &mut sent)?;
+    let mut sent = Sent { head: s.out.next - 1, ..Sent::default() };
+    s.full_sync(link, &mut sent)?;
     Ok(sent)
 }
 
@@ -441,9 +458,8 @@ fn session(
     let mut s = Session::start(link, source, state_dir)?;
     // Events from before this comparison are covered by it.
     while rx.try_recv().is_ok() {}
+    s.full_sync(link, total)?;
     let mut p = Pending::default();
-    s.cap.full_scan(&mut p)?;
-    s.flush(link, &mut p, total)?;
     tracing::info!(head = total.head, "shadow push: in sync with the standby");
     let mut last_scan = Instant::now();
     let mut last_contact = Instant::now();
@@ -454,10 +470,10 @@ fn session(
     while !stop() {
         if last_contact.elapsed() >= HEARTBEAT {
             let st = link.status()?;
-            if st.epoch != s.epoch || (state_dir.is_some() && st.role == "primary") {
+            if st.epoch != s.out.epoch || (state_dir.is_some() && st.role == "primary") {
                 return Err(ShadowError::Fenced(format!(
                     "stream {} was promoted on the standby (epoch {}, this host pushes at {}): this host is fenced; `kura shadow rejoin` brings it back",
-                    st.stream, st.epoch, s.epoch
+                    st.stream, st.epoch, s.out.epoch
                 )));
             }
             last_contact = Instant::now();
@@ -555,7 +571,8 @@ fn session(
             s.cap.scan_path(&d, false, &mut p)?;
         }
         if rescan {
-            s.cap.full_scan(&mut p)?;
+            s.flush(link, &mut p, total)?;
+            s.full_sync(link, total)?;
             last_scan = Instant::now();
         }
         if !p.is_empty() {

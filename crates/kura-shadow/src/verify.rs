@@ -47,15 +47,13 @@ pub fn verify_primary(link: &Link, source: &Path, state_dir: &Path, repair: bool
     let theirs = s.cap.state().clone();
     let mine = hash_tree(source, crate::push::id_key(&st)?, st.chunker_seed, &theirs)?;
     let drift = mine.differences(&theirs);
-    let mut v = Verified::new(mine.len().max(theirs.len()), &drift, s.next - 1);
-    let mut sent = Sent { head: s.next - 1, ..Sent::default() };
+    let mut v = Verified::new(mine.len().max(theirs.len()), &drift, s.out.next - 1);
+    let mut sent = Sent { head: s.out.next - 1, ..Sent::default() };
     if repair && !drift.is_empty() {
         for p in &drift {
             s.cap.forget_file(p);
         }
-        let mut p = Pending::default();
-        s.cap.full_scan(&mut p)?;
-        s.flush(link, &mut p, &mut sent)?;
+        s.full_sync(link, &mut sent)?;
         v.repaired = true;
     }
     Ok((v, sent))
