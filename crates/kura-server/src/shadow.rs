@@ -109,11 +109,18 @@ pub async fn promote(State(state): Shared, ConnectInfo(peer): ConnectInfo<Socket
     if tok.role != Role::Admin {
         return err(StatusCode::FORBIDDEN, "only an admin token promotes a stream").into_response();
     }
-    match tokio::task::spawn_blocking(move || s.promote(Duration::from_secs(300))).await {
-        Ok(Ok((epoch, seq, caught_up))) => axum::Json(serde_json::json!({ "epoch": epoch, "promoted_seq": seq, "caught_up": caught_up })).into_response(),
-        Ok(Err(e @ (kura_shadow::PromoteError::AlreadyPrimary(..) | kura_shadow::PromoteError::Held(..)))) => err(StatusCode::CONFLICT, e.to_string()).into_response(),
+    let r = tokio::task::spawn_blocking(move || s.promote(Duration::from_secs(300)).map(|(epoch, seq, caught_up)| serde_json::json!({ "epoch": epoch, "promoted_seq": seq, "caught_up": caught_up }))).await;
+    answer(&stream, "promotion", r, |e| !matches!(e, kura_shadow::PromoteError::Store(_)))
+}
+
+/// The JSON answer of a blocking operation; `conflict` tells the refusals (409) from failures
+/// (500, logged).
+fn answer<T: serde::Serialize, E: std::fmt::Display>(stream: &str, what: &str, r: Result<Result<T, E>, tokio::task::JoinError>, conflict: impl Fn(&E) -> bool) -> Response {
+    match r {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(e)) if conflict(&e) => err(StatusCode::CONFLICT, e.to_string()).into_response(),
         Ok(Err(e)) => {
-            tracing::error!(stream = %stream, "promotion failed: {e}");
+            tracing::error!(stream = %stream, "{what} failed: {e}");
             err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
         }
         Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
@@ -137,15 +144,8 @@ pub async fn verify(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketA
     if !may_push(&tok) {
         return err(StatusCode::FORBIDDEN, "only a shadow or admin token of the stream verifies its mirror").into_response();
     }
-    match tokio::task::spawn_blocking(move || s.verify_mirror(q.repair)).await {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(e @ kura_shadow::ShadowError::Usage(_))) => err(StatusCode::CONFLICT, e.to_string()).into_response(),
-        Ok(Err(e)) => {
-            tracing::error!(stream = %stream, "verification failed: {e}");
-            err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
-        }
-        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
-    }
+    let r = tokio::task::spawn_blocking(move || s.verify_mirror(q.repair)).await;
+    answer(&stream, "verification", r, |e| matches!(e, kura_shadow::ShadowError::Usage(_)))
 }
 
 /// Query of a branch append.
@@ -165,16 +165,9 @@ pub async fn append_branch(
     Query(q): Query<BranchQuery>,
     body: Body,
 ) -> Response {
-    let (tok, s) = match open(&state, &headers, peer, &stream) {
+    let (s, body) = match batch(&state, &headers, peer, &stream, body).await {
         Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
-    if !may_push(&tok) {
-        return err(StatusCode::FORBIDDEN, format!("a {} token cannot push to a stream", tok.role.name())).into_response();
-    }
-    let body = match axum::body::to_bytes(body, kura_shadow::record::MAX_BATCH).await {
-        Ok(b) => b,
-        Err(e) => return err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response(),
+        Err(r) => return r,
     };
     match tokio::task::spawn_blocking(move || s.append_branch(&name, &body, q.last)).await {
         Ok(r) => appended(&stream, r),
@@ -182,18 +175,21 @@ pub async fn append_branch(
     }
 }
 
+/// The stream and the batch of a push, once the token may push to it.
+async fn batch(state: &AppState, headers: &HeaderMap, peer: SocketAddr, stream: &str, body: Body) -> Result<(Arc<Stream>, axum::body::Bytes), Response> {
+    let (tok, s) = open(state, headers, peer, stream).map_err(|e| e.into_response())?;
+    if !may_push(&tok) {
+        return Err(err(StatusCode::FORBIDDEN, format!("a {} token cannot push to a stream", tok.role.name())).into_response());
+    }
+    let body = axum::body::to_bytes(body, kura_shadow::record::MAX_BATCH).await.map_err(|e| err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response())?;
+    Ok((s, body))
+}
+
 /// `POST /v1/shadow/{stream}/append`: a batch; answers `{"head": N}` once it is durable.
 pub async fn append(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>, body: Body) -> Response {
-    let (tok, s) = match open(&state, &headers, peer, &stream) {
+    let (s, body) = match batch(&state, &headers, peer, &stream, body).await {
         Ok(x) => x,
-        Err(e) => return e.into_response(),
-    };
-    if !may_push(&tok) {
-        return err(StatusCode::FORBIDDEN, format!("a {} token cannot push to a stream", tok.role.name())).into_response();
-    }
-    let body = match axum::body::to_bytes(body, kura_shadow::record::MAX_BATCH).await {
-        Ok(b) => b,
-        Err(e) => return err(StatusCode::PAYLOAD_TOO_LARGE, format!("batch not read: {e}")).into_response(),
+        Err(r) => return r,
     };
     s.touch();
     match tokio::task::spawn_blocking(move || s.append(&body)).await {

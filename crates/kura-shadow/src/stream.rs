@@ -371,23 +371,7 @@ impl Stream {
         if meta.records.is_empty() && meta.chunks.is_empty() {
             return Ok(expected - 1);
         }
-        let in_batch: std::collections::HashSet<Id> = meta.chunks.iter().map(|c| c.id).collect();
-        let mut missing: Vec<Id> = meta
-            .records
-            .iter()
-            .filter_map(|r| match &r.op {
-                Op::Put { node, .. } if node.kind == NodeKind::File => Some(node.content.iter()),
-                _ => None,
-            })
-            .flatten()
-            .filter(|id| !in_batch.contains(id) && !inner.journal.has_chunk(id))
-            .copied()
-            .collect();
-        if !missing.is_empty() {
-            missing.sort();
-            missing.dedup();
-            return Err(AppendError::Missing(missing));
-        }
+        all_chunks_held(&meta, |id| inner.journal.has_chunk(id))?;
         inner.journal.append(body, &meta, data_off)?;
         for r in &meta.records {
             inner.head.apply(&r.op);
@@ -471,23 +455,7 @@ impl Stream {
         {
             return Err(AppendError::OutOfOrder { expected, got: first.seq });
         }
-        let in_batch: std::collections::HashSet<Id> = meta.chunks.iter().map(|c| c.id).collect();
-        let mut missing: Vec<Id> = meta
-            .records
-            .iter()
-            .filter_map(|r| match &r.op {
-                Op::Put { node, .. } if node.kind == NodeKind::File => Some(node.content.iter()),
-                _ => None,
-            })
-            .flatten()
-            .filter(|id| !in_batch.contains(id) && !b.journal.has_chunk(id) && !inner.journal.has_chunk(id))
-            .copied()
-            .collect();
-        if !missing.is_empty() {
-            missing.sort();
-            missing.dedup();
-            return Err(AppendError::Missing(missing));
-        }
+        all_chunks_held(&meta, |id| b.journal.has_chunk(id) || inner.journal.has_chunk(id))?;
         if !meta.records.is_empty() || !meta.chunks.is_empty() {
             b.journal.append(body, &meta, data_off)?;
         }
@@ -1016,6 +984,28 @@ impl BurstWindow {
         }
         None
     }
+}
+
+/// Checks that every file of the batch names chunks it carries or `held` says are held.
+fn all_chunks_held(meta: &BatchMeta, held: impl Fn(&Id) -> bool) -> Result<(), AppendError> {
+    let in_batch: std::collections::HashSet<Id> = meta.chunks.iter().map(|c| c.id).collect();
+    let mut missing: Vec<Id> = meta
+        .records
+        .iter()
+        .filter_map(|r| match &r.op {
+            Op::Put { node, .. } if node.kind == NodeKind::File => Some(node.content.iter()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|id| !in_batch.contains(id) && !held(id))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.sort();
+    missing.dedup();
+    Err(AppendError::Missing(missing))
 }
 
 /// Opens every branch under `dir` (none when it does not exist).

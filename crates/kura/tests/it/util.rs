@@ -85,45 +85,41 @@ pub struct Meta {
     target: Option<PathBuf>,
 }
 
-/// Everything below `root` that a restore must reproduce.
-pub fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Meta> {
+
+/// Whether two trees are the same (as [`assert_same_tree`] checks), false also while one is
+/// changing under the walk (an entry that vanished between listing and reading).
+pub fn same_tree(a: &Path, b: &Path) -> bool {
+    matches!((try_snapshot_tree(a), try_snapshot_tree(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+fn try_snapshot_tree(root: &Path) -> std::io::Result<BTreeMap<PathBuf, Meta>> {
     let mut out = BTreeMap::new();
-    for e in walk(root) {
-        let m = std::fs::symlink_metadata(&e).unwrap();
-        let ft = m.file_type();
-        let kind = if ft.is_dir() { "dir" } else if ft.is_symlink() { "link" } else if ft.is_fifo() { "fifo" } else { "file" };
-        out.insert(
-            e.strip_prefix(root).unwrap().to_path_buf(),
-            Meta {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            let m = std::fs::symlink_metadata(&p)?;
+            let ft = m.file_type();
+            if ft.is_dir() {
+                stack.push(p.clone());
+            }
+            let kind = if ft.is_dir() { "dir" } else if ft.is_symlink() { "link" } else if ft.is_fifo() { "fifo" } else { "file" };
+            let meta = Meta {
                 kind,
                 mode: if ft.is_symlink() { 0 } else { m.mode() & 0o7777 },
                 mtime: if ft.is_dir() { 0 } else { m.mtime() },
-                content: ft.is_file().then(|| blake3::hash(&std::fs::read(&e).unwrap())),
-                target: ft.is_symlink().then(|| std::fs::read_link(&e).unwrap()),
-            },
-        );
-    }
-    out
-}
-
-fn walk(root: &Path) -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
-                stack.push(p.clone());
-            }
-            v.push(p);
+                content: if ft.is_file() { Some(blake3::hash(&std::fs::read(&p)?)) } else { None },
+                target: if ft.is_symlink() { Some(std::fs::read_link(&p)?) } else { None },
+            };
+            out.insert(p.strip_prefix(root).map_err(std::io::Error::other)?.to_path_buf(), meta);
         }
     }
-    v
+    Ok(out)
 }
 
-/// Whether two trees are the same (as [`assert_same_tree`] checks, without panicking).
-pub fn same_tree(a: &Path, b: &Path) -> bool {
-    snapshot_tree(a) == snapshot_tree(b)
+/// Everything below `root` that a restore must reproduce.
+pub fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Meta> {
+    try_snapshot_tree(root).unwrap_or_else(|e| panic!("reading {}: {e}", root.display()))
 }
 
 pub fn assert_same_tree(a: &Path, b: &Path) {
