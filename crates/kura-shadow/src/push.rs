@@ -143,7 +143,7 @@ pub struct Sent {
 
 /// Where a primary's changes go: a standby over the network ([`Link`]), or a promoted
 /// stream recording its own mirror in the same process.
-pub trait Target {
+pub trait Target: Sync {
     /// The stream's status (with the chunk key).
     fn status(&self) -> Result<StreamStatus, ShadowError>;
     /// The stream's tree as of its newest record.
@@ -346,11 +346,33 @@ impl Session {
     }
 
     /// Compares the whole tree and sends the differences, in batches as the scan finds them.
+    /// A sender thread takes each batch while the scan goes on: the standby checks and stores
+    /// one batch while the next is read and compressed (one after the other, a first sync took
+    /// the sum of both sides' time).
     pub(crate) fn full_sync(&mut self, link: &dyn Target, sent: &mut Sent) -> Result<(), ShadowError> {
-        let mut p = Pending::default();
-        let out = &mut self.out;
-        self.cap.full_scan_with(&mut p, &mut |p| out.flush(link, p, sent))?;
-        self.out.flush(link, &mut p, sent)
+        let (cap, out) = (&mut self.cap, &mut self.out);
+        std::thread::scope(|sc| {
+            // One batch in flight and one waiting: enough to keep both sides busy.
+            let (tx, rx) = mpsc::sync_channel::<Pending>(1);
+            let sender = std::thread::Builder::new()
+                .name("kura-push-send".into())
+                .spawn_scoped(sc, move || -> Result<(), ShadowError> {
+                    for mut p in rx {
+                        out.flush(link, &mut p, sent)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| ShadowError::Remote(format!("cannot start the sending thread: {e}")))?;
+            let stopped = || ShadowError::Remote("the sending thread stopped".into());
+            let mut p = Pending::default();
+            let scanned = cap
+                .full_scan_with(&mut p, &mut |p| tx.send(std::mem::take(p)).map_err(|_| stopped()))
+                .and_then(|()| tx.send(p).map_err(|_| stopped()));
+            drop(tx);
+            // The sender's error says why the scan stopped: it goes first.
+            sender.join().unwrap_or_else(|_| Err(ShadowError::Remote("the sending thread panicked".into())))?;
+            scanned
+        })
     }
 
     pub(crate) fn flush(&mut self, link: &dyn Target, p: &mut Pending, sent: &mut Sent) -> Result<(), ShadowError> {

@@ -196,6 +196,8 @@ pub struct Stream {
     discard_upto: AtomicU64,
     /// Records never applied to the mirror (kept in `<dir>/discarded`).
     discarded: Mutex<std::collections::BTreeSet<u64>>,
+    /// Chunks just received, for the applier.
+    fresh: Mutex<Fresh>,
 }
 
 /// The lock file a backup of the mirror holds shared (`kura backup --shadow-stream`).
@@ -212,10 +214,55 @@ pub struct StreamOptions {
     pub window: Duration,
 }
 
+/// Plain bytes the applier may keep of chunks just received.
+const FRESH_BYTES: usize = 64 << 20;
+
+/// Chunks just received, plain and checked against their ids, kept for the applier: a mirror
+/// that keeps up then writes them without reading, decompressing and hashing each one again
+/// from the journal (that was a fifth of a standby's CPU in a first sync). The oldest go first.
+#[derive(Default)]
+struct Fresh {
+    map: std::collections::HashMap<Id, Vec<u8>>,
+    order: std::collections::VecDeque<Id>,
+    bytes: usize,
+}
+
+impl Fresh {
+    fn put(&mut self, id: Id, plain: Vec<u8>) {
+        if plain.len() > FRESH_BYTES / 4 || self.map.contains_key(&id) {
+            return;
+        }
+        while self.bytes + plain.len() > FRESH_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(v) = self.map.remove(&old) {
+                self.bytes -= v.len();
+            }
+        }
+        // Ids taken by the applier stay in `order` until they come up: dropped in bulk now
+        // and then, so the queue stays about as long as the map.
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order.retain(|i| map.contains_key(i));
+        }
+        self.bytes += plain.len();
+        self.order.push_back(id);
+        self.map.insert(id, plain);
+    }
+
+    fn take(&mut self, id: &Id) -> Option<Vec<u8>> {
+        let v = self.map.remove(id)?;
+        self.bytes -= v.len();
+        Some(v)
+    }
+}
+
 struct JournalChunks<'a>(&'a Stream);
 
 impl Chunks for JournalChunks<'_> {
     fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
+        if let Some(plain) = self.0.fresh.lock().ok().and_then(|mut f| f.take(id)) {
+            return Ok(plain);
+        }
         let h = self.0.lock_inner().journal.chunk(id);
         h.ok_or_else(|| ShadowError::Corrupt { what: format!("stream {}", self.0.name), detail: format!("chunk {} is not in the journal", id.short()) })?
             .read(&self.0.id_key)
@@ -284,6 +331,7 @@ impl Stream {
             release_upto: AtomicU64::new(0),
             discard_upto: AtomicU64::new(0),
             discarded: Mutex::new(discarded.clone()),
+            fresh: Mutex::new(Fresh::default()),
         });
         // A promoted mirror is the live copy: users write to it, nothing is reconciled away.
         if !s.primary.load(Ordering::SeqCst) {
@@ -343,11 +391,17 @@ impl Stream {
         }
         let (meta, data_off) = BatchMeta::decode(body).map_err(AppendError::Malformed)?;
         let key = self.id_key;
-        // Chunks are checked against their ids before the lock: the costly part.
+        // Chunks are checked against their ids before the lock: the costly part. The applier
+        // gets them as they are (not when it applies only later, or not at all).
+        let keep = !own && self.apply_delay.is_zero();
+        let mut plains = Vec::new();
         let mut off = data_off;
         for c in &meta.chunks {
             let stored = &body[off..off + c.zlen as usize];
-            open_chunk(&key, c, stored).map_err(AppendError::Malformed)?;
+            let plain = open_chunk(&key, c, stored).map_err(AppendError::Malformed)?;
+            if keep {
+                plains.push((c.id, plain));
+            }
             off += c.zlen as usize;
         }
         if let Some(e) = self.sync_failed.lock().ok().and_then(|f| f.clone()) {
@@ -375,6 +429,11 @@ impl Stream {
         inner.journal.append(body, &meta, data_off)?;
         for r in &meta.records {
             inner.head.apply(&r.op);
+        }
+        if let Ok(mut f) = self.fresh.lock() {
+            for (id, plain) in plains {
+                f.put(id, plain);
+            }
         }
         let head = inner.journal.head();
         if self.primary.load(Ordering::SeqCst) && self.applied.load(Ordering::SeqCst) >= self.promoted_seq.load(Ordering::SeqCst) {
@@ -1114,5 +1173,30 @@ mod tests {
         assert!(t.as_deref().is_some_and(|r| r.contains("19 of 90")), "{t:?}");
         assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: file(400) }), 1);
         assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: file(600) }), 0);
+    }
+
+    #[test]
+    fn fresh_chunks_stay_within_their_bound_and_go_oldest_first() {
+        let mut f = Fresh::default();
+        let chunk = FRESH_BYTES / 8;
+        for i in 0..20u8 {
+            f.put(Id([i; 32]), vec![i; chunk]);
+            assert!(f.bytes <= FRESH_BYTES && f.bytes == f.map.values().map(Vec::len).sum::<usize>());
+        }
+        assert_eq!(f.map.len(), 8);
+        assert!(f.take(&Id([11; 32])).is_none(), "an old chunk was kept over a newer one");
+        assert_eq!(f.take(&Id([19; 32])), Some(vec![19; chunk]));
+        assert!(f.take(&Id([19; 32])).is_none(), "taken twice");
+        // Too large to keep: the applier reads it from the journal.
+        f.put(Id([99; 32]), vec![0; FRESH_BYTES / 2]);
+        assert!(f.take(&Id([99; 32])).is_none());
+        // Taken ids do not pile up in the queue.
+        for i in 0..100_000u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            f.put(Id(id), vec![1]);
+            f.take(&Id(id));
+        }
+        assert!(f.order.len() < 2 * f.map.len() + 1100, "{}", f.order.len());
     }
 }
