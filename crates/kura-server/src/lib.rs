@@ -124,6 +124,8 @@ pub fn router(state: Arc<api::AppState>) -> Router {
         .route("/v1/shadow/{stream}/release", axum::routing::post(shadow::release))
         .route("/v1/shadow/{stream}/discard", axum::routing::post(shadow::discard))
         .route("/v1/shadow/{stream}/promote", axum::routing::post(shadow::promote))
+        .route("/v1/shadow/{stream}/demote", axum::routing::post(shadow::demote))
+        .route("/v1/shadow/{stream}/records", get(shadow::records))
         .route("/v1/shadow/{stream}/verify", axum::routing::post(shadow::verify))
         .route("/v1/shadow/{stream}/chunk/{id}", get(shadow::chunk))
         .route("/v1/shadow/{stream}/branch/{name}/append", axum::routing::post(shadow::append_branch))

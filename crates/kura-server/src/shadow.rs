@@ -1,7 +1,7 @@
 //! The standby's side of shadowing inside `kura serve`: a primary's `shadow` token appends
 //! batches to its stream's journal; nothing it can send removes or rewrites a record.
 //! Endpoints (`docs/FORMAT.md` §15): status, manifest, append, wait, release, discard,
-//! promote, chunk, branch append.
+//! promote, demote, chunk, records, branch append.
 
 use crate::api::{AppState, ApiError, err};
 use crate::tokens::{Role, TokenEntry};
@@ -111,6 +111,48 @@ pub async fn promote(State(state): Shared, ConnectInfo(peer): ConnectInfo<Socket
     }
     let r = tokio::task::spawn_blocking(move || s.promote(Duration::from_secs(300)).map(|(epoch, seq, caught_up)| serde_json::json!({ "epoch": epoch, "promoted_seq": seq, "caught_up": caught_up }))).await;
     answer(&stream, "promotion", r, |e| !matches!(e, kura_shadow::PromoteError::Store(_)))
+}
+
+/// `POST /v1/shadow/{stream}/demote` (admin): a promoted stream is handed back (the failback):
+/// its mirror's last changes are recorded, the epoch goes up, the mirror follows the journal
+/// again and the host that followed it pushes.
+pub async fn demote(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if tok.role != Role::Admin {
+        return err(StatusCode::FORBIDDEN, "only an admin token hands a stream back").into_response();
+    }
+    let r = tokio::task::spawn_blocking(move || s.demote().map(|(epoch, seq)| serde_json::json!({ "epoch": epoch, "demoted_seq": seq }))).await;
+    answer(&stream, "demotion", r, |e| !matches!(e, kura_shadow::PromoteError::Store(_)))
+}
+
+/// Query of `records`.
+#[derive(serde::Deserialize)]
+pub struct RecordsQuery {
+    after: u64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `GET /v1/shadow/{stream}/records?after=N&timeout_ms=M`: the durable records after N
+/// (postcard `Records`), waiting at most M ms (≤ 60 s) for one; 410 when N was pruned. What a
+/// former primary following its promoted standby applies.
+pub async fn records(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>, Query(q): Query<RecordsQuery>) -> Response {
+    let (tok, s) = match open(&state, &headers, peer, &stream) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if !may_push(&tok) {
+        return err(StatusCode::FORBIDDEN, "only a shadow token of the stream reads its records").into_response();
+    }
+    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(25_000).min(60_000));
+    match tokio::task::spawn_blocking(move || s.records_after(q.after, timeout)).await {
+        Ok(Ok(r)) => r.encode().into_response(),
+        Ok(Err(base)) => err(StatusCode::GONE, format!("record {} was pruned from the journal (it starts after {base})", q.after + 1)).into_response(),
+        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
+    }
 }
 
 /// The JSON answer of a blocking operation; `conflict` tells the refusals (409) from failures

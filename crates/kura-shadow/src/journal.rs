@@ -793,6 +793,10 @@ pub struct StreamFile {
     /// The newest record of the old epoch (the state the mirror was promoted at).
     #[serde(default)]
     pub promoted_seq: u64,
+    /// The newest record of the epoch a promoted stream was handed back at (`kura shadow
+    /// demote`; 0 when never): a follower that applied it may push at the new epoch.
+    #[serde(default)]
+    pub demoted_seq: u64,
 }
 
 impl StreamFile {
@@ -810,7 +814,7 @@ impl StreamFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 let mut s = [0u8; 32];
                 getrandom::fill(&mut s).map_err(|e| ShadowError::io(&p, std::io::Error::other(e.to_string())))?;
-                let f = StreamFile { version: 1, secret: hex::encode(s), epoch: 1, mirror: None, primary: false, promoted_seq: 0 };
+                let f = StreamFile { version: 1, secret: hex::encode(s), epoch: 1, mirror: None, primary: false, promoted_seq: 0, demoted_seq: 0 };
                 f.save(dir)?;
                 Ok(f)
             }

@@ -62,6 +62,9 @@ pub struct PushState {
     /// This host rejoined as a copy of the promoted primary: it does not push.
     #[serde(default)]
     pub rejoined: bool,
+    /// The primary's newest record this copy holds (`kura shadow rejoin --follow`).
+    #[serde(default)]
+    pub followed: u64,
 }
 
 impl PushState {
@@ -105,9 +108,21 @@ pub fn checked_epoch(st: &StreamStatus, state_dir: &Path) -> Result<u64, ShadowE
     let p = PushState::path(state_dir, &st.id_key);
     match PushState::load(&p)? {
         None => {
-            PushState { version: 1, stream: st.stream.clone(), epoch: st.epoch, rejoined: false }.save(&p)?;
+            PushState { version: 1, stream: st.stream.clone(), epoch: st.epoch, rejoined: false, followed: 0 }.save(&p)?;
             Ok(st.epoch)
         }
+        // Handed back (`kura shadow demote`) to this copy, which holds the last record of the
+        // promoted epoch: it pushes at the new one.
+        Some(mut mine) if mine.rejoined && handed_back(st, &mine) && mine.followed >= st.demoted_seq => {
+            mine.epoch = st.epoch;
+            mine.rejoined = false;
+            mine.save(&p)?;
+            Ok(st.epoch)
+        }
+        Some(mine) if mine.rejoined && handed_back(st, &mine) => Err(ShadowError::Fenced(format!(
+            "stream {} was handed back at record {} but this copy holds only up to record {}: `kura shadow rejoin --source DIR --to URL` catches up, then it pushes",
+            st.stream, st.demoted_seq, mine.followed
+        ))),
         Some(mine) if mine.rejoined && mine.epoch == st.epoch => Err(ShadowError::Fenced(format!(
             "this host rejoined stream {} as a copy of its new primary (epoch {}): it does not push while that primary does ({} records it)",
             st.stream,
@@ -128,6 +143,12 @@ pub fn checked_epoch(st: &StreamStatus, state_dir: &Path) -> Result<u64, ShadowE
         ))),
         Some(mine) => Ok(mine.epoch),
     }
+}
+
+/// Whether the stream was handed back (demoted) after `mine` followed it, with nobody pushing
+/// at the new epoch yet.
+pub(crate) fn handed_back(st: &StreamStatus, mine: &PushState) -> bool {
+    st.role == "standby" && st.demoted_seq > 0 && st.epoch > mine.epoch && st.head == st.demoted_seq
 }
 
 /// What a sync sent.
@@ -278,6 +299,28 @@ impl Link {
         }
         let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))?;
         Ok((v["epoch"].as_u64().unwrap_or(0), v["promoted_seq"].as_u64().unwrap_or(0), v["caught_up"].as_bool().unwrap_or(false)))
+    }
+
+    /// Hands a promoted stream back (admin token): returns (epoch, last record of the old one).
+    pub fn demote(&self) -> Result<(u64, u64), ShadowError> {
+        let (s, b) = self.send(self.client.post(format!("{}/demote", self.base)).timeout(Duration::from_secs(600)))?;
+        if s != 200 {
+            return Err(self.refusal(s, &b));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base)))?;
+        Ok((v["epoch"].as_u64().unwrap_or(0), v["demoted_seq"].as_u64().unwrap_or(0)))
+    }
+
+    /// The durable records after `after`, waiting at most `wait` for one; `None` when `after`
+    /// was pruned from the standby's journal.
+    pub fn records(&self, after: u64, wait: Duration) -> Result<Option<crate::record::Records>, ShadowError> {
+        let url = format!("{}/records?after={after}&timeout_ms={}", self.base, wait.as_millis());
+        let (s, b) = self.send(self.client.get(url).timeout(wait + Duration::from_secs(30)))?;
+        match s {
+            200 => crate::record::Records::decode(&b, after).map(Some).map_err(|e| ShadowError::Remote(format!("{}: {e}", self.base))),
+            410 => Ok(None),
+            _ => Err(self.refusal(s, &b)),
+        }
     }
 
     /// Appends a batch; returns the new head.

@@ -3,7 +3,7 @@
 
 use crate::apply::{self, Chunks};
 use crate::journal::{Journal, StreamFile};
-use crate::record::{BatchMeta, Op, open_chunk};
+use crate::record::{BatchMeta, MAX_RECORDS, Op, RECORDS_VERSION, Record, Records, open_chunk};
 use crate::{Manifest, ShadowError};
 use kura_repo::{Id, NodeKind};
 use std::path::{Path, PathBuf};
@@ -66,6 +66,9 @@ pub struct StreamStatus {
     /// The newest record of the epoch before the promotion (0 when never promoted).
     #[serde(default)]
     pub promoted_seq: u64,
+    /// The newest record of the epoch a promoted stream was handed back at (0 when never).
+    #[serde(default)]
+    pub demoted_seq: u64,
     /// Branches kept from fenced primaries that rejoined.
     #[serde(default)]
     pub branches: Vec<BranchInfo>,
@@ -150,7 +153,13 @@ pub enum PromoteError {
     /// The breaker holds changes: an operator decides first.
     #[error("stream {0} holds a mass deletion (record {1}): release or discard it before promoting")]
     Held(String, u64),
-    /// stream.json could not be written.
+    /// Only a promoted stream is handed back.
+    #[error("stream {0} is a standby (epoch {1}): only a promoted stream is handed back")]
+    NotPrimary(String, u64),
+    /// A promotion is still applying what was received before it.
+    #[error("stream {0} is still applying the records received before its promotion: try again once `kura shadow status` shows it caught up")]
+    Busy(String),
+    /// stream.json could not be written, or the mirror's last changes could not be recorded.
     #[error(transparent)]
     Store(#[from] ShadowError),
 }
@@ -174,6 +183,13 @@ pub struct Stream {
     /// Last push or heartbeat from a primary (ns).
     last_contact: std::sync::atomic::AtomicI64,
     promoted_seq: AtomicU64,
+    demoted_seq: AtomicU64,
+    /// Set while a promoted stream is handed back: its recorder stops.
+    demoting: AtomicBool,
+    /// The thread recording a promoted mirror (taken and joined by a demotion).
+    recorder: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// One promotion or demotion at a time.
+    switching: Mutex<()>,
     inner: Mutex<Inner>,
     applied: AtomicU64,
     /// Newest record synced to disk (an append is answered once written; a syncer thread makes
@@ -316,6 +332,10 @@ impl Stream {
             last_contact: std::sync::atomic::AtomicI64::new(0),
             apply_lock: std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(APPLY_LOCK)).map_err(|e| ShadowError::io(dir.join(APPLY_LOCK), e))?,
             promoted_seq: AtomicU64::new(file.promoted_seq),
+            demoted_seq: AtomicU64::new(file.demoted_seq),
+            demoting: AtomicBool::new(false),
+            recorder: Mutex::new(None),
+            switching: Mutex::new(()),
             file: Mutex::new(file),
             inner: Mutex::new(Inner { journal, head, branches }),
             applied: AtomicU64::new(applied),
@@ -343,11 +363,7 @@ impl Stream {
         }
         s.durable.store(s.lock_inner().journal.head(), Ordering::SeqCst);
         // The applier; a promoted stream's records its own mirror once the applier is done.
-        let me = s.clone();
-        std::thread::Builder::new()
-            .name(format!("kura-apply-{name}"))
-            .spawn(move || me.apply_loop())
-            .map_err(|e| ShadowError::io(mirror, e))?;
+        s.spawn_applier()?;
         let me = s.clone();
         std::thread::Builder::new()
             .name(format!("kura-sync-{name}"))
@@ -361,6 +377,11 @@ impl Stream {
                 .map_err(|e| ShadowError::io(mirror, e))?;
         }
         Ok(s)
+    }
+
+    fn spawn_applier(self: &Arc<Self>) -> Result<(), ShadowError> {
+        let me = self.clone();
+        std::thread::Builder::new().name(format!("kura-apply-{}", self.name)).spawn(move || me.apply_loop()).map(drop).map_err(|e| ShadowError::io(&self.mirror, e))
     }
 
     fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -451,6 +472,7 @@ impl Stream {
     /// once, without the apply delay); then the applier stops and the mirror is the live copy.
     /// Waits at most `timeout` for the mirror to catch up; returns the record it was promoted at.
     pub fn promote(&self, timeout: Duration) -> Result<(u64, u64, bool), PromoteError> {
+        let _one = self.switching.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = self.held.lock().ok().and_then(|h| h.clone()) {
             return Err(PromoteError::Held(self.name.clone(), h.seq));
         }
@@ -537,18 +559,107 @@ impl Stream {
         let me = self.clone();
         let spawned = std::thread::Builder::new().name(format!("kura-record-{}", self.name)).spawn(move || {
             let target = Own(me.clone());
-            while !me.stop.load(Ordering::SeqCst) {
-                match crate::push::follow(&target, &me.mirror, Duration::from_secs(600), None, &|| me.stop.load(Ordering::SeqCst)) {
+            let done = || me.stop.load(Ordering::SeqCst) || me.demoting.load(Ordering::SeqCst);
+            while !done() {
+                match crate::push::follow(&target, &me.mirror, Duration::from_secs(600), None, &done) {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::error!(stream = %me.name, "cannot record the promoted mirror {}: {e}; retrying", me.mirror.display());
-                        std::thread::sleep(Duration::from_secs(5));
+                        for _ in 0..50 {
+                            if done() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
                     }
                 }
             }
         });
-        if let Err(e) = spawned {
-            tracing::error!(stream = %self.name, "cannot start recording the promoted mirror: {e}");
+        match spawned {
+            Ok(h) => *self.recorder.lock().unwrap_or_else(|p| p.into_inner()) = Some(h),
+            Err(e) => tracing::error!(stream = %self.name, "cannot start recording the promoted mirror: {e}"),
+        }
+    }
+
+    /// Hands a promoted stream back (`kura shadow demote`, the failback): the mirror's last
+    /// changes are recorded, the epoch goes up and the stream is a standby again, its mirror
+    /// following the journal. A host that followed the stream to its last record (`kura shadow
+    /// rejoin --follow`) pushes at the new epoch; a pusher of an older epoch stays fenced.
+    /// Returns the new epoch and the last record of the old one.
+    pub fn demote(self: &Arc<Self>) -> Result<(u64, u64), PromoteError> {
+        let _one = self.switching.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.primary.load(Ordering::SeqCst) {
+            return Err(PromoteError::NotPrimary(self.name.clone(), self.epoch.load(Ordering::SeqCst)));
+        }
+        let Some(recorder) = self.recorder.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Err(PromoteError::Busy(self.name.clone()));
+        };
+        self.demoting.store(true, Ordering::SeqCst);
+        let _ = recorder.join();
+        // What users wrote last, after the recorder's final round.
+        if let Err(e) = crate::push::sync_once(&Own(self.clone()), &self.mirror, None) {
+            self.demoting.store(false, Ordering::SeqCst);
+            self.record_mirror();
+            return Err(e.into());
+        }
+        let (epoch, seq) = {
+            let inner = self.lock_inner();
+            let head = inner.journal.head();
+            // `applied` first: a standby restarted between the two files reconciles its mirror
+            // to the head, never back to the promotion.
+            let tmp = self.dir.join(".applied.tmp");
+            std::fs::write(&tmp, head.to_string()).and_then(|_| std::fs::rename(&tmp, self.dir.join("applied"))).map_err(|e| ShadowError::io(self.dir.join("applied"), e))?;
+            self.applied.store(head, Ordering::SeqCst);
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = f.clone();
+            next.epoch += 1;
+            next.primary = false;
+            next.demoted_seq = head;
+            next.save(&self.dir)?;
+            *f = next;
+            self.demoted_seq.store(head, Ordering::SeqCst);
+            self.epoch.store(f.epoch, Ordering::SeqCst);
+            self.primary.store(false, Ordering::SeqCst);
+            (f.epoch, head)
+        };
+        self.demoting.store(false, Ordering::SeqCst);
+        tracing::warn!(stream = %self.name, epoch, record = seq, "handed back: the mirror follows the journal again; the host that follows the stream pushes at the new epoch");
+        self.spawn_applier()?;
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+        Ok((epoch, seq))
+    }
+
+    /// The durable records after `after` (at most [`MAX_RECORDS`]), waiting at most `timeout`
+    /// for one to come: what a host following a promoted stream applies. `Err(base)` when
+    /// `after` was pruned from the journal (the follower resyncs from a tree).
+    pub fn records_after(&self, after: u64, timeout: Duration) -> Result<Records, u64> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let durable = self.durable.load(Ordering::SeqCst);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            {
+                let inner = self.lock_inner();
+                let base = inner.journal.base().seq;
+                if after < base {
+                    return Err(base);
+                }
+                if durable > after || left.is_zero() || after > inner.journal.head() {
+                    let e = inner.journal.entries();
+                    let start = e.partition_point(|e| e.seq <= after);
+                    let records: Vec<Record> = e[start..].iter().take_while(|e| e.seq <= durable).take(MAX_RECORDS).map(|e| Record { seq: e.seq, at_ns: e.at_ns, op: e.op.clone() }).collect();
+                    return Ok(Records {
+                        version: RECORDS_VERSION,
+                        epoch: self.epoch.load(Ordering::SeqCst),
+                        primary: self.primary.load(Ordering::SeqCst),
+                        demoted_seq: self.demoted_seq.load(Ordering::SeqCst),
+                        head: inner.journal.head(),
+                        records,
+                    });
+                }
+            }
+            g = self.changed.wait_timeout(g, left.min(Duration::from_millis(200))).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -614,6 +725,7 @@ impl Stream {
             epoch: self.epoch.load(Ordering::SeqCst),
             role: if self.primary.load(Ordering::SeqCst) { "primary" } else { "standby" }.into(),
             promoted_seq: self.promoted_seq.load(Ordering::SeqCst),
+            demoted_seq: self.demoted_seq.load(Ordering::SeqCst),
             branches: inner
                 .branches
                 .iter()

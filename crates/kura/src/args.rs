@@ -172,9 +172,21 @@ pub enum ShadowCommand {
         /// The branch's name (default: this host's name and the time).
         #[arg(long)]
         branch: Option<String>,
+        /// Then stay a live copy: apply each change the new primary records, until the stream is
+        /// handed back to this host (`kura shadow demote`) and it pushes again.
+        #[arg(long)]
+        follow: bool,
         /// As for push.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+    },
+    /// Hand a promoted stream back (admin token; the failback): the mirror's last changes are
+    /// recorded, the epoch goes up, the standby's mirror follows the journal again, and the
+    /// host that follows the stream (`kura shadow rejoin --follow`) takes over pushing.
+    Demote {
+        /// The promoted stream: kura://HOST:PORT/STREAM.
+        #[arg(long)]
+        to: String,
     },
     /// A stream's role, epoch, lag and journal window.
     Status {

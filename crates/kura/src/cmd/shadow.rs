@@ -116,6 +116,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                         epoch: f.epoch,
                         role: if f.primary { "primary" } else { "standby" }.into(),
                         promoted_seq: f.promoted_seq,
+                        demoted_seq: f.demoted_seq,
                         head: j.head(),
                         applied,
                         durable: j.head(),
@@ -130,24 +131,30 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 }
                 (None, None) => anyhow::bail!("give --to or --journal"),
             };
-            let fenced = mine.as_ref().is_some_and(|m| m.epoch < st.epoch);
+            let back = mine.as_ref().is_some_and(|m| m.rejoined && m.epoch < st.epoch && st.role == "standby" && st.demoted_seq > 0);
+            let fenced = !back && mine.as_ref().is_some_and(|m| m.epoch < st.epoch);
             if cli.json {
                 let mut v = serde_json::to_value(&st)?;
                 if let Some(m) = &mine {
-                    v["this_host"] = serde_json::json!({"epoch": m.epoch, "fenced": fenced, "rejoined": m.rejoined});
+                    v["this_host"] = serde_json::json!({"epoch": m.epoch, "fenced": fenced, "rejoined": m.rejoined, "followed": m.followed, "handed_back": back});
                 }
                 println!("{v}");
             } else {
                 println!("stream        {}", st.stream);
-                let since = if st.promoted_seq > 0 { format!(", promoted after record {}", st.promoted_seq) } else { String::new() };
+                let mut since = if st.promoted_seq > 0 { format!(", promoted after record {}", st.promoted_seq) } else { String::new() };
+                if st.demoted_seq > 0 {
+                    since += &format!(", handed back after record {}", st.demoted_seq);
+                }
                 println!("role          {} (epoch {}{since})", st.role, st.epoch);
                 if let Some(m) = &mine {
-                    let what = if fenced {
-                        "FENCED: the standby was promoted; `kura shadow rejoin` brings this host back"
+                    let what = if back {
+                        format!("HANDED BACK: holds record {} of {}; `kura shadow push` takes over (after `kura shadow rejoin` when behind)", m.followed, st.demoted_seq)
+                    } else if fenced {
+                        "FENCED: the standby was promoted; `kura shadow rejoin` brings this host back".into()
                     } else if m.rejoined {
-                        "a copy of the primary (rejoined)"
+                        format!("a copy of the primary (rejoined), holds record {}", m.followed)
                     } else {
-                        "pushes to it"
+                        "pushes to it".into()
                     };
                     println!("this host     epoch {}: {what}", m.epoch);
                 }
@@ -247,18 +254,17 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Rejoin { source, to, branch, state_dir: sd } => {
+        ShadowCommand::Rejoin { source, to, branch, follow, state_dir: sd } => {
             let meta = std::fs::metadata(source).with_context(|| format!("source {}", source.display()))?;
             anyhow::ensure!(meta.is_dir(), "source {} is not a directory", source.display());
             let source = std::fs::canonicalize(source).with_context(|| format!("source {}", source.display()))?;
             let (l, ..) = link(cli, to)?;
             let name = branch.clone().unwrap_or_else(kura_shadow::rejoin::default_branch_name);
-            let r = kura_shadow::rejoin::rejoin(&l, &source, &state_dir(sd)?, &name)?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else if !cli.quiet {
+            let sd = state_dir(sd)?;
+            let r = kura_shadow::rejoin::rejoin(&l, &source, &sd, &name)?;
+            if !cli.quiet && !cli.json {
                 match &r.branch {
-                    Some(b) => eprintln!("kura: {} entries differed from the promoted tree: kept on the standby as branch {b} ({} bytes sent; kura shadow restore --branch {b} brings them back)", r.diverged, r.branch_bytes),
+                    Some(b) => eprintln!("kura: {} entries differed from the primary's tree: kept on the standby as branch {b} ({} bytes sent; kura shadow restore --branch {b} brings them back)", r.diverged, r.branch_bytes),
                     None => eprintln!("kura: nothing this host wrote was missing on the new primary"),
                 }
                 eprintln!(
@@ -269,6 +275,34 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                     r.written,
                     r.removed,
                     r.fetched_bytes
+                );
+            }
+            let mut followed = None;
+            if *follow && !r.handed_back {
+                kura_server::init_logging(false);
+                followed = Some(kura_shadow::rejoin::follow(&l, &source, &sd, &|| false)?);
+            }
+            let handed_back = r.handed_back.then_some(r.epoch).or(followed.as_ref().and_then(|f| f.handed_back));
+            if cli.json {
+                println!("{}", serde_json::json!({"rejoined": r, "followed": followed, "handed_back": handed_back}));
+            } else if !cli.quiet {
+                if let Some(f) = &followed {
+                    eprintln!("kura: followed the primary for {} records ({} bytes fetched), holding record {}", f.records, f.fetched_bytes, f.head);
+                }
+                if let Some(e) = handed_back {
+                    eprintln!("kura: the stream was handed back to this host at epoch {e}: {} is the primary copy again; start `kura shadow push` for it", source.display());
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        ShadowCommand::Demote { to } => {
+            let (l, ..) = link(cli, to)?;
+            let (epoch, seq) = l.demote()?;
+            if cli.json {
+                println!("{}", serde_json::json!({"epoch": epoch, "demoted_seq": seq}));
+            } else if !cli.quiet {
+                eprintln!(
+                    "kura: handed back at epoch {epoch} after record {seq}: the mirror follows the journal again; the host following the stream (kura shadow rejoin --follow) stops there and pushes with `kura shadow push`"
                 );
             }
             Ok(Outcome::Ok)

@@ -533,7 +533,9 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
 
     // Rejoin: what A wrote is kept as a branch; A becomes a copy of B, fetching only what differs.
     let out = sb.ok(&["--json", "shadow", "rejoin", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--branch", "a-after-failover"]);
-    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["followed"].is_null() && v["handed_back"].is_null(), "{v}");
+    let r = &v["rejoined"];
     assert_eq!(r["branch"], "a-after-failover", "{r}");
     assert!(r["diverged"].as_u64().unwrap() >= 3, "{r}");
     let fetched = r["fetched_bytes"].as_u64().unwrap();
@@ -569,6 +571,102 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
     assert_eq!(std::fs::read(sb.mirror().join("on-b.txt")).unwrap(), b"written on B after the failover");
     std::fs::write(sb.mirror().join("after-restart.txt"), b"still recorded").unwrap();
     status_until(&sb, "recording after a restart", |st| st["head"].as_u64().unwrap() > head_b && st["role"] == "primary");
+}
+
+/// Waits until `a` and `b` hold the same tree.
+fn until_same(a: &Path, b: &Path, what: &str) {
+    let t = Instant::now();
+    while !same_tree(a, b) {
+        if t.elapsed() > Duration::from_secs(30) {
+            assert_same_tree(a, b);
+            panic!("{what}: the trees did not converge");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn failback_a_rejoined_copy_follows_the_promoted_standby_live_and_takes_the_stream_back() {
+    let sb = Standby::start();
+    let admin = sb.token("admin");
+    let work = tempfile::tempdir().unwrap();
+    let src = sample_tree(work.path(), 11, 400_000, 30);
+    let sent: serde_json::Value = serde_json::from_str(&sb.ok(&["--json", "shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"])).unwrap();
+    sb.ok(&["shadow", "wait", &sent["head"].to_string(), "--to", &sb.url()]);
+    let o = sb.kura(&admin, &["shadow", "promote", "--to", &sb.url()]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Only a promoted stream is handed back, and only by an admin.
+    let o = sb.run(&["shadow", "demote", "--to", &sb.url()]);
+    assert_eq!(o.status.code(), Some(13), "{}", stderr(&o));
+
+    // A rejoins and stays a live copy of B.
+    let follower = |log: &str| -> Child {
+        let log = std::fs::File::create(work.path().join(log)).unwrap();
+        sb.kura(&sb.token, &["--json", "shadow", "rejoin", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--follow"])
+            .env("KURA_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut a = follower("follow1.log");
+    std::fs::write(sb.mirror().join("on-b.txt"), bytes(70_000, 21)).unwrap();
+    std::fs::create_dir_all(sb.mirror().join("newdir/deep")).unwrap();
+    std::fs::write(sb.mirror().join("newdir/deep/f"), b"deep").unwrap();
+    until_same(&sb.mirror(), &src, "B's writes reach the following copy");
+    // A copy does not push beside its primary.
+    let o = sb.run(&["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    assert_eq!(o.status.code(), Some(15), "{}", stderr(&o));
+    assert!(stderr(&o).contains("rejoined"), "{}", stderr(&o));
+    let st: serde_json::Value = serde_json::from_str(&sb.ok(&["--json", "shadow", "status", "--to", &sb.url()])).unwrap();
+    assert_eq!(st["this_host"]["rejoined"], true, "{st}");
+
+    // The follower is killed; B goes on; a restarted follower takes up where it was, and what
+    // it held is not mistaken for A's own writes (no branch).
+    kill9(&mut a);
+    std::fs::rename(sb.mirror().join("newdir"), sb.mirror().join("moved")).unwrap();
+    std::fs::write(sb.mirror().join("on-b.txt"), bytes(90_000, 22)).unwrap();
+    let mut a = follower("follow2.log");
+    until_same(&sb.mirror(), &src, "after the follower's restart");
+
+    // Failback: B's last write is recorded by the demotion itself; the follower applies up to
+    // it and stops, handing A the stream.
+    std::fs::write(sb.mirror().join("last-on-b.txt"), b"the last write on B").unwrap();
+    let o = sb.kura(&admin, &["--json", "shadow", "demote", "--to", &sb.url()]).output().unwrap();
+    no_panic(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["epoch"].as_u64(), Some(3), "{d}");
+    let t = Instant::now();
+    while a.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(60), "the follower did not stop at the hand-back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = a.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", std::fs::read_to_string(work.path().join("follow2.log")).unwrap());
+    let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(f["handed_back"].as_u64(), Some(3), "{f}");
+    assert_eq!(f["rejoined"]["diverged"].as_u64(), Some(0), "{f}");
+    assert_eq!(f["followed"]["head"], d["demoted_seq"], "{f}");
+    assert_same_tree(&sb.mirror(), &src);
+    assert_eq!(std::fs::read(src.join("last-on-b.txt")).unwrap(), b"the last write on B");
+    let st = sb.status();
+    assert_eq!((st["role"].as_str(), st["epoch"].as_u64(), st["demoted_seq"].as_u64()), (Some("standby"), Some(3), d["demoted_seq"].as_u64()), "{st}");
+    assert!(st["branches"].as_array().unwrap().is_empty(), "{st}");
+    let o = sb.kura(&admin, &["shadow", "demote", "--to", &sb.url()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(14), "{}", stderr(&o));
+    assert!(stderr(&o).contains("only a promoted stream"), "{}", stderr(&o));
+
+    // A is the primary again: its pushes at epoch 3 reach B's mirror.
+    let mut live = sb.pusher(&src, &work.path().join("push.log"));
+    std::fs::write(src.join("on-a-again.txt"), bytes(5000, 23)).unwrap();
+    std::fs::remove_file(src.join("on-b.txt")).unwrap();
+    converge(&sb, &src, "A pushes again after the failback");
+    kill9(&mut live);
+    // One history across both switches.
+    let now = work.path().join("now");
+    sb.ok(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--target", now.to_str().unwrap()]);
+    assert_same_tree(&src, &now);
 }
 
 #[test]
