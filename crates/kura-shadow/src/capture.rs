@@ -13,9 +13,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// zstd level of chunks on the wire and in the journal.
-const ZSTD_LEVEL: i32 = 1;
-
 /// Pending chunk bytes at which a full scan hands its changes over to be sent.
 pub const FLUSH_DATA: usize = 8 << 20;
 /// Pending changes at which it does.
@@ -33,11 +30,30 @@ pub struct Pending {
     pub marks: Vec<usize>,
     /// The chunks they need that the standby lacks.
     pub chunks: Vec<ChunkMeta>,
-    /// Those chunks' compressed bytes, concatenated.
+    /// Those chunks' bytes, concatenated: plain until [`Pending::pack`] compresses them (in a
+    /// first sync on a thread of its own, between the scan and the sender).
     pub data: Vec<u8>,
+    /// Whether `data` is packed.
+    pub packed: bool,
 }
 
 impl Pending {
+    /// Compresses the chunks (each stored plain when that is not smaller), once.
+    pub fn pack(&mut self, packer: &mut crate::record::Packer) {
+        if self.packed {
+            return;
+        }
+        let mut data = Vec::with_capacity(self.data.len() / 2);
+        let mut off = 0;
+        for c in self.chunks.iter_mut() {
+            let n = c.raw_len as usize;
+            c.zlen = packer.pack(&self.data[off..off + n], &mut data);
+            off += n;
+        }
+        self.data = data;
+        self.packed = true;
+    }
+
     /// Whether nothing is pending.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -54,8 +70,6 @@ pub struct Capture {
     /// The standby's tree once everything pending is applied.
     state: Manifest,
     buf: Vec<u8>,
-    /// One compression context for every chunk (making one per chunk is costly).
-    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 /// Whether two nodes describe the same entry (content aside).
@@ -67,7 +81,7 @@ impl Capture {
     /// Starts from the standby's tree `state`.
     pub fn new(root: &Path, state: Manifest, id_key: [u8; 32], chunker_seed: u64) -> Capture {
         let known = state.chunk_ids().copied().collect();
-        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new(), zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok() }
+        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new() }
     }
 
     /// The tree the standby will have.
@@ -250,14 +264,9 @@ impl Capture {
             if !self.known.insert(id) {
                 continue;
             }
-            let z = match self.zstd.as_mut() {
-                Some(c) => c.compress(&plain),
-                None => zstd::bulk::compress(&plain, ZSTD_LEVEL),
-            };
-            // A context that failed (out of memory) is not trusted twice.
-            let z = z.or_else(|_| zstd::bulk::compress(&plain, ZSTD_LEVEL)).unwrap_or_default();
-            out.chunks.push(ChunkMeta { id, raw_len: plain.len() as u32, zlen: z.len() as u32 });
-            out.data.extend_from_slice(&z);
+            let n = plain.len() as u32;
+            out.chunks.push(ChunkMeta { id, raw_len: n, zlen: n });
+            out.data.extend_from_slice(&plain);
         }
     }
 

@@ -360,10 +360,11 @@ pub(crate) struct Session {
     pub(crate) out: Outbox,
 }
 
-/// The sending half of a session: the next sequence number and the epoch.
+/// The sending half of a session: the next sequence number, the epoch, and the compressor.
 pub(crate) struct Outbox {
     pub(crate) next: u64,
     pub(crate) epoch: u64,
+    packer: crate::record::Packer,
 }
 
 /// The stream's chunk key, which the standby gives only to a token that may push.
@@ -385,33 +386,48 @@ impl Session {
             None => st.epoch,
         };
         let manifest = link.manifest()?;
-        Ok(Session { cap: Capture::new(source, manifest, key, st.chunker_seed), out: Outbox { next: st.head + 1, epoch } })
+        Ok(Session { cap: Capture::new(source, manifest, key, st.chunker_seed), out: Outbox::new(st.head + 1, epoch) })
     }
 
     /// Compares the whole tree and sends the differences, in batches as the scan finds them.
-    /// A sender thread takes each batch while the scan goes on: the standby checks and stores
-    /// one batch while the next is read and compressed (one after the other, a first sync took
-    /// the sum of both sides' time).
+    /// Three threads: the scan reads, chunks and hashes; a packer compresses; a sender sends,
+    /// so the standby checks and stores one batch while the next ones are read and compressed
+    /// (one after the other, a first sync took the sum of all three).
     pub(crate) fn full_sync(&mut self, link: &dyn Target, sent: &mut Sent) -> Result<(), ShadowError> {
         let (cap, out) = (&mut self.cap, &mut self.out);
         std::thread::scope(|sc| {
-            // One batch in flight and one waiting: enough to keep both sides busy.
+            // One batch in flight and one waiting at each stage: enough to keep all busy.
             let (tx, rx) = mpsc::sync_channel::<Pending>(1);
+            let (ptx, prx) = mpsc::sync_channel::<Pending>(1);
+            let spawn_err = |e| ShadowError::Remote(format!("cannot start a sending thread: {e}"));
+            let packer = std::thread::Builder::new()
+                .name("kura-push-pack".into())
+                .spawn_scoped(sc, move || {
+                    let mut packer = crate::record::Packer::default();
+                    for mut p in rx {
+                        p.pack(&mut packer);
+                        if ptx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(spawn_err)?;
             let sender = std::thread::Builder::new()
                 .name("kura-push-send".into())
                 .spawn_scoped(sc, move || -> Result<(), ShadowError> {
-                    for mut p in rx {
+                    for mut p in prx {
                         out.flush(link, &mut p, sent)?;
                     }
                     Ok(())
                 })
-                .map_err(|e| ShadowError::Remote(format!("cannot start the sending thread: {e}")))?;
+                .map_err(spawn_err)?;
             let stopped = || ShadowError::Remote("the sending thread stopped".into());
             let mut p = Pending::default();
             let scanned = cap
                 .full_scan_with(&mut p, &mut |p| tx.send(std::mem::take(p)).map_err(|_| stopped()))
                 .and_then(|()| tx.send(p).map_err(|_| stopped()));
             drop(tx);
+            let _ = packer.join();
             // The sender's error says why the scan stopped: it goes first.
             sender.join().unwrap_or_else(|_| Err(ShadowError::Remote("the sending thread panicked".into())))?;
             scanned
@@ -424,11 +440,17 @@ impl Session {
 }
 
 impl Outbox {
+    pub(crate) fn new(next: u64, epoch: u64) -> Outbox {
+        Outbox { next, epoch, packer: crate::record::Packer::default() }
+    }
+
     /// Sends pending changes in batches of at most [`BATCH_DATA`] bytes of chunks (more only
     /// for a single chunk) and [`BATCH_RECORDS`] records; a record's chunks travel in its batch
     /// or an earlier one (a large new file's chunks go ahead in batches of their own).
     pub(crate) fn flush(&mut self, link: &dyn Target, p: &mut Pending, sent: &mut Sent) -> Result<(), ShadowError> {
         let now = crate::now_ns();
+        p.pack(&mut self.packer);
+        p.packed = false;
         let (ops, marks, chunks, data) = (std::mem::take(&mut p.ops), std::mem::take(&mut p.marks), std::mem::take(&mut p.chunks), std::mem::take(&mut p.data));
         let new = |epoch| BatchMeta { version: BATCH_VERSION, epoch, records: Vec::new(), chunks: Vec::new() };
         let (mut batch, mut size, mut ci, mut from) = (new(self.epoch), 0usize, 0usize, 0usize);

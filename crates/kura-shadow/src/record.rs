@@ -85,8 +85,46 @@ pub struct ChunkMeta {
     pub id: Id,
     /// Plain length.
     pub raw_len: u32,
-    /// Stored (zstd) length in the data section.
+    /// Stored length in the data section: a zstd frame when smaller than `raw_len`, the plain
+    /// bytes when equal (what compression would not shrink is stored as it is).
     pub zlen: u32,
+}
+
+/// zstd level of chunks on the wire and in the journal. A fast (negative) level: on the
+/// kernel tree it compresses 1.65x faster than level 1 (3.67:1 instead of 4.85:1), which took
+/// the first sync from 5.3 to 4.9 s on loopback, where compression was half the pusher's CPU.
+pub const ZSTD_LEVEL: i32 = -3;
+
+/// Compresses chunks for a batch with one context (making one per chunk is costly).
+#[derive(Default)]
+pub struct Packer(Option<zstd::bulk::Compressor<'static>>);
+
+impl Packer {
+    /// Appends `plain`'s stored form to `out`: its zstd frame when smaller, else the bytes
+    /// themselves. Returns the stored length.
+    pub fn pack(&mut self, plain: &[u8], out: &mut Vec<u8>) -> u32 {
+        if self.0.is_none() {
+            self.0 = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let z = match self.0.as_mut().map(|c| c.compress(plain)) {
+            Some(Ok(z)) => Some(z),
+            // A context that failed (out of memory) is not trusted twice.
+            _ => {
+                self.0 = None;
+                zstd::bulk::compress(plain, ZSTD_LEVEL).ok()
+            }
+        };
+        match z {
+            Some(z) if z.len() < plain.len() => {
+                out.extend_from_slice(&z);
+                z.len() as u32
+            }
+            _ => {
+                out.extend_from_slice(plain);
+                plain.len() as u32
+            }
+        }
+    }
 }
 
 /// A batch's description: records in order and the chunks that follow.
@@ -199,8 +237,14 @@ impl Records {
     }
 }
 
-/// Decompresses a chunk and checks it against its id.
+/// Decompresses a chunk (unless stored plain) and checks it against its id.
 pub fn open_chunk(id_key: &[u8; 32], c: &ChunkMeta, stored: &[u8]) -> Result<Vec<u8>, String> {
+    if c.zlen == c.raw_len {
+        if stored.len() != c.raw_len as usize || blake3::keyed_hash(id_key, stored).as_bytes() != &c.id.0 {
+            return Err(format!("chunk {} does not match its id", c.id.short()));
+        }
+        return Ok(stored.to_vec());
+    }
     thread_local! {
         // A decompression context per thread: making one per chunk cost 7% of a standby's CPU.
         static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
@@ -227,6 +271,34 @@ pub fn open_chunk(id_key: &[u8; 32], c: &ChunkMeta, stored: &[u8]) -> Result<Vec
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn chunks_are_stored_compressed_only_when_that_is_smaller() {
+        let key = [3u8; 32];
+        let text = b"the same line again and again\n".repeat(100);
+        let mut noise = vec![0u8; 4096];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let mut p = Packer::default();
+        for plain in [&text[..], &noise[..]] {
+            let mut stored = Vec::new();
+            let zlen = p.pack(plain, &mut stored);
+            assert_eq!(zlen as usize, stored.len());
+            let c = ChunkMeta { id: Id(*blake3::keyed_hash(&key, plain).as_bytes()), raw_len: plain.len() as u32, zlen };
+            assert_eq!(open_chunk(&key, &c, &stored).unwrap(), plain);
+            // One flipped byte is refused, stored plain or not.
+            stored[zlen as usize / 2] ^= 1;
+            assert!(open_chunk(&key, &c, &stored).is_err());
+        }
+        let mut stored = Vec::new();
+        assert!((p.pack(&text, &mut stored) as usize) < text.len() / 4, "text is compressed");
+        assert_eq!(p.pack(&noise, &mut stored) as usize, noise.len(), "noise is stored as it is");
+    }
 
     #[test]
     fn a_batch_round_trips_and_bad_ones_are_refused() {

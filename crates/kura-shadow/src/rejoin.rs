@@ -105,7 +105,7 @@ pub fn rejoin(link: &Link, source: &Path, state_dir: &Path, branch: &str) -> Res
     let mut out = Rejoined { epoch: st.epoch, diverged: tree.differences(&expected).len() as u64, ..Rejoined::default() };
     if out.diverged > 0 {
         let b = link.branch(branch);
-        let mut s = Session { cap, out: crate::push::Outbox { next: 1, epoch: st.epoch } };
+        let mut s = Session { cap, out: crate::push::Outbox::new(1, st.epoch) };
         let mut sent = Sent::default();
         s.flush(&b, &mut pending, &mut sent)?;
         b.seal()?;
