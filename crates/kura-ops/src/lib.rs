@@ -18,6 +18,7 @@ pub mod prune;
 pub mod repair;
 pub mod restore;
 pub mod retention;
+pub mod topology;
 pub mod walk;
 
 pub use error::OpsError;

@@ -99,16 +99,22 @@ pub async fn chunk(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAd
     }
 }
 
+/// The stream for an admin token, or the answer that refuses `what` to anyone else.
+fn open_admin(state: &AppState, headers: &HeaderMap, peer: SocketAddr, stream: &str, what: &str) -> Result<Arc<Stream>, ApiError> {
+    let (tok, s) = open(state, headers, peer, stream)?;
+    if tok.role != Role::Admin {
+        return Err(err(StatusCode::FORBIDDEN, format!("only an admin token {what}")));
+    }
+    Ok(s)
+}
+
 /// `POST /v1/shadow/{stream}/promote` (admin): the standby becomes the primary (epoch + 1; the
 /// old primary is fenced); answers once the mirror holds every record received before.
 pub async fn promote(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
-    let (tok, s) = match open(&state, &headers, peer, &stream) {
-        Ok(x) => x,
+    let s = match open_admin(&state, &headers, peer, &stream, "promotes a stream") {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    if tok.role != Role::Admin {
-        return err(StatusCode::FORBIDDEN, "only an admin token promotes a stream").into_response();
-    }
     let r = tokio::task::spawn_blocking(move || s.promote(Duration::from_secs(300)).map(|(epoch, seq, caught_up)| serde_json::json!({ "epoch": epoch, "promoted_seq": seq, "caught_up": caught_up }))).await;
     answer(&stream, "promotion", r, |e| !matches!(e, kura_shadow::PromoteError::Store(_)))
 }
@@ -117,13 +123,10 @@ pub async fn promote(State(state): Shared, ConnectInfo(peer): ConnectInfo<Socket
 /// its mirror's last changes are recorded, the epoch goes up, the mirror follows the journal
 /// again and the host that followed it pushes.
 pub async fn demote(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Path(stream): Path<String>) -> Response {
-    let (tok, s) = match open(&state, &headers, peer, &stream) {
-        Ok(x) => x,
+    let s = match open_admin(&state, &headers, peer, &stream, "hands a stream back") {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    if tok.role != Role::Admin {
-        return err(StatusCode::FORBIDDEN, "only an admin token hands a stream back").into_response();
-    }
     let r = tokio::task::spawn_blocking(move || s.demote().map(|(epoch, seq)| serde_json::json!({ "epoch": epoch, "demoted_seq": seq }))).await;
     answer(&stream, "demotion", r, |e| !matches!(e, kura_shadow::PromoteError::Store(_)))
 }

@@ -102,6 +102,12 @@ pub enum Command {
     /// Real-time shadowing of a directory to a standby (a kura server with a `[[stream]]`).
     #[command(subcommand)]
     Shadow(ShadowCommand),
+    /// Check a topology file (hosts, datasets, their shadow and generations) and print which
+    /// copies will exist on which machine and for how long.
+    Plan {
+        /// The topology file (TOML; see docs/TOPOLOGY.md and examples/first-server.toml).
+        topology: PathBuf,
+    },
     /// Make a standby the primary after a failover (the same as `kura shadow promote`).
     Promote {
         /// The standby's stream: kura://HOST:PORT/STREAM.

@@ -53,6 +53,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             Some(kura_shadow::ShadowError::Denied(_)) => return 13,
             _ => {}
         }
+        if cause.downcast_ref::<cmd::plan::Refused>().is_some() {
+            return 2;
+        }
         match cause.downcast_ref::<OpsError>() {
             Some(OpsError::Interrupted) => return 130,
             Some(OpsError::Busy(_)) => return 11,
@@ -82,6 +85,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Serve(a) => cmd::serve::run(cli, a),
         Command::Undelete { snapshots } => cmd::retain::undelete(cli, snapshots),
         Command::Shadow(c) => cmd::shadow::run(cli, c),
+        Command::Plan { topology } => cmd::plan::run(cli, topology),
         Command::Promote { to } => cmd::shadow::run(cli, &args::ShadowCommand::Promote { to: to.clone() }),
     }
 }

@@ -12,4 +12,5 @@ mod roundtrip;
 mod s3;
 mod server;
 mod shadow;
+mod topology;
 mod util;

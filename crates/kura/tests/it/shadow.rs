@@ -107,18 +107,7 @@ fn stream_token(server: &Server, role: &str) -> String {
 
 /// Waits until the mirror is the same tree as `src` (contents, modes, mtimes, links).
 fn converge(sb: &Standby, src: &Path, what: &str) {
-    let t = Instant::now();
-    loop {
-        if same_tree(src, &sb.mirror()) {
-            return;
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            eprintln!("standby: {}", sb.status());
-            assert_same_tree(src, &sb.mirror());
-            panic!("{what}: mirror did not converge");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_same(src, &sb.mirror(), what, || eprintln!("standby: {}", sb.status()));
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -573,11 +562,12 @@ fn failover_fences_the_old_primary_and_rejoin_keeps_its_writes_as_a_branch() {
     status_until(&sb, "recording after a restart", |st| st["head"].as_u64().unwrap() > head_b && st["role"] == "primary");
 }
 
-/// Waits until `a` and `b` hold the same tree.
-fn until_same(a: &Path, b: &Path, what: &str) {
+/// Waits until `a` and `b` hold the same tree; `explain` says more before a failure.
+fn until_same(a: &Path, b: &Path, what: &str, explain: impl Fn()) {
     let t = Instant::now();
     while !same_tree(a, b) {
         if t.elapsed() > Duration::from_secs(30) {
+            explain();
             assert_same_tree(a, b);
             panic!("{what}: the trees did not converge");
         }
@@ -613,7 +603,7 @@ fn failback_a_rejoined_copy_follows_the_promoted_standby_live_and_takes_the_stre
     std::fs::write(sb.mirror().join("on-b.txt"), bytes(70_000, 21)).unwrap();
     std::fs::create_dir_all(sb.mirror().join("newdir/deep")).unwrap();
     std::fs::write(sb.mirror().join("newdir/deep/f"), b"deep").unwrap();
-    until_same(&sb.mirror(), &src, "B's writes reach the following copy");
+    until_same(&sb.mirror(), &src, "B's writes reach the following copy", || ());
     // A copy does not push beside its primary.
     let o = sb.run(&["shadow", "push", "--source", src.to_str().unwrap(), "--to", &sb.url(), "--once"]);
     assert_eq!(o.status.code(), Some(15), "{}", stderr(&o));
@@ -627,7 +617,7 @@ fn failback_a_rejoined_copy_follows_the_promoted_standby_live_and_takes_the_stre
     std::fs::rename(sb.mirror().join("newdir"), sb.mirror().join("moved")).unwrap();
     std::fs::write(sb.mirror().join("on-b.txt"), bytes(90_000, 22)).unwrap();
     let mut a = follower("follow2.log");
-    until_same(&sb.mirror(), &src, "after the follower's restart");
+    until_same(&sb.mirror(), &src, "after the follower's restart", || ());
 
     // Failback: B's last write is recorded by the demotion itself; the follower applies up to
     // it and stops, handing A the stream.
