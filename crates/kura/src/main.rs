@@ -3,6 +3,17 @@
 //! password, 11 another prune is running, 130 interrupted) and kura's own (13 refused by the
 //! server: token or role, 14 server unreachable).
 
+/// `println!` for results, through [`output::line`]: a reader that stops early (`kura
+/// snapshots | head`) neither panics kura nor cuts its work short.
+macro_rules! outln {
+    () => {
+        $crate::output::line(format_args!(""))
+    };
+    ($($t:tt)*) => {
+        $crate::output::line(format_args!($($t)*))
+    };
+}
+
 mod args;
 mod cmd;
 mod open;

@@ -2,8 +2,28 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kura_ops::Progress;
-use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Standard output is closed or failing: results are no longer written.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes one line of results to standard output. When the reader has gone (`| head` had all it
+/// wanted) the rest is dropped and the command goes on to its end: `println!` would panic, and
+/// dying of SIGPIPE could cut a `forget` or a `prune` short. Any other failure (a full disk
+/// under a redirection) is said once on stderr.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("kura: cannot write to standard output: {e}; the command goes on without printing");
+        }
+    }
+}
 
 /// Formats bytes as B/KiB/MiB/GiB.
 pub fn bytes(n: u64) -> String {
@@ -24,7 +44,7 @@ pub fn short(s: &str, n: usize) -> &str {
 
 /// Prints a value as pretty JSON on stdout.
 pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 

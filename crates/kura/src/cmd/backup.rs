@@ -31,8 +31,8 @@ pub fn init(cli: &Cli) -> Result<Outcome> {
     if cli.json {
         json(&serde_json::json!({"repository": loc.describe(), "id": repo.config().id, "version": repo.config().version}))?;
     } else if !cli.quiet {
-        println!("created kura repository {} at {}", crate::output::short(&repo.config().id, 10), loc.describe());
-        println!("keep the password safe: without it the data in this repository cannot be read");
+        outln!("created kura repository {} at {}", crate::output::short(&repo.config().id, 10), loc.describe());
+        outln!("keep the password safe: without it the data in this repository cannot be read");
     }
     Ok(Outcome::Ok)
 }
@@ -96,20 +96,20 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
         json(&r)?;
     } else if !cli.quiet {
         let s = &r.summary;
-        println!("snapshot {} saved{}", crate::output::short(&r.snapshot, 8), r.parent.as_ref().map(|p| format!(" (parent {})", crate::output::short(p, 8))).unwrap_or_default());
-        println!(
+        outln!("snapshot {} saved{}", crate::output::short(&r.snapshot, 8), r.parent.as_ref().map(|p| format!(" (parent {})", crate::output::short(p, 8))).unwrap_or_default());
+        outln!(
             "files: {} new, {} changed, {} unchanged; {} directories; {} in total",
             s.files_new, s.files_changed, s.files_unchanged, s.dirs, bytes(s.bytes_total)
         );
-        println!(
+        outln!(
             "read {}, added {} ({} stored) in {:.2} s",
             bytes(s.bytes_read), bytes(s.bytes_added), bytes(s.bytes_stored), s.seconds
         );
         if r.recovered_packs > 0 {
-            println!("indexed {} pack(s) left by an interrupted backup", r.recovered_packs);
+            outln!("indexed {} pack(s) left by an interrupted backup", r.recovered_packs);
         }
         for c in &r.changed_during_backup {
-            println!("changed while being read (saved as last read): {c}");
+            outln!("changed while being read (saved as last read): {c}");
         }
     }
     if !r.errors.is_empty() {
@@ -135,7 +135,7 @@ pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
     } else {
         if !cli.quiet {
             for w in &r.warnings {
-                println!("warning: {w}");
+                outln!("warning: {w}");
             }
         }
         for d in &r.damage {
@@ -148,7 +148,7 @@ pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
             }
         }
         if !cli.quiet {
-            println!(
+            outln!(
                 "checked {} snapshot(s), {} tree(s), {} pack(s){}",
                 r.snapshots, r.trees, r.packs,
                 if opts.read_data { format!("; read {} pack(s), {}", r.packs_read, bytes(r.bytes_read)) } else { String::new() }
@@ -157,7 +157,7 @@ pub fn run_check(cli: &Cli, a: &CheckArgs) -> Result<Outcome> {
     }
     if r.ok() {
         if !cli.quiet && !cli.json {
-            println!("no errors were found");
+            outln!("no errors were found");
         }
         Ok(Outcome::Ok)
     } else {

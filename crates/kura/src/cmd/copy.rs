@@ -22,12 +22,12 @@ pub fn run(cli: &Cli, a: &CopyArgs) -> Result<Outcome> {
         json(&r)?;
     } else if !cli.quiet {
         for c in &r.copied {
-            println!("snapshot {} copied as {}", short(&c.source, 8), short(&c.copy, 8));
+            outln!("snapshot {} copied as {}", short(&c.source, 8), short(&c.copy, 8));
         }
         for s in &r.skipped {
-            println!("snapshot {} is here already", short(s, 8));
+            outln!("snapshot {} is here already", short(s, 8));
         }
-        println!("{} snapshot(s) copied; {} new blob(s), {} of data added", r.copied.len(), r.blobs_added, bytes(r.bytes_added));
+        outln!("{} snapshot(s) copied; {} new blob(s), {} of data added", r.copied.len(), r.blobs_added, bytes(r.bytes_added));
     }
     Ok(Outcome::Ok)
 }

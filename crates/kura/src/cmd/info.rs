@@ -77,17 +77,17 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
             .collect();
         json(&list)?;
     } else if !cli.quiet {
-        println!("{:<8}  {:<25}  {:<16}  {:<12}  {:>10}  paths", "id", "time", "host", "tags", "size");
+        outln!("{:<8}  {:<25}  {:<16}  {:<12}  {:>10}  paths", "id", "time", "host", "tags", "size");
         for (id, s) in &out {
             let t = s.time().to_zoned_datetime(jiff::tz::TimeZone::system()).strftime("%Y-%m-%d %H:%M:%S %Z").to_string();
             let m = marks(id);
-            println!(
+            outln!(
                 "{:<8}  {:<25}  {:<16}  {:<12}  {:>10}  {}{}",
                 id.short(), t, s.public.host, s.public.tags.join(","), bytes(s.body.summary.bytes_total), s.public.paths.join(" "),
                 if m.is_empty() { String::new() } else { format!("  [{}]", m.join("; ")) }
             );
         }
-        println!("{} snapshot(s)", out.len());
+        outln!("{} snapshot(s)", out.len());
     }
     if let Some(e) = bad.into_iter().next() {
         bail!(e);
@@ -105,8 +105,8 @@ pub fn ls(cli: &Cli, snapshot: &str, path: Option<&str>) -> Result<Outcome> {
     } else {
         for e in entries {
             match e.target {
-                Some(t) => println!("{} -> {t}", e.path),
-                None => println!("{}", e.path),
+                Some(t) => outln!("{} -> {t}", e.path),
+                None => outln!("{}", e.path),
             }
         }
     }
@@ -123,11 +123,11 @@ pub fn diff(cli: &Cli, a: &str, b: &str) -> Result<Outcome> {
         json(&j!({"a": ia.to_hex(), "b": ib.to_hex(), "changes": changes}))?;
     } else {
         for c in &changes {
-            println!("{}  {}", c.change, c.path);
+            outln!("{}  {}", c.change, c.path);
         }
         if !cli.quiet {
             let count = |k: &str| changes.iter().filter(|c| c.change == k).count();
-            println!("{} added, {} removed, {} modified, {} metadata only, {} type changed",
+            outln!("{} added, {} removed, {} modified, {} metadata only, {} type changed",
                 count("+"), count("-"), count("M"), count("U"), count("T"));
         }
     }
@@ -148,10 +148,10 @@ pub fn cat(cli: &Cli, kind: &str, id: Option<&str>) -> Result<Outcome> {
     let repo = if matches!(kind, "tree" | "blob" | "snapshot") { open::open_indexed(cli, "read")? } else { open::open(cli)? };
     let need = || id.ok_or_else(|| anyhow::anyhow!("cat {kind} needs an id"));
     match kind {
-        "config" => println!("{}", String::from_utf8_lossy(&repo.config().encode())),
+        "config" => outln!("{}", String::from_utf8_lossy(&repo.config().encode())),
         "key" => {
             let name = full_id(&repo, Kind::Key, need()?)?;
-            println!("{}", String::from_utf8_lossy(&repo.store().get(Kind::Key, &name)?));
+            outln!("{}", String::from_utf8_lossy(&repo.store().get(Kind::Key, &name)?));
         }
         "snapshot" => {
             let (id, s) = repo.find_snapshot(need()?, |_| true)?;

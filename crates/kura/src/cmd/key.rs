@@ -27,23 +27,23 @@ pub fn run(cli: &Cli, k: &KeyCommand) -> Result<Outcome> {
                 json(&keys)?;
             } else {
                 for k in keys {
-                    println!("{} {:<10} {:<25} {}@{}", if k.current { "*" } else { " " }, crate::output::short(&k.id, 10), k.created, k.user, k.host);
+                    outln!("{} {:<10} {:<25} {}@{}", if k.current { "*" } else { " " }, crate::output::short(&k.id, 10), k.created, k.user, k.host);
                 }
             }
         }
         KeyCommand::Add { new_password_file } => {
             let pw = new_password(new_password_file.as_deref())?;
             let id = repo.add_key(&pw, KdfParams::default())?;
-            if cli.json { json(&serde_json::json!({"added": id}))?; } else if !cli.quiet { println!("added key {}", crate::output::short(&id, 10)); }
+            if cli.json { json(&serde_json::json!({"added": id}))?; } else if !cli.quiet { outln!("added key {}", crate::output::short(&id, 10)); }
         }
         KeyCommand::Remove { id } => {
             let removed = repo.remove_key(id)?;
-            if cli.json { json(&serde_json::json!({"removed": removed}))?; } else if !cli.quiet { println!("removed key {}", crate::output::short(&removed, 10)); }
+            if cli.json { json(&serde_json::json!({"removed": removed}))?; } else if !cli.quiet { outln!("removed key {}", crate::output::short(&removed, 10)); }
         }
         KeyCommand::Passwd { new_password_file } => {
             let pw = new_password(new_password_file.as_deref())?;
             let id = repo.change_password(&pw, KdfParams::default())?;
-            if cli.json { json(&serde_json::json!({"key": id}))?; } else if !cli.quiet { println!("password changed; new key {}", crate::output::short(&id, 10)); }
+            if cli.json { json(&serde_json::json!({"key": id}))?; } else if !cli.quiet { outln!("password changed; new key {}", crate::output::short(&id, 10)); }
         }
     }
     Ok(Outcome::Ok)

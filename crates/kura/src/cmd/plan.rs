@@ -60,10 +60,6 @@ pub fn run(cli: &Cli, file: &Path) -> Result<Outcome> {
     if !cli.quiet {
         let _ = writeln!(out, "machines holding copies: {}", plan.machines.join(", "));
     }
-    // A reader that stops early (`| head`) is not an error.
-    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e).context("cannot write to standard output"),
-        _ => {}
-    }
+    outln!("{}", out.trim_end_matches('\n'));
     Ok(Outcome::Ok)
 }

@@ -18,9 +18,9 @@ pub fn run(cli: &Cli, r: &RepairCommand) -> Result<Outcome> {
                 json(&rep)?;
             } else if !cli.quiet {
                 for u in &rep.unreadable_packs {
-                    println!("left out: {u}");
+                    outln!("left out: {u}");
                 }
-                println!(
+                outln!(
                     "indexed {} blob(s) in {} pack(s){}; replaced {} index file(s) with {}",
                     rep.blobs,
                     rep.packs,
@@ -38,21 +38,21 @@ pub fn run(cli: &Cli, r: &RepairCommand) -> Result<Outcome> {
                 json(&rep)?;
             } else if !cli.quiet {
                 for u in &rep.unreadable {
-                    println!("cannot repair (unreadable): {u}");
+                    outln!("cannot repair (unreadable): {u}");
                 }
                 for s in &rep.repaired {
                     match &s.repaired {
-                        Some(new) => println!("snapshot {} repaired as {}", &s.original[..8], &new[..8]),
-                        None => println!("snapshot {} is damaged (dry run: nothing written)", &s.original[..8]),
+                        Some(new) => outln!("snapshot {} repaired as {}", &s.original[..8], &new[..8]),
+                        None => outln!("snapshot {} is damaged (dry run: nothing written)", &s.original[..8]),
                     }
                     for f in &s.files_removed {
-                        println!("  lost file {f}");
+                        outln!("  lost file {f}");
                     }
                     for d in &s.dirs_emptied {
-                        println!("  lost the contents of directory {d}");
+                        outln!("  lost the contents of directory {d}");
                     }
                 }
-                println!(
+                outln!(
                     "{} snapshot(s) checked, {} damaged{}",
                     rep.snapshots,
                     rep.repaired.len(),

@@ -22,7 +22,7 @@ pub fn run(cli: &Cli, a: &RestoreArgs, interrupt: &AtomicBool) -> Result<Outcome
     if cli.json {
         json(&serde_json::json!({"snapshot": id.to_hex(), "target": a.target, "result": r}))?;
     } else if !cli.quiet {
-        println!(
+        outln!(
             "restored snapshot {} to {}: {} file(s) ({}), {} already complete, {} dir(s), {} other",
             id.short(), a.target.display(), r.files_restored, bytes(r.bytes), r.files_skipped, r.dirs, r.others
         );

@@ -23,7 +23,7 @@ fn prune_options(dry_run: bool, o: &PruneOpts) -> Result<PruneOptions> {
 
 fn print_plans(plans: &[GroupPlan], tz: &jiff::tz::TimeZone, dry_run: bool) {
     for g in plans {
-        println!("{}  (policy: {})", g.group, g.policy);
+        outln!("{}  (policy: {})", g.group, g.policy);
         for d in &g.snapshots {
             let time = d
                 .time
@@ -32,54 +32,54 @@ fn print_plans(plans: &[GroupPlan], tz: &jiff::tz::TimeZone, dry_run: bool) {
                 .unwrap_or_else(|_| d.time.clone());
             let what = if d.keep { "keep" } else if dry_run { "would remove" } else { "remove" };
             let why: Vec<String> = d.reasons.iter().map(ToString::to_string).collect();
-            println!("  {}  {time}  {what:<12}  {}", short(&d.id, 8), why.join(", "));
+            outln!("  {}  {time}  {what:<12}  {}", short(&d.id, 8), why.join(", "));
         }
         let kept = g.snapshots.iter().filter(|d| d.keep).count();
-        println!("  {} kept, {} {}", kept, g.snapshots.len() - kept, if dry_run { "would be removed" } else { "removed" });
+        outln!("  {} kept, {} {}", kept, g.snapshots.len() - kept, if dry_run { "would be removed" } else { "removed" });
     }
 }
 
 fn print_prune(r: &PruneReport) {
-    println!(
+    outln!(
         "{} snapshot(s) use {} of {} in {} pack(s); {} unused",
         r.snapshots, bytes(r.used_bytes), bytes(r.bytes), r.packs, bytes(r.unused_bytes)
     );
     for u in &r.unreadable_packs {
-        println!("warning: {u}; left alone");
+        outln!("warning: {u}; left alone");
     }
     let verb = if r.dry_run { "would" } else { "will" };
     if r.packs_deleted + r.packs_repacked == 0 && r.plans_deferred.is_empty() {
-        println!("nothing to delete");
+        outln!("nothing to delete");
     } else {
-        println!(
+        outln!(
             "{verb} delete {} unused pack(s) and repack {} (copying {}): frees {}, leaves {} unused",
             r.packs_deleted, r.packs_repacked, bytes(r.bytes_copied), bytes(r.bytes_freed), bytes(r.unused_left)
         );
     }
     if r.packs_resurrected > 0 {
-        println!("kept {} condemned pack(s) that a snapshot made meanwhile uses", r.packs_resurrected);
+        outln!("kept {} condemned pack(s) that a snapshot made meanwhile uses", r.packs_resurrected);
     }
     if r.temporaries_removed > 0 {
-        println!("removed {} temporary file(s) of writes killed more than a day ago", r.temporaries_removed);
+        outln!("removed {} temporary file(s) of writes killed more than a day ago", r.temporaries_removed);
     }
     if r.trashed > 0 {
-        println!("kept the data of {} deleted snapshot(s) still in the server's undelete window", r.trashed);
+        outln!("kept the data of {} deleted snapshot(s) still in the server's undelete window", r.trashed);
     }
     if r.sessions_cleaned > 0 {
-        println!("removed {} session(s) of processes that died", r.sessions_cleaned);
+        outln!("removed {} session(s) of processes that died", r.sessions_cleaned);
     }
     if !r.dry_run && r.plans_swept > 0 {
-        println!("deleted the data of {} prune plan(s)", r.plans_swept);
+        outln!("deleted the data of {} prune plan(s)", r.plans_swept);
     }
     for d in &r.plans_deferred {
-        println!(
+        outln!(
             "plan {} waits for: {}; the next `kura prune` deletes its packs once they have finished",
             short(&d.plan, 8),
             d.waiting_for.join("; ")
         );
     }
     for line in kura_ops::lock::summary(&r.locked, r.lock.as_ref(), r.lock_error.as_deref()) {
-        println!("{line}");
+        outln!("{line}");
     }
 }
 
@@ -137,7 +137,7 @@ fn forget_ids(cli: &Cli, a: &ForgetArgs) -> Result<Outcome> {
     }
     if !cli.json && !cli.quiet {
         for r in &removed {
-            println!("{} snapshot {}", if a.dry_run { "would remove" } else { "removed" }, short(r, 8));
+            outln!("{} snapshot {}", if a.dry_run { "would remove" } else { "removed" }, short(r, 8));
         }
     }
     let pruned = match a.prune {
@@ -203,7 +203,7 @@ pub fn protect(cli: &Cli, spec: &str, reason: Option<&str>) -> Result<Outcome> {
     if cli.json {
         json(&j!({ "id": id.to_hex(), "protected": reason.is_some(), "changed": changed }))?;
     } else if !cli.quiet {
-        println!("snapshot {} is {state}{}", id.short(), if changed { "" } else { " (it already was)" });
+        outln!("snapshot {} is {state}{}", id.short(), if changed { "" } else { " (it already was)" });
     }
     Ok(Outcome::Ok)
 }
@@ -225,12 +225,12 @@ pub fn undelete(cli: &Cli, specs: &[String]) -> Result<Outcome> {
                 .collect();
             json(&list)?;
         } else if trashed.is_empty() {
-            println!("nothing to undelete: no deleted snapshot is within an undelete window here");
+            outln!("nothing to undelete: no deleted snapshot is within an undelete window here");
         } else {
-            println!("{:<8}  {:<20}  {:<8}  {:<20}  {:<12}  paths", "id", "deleted", "by", "time", "host");
+            outln!("{:<8}  {:<20}  {:<8}  {:<20}  {:<12}  paths", "id", "deleted", "by", "time", "host");
             for (id, t) in &trashed {
                 match t {
-                    Ok((rec, snap, _)) => println!(
+                    Ok((rec, snap, _)) => outln!(
                         "{:<8}  {:<20}  {:<8}  {:<20}  {:<12}  {}",
                         id.short(),
                         &rec.deleted[..rec.deleted.len().min(19)],
@@ -239,7 +239,7 @@ pub fn undelete(cli: &Cli, specs: &[String]) -> Result<Outcome> {
                         snap.public.host,
                         snap.public.paths.join(" ")
                     ),
-                    Err(e) => println!("{:<8}  unreadable: {e}", id.short()),
+                    Err(e) => outln!("{:<8}  unreadable: {e}", id.short()),
                 }
             }
         }
@@ -258,7 +258,7 @@ pub fn undelete(cli: &Cli, specs: &[String]) -> Result<Outcome> {
             Err(e) => return Err(kura_repo::RepoError::from(e)).with_context(|| format!("undeleting {}", id.short())),
         }
         if !cli.quiet && !cli.json {
-            println!("snapshot {} is back (deleted {} by {})", id.short(), rec.deleted, rec.by);
+            outln!("snapshot {} is back (deleted {} by {})", id.short(), rec.deleted, rec.by);
         }
     }
     Ok(Outcome::Ok)

@@ -52,7 +52,7 @@ fn token(cli: &Cli, cfg: &ServerConfig, t: &TokenCommand) -> Result<Outcome> {
             if cli.json {
                 json(&serde_json::json!({"id": entry.id, "role": role.name(), "repos": entry.repos, "label": entry.label, "token": secret}))?;
             } else {
-                println!("{secret}");
+                outln!("{secret}");
                 eprintln!("kura: token {} ({} on {}) created; the secret above is shown only now", entry.id, role.name(), entry.repos.join(", "));
             }
         }
@@ -61,9 +61,9 @@ fn token(cli: &Cli, cfg: &ServerConfig, t: &TokenCommand) -> Result<Outcome> {
                 let list: Vec<_> = tokens.entries().iter().map(|e| serde_json::json!({"id": e.id, "label": e.label, "role": e.role.name(), "repos": e.repos, "created": e.created})).collect();
                 json(&list)?;
             } else {
-                println!("{:<8}  {:<6}  {:<20}  {:<20}  label", "id", "role", "repositories", "created");
+                outln!("{:<8}  {:<6}  {:<20}  {:<20}  label", "id", "role", "repositories", "created");
                 for e in tokens.entries() {
-                    println!("{:<8}  {:<6}  {:<20}  {:<20}  {}", e.id, e.role.name(), e.repos.join(","), &e.created[..e.created.len().min(19)], e.label);
+                    outln!("{:<8}  {:<6}  {:<20}  {:<20}  {}", e.id, e.role.name(), e.repos.join(","), &e.created[..e.created.len().min(19)], e.label);
                 }
             }
         }
@@ -74,7 +74,7 @@ fn token(cli: &Cli, cfg: &ServerConfig, t: &TokenCommand) -> Result<Outcome> {
             }
             tokens.save(&path)?;
             if !cli.quiet {
-                println!("revoked {n} token(s); a running server refuses them within a second");
+                outln!("revoked {n} token(s); a running server refuses them within a second");
             }
         }
     }

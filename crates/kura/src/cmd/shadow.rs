@@ -88,7 +88,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             let sent = kura_shadow::push::run(&p)?;
             if cli.json {
-                println!("{}", serde_json::json!({"records": sent.records, "bytes": sent.bytes, "head": sent.head}));
+                outln!("{}", serde_json::json!({"records": sent.records, "bytes": sent.bytes, "head": sent.head}));
             } else if !cli.quiet {
                 eprintln!("kura: standby in sync at record {} ({} records, {} bytes of new data sent)", sent.head, sent.records, sent.bytes);
             }
@@ -138,14 +138,14 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 if let Some(m) = &mine {
                     v["this_host"] = serde_json::json!({"epoch": m.epoch, "fenced": fenced, "rejoined": m.rejoined, "followed": m.followed, "handed_back": back});
                 }
-                println!("{v}");
+                outln!("{v}");
             } else {
-                println!("stream        {}", st.stream);
+                outln!("stream        {}", st.stream);
                 let mut since = if st.promoted_seq > 0 { format!(", promoted after record {}", st.promoted_seq) } else { String::new() };
                 if st.demoted_seq > 0 {
                     since += &format!(", handed back after record {}", st.demoted_seq);
                 }
-                println!("role          {} (epoch {}{since})", st.role, st.epoch);
+                outln!("role          {} (epoch {}{since})", st.role, st.epoch);
                 if let Some(m) = &mine {
                     let what = if back {
                         format!("HANDED BACK: holds record {} of {}; `kura shadow push` takes over (after `kura shadow rejoin` when behind)", m.followed, st.demoted_seq)
@@ -156,30 +156,30 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                     } else {
                         "pushes to it".into()
                     };
-                    println!("this host     epoch {}: {what}", m.epoch);
+                    outln!("this host     epoch {}: {what}", m.epoch);
                 }
-                println!("head          record {} received {}", st.head, show_time(st.head_time_ns));
-                println!("applied       record {} ({} behind, {:.3} s)", st.applied, st.head.saturating_sub(st.applied), st.lag_secs);
+                outln!("head          record {} received {}", st.head, show_time(st.head_time_ns));
+                outln!("applied       record {} ({} behind, {:.3} s)", st.applied, st.head.saturating_sub(st.applied), st.lag_secs);
                 if st.last_contact_ns > 0 {
-                    println!("last contact  {} (a push or the primary's heartbeat)", show_time(st.last_contact_ns));
+                    outln!("last contact  {} (a push or the primary's heartbeat)", show_time(st.last_contact_ns));
                 }
-                println!("durable       record {}", st.durable);
+                outln!("durable       record {}", st.durable);
                 let kept = if st.window_secs > 0 { format!(", kept {}", format_args!("{:#}", jiff::SignedDuration::from_secs(st.window_secs as i64))) } else { String::new() };
-                println!("window        {} records since {}{kept}", st.records, show_time(st.oldest_time_ns));
-                println!("journal       {} bytes, {} chunks", st.journal_bytes, st.chunks);
+                outln!("window        {} records since {}{kept}", st.records, show_time(st.oldest_time_ns));
+                outln!("journal       {} bytes, {} chunks", st.journal_bytes, st.chunks);
                 if let Some(e) = &st.apply_error {
-                    println!("apply error   {e}");
+                    outln!("apply error   {e}");
                 }
                 if let Some(h) = &st.held {
-                    println!("HELD          since record {} ({}): {}", h.seq, show_time(h.since_ns), h.reason);
-                    println!("              kura shadow release --to URL applies it; kura shadow discard --to URL drops it");
+                    outln!("HELD          since record {} ({}): {}", h.seq, show_time(h.since_ns), h.reason);
+                    outln!("              kura shadow release --to URL applies it; kura shadow discard --to URL drops it");
                 }
                 if st.discarded > 0 {
-                    println!("discarded     {} records never applied to the mirror", st.discarded);
+                    outln!("discarded     {} records never applied to the mirror", st.discarded);
                 }
                 for b in &st.branches {
                     let state = if b.sealed { "" } else { " (incomplete)" };
-                    println!("branch        {} ({} entries, {}){state}", b.name, b.entries, show_time(b.time_ns));
+                    outln!("branch        {} ({} entries, {}){state}", b.name, b.entries, show_time(b.time_ns));
                 }
             }
             Ok(Outcome::Ok)
@@ -189,7 +189,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let (l, ..) = link(cli, to)?;
             let held = l.operate(verb)?;
             if cli.json {
-                println!("{}", serde_json::to_string(&held)?);
+                outln!("{}", serde_json::to_string(&held)?);
             } else if !cli.quiet {
                 let done = if verb == "release" { "applied to the mirror" } else { "dropped: the mirror keeps those files" };
                 eprintln!("kura: the changes held since record {} ({}) are {done}", held.seq, held.reason);
@@ -214,10 +214,10 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                     .iter()
                     .map(|e| serde_json::json!({"seq": e.seq, "received": show_time(e.recv_ns), "received_ns": e.recv_ns, "primary_time_ns": e.at_ns, "change": describe(&e.op)}))
                     .collect();
-                println!("{}", serde_json::to_string(&list)?);
+                outln!("{}", serde_json::to_string(&list)?);
             } else {
                 for e in entries {
-                    println!("{:>8}  {}  {}", e.seq, show_time(e.recv_ns), describe(&e.op));
+                    outln!("{:>8}  {}  {}", e.seq, show_time(e.recv_ns), describe(&e.op));
                 }
             }
             Ok(Outcome::Ok)
@@ -228,13 +228,13 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let (primary, sent) = kura_shadow::verify::verify_primary(&l, &source, &state_dir(sd)?, *repair)?;
             let standby = l.verify(*repair)?;
             if cli.json {
-                println!("{}", serde_json::json!({"primary": primary, "standby": standby, "sent_records": sent.records}));
+                outln!("{}", serde_json::json!({"primary": primary, "standby": standby, "sent_records": sent.records}));
             } else {
                 for (what, v) in [("this host vs the standby's tree", &primary), ("the standby's mirror vs its journal", &standby)] {
                     let fixed = if v.repaired { " (repaired)" } else { "" };
-                    println!("{what}: {} entries at record {}, {} differ{fixed}", v.entries, v.record, v.drifted);
+                    outln!("{what}: {} entries at record {}, {} differ{fixed}", v.entries, v.record, v.drifted);
                     for p in &v.drift {
-                        println!("  {p}");
+                        outln!("  {p}");
                     }
                 }
             }
@@ -245,7 +245,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let (l, ..) = link(cli, to)?;
             let (epoch, seq, caught_up) = l.promote()?;
             if cli.json {
-                println!("{}", serde_json::json!({"epoch": epoch, "promoted_seq": seq, "caught_up": caught_up}));
+                outln!("{}", serde_json::json!({"epoch": epoch, "promoted_seq": seq, "caught_up": caught_up}));
             } else if !cli.quiet {
                 eprintln!("kura: promoted to epoch {epoch} after record {seq}: the mirror is the primary copy; the old primary's pushes are refused");
                 if !caught_up {
@@ -284,7 +284,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             let handed_back = r.handed_back.then_some(r.epoch).or(followed.as_ref().and_then(|f| f.handed_back));
             if cli.json {
-                println!("{}", serde_json::json!({"rejoined": r, "followed": followed, "handed_back": handed_back}));
+                outln!("{}", serde_json::json!({"rejoined": r, "followed": followed, "handed_back": handed_back}));
             } else if !cli.quiet {
                 if let Some(f) = &followed {
                     eprintln!("kura: followed the primary for {} records ({} bytes fetched), holding record {}", f.records, f.fetched_bytes, f.head);
@@ -299,7 +299,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let (l, ..) = link(cli, to)?;
             let (epoch, seq) = l.demote()?;
             if cli.json {
-                println!("{}", serde_json::json!({"epoch": epoch, "demoted_seq": seq}));
+                outln!("{}", serde_json::json!({"epoch": epoch, "demoted_seq": seq}));
             } else if !cli.quiet {
                 eprintln!(
                     "kura: handed back at epoch {epoch} after record {seq}: the mirror follows the journal again; the host following the stream (kura shadow rejoin --follow) stops there and pushes with `kura shadow push`"
@@ -321,7 +321,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 }
             };
             if cli.json {
-                println!("{}", serde_json::to_string(&r)?);
+                outln!("{}", serde_json::to_string(&r)?);
             } else if !cli.quiet {
                 eprintln!(
                     "kura: restored the tree as of record {} (received {}): {} files, {} other entries, {} bytes into {}",

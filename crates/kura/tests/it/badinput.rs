@@ -269,3 +269,29 @@ fn init_never_overwrites_a_repository_that_lost_its_config() {
     assert!(stderr(&o).contains("holds repository data but no config"), "{}", stderr(&o));
     assert_eq!(fs::read_dir(e.repo.join("keys")).unwrap().count(), keys_before, "a key was removed");
 }
+
+#[test]
+fn a_reader_that_stops_early_neither_panics_kura_nor_cuts_its_work_short() {
+    let e = Env::new();
+    let src = e.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..3 {
+        fs::write(src.join(format!("f{i}")), bytes(1000, i)).unwrap();
+        e.ok(&["backup", src.to_str().unwrap(), "--time", &format!("2026-01-0{}T12:00:00Z", i + 1)]);
+    }
+    // Standard output is a pipe whose reader is already gone: every write fails (EPIPE).
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let o = e.cmd(&["snapshots"]).stdout(closed()).output().unwrap();
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // A forget that prints its decisions first still removes what its policy says.
+    let o = e.cmd(&["forget", "--keep-last", "1"]).stdout(closed()).output().unwrap();
+    no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let left = e.json(&["snapshots"]);
+    assert_eq!(left.as_array().map(|a| a.len()), Some(1), "{left}");
+}
