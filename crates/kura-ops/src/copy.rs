@@ -8,7 +8,11 @@ use kura_repo::snapshot::{Snapshot, SnapshotBody, SnapshotPublic};
 use kura_repo::tree::Tree;
 use kura_repo::{Id, Repository};
 use serde::Serialize;
+use crate::retention::{Period, bucket};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use std::collections::HashMap;
+use std::hash::Hash;
 
 /// One snapshot copied.
 #[derive(Debug, Serialize)]
@@ -83,6 +87,24 @@ fn same(a: &SnapshotPublic, b: &SnapshotPublic) -> bool {
     a.time == b.time && a.host == b.host && a.paths == b.paths && a.tags == b.tags
 }
 
+/// The newest snapshot of each `period` (calendar buckets in `tz`, as retention counts them) per
+/// group (`items`: id, time, group such as host and paths), oldest first: what a weekly server
+/// takes from a daily one. A snapshot dated in the future of `now` is never the newest of
+/// anything (a wrong clock or a forged date must not stand in for the real week).
+pub fn newest_of<G: Eq + Hash + Clone>(items: &[(Id, Timestamp, G)], period: Period, tz: &TimeZone, now: Timestamp) -> Vec<Id> {
+    let mut best: HashMap<(G, i64), (Timestamp, Id)> = HashMap::new();
+    for (id, t, g) in items.iter().filter(|(_, t, _)| *t <= now) {
+        let b = bucket(period, &t.to_zoned_datetime(tz.clone()));
+        let e = best.entry((g.clone(), b)).or_insert((*t, *id));
+        if (*t, *id) > *e {
+            *e = (*t, *id);
+        }
+    }
+    let mut out: Vec<(Timestamp, Id)> = best.into_values().collect();
+    out.sort();
+    out.into_iter().map(|(_, id)| id).collect()
+}
+
 /// Copies the source snapshots `ids` into `dst` (whose session the caller registered), skipping
 /// those `dst` already has. Each copy is written only after all its data is durable, so an
 /// interrupted copy leaves no snapshot missing data (the next run reuses what was stored).
@@ -114,4 +136,56 @@ pub fn copy(src: &Repository, dst: &Repository, ids: &[Id]) -> Result<CopyReport
         report.copied.push(Copied { source: id.to_hex(), copy: new.to_hex() });
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_newest_of_each_week_per_group_and_nothing_from_the_future() {
+        let tz = TimeZone::UTC;
+        let id = |n: u8| Id([n; 32]);
+        // Mon 2026-11-02 .. Sun 2026-11-15: two ISO weeks, two hosts; one future-dated snapshot.
+        let items = vec![
+            (id(1), at("2026-11-02T10:00:00Z"), "a"),
+            (id(2), at("2026-11-08T23:00:00Z"), "a"),
+            (id(3), at("2026-11-05T12:00:00Z"), "a"),
+            (id(4), at("2026-11-09T01:00:00Z"), "a"),
+            (id(5), at("2026-11-03T00:00:00Z"), "b"),
+            (id(6), at("2027-01-01T00:00:00Z"), "a"),
+        ];
+        let now = at("2026-11-20T00:00:00Z");
+        assert_eq!(newest_of(&items, Period::Weekly, &tz, now), vec![id(5), id(2), id(4)]);
+        assert_eq!(newest_of(&items, Period::Monthly, &tz, now), vec![id(5), id(4)]);
+        assert_eq!(newest_of(&items, Period::Daily, &tz, now).len(), 5);
+    }
+
+    proptest! {
+        /// Every pick is the newest of its bucket and group, and every bucket with a snapshot
+        /// has exactly one pick.
+        #[test]
+        fn one_newest_per_bucket(times in proptest::collection::vec((0i64..400 * 86_400, 0u8..3), 0..60), p in 0usize..6) {
+            let period = Period::ALL[p];
+            let tz = TimeZone::UTC;
+            let items: Vec<(Id, Timestamp, u8)> = times.iter().enumerate().map(|(i, (s, g))| (Id([i as u8; 32]), Timestamp::from_second(1_700_000_000 + s).unwrap(), *g)).collect();
+            let now = Timestamp::from_second(1_800_000_000).unwrap();
+            let picked = newest_of(&items, period, &tz, now);
+            let key = |t: &Timestamp, g: u8| (g, bucket(period, &t.to_zoned_datetime(tz.clone())));
+            let mut buckets = std::collections::HashSet::new();
+            for (_, t, g) in &items {
+                buckets.insert(key(t, *g));
+            }
+            prop_assert_eq!(picked.len(), buckets.len());
+            for id in &picked {
+                let (_, t, g) = items.iter().find(|(i, _, _)| i == id).unwrap();
+                prop_assert!(items.iter().all(|(i, u, h)| key(u, *h) != key(t, *g) || (*u, *i) <= (*t, *id)));
+            }
+        }
+    }
 }

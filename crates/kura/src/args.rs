@@ -345,6 +345,13 @@ pub struct CopyArgs {
     pub from_password_file: Option<PathBuf>,
     /// Snapshots to copy (ids, prefixes or `latest`); default: every one the destination lacks.
     pub snapshots: Vec<String>,
+    /// Only snapshots of this host, tag or path.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Only the newest snapshot of each period per host and paths (hourly, daily, weekly,
+    /// biweekly, monthly, yearly; local calendar, as retention counts): what a weekly copy takes.
+    #[arg(long, value_name = "PERIOD", value_parser = ["hourly", "daily", "weekly", "biweekly", "monthly", "yearly"])]
+    pub newest_of: Option<String>,
 }
 
 /// `kura prune` options.
@@ -506,6 +513,13 @@ pub struct FilterArgs {
     /// Only snapshots containing this path.
     #[arg(long)]
     pub path: Option<String>,
+}
+
+impl FilterArgs {
+    /// Whether a snapshot passes every given filter.
+    pub fn matches(&self, s: &kura_repo::snapshot::SnapshotPublic) -> bool {
+        self.host.as_ref().is_none_or(|h| &s.host == h) && self.tag.as_ref().is_none_or(|t| s.tags.contains(t)) && self.path.as_ref().is_none_or(|p| s.paths.contains(p))
+    }
 }
 
 /// `kura restore` options.

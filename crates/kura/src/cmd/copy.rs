@@ -11,10 +11,16 @@ pub fn run(cli: &Cli, a: &CopyArgs) -> Result<Outcome> {
     // Copying only adds: a kura server's backup token is enough.
     let dst = open::open_indexed(cli, "copy")?;
     let ids = if a.snapshots.is_empty() {
-        let mut all: Vec<_> = src.snapshots()?.into_iter().filter_map(|(id, s)| s.ok().map(|s| (s.time(), id))).collect();
-        all.sort();
-        all.into_iter().map(|(_, id)| id).collect()
+        let mut all: Vec<_> = src.snapshots()?.into_iter().filter_map(|(id, s)| s.ok().filter(|s| a.filter.matches(&s.public)).map(|s| (id, s.time(), (s.public.host.clone(), s.public.paths.clone())))).collect();
+        all.sort_by_key(|(id, t, _)| (*t, *id));
+        match a.newest_of.as_deref().and_then(|n| kura_ops::retention::Period::ALL.into_iter().find(|p| p.name() == n)) {
+            Some(p) => kura_ops::copy::newest_of(&all, p, &jiff::tz::TimeZone::system(), jiff::Timestamp::now()),
+            None => all.into_iter().map(|(id, _, _)| id).collect(),
+        }
     } else {
+        if a.newest_of.is_some() || a.filter.host.is_some() || a.filter.tag.is_some() || a.filter.path.is_some() {
+            anyhow::bail!("name snapshots or select them with --host/--tag/--path/--newest-of, not both");
+        }
         a.snapshots.iter().map(|s| src.find_snapshot(s, |_| true).map(|(id, _)| id)).collect::<Result<Vec<_>, _>>()?
     };
     let r = kura_ops::copy::copy(&src, &dst, &ids).context("copying")?;

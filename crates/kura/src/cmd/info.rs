@@ -33,10 +33,7 @@ pub fn snapshots(cli: &Cli, f: &FilterArgs) -> Result<Outcome> {
     for (id, s) in repo.snapshots()? {
         match s {
             Ok(s) => {
-                let keep = f.host.as_ref().is_none_or(|h| &s.public.host == h)
-                    && f.tag.as_ref().is_none_or(|t| s.public.tags.contains(t))
-                    && f.path.as_ref().is_none_or(|p| s.public.paths.contains(p));
-                if keep {
+                if f.matches(&s.public) {
                     out.push((id, s));
                 }
             }

@@ -490,3 +490,42 @@ fn bit_rot_is_repaired_healed_by_the_next_backup_and_pruned_away() {
     e.ok(&["restore", &damaged_snap[..8], "--target", out2.to_str().unwrap()]);
     assert_same_tree(&src, &restored(&out2, &src));
 }
+
+#[test]
+fn a_weekly_copy_takes_the_newest_snapshot_of_each_week_and_only_of_its_host() {
+    let daily = Env::new();
+    // 2026-11-02 is a Monday: 17 daily snapshots span ISO weeks 45, 46 and 47 (Mon-Wed); the
+    // other host's snapshots are not taken.
+    let mut newest_of_week = std::collections::BTreeMap::new();
+    for d in 2..=18 {
+        let time = format!("2026-11-{d:02}T12:00:00Z");
+        let id = backup_at(&daily, &time, format!("day {d}").as_bytes(), &["--host", "www"]);
+        newest_of_week.insert((d - 2) / 7, id);
+        backup_at(&daily, &time, b"other", &["--host", "mail"]);
+    }
+    let weekly = Env::new();
+    let copy = |extra: &[&str]| {
+        let mut args = vec!["--json", "copy", "--from-repo", daily.repo.to_str().unwrap(), "--host", "www", "--newest-of", "weekly"];
+        args.extend_from_slice(extra);
+        let o = weekly.cmd(&args).env("KURA_FROM_PASSWORD", "test-pass").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let r = copy(&[]);
+    let copied: Vec<&str> = r["copied"].as_array().unwrap().iter().map(|c| c["source"].as_str().unwrap()).collect();
+    let want: Vec<&str> = newest_of_week.values().map(String::as_str).collect();
+    assert_eq!(copied, want, "{r}");
+    let snaps = weekly.json(&["snapshots"]);
+    let times: Vec<&str> = snaps.as_array().unwrap().iter().map(|s| s["time"].as_str().unwrap()).collect();
+    assert_eq!(times.len(), 3, "{snaps}");
+    assert!(times.iter().all(|t| t.starts_with("2026-11-08") || t.starts_with("2026-11-15") || t.starts_with("2026-11-18")), "{times:?}");
+    assert!(snaps.as_array().unwrap().iter().all(|s| s["host"] == "www"), "{snaps}");
+    // Run again: nothing new.
+    let r = copy(&[]);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["skipped"].as_array().unwrap().len(), 3, "{r}");
+    // Naming snapshots and selecting them at once is refused.
+    let o = weekly.cmd(&["copy", "--from-repo", daily.repo.to_str().unwrap(), "--newest-of", "weekly", "latest"]).env("KURA_FROM_PASSWORD", "test-pass").output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not both"), "{}", stderr(&o));
+}
