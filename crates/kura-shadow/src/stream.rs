@@ -379,6 +379,14 @@ impl Stream {
         Ok(s)
     }
 
+    /// Notes `seq` as applied, in memory and in `applied` (renamed into place: a torn number
+    /// would send the reconcile at the next start back to the beginning).
+    fn save_applied(&self, seq: u64) -> Result<(), ShadowError> {
+        self.applied.store(seq, Ordering::SeqCst);
+        let (tmp, path) = (self.dir.join(".applied.tmp"), self.dir.join("applied"));
+        std::fs::write(&tmp, seq.to_string()).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| ShadowError::io(path, e))
+    }
+
     fn spawn_applier(self: &Arc<Self>) -> Result<(), ShadowError> {
         let me = self.clone();
         std::thread::Builder::new().name(format!("kura-apply-{}", self.name)).spawn(move || me.apply_loop()).map(drop).map_err(|e| ShadowError::io(&self.mirror, e))
@@ -596,20 +604,14 @@ impl Stream {
         };
         self.demoting.store(true, Ordering::SeqCst);
         let _ = recorder.join();
-        // What users wrote last, after the recorder's final round.
-        if let Err(e) = crate::push::sync_once(&Own(self.clone()), &self.mirror, None) {
-            self.demoting.store(false, Ordering::SeqCst);
-            self.record_mirror();
-            return Err(e.into());
-        }
-        let (epoch, seq) = {
+        let handed = || -> Result<(u64, u64), ShadowError> {
+            // What users wrote last, after the recorder's final round.
+            crate::push::sync_once(&Own(self.clone()), &self.mirror, None)?;
             let inner = self.lock_inner();
             let head = inner.journal.head();
             // `applied` first: a standby restarted between the two files reconciles its mirror
             // to the head, never back to the promotion.
-            let tmp = self.dir.join(".applied.tmp");
-            std::fs::write(&tmp, head.to_string()).and_then(|_| std::fs::rename(&tmp, self.dir.join("applied"))).map_err(|e| ShadowError::io(self.dir.join("applied"), e))?;
-            self.applied.store(head, Ordering::SeqCst);
+            self.save_applied(head)?;
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             let mut next = f.clone();
             next.epoch += 1;
@@ -620,7 +622,16 @@ impl Stream {
             self.demoted_seq.store(head, Ordering::SeqCst);
             self.epoch.store(f.epoch, Ordering::SeqCst);
             self.primary.store(false, Ordering::SeqCst);
-            (f.epoch, head)
+            Ok((f.epoch, head))
+        };
+        let (epoch, seq) = match handed() {
+            Ok(x) => x,
+            // Still the primary (a full disk, say): its mirror goes on being recorded.
+            Err(e) => {
+                self.demoting.store(false, Ordering::SeqCst);
+                self.record_mirror();
+                return Err(e.into());
+            }
         };
         self.demoting.store(false, Ordering::SeqCst);
         tracing::warn!(stream = %self.name, epoch, record = seq, "handed back: the mirror follows the journal again; the host that follows the stream pushes at the new epoch");
@@ -973,12 +984,8 @@ impl Stream {
                 }
             }
             if done > applied {
-                self.applied.store(done, Ordering::SeqCst);
-                // Renamed into place: a torn number would send the reconcile back to the start.
-                let tmp = self.dir.join(".applied.tmp");
-                if std::fs::write(&tmp, done.to_string()).is_ok() {
-                    let _ = std::fs::rename(&tmp, self.dir.join("applied"));
-                }
+                // Not saved (full disk): the next start reconciles from an older record.
+                let _ = self.save_applied(done);
             }
             if let Some((_, recv_ns, _)) = batch.iter().find(|(seq, ..)| *seq == done) {
                 window.sample(&self.breaker, *recv_ns, tree.totals());
