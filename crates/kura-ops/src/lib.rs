@@ -15,6 +15,7 @@ pub mod lock;
 pub mod policy;
 pub mod progress;
 pub mod prune;
+pub mod pull;
 pub mod repair;
 pub mod restore;
 pub mod retention;

@@ -519,14 +519,25 @@ fn check_upload(s: &AppState, kind: Kind, name: &str, data: &[u8]) -> Result<Opt
 }
 
 fn receipt(s: &AppState, claimed: jiff::Timestamp, token: &TokenEntry) -> Receipt {
-    let now = jiff::Timestamp::now();
-    let skew = claimed.duration_since(now);
-    let future = jiff::SignedDuration::try_from(s.limits.future_skew).unwrap_or_default();
-    let past = jiff::SignedDuration::try_from(s.limits.past_skew).unwrap_or_default();
-    let flag = if skew > future {
-        Some(format!("claimed time is {}s after the server received it", skew.as_secs()))
-    } else if -skew > past {
-        Some(format!("claimed time is {}s before the server received it", -skew.as_secs()))
+    make_receipt((s.limits.future_skew, s.limits.past_skew), claimed, jiff::Timestamp::now(), &token.id, Some(token.role.name()))
+}
+
+/// A receipt of a snapshot received at `now` that claims the time `claimed`, flagged when the
+/// claim is further ahead or behind than `skew` (ahead, behind) allows.
+pub(crate) fn make_receipt(
+    skew: (std::time::Duration, std::time::Duration),
+    claimed: jiff::Timestamp,
+    now: jiff::Timestamp,
+    token: &str,
+    role: Option<&str>,
+) -> Receipt {
+    let off = claimed.duration_since(now);
+    let future = jiff::SignedDuration::try_from(skew.0).unwrap_or_default();
+    let past = jiff::SignedDuration::try_from(skew.1).unwrap_or_default();
+    let flag = if off > future {
+        Some(format!("claimed time is {}s after the server received it", off.as_secs()))
+    } else if -off > past {
+        Some(format!("claimed time is {}s before the server received it", -off.as_secs()))
     } else {
         None
     };
@@ -534,10 +545,10 @@ fn receipt(s: &AppState, claimed: jiff::Timestamp, token: &TokenEntry) -> Receip
         version: 1,
         received: now.to_string(),
         claimed: claimed.to_string(),
-        skew_seconds: skew.as_secs(),
+        skew_seconds: off.as_secs(),
         flag,
-        token: token.id.clone(),
-        role: Some(token.role.name().to_string()),
+        token: token.to_string(),
+        role: role.map(str::to_string),
     }
 }
 
@@ -633,7 +644,7 @@ pub async fn put_object(
 /// Stores a snapshot: its receipt first (so no snapshot is ever without one; an existing
 /// receipt of a snapshot that comes back from the trash stays), then the snapshot, then its
 /// trash record goes. Serialised with [`trash_snapshot`] per repository.
-fn put_snapshot(h: &Hosted, name: &str, data: &[u8], receipt: Option<&Receipt>) -> Result<(), StoreError> {
+pub(crate) fn put_snapshot(h: &Hosted, name: &str, data: &[u8], receipt: Option<&Receipt>) -> Result<(), StoreError> {
     let _guard = h.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = receipt {
         match h.store.put_new(Kind::Receipt, name, &serde_json::to_vec(r).unwrap_or_default()) {

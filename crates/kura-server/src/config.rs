@@ -149,6 +149,46 @@ pub struct RepoConfig {
     /// Scheduled keyless prune: deletes packs no snapshot (nor trashed one) uses.
     #[serde(default)]
     pub prune: Option<PruneJob>,
+    /// Scheduled pull of snapshots from another repository, which this one replicates.
+    #[serde(default)]
+    pub pull: Option<PullJob>,
+}
+
+/// `[repository.pull]`: this repository is a replica of `from`, which the server reads on a
+/// schedule (with a read token when `from` is a kura server) without the key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PullJob {
+    /// When it runs (`daily 01:30`).
+    pub schedule: String,
+    /// The source: `kura://HOST:PORT/REPO`, `s3://BUCKET/PREFIX` or a directory.
+    pub from: String,
+    /// The access token for a kura server source (a read token is enough).
+    pub token_file: Option<PathBuf>,
+    /// The source server's certificate fingerprint (else the system's CAs decide).
+    pub fingerprint: Option<String>,
+    /// Only these hosts.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Only snapshots carrying all these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Only snapshots whose paths include all these.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Only the newest snapshot of each `hourly`, `daily`, `weekly`, `biweekly`, `monthly` or
+    /// `yearly` period per host and paths.
+    pub newest_of: Option<String>,
+    /// Zone of the schedule and the periods (default: the server's).
+    pub timezone: Option<String>,
+    /// Attempts of a run before it is reported failed (a network cut is retried: what was
+    /// fetched stays).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+fn default_attempts() -> u32 {
+    3
 }
 
 /// `[repository.prune]`: when the keyless prune runs.

@@ -1,11 +1,11 @@
 //! Server-side jobs, none of which needs the repository key: retention by the server's receive
 //! times (deleted snapshots go to the trash), expiry of the trash after the undelete window,
-//! keyless prune of packs no snapshot uses, and verification of stored bytes against their
-//! content-addressed names.
+//! keyless prune of packs no snapshot uses, verification of stored bytes against their
+//! content-addressed names, and pulls from the repository this one replicates.
 
 use crate::ServerError;
 use crate::api::{Hosted, trash_snapshot};
-use crate::config::{RepoConfig, parse_duration, parse_subset};
+use crate::config::{PullJob, RepoConfig, parse_duration, parse_subset};
 use crate::schedule::Schedule;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ZonedDateTime};
@@ -20,9 +20,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The jobs a hosted repository runs: `retention`, `prune`, `verify`, and `expire` (hourly,
-/// always).
-pub const JOBS: [&str; 4] = ["retention", "prune", "verify", "expire"];
+/// The jobs a hosted repository runs: `pull`, `retention`, `prune`, `verify`, and `expire`
+/// (hourly, always).
+pub const JOBS: [&str; 5] = ["pull", "retention", "prune", "verify", "expire"];
 
 /// What the last runs of a job did (`GET /v1/<repo>/jobs`, `/metrics`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -54,6 +54,7 @@ pub struct RepoJobs {
     retention: Option<(Schedule, Resolved)>,
     prune: Option<Schedule>,
     verify: Option<(Schedule, u64)>,
+    pull: Option<(Schedule, PullSpec)>,
     zone: TimeZone,
     /// Status per job name.
     pub status: Mutex<BTreeMap<&'static str, JobStatus>>,
@@ -61,8 +62,9 @@ pub struct RepoJobs {
 }
 
 impl RepoJobs {
-    /// Resolves a repository's configured jobs.
-    pub fn new(r: &RepoConfig) -> Result<RepoJobs, ServerError> {
+    /// Resolves a repository's configured jobs; `skew` is how far a snapshot's claimed time may
+    /// be ahead of and behind the server's clock before its receipt is flagged.
+    pub fn new(r: &RepoConfig, skew: (Duration, Duration)) -> Result<RepoJobs, ServerError> {
         let ctx = |m: String| ServerError::Config(format!("repository {:?}: {m}", r.name));
         let mut zone = TimeZone::system();
         let retention = match &r.retention {
@@ -81,8 +83,13 @@ impl RepoJobs {
             Some(j) => Some((j.schedule.parse::<Schedule>().map_err(ctx)?, parse_subset(&j.subset).map_err(ctx)?)),
             None => None,
         };
+        let pull = match &r.pull {
+            Some(j) => Some((j.schedule.parse::<Schedule>().map_err(ctx)?, PullSpec::new(j, skew).map_err(ctx)?)),
+            None => None,
+        };
         let mut status = BTreeMap::new();
         for (name, sched) in [
+            ("pull", pull.as_ref().map(|(s, _)| s.to_string())),
             ("retention", retention.as_ref().map(|(s, _)| s.to_string())),
             ("prune", prune.as_ref().map(|s| s.to_string())),
             ("verify", verify.as_ref().map(|(s, _)| s.to_string())),
@@ -97,6 +104,7 @@ impl RepoJobs {
             retention,
             prune,
             verify,
+            pull,
             zone,
             status: Mutex::new(status),
             verify_round: AtomicU64::new(0),
@@ -108,6 +116,7 @@ impl RepoJobs {
             "retention" => self.retention.as_ref().map(|(s, _)| s.clone()),
             "prune" => self.prune.clone(),
             "verify" => self.verify.as_ref().map(|(s, _)| s.clone()),
+            "pull" => self.pull.as_ref().map(|(s, _)| s.clone()),
             "expire" => Some(Schedule::Hourly(0)),
             _ => None,
         }
@@ -122,10 +131,14 @@ impl RepoJobs {
 
 /// Runs one job now (blocking); returns what it did, or why it failed.
 pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
-    let job: &'static str = JOBS.into_iter().find(|j| *j == job).ok_or_else(|| format!("no job named {job:?} (retention, prune, verify, expire)"))?;
+    let job: &'static str = JOBS.into_iter().find(|j| *j == job).ok_or_else(|| format!("no job named {job:?} (pull, retention, prune, verify, expire)"))?;
     let started = Instant::now();
     let start_time = Timestamp::now();
     let result = match job {
+        "pull" => match &hosted.jobs.pull {
+            Some((_, spec)) => pull(hosted, spec),
+            None => Err("no pull is configured for this repository".into()),
+        },
         "retention" => match &hosted.jobs.retention {
             Some((_, policy)) => retention(hosted, policy),
             None => Err("no retention is configured for this repository".into()),
@@ -163,6 +176,116 @@ pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
 
 fn store_err(e: impl std::fmt::Display) -> String {
     e.to_string()
+}
+
+/// A resolved `[repository.pull]`.
+pub struct PullSpec {
+    job: PullJob,
+    selection: kura_ops::pull::Selection,
+    skew: (Duration, Duration),
+}
+
+impl PullSpec {
+    fn new(j: &PullJob, skew: (Duration, Duration)) -> Result<PullSpec, String> {
+        let tz = match &j.timezone {
+            Some(z) => TimeZone::get(z).map_err(|e| format!("pull: timezone {z:?}: {e}"))?,
+            None => TimeZone::system(),
+        };
+        let newest_of = match &j.newest_of {
+            Some(n) => Some(
+                kura_ops::retention::Period::ALL
+                    .into_iter()
+                    .find(|p| p.name() == n)
+                    .ok_or_else(|| format!("pull: newest-of {n:?}: use hourly, daily, weekly, biweekly, monthly or yearly"))?,
+            ),
+            None => None,
+        };
+        if kura_store::remote::is_remote(&j.from) && j.token_file.is_none() {
+            return Err(format!("pull: {} is a kura server: name a token-file (a read token is enough)", j.from));
+        }
+        let selection = kura_ops::pull::Selection { hosts: j.hosts.clone(), tags: j.tags.clone(), paths: j.paths.clone(), newest_of, tz };
+        Ok(PullSpec { job: j.clone(), selection, skew })
+    }
+
+    /// Opens the source (again at each run: a token file may have been rotated).
+    fn source(&self) -> Result<std::sync::Arc<dyn Store>, String> {
+        let from = &self.job.from;
+        Ok(if kura_store::remote::is_remote(from) {
+            let file = self.job.token_file.as_deref().unwrap_or(std::path::Path::new(""));
+            let token = std::fs::read_to_string(file).map_err(|e| format!("cannot read token file {}: {e}", file.display()))?;
+            let opts = kura_store::remote::RemoteOptions { token: token.trim().to_string(), fingerprint: self.job.fingerprint.clone(), ..Default::default() };
+            std::sync::Arc::new(kura_store::RemoteStore::open(from, &opts).map_err(store_err)?)
+        } else if kura_store::s3::is_s3(from) {
+            std::sync::Arc::new(kura_store::S3Store::open(from, &kura_store::s3::S3Options::from_env()).map_err(store_err)?)
+        } else {
+            std::sync::Arc::new(kura_store::LocalStore::open(std::path::Path::new(from)).map_err(store_err)?)
+        })
+    }
+}
+
+/// Pulls from the source, trying again after a failure that may pass (a network cut: what was
+/// fetched stays, so the next attempt resumes), then applies this repository's retention.
+fn pull(hosted: &Hosted, spec: &PullSpec) -> Result<String, String> {
+    let mut last = String::new();
+    for attempt in 0..spec.job.attempts.max(1) {
+        if attempt > 0 {
+            tracing::warn!(repo = %hosted.name, "pull attempt {attempt} failed ({last}); trying again");
+            std::thread::sleep(Duration::from_secs(1 << attempt.min(6)));
+        }
+        let (msg, transient) = match pull_once(hosted, spec) {
+            Ok(m) => return Ok(m),
+            Err(e) => e,
+        };
+        last = msg;
+        if !transient {
+            break;
+        }
+    }
+    Err(last)
+}
+
+fn pull_once(hosted: &Hosted, spec: &PullSpec) -> Result<String, (String, bool)> {
+    let src = spec.source().map_err(|e| (e, true))?;
+    let put = |name: &str, bytes: &[u8], received: Option<Timestamp>| -> Result<(), StoreError> {
+        // The public part was read already; a failure here cannot happen for a chosen snapshot.
+        let claimed = kura_repo::snapshot::decode_public(bytes).ok().and_then(|(p, _)| p.time.parse().ok()).unwrap_or_else(Timestamp::now);
+        // The source server's receive time when it has one; else the claimed time, which the
+        // pull bounded (never after now, never before what this replica had of its group).
+        let received = received.unwrap_or(claimed).min(Timestamp::now());
+        let r = crate::api::make_receipt(spec.skew, claimed, received, "pull", Some("pull"));
+        match crate::api::put_snapshot(hosted, name, bytes, Some(&r)) {
+            Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    let r = kura_ops::pull::pull(&src, &hosted.store, &spec.selection, Timestamp::now(), &put).map_err(|e| {
+        let transient = matches!(&e, kura_ops::OpsError::Repo(kura_repo::RepoError::Store(s)) if s.is_transient());
+        (format!("pulling from {}: {e}", spec.job.from), transient)
+    })?;
+    let mut msg = format!(
+        "pulled {} snapshot(s) ({} pack(s), {} bytes fetched; {} pack(s) here already); {} here already, {} older than what is here",
+        r.pulled.len(),
+        r.packs_fetched,
+        r.bytes_fetched,
+        r.packs_present,
+        r.present,
+        r.older
+    );
+    if r.initialised {
+        msg.push_str("; this repository is now a replica of its source");
+    }
+    if !r.future.is_empty() {
+        msg.push_str(&format!("; {} dated in the future not pulled", r.future.len()));
+    }
+    if let Some((_, policy)) = &hosted.jobs.retention {
+        let kept = retention(hosted, policy).map_err(|e| (format!("{msg}; retention failed: {e}"), false))?;
+        msg.push_str(&format!("; retention: {kept}"));
+    }
+    if !r.refused.is_empty() {
+        let why: Vec<String> = r.refused.iter().map(|f| format!("snapshot {}: {}", &f.snapshot[..8], f.reason)).collect();
+        return Err((format!("{msg}; refused {}", why.join("; ")), false));
+    }
+    Ok(msg)
 }
 
 /// Applies the retention policy to the snapshots' public parts with the server's receive

@@ -142,6 +142,8 @@ pub fn router(state: Arc<api::AppState>) -> Router {
 
 /// Opens (creating the layout of) every configured repository.
 fn host_repos(cfg: &ServerConfig) -> Result<Vec<api::Hosted>, ServerError> {
+    let limits = cfg.limits()?;
+    let skew = (limits.future_skew, limits.past_skew);
     cfg.repositories
         .iter()
         .map(|r| {
@@ -151,7 +153,7 @@ fn host_repos(cfg: &ServerConfig) -> Result<Vec<api::Hosted>, ServerError> {
                 None => api::Storage::Local(Arc::new(LocalStore::create(&cfg.repo_path(r)).map_err(err)?)),
             };
             let owners = cfg.state_dir.join(format!("session-owners-{}.json", r.name));
-            Ok(api::Hosted::new(r.name.clone(), store, jobs::RepoJobs::new(r)?, owners))
+            Ok(api::Hosted::new(r.name.clone(), store, jobs::RepoJobs::new(r, skew)?, owners))
         })
         .collect()
 }

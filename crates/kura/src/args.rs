@@ -75,6 +75,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Copy snapshots from another repository into this one (another key, machine or bucket).
     Copy(CopyArgs),
+    /// Pull snapshots into a replica of their repository, without the key: every object is
+    /// checked against its name; what a generation server does with a read token.
+    Pull(PullArgs),
     /// Protect a snapshot: forget never removes it.
     Protect {
         /// Snapshot id (prefix) or "latest".
@@ -350,6 +353,27 @@ pub struct CopyArgs {
     pub filter: FilterArgs,
     /// Only the newest snapshot of each period per host and paths (hourly, daily, weekly,
     /// biweekly, monthly, yearly; local calendar, as retention counts): what a weekly copy takes.
+    #[arg(long, value_name = "PERIOD", value_parser = ["hourly", "daily", "weekly", "biweekly", "monthly", "yearly"])]
+    pub newest_of: Option<String>,
+}
+
+/// `kura pull` options.
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The repository to pull from (a path, `kura://HOST:PORT/REPO` or `s3://BUCKET/PREFIX`).
+    #[arg(long, value_name = "REPO")]
+    pub from_repo: String,
+    /// For a kura server as the source: its access token (a read token is enough) from this
+    /// file (else KURA_FROM_TOKEN).
+    #[arg(long, env = "KURA_FROM_TOKEN_FILE")]
+    pub from_token_file: Option<PathBuf>,
+    /// The source server's certificate fingerprint (else the system's CAs decide).
+    #[arg(long, env = "KURA_FROM_FINGERPRINT")]
+    pub from_fingerprint: Option<String>,
+    /// Only snapshots of this host, tag or path.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Only the newest snapshot of each period per host and paths (as for `copy`).
     #[arg(long, value_name = "PERIOD", value_parser = ["hourly", "daily", "weekly", "biweekly", "monthly", "yearly"])]
     pub newest_of: Option<String>,
 }

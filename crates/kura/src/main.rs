@@ -90,6 +90,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Forget(a) => cmd::retain::forget(cli, a),
         Command::Prune(a) => cmd::retain::prune(cli, a),
         Command::Copy(a) => cmd::copy::run(cli, a),
+        Command::Pull(a) => cmd::copy::pull(cli, a),
         Command::Protect { snapshot, reason } => cmd::retain::protect(cli, snapshot, Some(reason)),
         Command::Unprotect { snapshot } => cmd::retain::protect(cli, snapshot, None),
         Command::Repair(r) => cmd::repair::run(cli, r),

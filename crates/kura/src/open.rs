@@ -54,15 +54,20 @@ pub fn location_of(repo: Option<&String>) -> Result<Location> {
 /// How to reach a kura server: the token from --token-file or KURA_TOKEN, the pinned
 /// fingerprint, and KURA_RETRIES (attempts after the first for network failures).
 pub fn remote_options(cli: &Cli) -> Result<RemoteOptions> {
-    let token = match (&cli.token_file, std::env::var("KURA_TOKEN")) {
+    remote_options_with(cli.token_file.as_deref(), "KURA_TOKEN", "--token-file", cli.fingerprint.as_ref())
+}
+
+/// [`remote_options`] with the token from `token_file`, else the variable `env`.
+pub fn remote_options_with(token_file: Option<&std::path::Path>, env: &str, flag: &str, fingerprint: Option<&String>) -> Result<RemoteOptions> {
+    let token = match (token_file, std::env::var(env)) {
         (Some(f), _) => {
             let t = std::fs::read_to_string(f).with_context(|| format!("cannot read token file {}", f.display()))?;
             t.trim().to_string()
         }
         (None, Ok(t)) => t,
-        (None, Err(_)) => bail!("a kura server needs an access token: set KURA_TOKEN or use --token-file"),
+        (None, Err(_)) => bail!("a kura server needs an access token: set {env} or use {flag}"),
     };
-    let mut opts = RemoteOptions { token: token.trim().to_string(), fingerprint: cli.fingerprint.clone(), ..Default::default() };
+    let mut opts = RemoteOptions { token: token.trim().to_string(), fingerprint: fingerprint.cloned(), ..Default::default() };
     if let Ok(r) = std::env::var("KURA_RETRIES") {
         opts.retries = r.parse().with_context(|| format!("KURA_RETRIES={r:?} is not a number"))?;
     }
@@ -85,10 +90,38 @@ fn s3_options() -> Result<S3Options> {
 
 /// Opens the store of an existing repository (no key needed yet).
 pub fn open_store(cli: &Cli, loc: &Location) -> Result<Arc<dyn Store>> {
+    open_store_with(loc, &|| remote_options(cli))
+}
+
+/// [`open_store`] with the server options `remote` gives (asked only for a kura server).
+pub fn open_store_with(loc: &Location, remote: &dyn Fn() -> Result<RemoteOptions>) -> Result<Arc<dyn Store>> {
     Ok(match &loc.url {
         Some(u) if is_s3(u) => Arc::new(S3Store::open(u, &s3_options()?).map_err(RepoError::from)?),
-        Some(u) => Arc::new(RemoteStore::open(u, &remote_options(cli)?).map_err(RepoError::from)?),
+        Some(u) => Arc::new(RemoteStore::open(u, &remote()?).map_err(RepoError::from)?),
         None => Arc::new(LocalStore::open(&loc.path).map_err(RepoError::from)?),
+    })
+}
+
+/// The store a pull fills: an existing repository, or a new one (a missing or empty
+/// directory, a bucket prefix or server repository not initialised yet).
+pub fn pull_target(cli: &Cli) -> Result<Arc<dyn Store>> {
+    let loc = location(cli)?;
+    Ok(match &loc.url {
+        Some(u) if is_s3(u) => match S3Store::create(u, &s3_options()?) {
+            Ok(s) => Arc::new(s),
+            Err(kura_store::StoreError::Exists(_)) => Arc::new(S3Store::open(u, &s3_options()?).map_err(RepoError::from)?),
+            Err(e) => return Err(RepoError::from(e).into()),
+        },
+        Some(u) => Arc::new(RemoteStore::create(u, &remote_options(cli)?).map_err(RepoError::from)?),
+        None => match LocalStore::open(&loc.path) {
+            Ok(s) => Arc::new(s),
+            Err(_) => {
+                if std::fs::read_dir(&loc.path).is_ok_and(|mut d| d.next().is_some()) {
+                    bail!("{} is neither a repository nor empty; a pull fills an empty directory or a replica", loc.path.display());
+                }
+                Arc::new(LocalStore::create(&loc.path).map_err(RepoError::from)?)
+            }
+        },
     })
 }
 

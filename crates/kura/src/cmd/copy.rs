@@ -1,6 +1,7 @@
-//! `kura copy`: snapshots from another repository into this one.
+//! `kura copy` (snapshots from another repository, re-encrypted) and `kura pull` (into a replica
+//! of their repository, keyless).
 
-use crate::args::{Cli, CopyArgs};
+use crate::args::{Cli, CopyArgs, PullArgs};
 use crate::output::{bytes, json, short};
 use crate::{Outcome, open};
 use anyhow::{Context, Result};
@@ -36,4 +37,49 @@ pub fn run(cli: &Cli, a: &CopyArgs) -> Result<Outcome> {
         outln!("{} snapshot(s) copied; {} new blob(s), {} of data added", r.copied.len(), r.blobs_added, bytes(r.bytes_added));
     }
     Ok(Outcome::Ok)
+}
+
+/// `kura pull`: the selected snapshots of `--from-repo` into a replica of it, without the key.
+pub fn pull(cli: &Cli, a: &PullArgs) -> Result<Outcome> {
+    let loc = open::location_of(Some(&a.from_repo))?;
+    let src = open::open_store_with(&loc, &|| {
+        open::remote_options_with(a.from_token_file.as_deref(), "KURA_FROM_TOKEN", "--from-token-file", a.from_fingerprint.as_ref())
+    })
+    .context("opening the source repository")?;
+    let dst = open::pull_target(cli)?;
+    let sel = kura_ops::pull::Selection {
+        hosts: a.filter.host.iter().cloned().collect(),
+        tags: a.filter.tag.iter().cloned().collect(),
+        paths: a.filter.path.iter().cloned().collect(),
+        newest_of: a.newest_of.as_deref().and_then(|n| kura_ops::retention::Period::ALL.into_iter().find(|p| p.name() == n)),
+        tz: jiff::tz::TimeZone::system(),
+    };
+    let put = kura_ops::pull::put_plain(dst.as_ref());
+    let r = kura_ops::pull::pull(&src, &dst, &sel, jiff::Timestamp::now(), &put).context("pulling")?;
+    if cli.json {
+        json(&r)?;
+    } else if !cli.quiet {
+        if r.initialised {
+            outln!("{} is now a replica of {}", dst.location(), src.location());
+        }
+        for s in &r.pulled {
+            outln!("snapshot {} pulled", short(s, 8));
+        }
+        for s in &r.future {
+            outln!("snapshot {} is dated in the future: not pulled", short(s, 8));
+        }
+        outln!(
+            "{} snapshot(s) pulled, {} here already, {} older than what is here; {} pack(s) fetched ({}), {} here already",
+            r.pulled.len(),
+            r.present,
+            r.older,
+            r.packs_fetched,
+            bytes(r.bytes_fetched),
+            r.packs_present
+        );
+    }
+    for f in &r.refused {
+        eprintln!("kura: snapshot {} refused: {}", short(&f.snapshot, 8), f.reason);
+    }
+    Ok(if r.refused.is_empty() { Outcome::Ok } else { Outcome::Partial })
 }

@@ -6,8 +6,10 @@
 mod badinput;
 mod corruption;
 mod crash;
+mod drill;
 mod faultproxy;
 mod generations;
+mod pull;
 mod roundtrip;
 mod s3;
 mod server;
