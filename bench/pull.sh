@@ -72,7 +72,7 @@ pull_job() {
 
 for r in $(seq 1 "$ROUNDS"); do
   # kura: a fresh replica server pulls everything, then one more snapshot.
-  rm -rf "$W/dst-state"
+  rm -rf "$W/dst-state" "$W"/dst.admin "$W"/dst.backup "$W"/dst.read
   printf '%s\n' "$(cat "$W/src.read")" >"$W/src.read.token"
   serve dst "[repository.pull]
 schedule = \"daily 03:00\"

@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod check;
 pub mod copy;
+pub mod drill;
 pub mod forget;
 pub mod error;
 pub mod fsmeta;
@@ -17,8 +18,10 @@ pub mod progress;
 pub mod prune;
 pub mod pull;
 pub mod repair;
+pub mod report;
 pub mod restore;
 pub mod retention;
+pub mod status;
 pub mod topology;
 pub mod walk;
 

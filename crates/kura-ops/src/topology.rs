@@ -30,10 +30,16 @@ struct File {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct HostSection {
-    /// Where its kura server listens (informational for `plan`).
+    /// Where its kura server listens (`HOST:PORT`).
     #[serde(default)]
-    #[allow(dead_code)]
     address: Option<String>,
+    /// Its certificate's fingerprint (`sha256:…`), for `status` and `report`.
+    #[serde(default)]
+    fingerprint: Option<String>,
+    /// A file holding a read token of its server, for `status` and `report` (relative to the
+    /// topology file).
+    #[serde(default)]
+    token_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +51,8 @@ struct DatasetSection {
     paths: Vec<String>,
     shadow: Option<Spanned<String>>,
     shadow_window: Option<Spanned<String>>,
+    /// The repository's name on its host's server (default: the dataset's name).
+    repository: Option<String>,
     #[serde(default)]
     generation: Vec<Spanned<GenerationSection>>,
 }
@@ -59,6 +67,8 @@ struct GenerationSection {
     keep: Spanned<u64>,
     warn: Option<Spanned<String>>,
     crit: Option<Spanned<String>>,
+    /// The repository's name on its host's server (default: the dataset's name).
+    repository: Option<String>,
 }
 
 /// What a topology will keep.
@@ -68,6 +78,19 @@ pub struct Plan {
     pub datasets: Vec<DatasetPlan>,
     /// Every machine that holds a copy of something, sorted.
     pub machines: Vec<String>,
+    /// How to reach each host's server.
+    pub hosts: BTreeMap<String, HostAccess>,
+}
+
+/// How to reach a host's kura server.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostAccess {
+    /// `HOST:PORT`.
+    pub address: Option<String>,
+    /// Certificate fingerprint.
+    pub fingerprint: Option<String>,
+    /// Read token file (as written: relative to the topology file).
+    pub token_file: Option<String>,
 }
 
 /// One dataset's copies.
@@ -85,6 +108,8 @@ pub struct DatasetPlan {
     pub machines: usize,
     /// How far back the oldest kept state reaches (hours).
     pub reaches_back_hours: f64,
+    /// Its backup repository on the protected host's server.
+    pub repository: String,
 }
 
 /// One copy of a dataset.
@@ -110,6 +135,16 @@ pub struct CopyPlan {
     pub warn_hours: f64,
     /// Age of the newest copy that is critical (hours; 0 for the shadow).
     pub crit_hours: f64,
+    /// The repository's name on its host's server (generations; the stream's for the shadow).
+    pub repository: String,
+}
+
+impl Plan {
+    /// `kura://ADDRESS/REPO` of a repository on `host`, when the host has an address.
+    pub fn url(&self, host: &str, repository: &str) -> Option<String> {
+        let a = self.hosts.get(host)?.address.as_ref()?;
+        Some(format!("kura://{a}/{repository}"))
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -145,7 +180,7 @@ fn unit_name(p: Period, n: u64) -> String {
 }
 
 /// Hours of a duration like `26h`, `7d`, `1m` (months and years from 2026-01-01).
-fn hours(s: &str) -> Result<f64, String> {
+pub fn hours(s: &str) -> Result<f64, String> {
     let span = parse_span(s)?;
     let h = span.total((jiff::Unit::Hour, jiff::civil::date(2026, 1, 1))).map_err(|e| format!("bad duration {s:?}: {e}"))?;
     if h <= 0.0 {
@@ -193,7 +228,19 @@ pub fn plan(text: &str) -> Result<Plan, TopologyError> {
                 Some(w) => (hours(w.get_ref()).map_err(|e| at(w.span(), e))?, format!("{} window", w.get_ref())),
                 None => (0.0, "live, no history".into()),
             };
-            copies.push(CopyPlan { name: "shadow".into(), kind: "shadow", host: sh.get_ref().clone(), from: protected.clone(), every: None, keep: 0, covers_hours, covers, warn_hours: 0.0, crit_hours: 0.0 });
+            copies.push(CopyPlan {
+                name: "shadow".into(),
+                kind: "shadow",
+                host: sh.get_ref().clone(),
+                from: protected.clone(),
+                every: None,
+                keep: 0,
+                covers_hours,
+                covers,
+                warn_hours: 0.0,
+                crit_hours: 0.0,
+                repository: name.clone(),
+            });
         } else if let Some(w) = &d.shadow_window {
             return Err(at(w.span(), format!("shadow_window without a shadow host for {name}")));
         }
@@ -280,14 +327,21 @@ pub fn plan(text: &str) -> Result<Plan, TopologyError> {
                 covers: unit_name(p, keep),
                 warn_hours: warn,
                 crit_hours: crit,
+                repository: g.repository.clone().unwrap_or_else(|| name.clone()),
             });
         }
         let machines: BTreeSet<&str> = copies.iter().map(|c| c.host.as_str()).collect();
         all_machines.extend(machines.iter().map(|s| s.to_string()));
         let reaches_back_hours = copies.iter().map(|c| c.covers_hours).fold(0.0, f64::max);
-        datasets.push(DatasetPlan { name, host: protected, paths: d.paths.clone(), machines: machines.len(), copies, reaches_back_hours });
+        let repository = d.repository.clone().unwrap_or_else(|| name.clone());
+        datasets.push(DatasetPlan { name, host: protected, paths: d.paths.clone(), machines: machines.len(), copies, reaches_back_hours, repository });
     }
-    Ok(Plan { datasets, machines: all_machines.into_iter().collect() })
+    let hosts = file
+        .host
+        .iter()
+        .map(|(n, h)| (n.clone(), HostAccess { address: h.address.clone(), fingerprint: h.fingerprint.clone(), token_file: h.token_file.clone() }))
+        .collect();
+    Ok(Plan { datasets, machines: all_machines.into_iter().collect(), hosts })
 }
 
 /// Entry point of the `parse_topology` fuzz target (and its proptest twin): any text gives a

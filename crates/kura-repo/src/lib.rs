@@ -26,6 +26,7 @@
 pub mod chunker;
 pub mod config;
 pub mod crypto;
+pub mod drill;
 pub mod error;
 pub mod fuzz;
 pub mod id;

@@ -105,7 +105,7 @@ fn host_user() -> (String, String) {
 }
 
 /// This machine's host name.
-pub(crate) fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())

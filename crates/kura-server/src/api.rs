@@ -425,6 +425,8 @@ fn may_write(role: Role, kind: Kind) -> Result<(), ApiError> {
     let ok = match kind {
         Kind::Receipt | Kind::Trash => false,
         Kind::Session => true,
+        // A drill only reads; its record only adds a fact.
+        Kind::Drill => matches!(role, Role::Read | Role::Backup | Role::Admin),
         Kind::Pack | Kind::Index | Kind::Snapshot => matches!(role, Role::Backup | Role::Admin),
         Kind::Config | Kind::Key | Kind::Plan | Kind::Protection | Kind::Lineage => role == Role::Admin,
     };
@@ -446,7 +448,7 @@ const SMALL_OBJECT: u64 = 1 << 20;
 /// off a client that stalls or trickles.
 async fn read_upload<'a>(s: &'a AppState, kind: Kind, headers: &HeaderMap, body: Body) -> Result<(Vec<u8>, tokio::sync::SemaphorePermit<'a>), ApiError> {
     let max = match kind {
-        Kind::Session | Kind::Config | Kind::Key | Kind::Protection => SMALL_OBJECT.min(s.limits.max_object_size),
+        Kind::Session | Kind::Config | Kind::Key | Kind::Protection | Kind::Drill => SMALL_OBJECT.min(s.limits.max_object_size),
         _ => s.limits.max_object_size,
     };
     let too_large = || err(StatusCode::PAYLOAD_TOO_LARGE, format!("object larger than this server accepts for {} ({max} bytes)", kind.wire()));
@@ -512,6 +514,10 @@ fn check_upload(s: &AppState, kind: Kind, name: &str, data: &[u8]) -> Result<Opt
             if info.version != 1 || ahead > jiff::SignedDuration::try_from(s.limits.future_skew).unwrap_or_default() {
                 return Err(err(StatusCode::BAD_REQUEST, "session record of another version or with a heartbeat in the future (check this client's clock)"));
             }
+            Ok(None)
+        }
+        Kind::Drill => {
+            kura_repo::drill::DrillRecord::decode(data).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
             Ok(None)
         }
         _ => Ok(None),
@@ -792,6 +798,8 @@ mod tests {
         assert!(may_write(Role::Backup, Kind::Pack).is_ok());
         assert!(may_write(Role::Backup, Kind::Snapshot).is_ok());
         assert!(may_write(Role::Read, Kind::Session).is_ok());
+        assert!(may_write(Role::Read, Kind::Drill).is_ok());
+        assert!(may_write(Role::Shadow, Kind::Drill).is_err());
         for k in [Kind::Config, Kind::Key, Kind::Plan, Kind::Protection, Kind::Receipt, Kind::Lineage] {
             assert!(may_write(Role::Backup, k).is_err(), "{k:?}");
         }

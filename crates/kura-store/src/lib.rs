@@ -57,11 +57,15 @@ pub enum Kind {
     /// so a keyless server can follow snapshots' public pack lists to where their data lives.
     /// Written by admin prunes only.
     Lineage,
+    /// Restore drill records: `drills/<BLAKE3 of the bytes>`, plain JSON facts of one drill
+    /// (which snapshot, how many files, how long, the result), no file names. Added by any
+    /// token that can read (a drill needs only to read), never changed.
+    Drill,
 }
 
 impl Kind {
     /// Every kind, in the order a full listing walks them.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Config,
         Kind::Key,
         Kind::Pack,
@@ -73,6 +77,7 @@ impl Kind {
         Kind::Receipt,
         Kind::Trash,
         Kind::Lineage,
+        Kind::Drill,
     ];
 
     /// The directory (or key prefix) objects of this kind live under.
@@ -89,6 +94,7 @@ impl Kind {
             Kind::Receipt => "receipts",
             Kind::Trash => "trash",
             Kind::Lineage => "lineage",
+            Kind::Drill => "drills",
         }
     }
 
@@ -108,7 +114,7 @@ impl Kind {
     /// True for kinds whose objects are named by the BLAKE3 hash of their bytes, which anyone
     /// (a keyless server) can check.
     pub fn content_addressed(self) -> bool {
-        matches!(self, Kind::Key | Kind::Pack | Kind::Index | Kind::Snapshot | Kind::Plan | Kind::Lineage)
+        matches!(self, Kind::Key | Kind::Pack | Kind::Index | Kind::Snapshot | Kind::Plan | Kind::Lineage | Kind::Drill)
     }
 }
 

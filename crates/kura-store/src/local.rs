@@ -99,7 +99,7 @@ fn cached_handle(path: &Path) -> std::io::Result<std::sync::Arc<File>> {
 
 /// Repositories made before a kind existed lack its directory: make it on first write.
 fn ensure_dir(kind: Kind, dir: &Path) -> Result<(), StoreError> {
-    if matches!(kind, Kind::Session | Kind::Plan | Kind::Protection | Kind::Receipt | Kind::Trash | Kind::Lineage) && !dir.is_dir() {
+    if matches!(kind, Kind::Session | Kind::Plan | Kind::Protection | Kind::Receipt | Kind::Trash | Kind::Lineage | Kind::Drill) && !dir.is_dir() {
         fs::create_dir(dir).or_else(|e| if e.kind() == ErrorKind::AlreadyExists { Ok(()) } else { Err(e) })
             .map_err(|e| io(Verb::Write, dir.display(), e))?;
         if let Some(parent) = dir.parent() {

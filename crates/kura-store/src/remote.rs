@@ -186,6 +186,14 @@ pub fn pinned_config(fp: &str) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
+/// POSTs `body` as JSON to `url` (a monitoring webhook), within 15 s; the answer's status.
+pub fn post_json(url: &str, body: &[u8]) -> Result<u16, String> {
+    install_crypto_provider();
+    let client = Client::builder().timeout(Duration::from_secs(15)).build().map_err(|e| chain(&e))?;
+    let r = client.post(url).header("content-type", "application/json").body(body.to_vec()).send().map_err(|e| chain(&e))?;
+    Ok(r.status().as_u16())
+}
+
 /// Installs the process-wide TLS crypto provider (aws-lc-rs) once; later calls are no-ops.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -277,6 +285,20 @@ impl RemoteStore {
             target: self.display.clone(),
             status: 200,
             message: format!("unreadable repository information: {e}"),
+        })
+    }
+
+    /// The server's jobs on this repository and their last results (`GET /v1/<repo>/jobs`):
+    /// job name → `{ schedule, last_start, last_ok, last_message, last_success, next, ... }`.
+    pub fn jobs(&self) -> Result<serde_json::Value, StoreError> {
+        let target = format!("{}/jobs", self.display);
+        let resp = self.send(Verb::Read, &target, || self.client.get(format!("{}/jobs", self.base)))?;
+        let body = resp.bytes().map_err(|e| self.net(Verb::Read, &target, &e))?;
+        serde_json::from_slice(&body).map_err(|e| StoreError::Server {
+            verb: Verb::Read,
+            target,
+            status: 200,
+            message: format!("unreadable job status: {e}"),
         })
     }
 

@@ -78,6 +78,17 @@ pub enum Command {
     /// Pull snapshots into a replica of their repository, without the key: every object is
     /// checked against its name; what a generation server does with a read token.
     Pull(PullArgs),
+    /// Restore drill: restore a random sample of files (or a whole snapshot) into a scratch
+    /// directory, check them against the ids recorded at backup time, and record the result
+    /// and its duration in the repository.
+    Drill(DrillArgs),
+    /// Is every copy fresh, verified and restorable? Per group (or per dataset and generation
+    /// of a topology): the newest snapshot's age, the last verification and the last drill.
+    /// Exits 4 when something is late, 5 when something is critical or failing.
+    Status(StatusArgs),
+    /// A report of facts for customers and auditors: what is protected, copies and machines,
+    /// the newest copy of each generation, last verified, last restored, measured RPO/RTO.
+    Report(ReportArgs),
     /// Protect a snapshot: forget never removes it.
     Protect {
         /// Snapshot id (prefix) or "latest".
@@ -376,6 +387,75 @@ pub struct PullArgs {
     /// Only the newest snapshot of each period per host and paths (as for `copy`).
     #[arg(long, value_name = "PERIOD", value_parser = ["hourly", "daily", "weekly", "biweekly", "monthly", "yearly"])]
     pub newest_of: Option<String>,
+}
+
+/// `kura drill` options.
+#[derive(Args, Debug)]
+pub struct DrillArgs {
+    /// The snapshot (id prefix or `latest`); default: one at random.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// How many files to sample.
+    #[arg(long, default_value_t = 20, conflicts_with = "full")]
+    pub files: usize,
+    /// Restore the whole snapshot: the recovery time of everything.
+    #[arg(long)]
+    pub full: bool,
+    /// Where to make the scratch directory (removed afterwards); default: the system's
+    /// temporary directory.
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+}
+
+/// `kura status` options.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A topology file: every dataset's repository and generations, at their hosts' addresses
+    /// (each host's `token_file` and `fingerprint` reach them).
+    #[arg(long, value_name = "FILE")]
+    pub topology: Option<PathBuf>,
+    /// The newest snapshot is late after this long (without a topology).
+    #[arg(long, default_value = "26h")]
+    pub warn: String,
+    /// ... and critical after this long.
+    #[arg(long, default_value = "50h")]
+    pub crit: String,
+    /// The last successful drill is late after this long (`off` to not require drills).
+    #[arg(long, default_value = "8d")]
+    pub drill_warn: String,
+    /// Run this shell command when something is late or failing (the report on its stdin,
+    /// KURA_STATUS=warn|crit in its environment).
+    #[arg(long, value_name = "COMMAND")]
+    pub notify: Option<String>,
+    /// POST the report as JSON to this URL when something is late or failing.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+}
+
+/// `kura report` options.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A topology file (as for `status`); without one, the repository (-r).
+    #[arg(long, value_name = "FILE")]
+    pub topology: Option<PathBuf>,
+    /// `html` (one self-contained page) or `markdown`.
+    #[arg(long, default_value = "html", value_parser = ["html", "markdown"])]
+    pub format: String,
+    /// Write it here instead of standard output.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The title (the site's or the customer's name).
+    #[arg(long, default_value = "Data protection report")]
+    pub title: String,
+    /// Freshness limits without a topology (as for `status`).
+    #[arg(long, default_value = "26h")]
+    pub warn: String,
+    /// ... critical after this long.
+    #[arg(long, default_value = "50h")]
+    pub crit: String,
+    /// The last successful drill is late after this long (`off`).
+    #[arg(long, default_value = "8d")]
+    pub drill_warn: String,
 }
 
 /// `kura prune` options.

@@ -1,7 +1,8 @@
 //! The `kura` binary: parses the command line, runs one command, prints one line per error and
 //! exits with a code restic users know (0 ok, 1 fatal, 3 partial, 10 no repository, 12 wrong
-//! password, 11 another prune is running, 130 interrupted) and kura's own (13 refused by the
-//! server: token or role, 14 server unreachable).
+//! password, 11 another prune is running, 130 interrupted) and kura's own (2 refused topology,
+//! 4 a copy is late, 5 a copy is critical or a drill failed, 13 refused by the server: token or
+//! role, 14 server unreachable, 15 fenced shadow).
 
 /// `println!` for results, through [`output::line`]: a reader that stops early (`kura
 /// snapshots | head`) neither panics kura nor cuts its work short.
@@ -67,6 +68,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<cmd::plan::Refused>().is_some() {
             return 2;
         }
+        if let Some(a) = cause.downcast_ref::<cmd::status::Attention>() {
+            return a.code();
+        }
         match cause.downcast_ref::<OpsError>() {
             Some(OpsError::Interrupted) => return 130,
             Some(OpsError::Busy(_)) => return 11,
@@ -91,6 +95,9 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Prune(a) => cmd::retain::prune(cli, a),
         Command::Copy(a) => cmd::copy::run(cli, a),
         Command::Pull(a) => cmd::copy::pull(cli, a),
+        Command::Drill(a) => cmd::status::drill(cli, a),
+        Command::Status(a) => cmd::status::status(cli, a),
+        Command::Report(a) => cmd::status::report(cli, a),
         Command::Protect { snapshot, reason } => cmd::retain::protect(cli, snapshot, Some(reason)),
         Command::Unprotect { snapshot } => cmd::retain::protect(cli, snapshot, None),
         Command::Repair(r) => cmd::repair::run(cli, r),

@@ -11,3 +11,4 @@ pub mod restore;
 pub mod retain;
 pub mod serve;
 pub mod shadow;
+pub mod status;

@@ -10,6 +10,7 @@ mod drill;
 mod faultproxy;
 mod generations;
 mod pull;
+mod report;
 mod roundtrip;
 mod s3;
 mod server;

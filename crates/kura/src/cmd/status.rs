@@ -1,0 +1,263 @@
+//! `kura drill` (prove that a repository restores, and record it) and `kura status` (is every
+//! copy fresh, verified and drilled; exit codes, a command and a webhook for monitoring).
+
+use crate::args::{Cli, DrillArgs, ReportArgs, StatusArgs};
+use crate::output::{bytes, json, short};
+use crate::{Outcome, open};
+use anyhow::{Context, Result, bail};
+use kura_ops::status::{Level, Limits, RepoStatus};
+use kura_store::remote::{RemoteOptions, is_remote};
+use kura_store::{RemoteStore, Store};
+use std::io::Write;
+use std::path::Path;
+
+/// Something needs attention: exit 4 (late) or 5 (critical, failing).
+#[derive(Debug)]
+pub struct Attention {
+    /// How bad.
+    pub level: Level,
+    /// What, in one line.
+    pub message: String,
+}
+
+impl std::fmt::Display for Attention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Attention {}
+
+impl Attention {
+    /// The exit code.
+    pub fn code(&self) -> u8 {
+        if self.level == Level::Crit { 5 } else { 4 }
+    }
+}
+
+/// Runs a drill on the repository.
+pub fn drill(cli: &Cli, a: &DrillArgs) -> Result<Outcome> {
+    let repo = open::open_indexed(cli, "drill")?;
+    let snapshot = match &a.snapshot {
+        Some(s) => Some(repo.find_snapshot(s, |_| true)?.0),
+        None => None,
+    };
+    let opts = kura_ops::drill::DrillOptions {
+        snapshot,
+        files: if a.full { 0 } else { a.files.max(1) },
+        scratch: a.scratch.clone().unwrap_or_else(std::env::temp_dir),
+    };
+    let o = kura_ops::drill::drill(&repo, &opts).context("drill")?;
+    let r = &o.record;
+    if cli.json {
+        let failures: Vec<_> = o.failures.iter().map(|(p, why)| serde_json::json!({"path": p, "error": why})).collect();
+        json(&serde_json::json!({"record": r, "failures": failures}))?;
+    } else if !cli.quiet {
+        outln!(
+            "drill of snapshot {} ({} {}, {}): {} file(s) of {}, {} restored and checked in {:.2} s; {}",
+            short(&r.snapshot, 8),
+            r.host,
+            r.paths.join(","),
+            r.snapshot_time,
+            r.files,
+            r.mode,
+            bytes(r.bytes),
+            r.seconds,
+            if r.ok { "all match what was backed up" } else { "FAILED" }
+        );
+    }
+    for (p, why) in o.failures.iter().take(20) {
+        eprintln!("kura: {p}: {why}");
+    }
+    if !r.ok {
+        bail!(Attention {
+            level: Level::Crit,
+            message: format!("drill of snapshot {} failed: {} of {} file(s): {}", short(&r.snapshot, 8), r.failed, r.files, r.error.as_deref().unwrap_or("")),
+        });
+    }
+    Ok(Outcome::Ok)
+}
+
+fn hours(s: &str, what: &str) -> Result<f64> {
+    kura_ops::topology::hours(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// The status of one repository: a kura server's also reports its jobs.
+fn one(store: &dyn Store, remote: Option<&RemoteStore>, label: &str, limits: Limits) -> RepoStatus {
+    let now = jiff::Timestamp::now();
+    let jobs = match remote.map(|r| r.jobs()) {
+        Some(Ok(v)) => kura_ops::status::parse_jobs(&v),
+        _ => Vec::new(),
+    };
+    kura_ops::status::repo_status(store, label, jobs, limits, now)
+        .unwrap_or_else(|e| kura_ops::status::unreachable(label, &store.location(), limits, &e.to_string()))
+}
+
+/// A repository on a topology host's server, read with the host's read token.
+fn on_host(plan: &kura_ops::topology::Plan, base: &Path, host: &str, repository: &str, label: &str, limits: Limits) -> RepoStatus {
+    let fail = |loc: &str, why: String| kura_ops::status::unreachable(label, loc, limits, &why);
+    let Some(url) = plan.url(host, repository) else {
+        return fail(host, format!("host {host} has no address in the topology"));
+    };
+    let access = &plan.hosts[host];
+    let token = match &access.token_file {
+        Some(f) => match std::fs::read_to_string(base.join(f)) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => return fail(&url, format!("cannot read token file {}: {e}", base.join(f).display())),
+        },
+        None => return fail(&url, format!("host {host} has no token_file (a read token of its server)")),
+    };
+    let opts = RemoteOptions { token, fingerprint: access.fingerprint.clone(), retries: 1 };
+    match RemoteStore::open(&url, &opts) {
+        Ok(r) => one(&r, Some(&r), label, limits),
+        Err(e) => fail(&url, e.to_string()),
+    }
+}
+
+/// Every status `kura status` (and `kura report`) looks at.
+pub fn gather(cli: &Cli, topology: Option<&Path>, warn: &str, crit: &str, drill_warn: &str) -> Result<Vec<RepoStatus>> {
+    let drill_warn_hours = if drill_warn == "off" { None } else { Some(hours(drill_warn, "--drill-warn")?) };
+    let limits = Limits { warn_hours: hours(warn, "--warn")?, crit_hours: hours(crit, "--crit")?, drill_warn_hours };
+    let Some(file) = topology else {
+        let loc = open::location(cli)?;
+        return Ok(vec![match &loc.url {
+            Some(u) if is_remote(u) => {
+                let r = RemoteStore::open(u, &open::remote_options(cli)?).map_err(kura_repo::RepoError::from)?;
+                one(&r, Some(&r), &loc.describe(), limits)
+            }
+            _ => {
+                let store = open::open_store(cli, &loc)?;
+                one(store.as_ref(), None, &loc.describe(), limits)
+            }
+        }]);
+    };
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let plan = kura_ops::topology::plan(&text).map_err(|source| crate::cmd::plan::Refused { file: file.display().to_string(), source })?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for d in &plan.datasets {
+        out.push(on_host(&plan, base, &d.host, &d.repository, &format!("{}: backup on {}", d.name, d.host), limits));
+        for c in d.copies.iter().filter(|c| c.kind == "generation") {
+            let l = Limits { warn_hours: c.warn_hours, crit_hours: c.crit_hours, drill_warn_hours };
+            out.push(on_host(&plan, base, &c.host, &c.repository, &format!("{}: {} on {}", d.name, c.name, c.host), l));
+        }
+    }
+    Ok(out)
+}
+
+fn age(h: f64) -> String {
+    if h < 1.0 {
+        format!("{:.0} min", h * 60.0)
+    } else if h < 72.0 {
+        format!("{h:.1} h")
+    } else {
+        format!("{:.1} d", h / 24.0)
+    }
+}
+
+/// The human report, one block per repository.
+fn text(all: &[RepoStatus]) -> String {
+    let mut s = String::new();
+    for r in all {
+        let newest = r.groups.iter().map(|g| g.age_hours).fold(f64::NAN, f64::min);
+        let drill = match &r.last_drill {
+            Some(d) => format!("last drill {} ({}, {} files in {:.1} s)", if d.ok { "ok" } else { "FAILED" }, d.time, d.files, d.seconds),
+            None => "never drilled".into(),
+        };
+        let verify = r
+            .jobs
+            .iter()
+            .find(|j| j.name == "verify")
+            .map(|j| format!("verified {}", j.last_success.as_deref().unwrap_or("never")))
+            .unwrap_or_else(|| "no server verification".into());
+        s.push_str(&format!(
+            "{:4}  {}  ({} snapshot(s), newest {}; {}; {})\n",
+            r.level.name().to_uppercase(),
+            r.label,
+            r.snapshots,
+            if newest.is_nan() { "none".into() } else { age(newest) },
+            verify,
+            drill
+        ));
+        for why in &r.reasons {
+            s.push_str(&format!("      - {why}\n"));
+        }
+    }
+    s
+}
+
+/// Tells the notify command and the webhook; their failures are warnings.
+fn notify(a: &StatusArgs, level: Level, report: &str, all: &[RepoStatus]) {
+    if let Some(cmd) = &a.notify {
+        let child = std::process::Command::new("sh").arg("-c").arg(cmd).env("KURA_STATUS", level.name()).stdin(std::process::Stdio::piped()).spawn();
+        match child {
+            Ok(mut c) => {
+                if let Some(mut i) = c.stdin.take() {
+                    let _ = i.write_all(report.as_bytes());
+                }
+                match c.wait() {
+                    Ok(st) if st.success() => {}
+                    Ok(st) => eprintln!("kura: warning: the notify command exited with {st}"),
+                    Err(e) => eprintln!("kura: warning: the notify command: {e}"),
+                }
+            }
+            Err(e) => eprintln!("kura: warning: cannot run the notify command: {e}"),
+        }
+    }
+    if let Some(url) = &a.webhook {
+        let body = serde_json::json!({"status": level.name(), "text": report, "repositories": all});
+        match kura_store::remote::post_json(url, body.to_string().as_bytes()) {
+            Ok(code) if (200..300).contains(&code) => {}
+            Ok(code) => eprintln!("kura: warning: the webhook answered {code}"),
+            Err(e) => eprintln!("kura: warning: the webhook failed: {e}"),
+        }
+    }
+}
+
+/// `kura status`.
+pub fn status(cli: &Cli, a: &StatusArgs) -> Result<Outcome> {
+    let all = gather(cli, a.topology.as_deref(), &a.warn, &a.crit, &a.drill_warn)?;
+    let report = text(&all);
+    if cli.json {
+        json(&all)?;
+    } else if !cli.quiet {
+        crate::output::line(format_args!("{}", report.trim_end()));
+    }
+    let level = all.iter().map(|r| r.level).max().unwrap_or(Level::Ok);
+    if level == Level::Ok {
+        return Ok(Outcome::Ok);
+    }
+    notify(a, level, &report, &all);
+    let bad: Vec<&str> = all.iter().filter(|r| r.level != Level::Ok).map(|r| r.label.as_str()).collect();
+    bail!(Attention { level, message: format!("{} of {} repositories need attention ({}): {}", bad.len(), all.len(), level.name(), bad.join("; ")) })
+}
+
+/// `kura report`: the facts of `status` as a document. Writing it is the job: a late or
+/// critical copy is in the report, not an error.
+pub fn report(cli: &Cli, a: &ReportArgs) -> Result<Outcome> {
+    let all = gather(cli, a.topology.as_deref(), &a.warn, &a.crit, &a.drill_warn)?;
+    let plan = match &a.topology {
+        Some(f) => Some(kura_ops::topology::plan(&std::fs::read_to_string(f)?).map_err(|source| crate::cmd::plan::Refused { file: f.display().to_string(), source })?),
+        None => None,
+    };
+    let input = kura_ops::report::ReportInput {
+        title: &a.title,
+        generated: jiff::Timestamp::now(),
+        plan: plan.as_ref(),
+        statuses: &all,
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let doc = if a.format == "markdown" { kura_ops::report::markdown(&input) } else { kura_ops::report::html(&input) };
+    match &a.output {
+        Some(f) => {
+            // Whole or not at all: a monitoring page never shows half a report.
+            let tmp = f.with_extension("tmp");
+            std::fs::write(&tmp, &doc).and_then(|_| std::fs::rename(&tmp, f)).with_context(|| format!("cannot write {}", f.display()))?;
+            if !cli.quiet {
+                eprintln!("kura: report of {} repositories written to {}", all.len(), f.display());
+            }
+        }
+        None => crate::output::line(format_args!("{}", doc.trim_end())),
+    }
+    Ok(Outcome::Ok)
+}
