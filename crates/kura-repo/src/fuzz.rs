@@ -32,10 +32,12 @@ pub fn decode_pack(data: &[u8]) {
     }
 }
 
-/// Feeds bytes to the key file and config parsers.
+/// Feeds bytes to the key file, config, drill record and receipt parsers.
 pub fn decode_json_records(data: &[u8]) {
     let _ = crate::keyfile::KeyFile::decode(data);
     let _ = crate::config::Config::decode(data);
+    let _ = crate::drill::DrillRecord::decode(data);
+    let _ = crate::receipt::Receipt::decode(data);
 }
 
 /// Feeds bytes to the prune plan decoder and the session record parser.
