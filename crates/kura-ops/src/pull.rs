@@ -79,7 +79,7 @@ pub struct PullReport {
     pub packs_fetched: u64,
     /// Their bytes (what crossed the wire).
     pub bytes_fetched: u64,
-    /// Packs the pulled snapshots use that the destination had already.
+    /// Packs the pulled snapshots use that the destination had before this pull.
     pub packs_present: u64,
     /// Lineage records (where a source prune moved data) added.
     pub lineage_added: u64,
@@ -236,10 +236,10 @@ fn choose(
     Ok(candidates.into_iter().map(|(id, _, p, b)| (id, p, b)).collect())
 }
 
-/// The source packs a snapshot needs that the destination lacks. A pack both lack is looked
-/// for where the source's prunes moved its data; `Err` names one found nowhere.
-fn needed(packs: &[Id], src_packs: &HashMap<Id, u64>, dst_packs: &IdSet, edges: &IdMap<IdSet>) -> Result<(Vec<Id>, u64), Id> {
-    let (mut need, mut present) = (Vec::new(), 0);
+/// The source packs a snapshot needs that the destination lacks, and those it has. A pack both
+/// lack is looked for where the source's prunes moved its data; `Err` names one found nowhere.
+fn needed(packs: &[Id], src_packs: &HashMap<Id, u64>, dst_packs: &IdSet, edges: &IdMap<IdSet>) -> Result<(Vec<Id>, Vec<Id>), Id> {
+    let (mut need, mut present) = (Vec::new(), Vec::new());
     let mut seen = IdSet::default();
     let mut stack: Vec<Id> = packs.to_vec();
     while let Some(p) = stack.pop() {
@@ -247,7 +247,7 @@ fn needed(packs: &[Id], src_packs: &HashMap<Id, u64>, dst_packs: &IdSet, edges: 
             continue;
         }
         if dst_packs.contains(&p) {
-            present += 1;
+            present.push(p);
         } else if src_packs.contains_key(&p) {
             need.push(p);
         } else if let Some(to) = edges.get(&p) {
@@ -336,6 +336,8 @@ fn pull_in_session(
     }
     let src_packs: HashMap<Id, u64> = src.list(Kind::Pack)?.iter().filter_map(|l| Some((Id::from_hex(&l.name)?, l.size))).collect();
     let mut dst_packs: IdSet = dst.list(Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    let had = dst_packs.clone();
+    let mut reused = IdSet::default();
     let dst_lineage: HashSet<String> = dst.list(Kind::Lineage)?.into_iter().map(|l| l.name).collect();
     let mut lineage_done = false;
     let workers = if src.is_remote() { 8 } else { crate::cores() };
@@ -352,7 +354,8 @@ fn pull_in_session(
             report.refused.push(refuse(reason));
             continue;
         }
-        report.packs_present += present;
+        reused.extend(present.into_iter().filter(|p| had.contains(p)));
+        report.packs_present = reused.len() as u64;
         dst_packs.extend(need);
         // The destination's prune must know the moves its snapshots rely on before it sees them.
         if !lineage_done {
@@ -392,7 +395,7 @@ mod tests {
         // 3 was repacked into 4 and 5; 1 was repacked into 9, but the destination has 1 itself.
         edges.insert(id(3), [id(4), id(5)].into_iter().collect::<IdSet>());
         edges.insert(id(1), [id(9)].into_iter().collect::<IdSet>());
-        assert_eq!(needed(&[id(1), id(2), id(3)], &src, &dst, &edges), Ok((vec![id(2), id(4), id(5)], 1)));
+        assert_eq!(needed(&[id(1), id(2), id(3)], &src, &dst, &edges), Ok((vec![id(2), id(4), id(5)], vec![id(1)])));
         // A pack nobody has and no move explains.
         assert_eq!(needed(&[id(2), id(7)], &src, &dst, &edges), Err(id(7)));
     }
