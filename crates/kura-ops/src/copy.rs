@@ -1,6 +1,8 @@
 //! Copies snapshots into another repository (another key, another machine, a bucket): every
 //! blob is read and verified from the source, named anew with the destination's key, stored
-//! unless the destination has it already, and trees are rewritten with the new names.
+//! unless the destination has it already, and trees are rewritten with the new names. What an
+//! earlier copy of the same host and paths already renamed is learnt from that copy's trees, so
+//! a daily copy reads only what changed since.
 
 use crate::error::OpsError;
 use kura_repo::BlobKind;
@@ -34,6 +36,10 @@ pub struct CopyReport {
     pub blobs_added: u64,
     /// Their plaintext bytes.
     pub bytes_added: u64,
+    /// Blobs read from the source (what crossed the wire, trees and data).
+    pub blobs_read: u64,
+    /// Names learnt from earlier copies (blobs never read again).
+    pub names_learnt: u64,
 }
 
 /// Source blob ids already copied, and their names in the destination.
@@ -51,7 +57,10 @@ impl Copier<'_> {
         }
         let data = match data {
             Some(d) => d,
-            None => self.src.read_blob(id)?,
+            None => {
+                self.report.blobs_read += 1;
+                self.src.read_blob(id)?
+            }
         };
         let (new, added) = self.dst.save_blob(kind, &data)?;
         if added {
@@ -68,6 +77,7 @@ impl Copier<'_> {
             return Ok(*n);
         }
         let mut tree = self.src.read_tree(id)?;
+        self.report.blobs_read += 1;
         for node in &mut tree.nodes {
             for c in &mut node.content {
                 *c = self.blob(c, BlobKind::Data, None)?;
@@ -80,6 +90,48 @@ impl Copier<'_> {
         self.blob(id, BlobKind::Tree, Some(bytes))
     }
 }
+
+impl Copier<'_> {
+    /// Learns the names of an earlier copy: `src_tree` in the source and `dst_tree`, its copy,
+    /// walked side by side. Trees that differ in any name, kind, size or chunk count are not a
+    /// copy of each other and teach nothing; a tree's own name is learnt only when everything
+    /// below it was alike. Adds the pairs of data blobs learnt; true when the whole tree was.
+    fn learn(&mut self, src_tree: &Id, dst_tree: &Id, pairs: &mut Vec<(Id, Id)>) -> Result<bool, OpsError> {
+        if let Some(n) = self.names.get(src_tree) {
+            return Ok(n == dst_tree);
+        }
+        let (a, b) = (self.src.read_tree(src_tree)?, self.dst.read_tree(dst_tree)?);
+        let alike = a.nodes.len() == b.nodes.len()
+            && a.nodes.iter().zip(&b.nodes).all(|(x, y)| {
+                x.name == y.name && x.kind == y.kind && x.size == y.size && x.content.len() == y.content.len() && x.subtree.is_some() == y.subtree.is_some()
+            });
+        if !alike {
+            return Ok(false);
+        }
+        let mut learnt = Vec::new();
+        let mut whole = true;
+        for (x, y) in a.nodes.iter().zip(&b.nodes) {
+            learnt.extend(x.content.iter().copied().zip(y.content.iter().copied()));
+            if let (Some(xs), Some(ys)) = (x.subtree, y.subtree) {
+                whole &= self.learn(&xs, &ys, pairs)?;
+            }
+        }
+        if whole {
+            self.names.insert(*src_tree, *dst_tree);
+            self.report.names_learnt += 1;
+        }
+        self.report.names_learnt += learnt.len() as u64;
+        for (x, y) in &learnt {
+            self.names.insert(*x, *y);
+        }
+        pairs.extend(learnt);
+        Ok(whole)
+    }
+}
+
+/// Blob pairs an earlier copy taught that are read back and checked (the source's bytes must
+/// have the destination's id): if the "copy" was not one, nothing it taught is used.
+const SPOT_CHECKS: usize = 8;
 
 /// Whether two snapshots are copies of each other: kura names blobs with each repository's
 /// key, so ids cannot tell; the public facts can.
@@ -113,12 +165,42 @@ pub fn copy(src: &Repository, dst: &Repository, ids: &[Id]) -> Result<CopyReport
     // A damaged destination snapshot is no copy of anything (check reports it).
     let existing: Vec<SnapshotPublic> = dst.snapshots()?.into_iter().filter_map(|(_, s)| s.ok()).map(|s| s.public).collect();
     let mut copier = Copier { src, dst, names: HashMap::new(), report: &mut report };
+    // Earlier copies: the source snapshots the destination has a copy of, with that copy.
+    let sources: Vec<Snapshot> = src.snapshots()?.into_iter().filter_map(|(_, s)| s.ok()).collect();
+    let mut earlier: Vec<(Snapshot, Snapshot)> = Vec::new();
+    for (_, d) in dst.snapshots()? {
+        let Ok(d) = d else { continue };
+        if let Some(s) = sources.iter().find(|s| same(&s.public, &d.public)) {
+            earlier.push((s.clone(), d));
+        }
+    }
+    let mut taught: std::collections::HashSet<Id> = std::collections::HashSet::new();
     let mut done = Vec::new();
     for id in ids {
         let snap = src.read_snapshot(id)?;
         if existing.iter().any(|e| same(e, &snap.public)) {
             copier.report.skipped.push(id.to_hex());
             continue;
+        }
+        // The newest earlier copy of the same host and paths teaches the names of what did not
+        // change; a few of its pairs are checked first.
+        if let Some((s, d)) = earlier
+            .iter()
+            .filter(|(s, _)| s.public.host == snap.public.host && s.public.paths == snap.public.paths && s.time() <= snap.time())
+            .max_by_key(|(s, _)| s.time())
+            && taught.insert(s.body.tree)
+        {
+            let saved = (copier.names.clone(), copier.report.names_learnt);
+            let mut pairs = Vec::new();
+            copier.learn(&s.body.tree, &d.body.tree, &mut pairs)?;
+            let step = (pairs.len() / SPOT_CHECKS).max(1);
+            for (x, y) in pairs.iter().step_by(step).take(SPOT_CHECKS) {
+                let data = src.read_blob(x)?;
+                if dst.key().blob_id(&data) != *y {
+                    (copier.names, copier.report.names_learnt) = saved;
+                    break;
+                }
+            }
         }
         let root = copier.tree(&snap.body.tree)?;
         done.push((*id, snap, root));

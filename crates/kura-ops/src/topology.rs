@@ -344,6 +344,73 @@ pub fn plan(text: &str) -> Result<Plan, TopologyError> {
     Ok(Plan { datasets, machines: all_machines.into_iter().collect(), hosts })
 }
 
+/// When a generation's pull runs: often enough that a copy is never much later than its source.
+fn pull_schedule(p: Period) -> &'static str {
+    match p {
+        Period::Hourly => "hourly :15",
+        Period::Daily => "daily 01:30",
+        _ => "weekly sun 03:00",
+    }
+}
+
+/// The `kura serve` configuration of `host`: one repository per generation it keeps, each with
+/// its pull (from the repository of its source, with a read token of the source's host), its
+/// retention (keep that many of its period), a daily verification and a weekly prune.
+pub fn server_config(plan: &Plan, host: &str) -> Result<String, String> {
+    use std::fmt::Write as _;
+    if !plan.hosts.contains_key(host) {
+        return Err(format!("no host named {host:?} in the topology"));
+    }
+    let mut out = format!("# kura serve configuration of host {host}, made by `kura plan --server-config {host}`.\n");
+    out.push_str("listen = \"0.0.0.0:8443\"\nstate_dir = \"/var/lib/kura\"\n");
+    let mut any = false;
+    for d in &plan.datasets {
+        for c in d.copies.iter().filter(|c| c.kind == "generation" && c.host == host) {
+            any = true;
+            let every = c.every.map(|p| p.name()).unwrap_or("daily");
+            let (src_host, src_repo) = if c.from == d.host {
+                (d.host.as_str(), d.repository.as_str())
+            } else if let Some(g) = d.copies.iter().find(|g| g.kind == "generation" && g.name == c.from) {
+                (g.host.as_str(), g.repository.as_str())
+            } else {
+                let _ = write!(
+                    out,
+                    "\n# generation {} of {} takes the shadow's mirror on {}: back the mirror up there into a\n# repository and pull from that.\n",
+                    c.name, d.name, c.from
+                );
+                continue;
+            };
+            let from = plan.url(src_host, src_repo).ok_or_else(|| format!("host {src_host} has no address: generation {} of {} cannot reach it", c.name, d.name))?;
+            let _ = write!(
+                out,
+                "\n# {} generation of {}: the newest of each {} from {}, {} kept ({}).\n[[repository]]\nname = \"{}\"\n[repository.pull]\nschedule = \"{}\"\nfrom = \"{}\"\ntoken-file = \"/etc/kura/{}-read.token\"\n",
+                c.name,
+                d.name,
+                every,
+                src_host,
+                c.keep,
+                c.covers,
+                c.repository,
+                c.every.map(pull_schedule).unwrap_or("daily 01:30"),
+                from,
+                src_host
+            );
+            if let Some(fp) = plan.hosts.get(src_host).and_then(|h| h.fingerprint.as_ref()) {
+                let _ = writeln!(out, "fingerprint = \"{fp}\"");
+            }
+            let _ = write!(
+                out,
+                "newest-of = \"{every}\"\n[repository.retention]\nschedule = \"daily 06:00\"\nkeep = {{ {every} = {} }}\n[repository.verify]\nschedule = \"daily 04:00\"\n[repository.prune]\nschedule = \"weekly sun 07:00\"\n",
+                c.keep
+            );
+        }
+    }
+    if !any {
+        return Err(format!("host {host} keeps no generation in this topology"));
+    }
+    Ok(out)
+}
+
 /// Entry point of the `parse_topology` fuzz target (and its proptest twin): any text gives a
 /// plan or an error, never a panic.
 pub fn fuzz_plan(data: &[u8]) {
@@ -363,6 +430,22 @@ mod tests {
 
     fn line_with(text: &str, needle: &str) -> usize {
         text.lines().position(|l| l.contains(needle)).expect(needle) + 1
+    }
+
+    #[test]
+    fn a_generation_host_gets_a_server_configuration_that_pulls_from_its_source() {
+        let p = plan(EXAMPLE).unwrap();
+        let d = server_config(&p, "d").unwrap();
+        let cfg: toml::Value = toml::from_str(&d).unwrap();
+        let r = &cfg["repository"][0];
+        assert_eq!(r["name"].as_str(), Some("www"));
+        assert_eq!(r["pull"]["from"].as_str(), Some("kura://c.example:8443/www"), "{d}");
+        assert_eq!(r["pull"]["newest-of"].as_str(), Some("weekly"));
+        assert_eq!(r["retention"]["keep"]["weekly"].as_integer(), Some(8));
+        let c = server_config(&p, "c").unwrap();
+        assert!(c.contains("from = \"kura://a.example:8443/www\""), "{c}");
+        assert!(server_config(&p, "a").unwrap_err().contains("keeps no generation"));
+        assert!(server_config(&p, "zz").is_err());
     }
 
     #[test]

@@ -121,6 +121,10 @@ pub enum Command {
     Plan {
         /// The topology file (TOML; see docs/TOPOLOGY.md and examples/first-server.toml).
         topology: PathBuf,
+        /// Print the `kura serve` configuration of this host instead: a repository with its
+        /// pull, retention, verification and prune for each generation it keeps.
+        #[arg(long, value_name = "HOST")]
+        server_config: Option<String>,
     },
     /// Make a standby the primary after a failover (the same as `kura shadow promote`).
     Promote {

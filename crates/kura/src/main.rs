@@ -104,7 +104,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Serve(a) => cmd::serve::run(cli, a),
         Command::Undelete { snapshots } => cmd::retain::undelete(cli, snapshots),
         Command::Shadow(c) => cmd::shadow::run(cli, c),
-        Command::Plan { topology } => cmd::plan::run(cli, topology),
+        Command::Plan { topology, server_config } => cmd::plan::run(cli, topology, server_config.as_deref()),
         Command::Promote { to } => cmd::shadow::run(cli, &args::ShadowCommand::Promote { to: to.clone() }),
     }
 }

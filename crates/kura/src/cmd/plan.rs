@@ -35,10 +35,15 @@ fn span(h: f64) -> String {
     }
 }
 
-/// Prints the plan of `file`, or refuses it naming the line.
-pub fn run(cli: &Cli, file: &Path) -> Result<Outcome> {
+/// Prints the plan of `file` (or one host's server configuration), or refuses it naming the line.
+pub fn run(cli: &Cli, file: &Path, server_config: Option<&str>) -> Result<Outcome> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read topology {}", file.display()))?;
     let plan = kura_ops::topology::plan(&text).map_err(|source| Refused { file: file.display().to_string(), source })?;
+    if let Some(host) = server_config {
+        let cfg = kura_ops::topology::server_config(&plan, host).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        outln!("{}", cfg.trim_end());
+        return Ok(Outcome::Ok);
+    }
     if cli.json {
         json(&plan)?;
         return Ok(Outcome::Ok);

@@ -5,6 +5,7 @@ use crate::util::*;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::Stdio;
 
 /// A stdin backup at a claimed time; returns the snapshot id.
@@ -528,4 +529,50 @@ fn a_weekly_copy_takes_the_newest_snapshot_of_each_week_and_only_of_its_host() {
     let o = weekly.cmd(&["copy", "--from-repo", daily.repo.to_str().unwrap(), "--newest-of", "weekly", "latest"]).env("KURA_FROM_PASSWORD", "test-pass").output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("not both"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_daily_copy_reads_only_what_changed_and_a_false_copy_teaches_nothing() {
+    let src_repo = Env::new();
+    let dst = Env::new();
+    // Every file a single chunk, so a tree with the same names and sizes has the same shape.
+    let tree = sample_tree(&src_repo.path("data"), 8, 100_000, 40);
+    let t = tree.to_str().unwrap();
+    src_repo.ok(&["backup", "--time", "2026-11-02T22:00:00Z", t]);
+    let copy = |into: &Env| {
+        let o = into.cmd(&["--json", "copy", "--from-repo", src_repo.repo.to_str().unwrap()]).env("KURA_FROM_PASSWORD", "test-pass").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let first = copy(&dst);
+    let all = first["blobs_read"].as_u64().unwrap();
+    assert_eq!(first["names_learnt"], 0);
+    let original: Vec<(PathBuf, Vec<u8>)> = (0..40).map(|i| tree.join(format!("sub/f{i}"))).map(|f| { let b = fs::read(&f).unwrap(); (f, b) }).collect();
+    // One small file changes: the next copy learns the rest from the first copy's trees.
+    fs::write(tree.join("sub/f7"), bytes(1137, 4242)).unwrap();
+    src_repo.ok(&["backup", "--time", "2026-11-03T22:00:00Z", t]);
+    let second = copy(&dst);
+    let read = second["blobs_read"].as_u64().unwrap();
+    assert!(second["names_learnt"].as_u64().unwrap() > 40, "{second}");
+    assert!(read <= 8, "read {read} blobs for one changed file (the first copy read {all})");
+    let out = dst.path("out");
+    dst.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_same_tree(&tree, &restored(&out, &tree));
+    dst.ok(&["check", "--read-data"]);
+
+    // A repository holding a snapshot with the first one's time, host and paths that is no copy
+    // of it (same names and sizes, other bytes): the spot checks catch it, nothing is learnt,
+    // and the copy of the second snapshot is still exactly the source's.
+    for (i, (f, b)) in original.iter().enumerate() {
+        fs::write(f, bytes(b.len(), 7000 + i as u64)).unwrap();
+    }
+    fs::write(tree.join("big.bin"), bytes(100_000, 77)).unwrap();
+    let fake = Env::new();
+    fake.ok(&["backup", "--time", "2026-11-02T22:00:00Z", t]);
+    let r = copy(&fake);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 1, "the false copy stands for the first snapshot: {r}");
+    assert_eq!(r["names_learnt"], 0, "{r}");
+    let got = fake.path("got");
+    fake.ok(&["restore", "latest", "--target", got.to_str().unwrap()]);
+    assert_same_tree(&restored(&out, &tree), &restored(&got, &tree));
 }
