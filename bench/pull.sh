@@ -5,8 +5,11 @@
 # snapshots (the destination made with --copy-chunker-params, so restic dedups too). Each of
 # ROUNDS rounds pulls into an empty replica, then one more snapshot incrementally. Prints bytes
 # fetched against the source's stored bytes (the unique data) and the wall-time ratios of
-# issue 9 (pull ≤ 1.5× the local copy). Not part of CI (~25 minutes).
-#   ROUNDS=3 BENCH_DIR=/dev/shm/kb bench/pull.sh
+# issue 9 (pull ≤ 1.5× the local copy), and `kura copy` (re-encrypting, the counterpart of
+# restic copy) of the same snapshots between two directories. DISK_DIR puts the replica and the
+# plain copy on a real disk (the copy then ends with sync, as every pull's pack is fsynced);
+# by default they are on tmpfs beside the corpus. Not part of CI (~15 minutes).
+#   ROUNDS=3 BENCH_DIR=/dev/shm/kb DISK_DIR=/var/tmp/kura-pull bench/pull.sh
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 ROUNDS=${ROUNDS:-3}
@@ -17,7 +20,8 @@ need curl curl
 prepare
 
 W="$BENCH_DIR/pull"; rm -rf "$W"; mkdir -p "$W"
-export RESTIC_PASSWORD=bench RESTIC_FROM_PASSWORD=bench KURA_PASSWORD=bench RESTIC_CACHE_DIR="$W/restic-cache"
+D=${DISK_DIR:-$W}; mkdir -p "$D"
+export RESTIC_PASSWORD=bench RESTIC_FROM_PASSWORD=bench KURA_PASSWORD=bench KURA_FROM_PASSWORD=bench RESTIC_CACHE_DIR="$W/restic-cache"
 OUT="$W/results.tsv"
 printf 'tool\tstep\tround\twall_s\tcpu_s\tmaxrss_kb\tserver_cpu_s\n' >"$OUT"
 PIDS=()
@@ -26,7 +30,7 @@ trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 # serve NAME CONFIG_EXTRA: starts a server hosting repository NAME; sets ADDR, FP, PID and
 # writes admin/backup/read tokens to $W/NAME.{admin,backup,read}.
 serve() {
-  local name=$1 extra=$2 state="$W/$1-state"
+  local name=$1 extra=$2 state="${3:-$W}/$1-state"
   mkdir -p "$state"
   printf 'listen = "127.0.0.1:0"\nstate_dir = "%s"\n[[repository]]\nname = "%s"\n%s\n' "$state" "$name" "$extra" >"$W/$name.toml"
   for role in admin backup read; do
@@ -72,19 +76,23 @@ pull_job() {
 
 for r in $(seq 1 "$ROUNDS"); do
   # kura: a fresh replica server pulls everything, then one more snapshot.
-  rm -rf "$W/dst-state" "$W"/dst.admin "$W"/dst.backup "$W"/dst.read
+  rm -rf "$D/dst-state" "$W"/dst.admin "$W"/dst.backup "$W"/dst.read
+  du -sb "$W/src-state/repos/src/data" | cut -f1 >"$W/src-bytes.$r"
   printf '%s\n' "$(cat "$W/src.read")" >"$W/src.read.token"
   serve dst "[repository.pull]
 schedule = \"daily 03:00\"
 from = \"$SRC_URL\"
 token-file = \"$W/src.read.token\"
-fingerprint = \"$SRC_FP\""
+fingerprint = \"$SRC_FP\"" "$D"
   DST_PID=$PID
   SERVER_PID=$DST_PID pull_job dst "$r" pull-full
   # a plain local copy of the same pack bytes
-  rm -rf "$W/cp"
-  measure cp copy-full "$r" cp -a "$W/src-state/repos/src/data" "$W/cp"
-  rm -rf "$W/cp"
+  rm -rf "$D/cp"
+  measure cp copy-full "$r" sh -c "cp -a '$W/src-state/repos/src/data' '$D/cp' && sync"
+  rm -rf "$D/cp"
+  # kura copy: every blob read, re-encrypted under another key (as restic copy does)
+  rm -rf "$D/kura-copy"; "$KURA" -r "$D/kura-copy" init -q
+  measure kura-copy copy-full "$r" "$KURA" -q -r "$D/kura-copy" copy --from-repo "$W/src-state/repos/src"
   # restic copy of the same 30 snapshots into a repository with the same chunker parameters
   rm -rf "$W/restic-dst"
   restic -r "$W/restic-dst" init -q --from-repo "$W/restic-src" --copy-chunker-params >/dev/null
@@ -94,10 +102,12 @@ fingerprint = \"$SRC_FP\""
   change "$((SNAPSHOTS + r))"
   snapshot "$((SNAPSHOTS + r))"
   SERVER_PID=$DST_PID pull_job dst "$r" pull-incremental
+  measure kura-copy copy-incremental "$r" "$KURA" -q -r "$D/kura-copy" copy --from-repo "$W/src-state/repos/src"
   measure restic copy-incremental "$r" restic -r "$W/restic-dst" copy -q --from-repo "$W/restic-src"
-  du -sb "$W/dst-state/repos/dst/data" | cut -f1 >"$W/dst-bytes.$r"
+  du -sb "$D/dst-state/repos/dst/data" | cut -f1 >"$W/dst-bytes.$r"
   KURA_FINGERPRINT=$FP "$KURA" -r "kura://$ADDR/dst" --token-file "$W/dst.read" snapshots -q | tail -1 >"$W/dst-snapshots.$r" || true
   kill "$DST_PID"; wait "$DST_PID" 2>/dev/null || true
+  rm -rf "$D/kura-copy" "$D/dst-state"
 done
 
 python3 - "$OUT" "$W" "$SRC_BYTES" "$RESTIC_SRC_BYTES" <<'EOF'
@@ -110,15 +120,17 @@ def med(tool, step, col='wall_s'):
 msgs = open(f'{w}/pull-messages.log').read()
 fetched = [int(x) for x in re.findall(r'(\d+) bytes fetched', msgs)]
 full = fetched[0::2]; inc = fetched[1::2]
+srcs = [int(open(f).read()) for f in sorted(glob.glob(f'{w}/src-bytes.*'))]
 print(f"source: {src_bytes/1e6:.1f} MB of kura packs (the unique data, compressed); restic {restic_src/1e6:.1f} MB")
-print(f"kura bytes fetched, full pull: {[round(f/1e6,1) for f in full]} MB -> {statistics.median(full)/src_bytes:.4f}x the source's packs")
+print(f"kura bytes fetched, full pull: {[round(f/1e6,1) for f in full]} MB = {[round(f/s,4) for f, s in zip(full, srcs)]}x the source's packs at that time")
 print(f"kura bytes fetched, incremental pull: {[round(f/1e6,2) for f in inc]} MB")
 print()
 print("step                     median wall s   CPU s (client)  puller CPU s")
-for tool, step in [('kura','pull-full'),('cp','copy-full'),('restic','copy-full'),('kura','pull-incremental'),('restic','copy-incremental')]:
+for tool, step in [('kura','pull-full'),('cp','copy-full'),('kura-copy','copy-full'),('restic','copy-full'),('kura','pull-incremental'),('kura-copy','copy-incremental'),('restic','copy-incremental')]:
     print(f"{tool+' '+step:24} {med(tool,step):14.2f} {med(tool,step,'cpu_s'):14.2f} {med(tool,step,'server_cpu_s'):12.2f}")
 print()
 print(f"pull/cp (full): {med('kura','pull-full')/med('cp','copy-full'):.2f}  (target <= 1.5)")
 print(f"kura pull / restic copy (full): {med('kura','pull-full')/med('restic','copy-full'):.3f}")
 print(f"kura pull / restic copy (incremental): {med('kura','pull-incremental')/med('restic','copy-incremental'):.3f}")
+print(f"kura copy / restic copy (full): {med('kura-copy','copy-full')/med('restic','copy-full'):.3f}; incremental: {med('kura-copy','copy-incremental')/med('restic','copy-incremental'):.3f}")
 EOF
