@@ -409,6 +409,10 @@ pub struct DrillArgs {
     /// temporary directory.
     #[arg(long)]
     pub scratch: Option<PathBuf>,
+    /// Drill a random copy of a topology instead (any dataset's backup repository or one of
+    /// its generations, reached with its host's read token); the passphrase is the dataset's.
+    #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
+    pub topology: Option<PathBuf>,
 }
 
 /// `kura status` options.

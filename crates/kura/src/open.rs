@@ -267,7 +267,7 @@ pub fn open_source(cli: &Cli, from: &str, password_file: Option<&std::path::Path
 }
 
 /// Registers a reader's session and loads the index (see [`open_indexed`]).
-fn index(repo: Repository, command: &str) -> Result<Repository> {
+pub fn index(repo: Repository, command: &str) -> Result<Repository> {
     // The session keeps a concurrent prune from deleting packs this command reads. A
     // repository on read-only media cannot record it, and nothing can prune it either.
     start_reader_session(&repo, command)?;

@@ -35,9 +35,39 @@ impl Attention {
     }
 }
 
-/// Runs a drill on the repository.
+/// A random copy of a topology, opened with its host's read token and the passphrase.
+fn random_copy(cli: &Cli, file: &Path) -> Result<(kura_repo::Repository, String)> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let plan = kura_ops::topology::plan(&text).map_err(|source| crate::cmd::plan::Refused { file: file.display().to_string(), source })?;
+    let mut copies: Vec<(String, &str, &str)> = Vec::new();
+    for d in &plan.datasets {
+        copies.push((format!("{}: backup on {}", d.name, d.host), &d.host, &d.repository));
+        for c in d.copies.iter().filter(|c| c.kind == "generation") {
+            copies.push((format!("{}: {} on {}", d.name, c.name, c.host), &c.host, &c.repository));
+        }
+    }
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let (label, host, repo) = &copies[(u64::from_le_bytes(b) % copies.len() as u64) as usize];
+    let url = plan.url(host, repo).with_context(|| format!("{label}: host {host} has no address"))?;
+    let access = &plan.hosts[*host];
+    let base = file.parent().unwrap_or(Path::new("."));
+    let tf = access.token_file.as_ref().with_context(|| format!("{label}: host {host} has no token_file"))?;
+    let token = std::fs::read_to_string(base.join(tf)).with_context(|| format!("cannot read token file {}", base.join(tf).display()))?;
+    let opts = RemoteOptions { token: token.trim().to_string(), fingerprint: access.fingerprint.clone(), retries: 3 };
+    let store = RemoteStore::open(&url, &opts).map_err(kura_repo::RepoError::from).with_context(|| label.clone())?;
+    let loc = open::Location { path: std::path::PathBuf::new(), url: Some(url.clone()), default: false };
+    let pw = open::password(cli, &loc, false)?;
+    let repo = kura_repo::Repository::open(std::sync::Arc::new(store), &pw).with_context(|| label.clone())?;
+    Ok((open::index(repo, "drill")?, label.clone()))
+}
+
+/// Runs a drill on the repository, or on a random copy of a topology.
 pub fn drill(cli: &Cli, a: &DrillArgs) -> Result<Outcome> {
-    let repo = open::open_indexed(cli, "drill")?;
+    let (repo, label) = match &a.topology {
+        Some(f) => random_copy(cli, f)?,
+        None => (open::open_indexed(cli, "drill")?, open::location(cli)?.describe()),
+    };
     let snapshot = match &a.snapshot {
         Some(s) => Some(repo.find_snapshot(s, |_| true)?.0),
         None => None,
@@ -51,10 +81,10 @@ pub fn drill(cli: &Cli, a: &DrillArgs) -> Result<Outcome> {
     let r = &o.record;
     if cli.json {
         let failures: Vec<_> = o.failures.iter().map(|(p, why)| serde_json::json!({"path": p, "error": why})).collect();
-        json(&serde_json::json!({"record": r, "failures": failures}))?;
+        json(&serde_json::json!({"repository": label, "record": r, "failures": failures}))?;
     } else if !cli.quiet {
         outln!(
-            "drill of snapshot {} ({} {}, {}): {} file(s) of {}, {} restored and checked in {:.2} s; {}",
+            "{label}: drill of snapshot {} ({} {}, {}): {} file(s) of {}, {} restored and checked in {:.2} s; {}",
             short(&r.snapshot, 8),
             r.host,
             r.paths.join(","),

@@ -166,4 +166,13 @@ fn status_and_report_of_a_three_server_topology_render_in_chromium() {
     // A blank page compresses to a few KiB; a rendered report with tables and badges does not.
     assert!(shot.len() > 40_000, "screenshot of {} bytes looks blank", shot.len());
     std::fs::copy(&html, artifacts.join("report.html")).unwrap();
+
+    // A drill of a random copy of the topology (its host's read token, the dataset's passphrase).
+    for _ in 0..3 {
+        let o = a.kura(&a.read, &["--json", "drill", "--topology", topo.to_str().unwrap(), "--files", "2"]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(["shop: backup on a", "shop: daily on c", "shop: weekly on d"].contains(&v["repository"].as_str().unwrap()), "{v}");
+        assert_eq!(v["record"]["ok"], true, "{v}");
+    }
 }
