@@ -374,7 +374,7 @@ pub fn store_stream(
     let offload = size_hint >= OFFLOAD_SIZE;
     let Ctx { stats, interrupt, progress, sealer, failed } = *ctx;
     let mut ids = Vec::new();
-    let n = repo.chunker().for_each_chunk::<_, ChunkErr>(r, buf, |chunk| {
+    let n = repo.chunker().for_each_chunk_of_file::<_, ChunkErr>(r, size_hint, buf, |chunk| {
         if interrupt.is_some_and(|i| i.load(Ordering::Relaxed)) {
             return Err(ChunkErr::Ops(OpsError::Interrupted));
         }

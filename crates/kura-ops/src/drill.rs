@@ -57,7 +57,7 @@ fn check_file(repo: &Repository, path: &Path, node: &Node) -> Result<u64, String
     let mut buf = Vec::new();
     let len = repo
         .chunker()
-        .for_each_chunk(std::io::BufReader::new(f), &mut buf, |c| -> Result<(), std::io::Error> {
+        .for_each_chunk_of_file(std::io::BufReader::new(f), node.size, &mut buf, |c| -> Result<(), std::io::Error> {
             ids.push(repo.key().blob_id(c));
             Ok(())
         })

@@ -1,5 +1,6 @@
 //! Content-defined chunking: FastCDC (2020, normalisation level 1) with a gear table seeded from
-//! the master key, over a reusable buffer so a stream is cut exactly as if it were one slice.
+//! the master key, over a reusable buffer so a stream is cut exactly as if it were one slice;
+//! and page-aligned chunks for database files whose pages never move (SQLite).
 
 use crate::config::ChunkerParams;
 use fastcdc::v2020::{Normalization, cut_gear, get_gear_with_seed, select_masks};
@@ -108,6 +109,90 @@ impl Chunker {
     }
 }
 
+/// The most chunks one file is cut into by pages: its tree node lists every chunk id.
+const MAX_PAGE_CHUNKS: u64 = 1 << 18;
+
+/// The chunk size for a file that starts with `head` and is `size` bytes long, when it is a
+/// SQLite database: whole pages (at least 4 KiB, at most [`MAX_PAGE_CHUNKS`] chunks). A
+/// scattered update rewrites pages in place, so page-aligned chunks keep every untouched page's
+/// chunk, where content-defined chunks of ~1 MiB would each hold some changed page.
+pub fn page_chunk_size(head: &[u8], size: u64) -> Option<usize> {
+    if head.len() < 100 || !head.starts_with(b"SQLite format 3\0") {
+        return None;
+    }
+    let raw = u16::from_be_bytes([head[16], head[17]]) as usize;
+    let page = if raw == 1 { 65536 } else { raw };
+    if !page.is_power_of_two() || !(512..=65536).contains(&page) {
+        return None;
+    }
+    let mut chunk = page.max(4096);
+    // u64::MAX: a stream of unknown length (standard input).
+    while size != u64::MAX && size / chunk as u64 > MAX_PAGE_CHUNKS && chunk < 1 << 24 {
+        chunk *= 2;
+    }
+    Some(chunk)
+}
+
+/// Cuts `r` into chunks of exactly `size` bytes (the last one shorter).
+fn for_each_fixed<R: Read, E: From<std::io::Error>>(
+    mut r: R,
+    size: usize,
+    buf: &mut Vec<u8>,
+    mut f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    if buf.len() < size {
+        buf.resize(size, 0);
+    }
+    let mut total = 0u64;
+    loop {
+        let mut len = 0;
+        while len < size {
+            match r.read(&mut buf[len..size]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        total += len as u64;
+        if len > 0 {
+            f(&buf[..len])?;
+        }
+        if len < size {
+            return Ok(total);
+        }
+    }
+}
+
+impl Chunker {
+    /// Chunks a file of `size` bytes: page-aligned for a SQLite database
+    /// ([`page_chunk_size`]), content-defined otherwise. Backup and every check that re-chunks
+    /// a restored file go through here, so both cut the same way. Returns the bytes read.
+    pub fn for_each_chunk_of_file<R: Read, E: From<std::io::Error>>(
+        &self,
+        mut r: R,
+        size: u64,
+        buf: &mut Vec<u8>,
+        f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let mut head = [0u8; 100];
+        let mut got = 0;
+        while got < head.len() {
+            match r.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let whole = (&head[..got]).chain(r);
+        match page_chunk_size(&head[..got], size) {
+            Some(n) => for_each_fixed(whole, n, buf, f),
+            None => self.for_each_chunk(whole, buf, f),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,7 +261,72 @@ mod tests {
         assert!(cuts_stream(&c, &[], 7).is_empty());
     }
 
+    fn sqlite_like(pages: usize, page_size_field: u16, seed: u64) -> Vec<u8> {
+        let page = if page_size_field == 1 { 65536 } else { page_size_field as usize };
+        let mut d = pseudo_random(pages * page, seed);
+        d[..16].copy_from_slice(b"SQLite format 3\0");
+        d[16..18].copy_from_slice(&page_size_field.to_be_bytes());
+        d
+    }
+
+    fn file_cuts(c: &Chunker, data: &[u8], read_size: usize) -> Vec<usize> {
+        struct Dribble<'a>(&'a [u8], usize);
+        impl Read for Dribble<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(out.len()).min(self.1);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut v = Vec::new();
+        let mut buf = Vec::new();
+        let mut joined = Vec::new();
+        c.for_each_chunk_of_file::<_, std::io::Error>(Dribble(data, read_size), data.len() as u64, &mut buf, |ch| {
+            v.push(ch.len());
+            joined.extend_from_slice(ch);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(joined, data);
+        v
+    }
+
+    #[test]
+    fn sqlite_databases_are_cut_at_pages_and_other_files_by_content() {
+        let c = small();
+        // 4 KiB pages: one page per chunk; 1 KiB pages: four; 64 KiB (field 1): one.
+        assert_eq!(file_cuts(&c, &sqlite_like(10, 4096, 1), 7), vec![4096; 10]);
+        assert_eq!(file_cuts(&c, &sqlite_like(10, 1024, 2), 333), vec![4096, 4096, 2048]);
+        assert_eq!(file_cuts(&c, &sqlite_like(2, 1, 3), 5000), vec![65536; 2]);
+        // Not a page size, or not SQLite: content-defined.
+        let mut odd = sqlite_like(10, 4096, 4);
+        odd[16..18].copy_from_slice(&3000u16.to_be_bytes());
+        assert_eq!(file_cuts(&c, &odd, 4096), cuts_slice(&c, &odd));
+        let plain = pseudo_random(40000, 5);
+        assert_eq!(file_cuts(&c, &plain, 100), cuts_slice(&c, &plain));
+        // A huge database gets bigger chunks, never more than MAX_PAGE_CHUNKS of them.
+        let head = sqlite_like(1, 4096, 6);
+        assert_eq!(page_chunk_size(&head, 10 << 30), Some(65536));
+        assert_eq!(page_chunk_size(&head[..50], 1 << 20), None);
+        assert_eq!(page_chunk_size(&head, u64::MAX), Some(4096));
+    }
+
     proptest! {
+        #[test]
+        fn page_chunks_rejoin_and_an_update_changes_only_its_pages(pages in 1usize..40, seed in 1u64..500, at in 0usize..40, rs in 1usize..9000) {
+            let c = small();
+            let data = sqlite_like(pages, 4096, seed);
+            let cuts = file_cuts(&c, &data, rs);
+            prop_assert!(cuts.iter().all(|&n| n == 4096));
+            let mut changed = data.clone();
+            let p = (at % pages).max(if pages > 1 { 1 } else { 0 });
+            changed[p * 4096 + 100] ^= 0xff;
+            let a: Vec<&[u8]> = data.chunks(4096).collect();
+            let b: Vec<&[u8]> = changed.chunks(4096).collect();
+            prop_assert_eq!(a.iter().zip(&b).filter(|(x, y)| x != y).count(), 1);
+        }
+
         #[test]
         fn streaming_matches_slice(len in 0usize..40000, seed in 1u64..1000, rs in 1usize..9000) {
             let c = small();

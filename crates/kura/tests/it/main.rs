@@ -6,6 +6,7 @@
 mod badinput;
 mod corruption;
 mod crash;
+mod database;
 mod drill;
 mod faultproxy;
 mod generations;
