@@ -363,6 +363,14 @@ pub struct CopyArgs {
     pub from_password_file: Option<PathBuf>,
     /// Snapshots to copy (ids, prefixes or `latest`); default: every one the destination lacks.
     pub snapshots: Vec<String>,
+    /// Which snapshots.
+    #[command(flatten)]
+    pub select: SelectArgs,
+}
+
+/// Which snapshots `copy` and `pull` take.
+#[derive(Args, Debug)]
+pub struct SelectArgs {
     /// Only snapshots of this host, tag or path.
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -370,6 +378,13 @@ pub struct CopyArgs {
     /// biweekly, monthly, yearly; local calendar, as retention counts): what a weekly copy takes.
     #[arg(long, value_name = "PERIOD", value_parser = ["hourly", "daily", "weekly", "biweekly", "monthly", "yearly"])]
     pub newest_of: Option<String>,
+}
+
+impl SelectArgs {
+    /// The `--newest-of` period.
+    pub fn period(&self) -> Option<kura_ops::retention::Period> {
+        self.newest_of.as_deref().and_then(|n| kura_ops::retention::Period::ALL.into_iter().find(|p| p.name() == n))
+    }
 }
 
 /// `kura pull` options.
@@ -385,12 +400,9 @@ pub struct PullArgs {
     /// The source server's certificate fingerprint (else the system's CAs decide).
     #[arg(long, env = "KURA_FROM_FINGERPRINT")]
     pub from_fingerprint: Option<String>,
-    /// Only snapshots of this host, tag or path.
+    /// Which snapshots.
     #[command(flatten)]
-    pub filter: FilterArgs,
-    /// Only the newest snapshot of each period per host and paths (as for `copy`).
-    #[arg(long, value_name = "PERIOD", value_parser = ["hourly", "daily", "weekly", "biweekly", "monthly", "yearly"])]
-    pub newest_of: Option<String>,
+    pub select: SelectArgs,
 }
 
 /// `kura drill` options.
@@ -422,15 +434,9 @@ pub struct StatusArgs {
     /// (each host's `token_file` and `fingerprint` reach them).
     #[arg(long, value_name = "FILE")]
     pub topology: Option<PathBuf>,
-    /// The newest snapshot is late after this long (without a topology).
-    #[arg(long, default_value = "26h")]
-    pub warn: String,
-    /// ... and critical after this long.
-    #[arg(long, default_value = "50h")]
-    pub crit: String,
-    /// The last successful drill is late after this long (`off` to not require drills).
-    #[arg(long, default_value = "8d")]
-    pub drill_warn: String,
+    /// Freshness limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Run this shell command when something is late or failing (the report on its stdin,
     /// KURA_STATUS=warn|crit in its environment).
     #[arg(long, value_name = "COMMAND")]
@@ -455,13 +461,21 @@ pub struct ReportArgs {
     /// The title (the site's or the customer's name).
     #[arg(long, default_value = "Data protection report")]
     pub title: String,
-    /// Freshness limits without a topology (as for `status`).
+    /// Freshness limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// When `status` and `report` call a copy late.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// The newest snapshot is late after this long (without a topology, which sets its own).
     #[arg(long, default_value = "26h")]
     pub warn: String,
-    /// ... critical after this long.
+    /// ... and critical after this long.
     #[arg(long, default_value = "50h")]
     pub crit: String,
-    /// The last successful drill is late after this long (`off`).
+    /// The last successful drill is late after this long (`off` to not require drills).
     #[arg(long, default_value = "8d")]
     pub drill_warn: String,
 }

@@ -12,14 +12,15 @@ pub fn run(cli: &Cli, a: &CopyArgs) -> Result<Outcome> {
     // Copying only adds: a kura server's backup token is enough.
     let dst = open::open_indexed(cli, "copy")?;
     let ids = if a.snapshots.is_empty() {
-        let mut all: Vec<_> = src.snapshots()?.into_iter().filter_map(|(id, s)| s.ok().filter(|s| a.filter.matches(&s.public)).map(|s| (id, s.time(), (s.public.host.clone(), s.public.paths.clone())))).collect();
+        let mut all: Vec<_> = src.snapshots()?.into_iter().filter_map(|(id, s)| s.ok().filter(|s| a.select.filter.matches(&s.public)).map(|s| (id, s.time(), (s.public.host.clone(), s.public.paths.clone())))).collect();
         all.sort_by_key(|(id, t, _)| (*t, *id));
-        match a.newest_of.as_deref().and_then(|n| kura_ops::retention::Period::ALL.into_iter().find(|p| p.name() == n)) {
+        match a.select.period() {
             Some(p) => kura_ops::copy::newest_of(&all, p, &jiff::tz::TimeZone::system(), jiff::Timestamp::now()),
             None => all.into_iter().map(|(id, _, _)| id).collect(),
         }
     } else {
-        if a.newest_of.is_some() || a.filter.host.is_some() || a.filter.tag.is_some() || a.filter.path.is_some() {
+        let f = &a.select.filter;
+        if a.select.newest_of.is_some() || f.host.is_some() || f.tag.is_some() || f.path.is_some() {
             anyhow::bail!("name snapshots or select them with --host/--tag/--path/--newest-of, not both");
         }
         a.snapshots.iter().map(|s| src.find_snapshot(s, |_| true).map(|(id, _)| id)).collect::<Result<Vec<_>, _>>()?
@@ -47,11 +48,12 @@ pub fn pull(cli: &Cli, a: &PullArgs) -> Result<Outcome> {
     })
     .context("opening the source repository")?;
     let dst = open::pull_target(cli)?;
+    let f = &a.select.filter;
     let sel = kura_ops::pull::Selection {
-        hosts: a.filter.host.iter().cloned().collect(),
-        tags: a.filter.tag.iter().cloned().collect(),
-        paths: a.filter.path.iter().cloned().collect(),
-        newest_of: a.newest_of.as_deref().and_then(|n| kura_ops::retention::Period::ALL.into_iter().find(|p| p.name() == n)),
+        hosts: f.host.iter().cloned().collect(),
+        tags: f.tag.iter().cloned().collect(),
+        paths: f.path.iter().cloned().collect(),
+        newest_of: a.select.period(),
         tz: jiff::tz::TimeZone::system(),
     };
     let put = kura_ops::pull::put_plain(dst.as_ref());

@@ -1,7 +1,7 @@
 //! `kura drill` (prove that a repository restores, and record it) and `kura status` (is every
 //! copy fresh, verified and drilled; exit codes, a command and a webhook for monitoring).
 
-use crate::args::{Cli, DrillArgs, ReportArgs, StatusArgs};
+use crate::args::{Cli, DrillArgs, LimitArgs, ReportArgs, StatusArgs};
 use crate::output::{bytes, json, short};
 use crate::{Outcome, open};
 use anyhow::{Context, Result, bail};
@@ -145,9 +145,9 @@ fn on_host(plan: &kura_ops::topology::Plan, base: &Path, host: &str, repository:
 }
 
 /// Every status `kura status` (and `kura report`) looks at.
-pub fn gather(cli: &Cli, topology: Option<&Path>, warn: &str, crit: &str, drill_warn: &str) -> Result<Vec<RepoStatus>> {
-    let drill_warn_hours = if drill_warn == "off" { None } else { Some(hours(drill_warn, "--drill-warn")?) };
-    let limits = Limits { warn_hours: hours(warn, "--warn")?, crit_hours: hours(crit, "--crit")?, drill_warn_hours };
+pub fn gather(cli: &Cli, topology: Option<&Path>, l: &LimitArgs) -> Result<Vec<RepoStatus>> {
+    let drill_warn_hours = if l.drill_warn == "off" { None } else { Some(hours(&l.drill_warn, "--drill-warn")?) };
+    let limits = Limits { warn_hours: hours(&l.warn, "--warn")?, crit_hours: hours(&l.crit, "--crit")?, drill_warn_hours };
     let Some(file) = topology else {
         let loc = open::location(cli)?;
         return Ok(vec![match &loc.url {
@@ -246,7 +246,7 @@ fn notify(a: &StatusArgs, level: Level, report: &str, all: &[RepoStatus]) {
 
 /// `kura status`.
 pub fn status(cli: &Cli, a: &StatusArgs) -> Result<Outcome> {
-    let all = gather(cli, a.topology.as_deref(), &a.warn, &a.crit, &a.drill_warn)?;
+    let all = gather(cli, a.topology.as_deref(), &a.limits)?;
     let report = text(&all);
     if cli.json {
         json(&all)?;
@@ -265,7 +265,7 @@ pub fn status(cli: &Cli, a: &StatusArgs) -> Result<Outcome> {
 /// `kura report`: the facts of `status` as a document. Writing it is the job: a late or
 /// critical copy is in the report, not an error.
 pub fn report(cli: &Cli, a: &ReportArgs) -> Result<Outcome> {
-    let all = gather(cli, a.topology.as_deref(), &a.warn, &a.crit, &a.drill_warn)?;
+    let all = gather(cli, a.topology.as_deref(), &a.limits)?;
     let plan = match &a.topology {
         Some(f) => Some(kura_ops::topology::plan(&std::fs::read_to_string(f)?).map_err(|source| crate::cmd::plan::Refused { file: f.display().to_string(), source })?),
         None => None,
