@@ -82,6 +82,19 @@ fn drill(s: &RepoStatus) -> String {
 }
 
 fn row(copy: &str, machine: &str, taken: &str, kept: &str, s: Option<&RepoStatus>) -> Row {
+    if let Some(f) = s.and_then(|s| s.shadow.as_ref()) {
+        return Row {
+            copy: copy.into(),
+            machine: machine.into(),
+            taken: taken.into(),
+            kept: kept.into(),
+            newest: format!("live, {:.1} s behind", f.lag_seconds),
+            level: s.map(|s| s.level),
+            verified: format!("contact {:.0} s ago", f.contact_seconds),
+            drill: "-".into(),
+            reasons: s.map(|s| s.reasons.clone()).unwrap_or_default(),
+        };
+    }
     Row {
         copy: copy.into(),
         machine: machine.into(),
@@ -96,14 +109,16 @@ fn row(copy: &str, machine: &str, taken: &str, kept: &str, s: Option<&RepoStatus
 }
 
 /// RPO and RTO of a dataset from its copies' statuses (all measured, none estimated).
-fn objectives(statuses: &[&RepoStatus], shadow: bool) -> (String, String) {
+fn objectives(statuses: &[&RepoStatus], shadow: Option<Option<&crate::status::ShadowFacts>>) -> (String, String) {
     let fresh = statuses.iter().filter_map(|s| newest_hours(s)).reduce(f64::min);
     let mut rpo = match fresh {
         Some(h) => format!("the newest state on another machine is {} old", age(h)),
         None => "no copy on another machine could be read".into(),
     };
-    if shadow {
-        rpo.push_str("; the shadow follows every change within seconds");
+    match shadow {
+        Some(Some(f)) => rpo.push_str(&format!("; the live shadow is {:.1} s behind (last contact {:.0} s ago)", f.lag_seconds, f.contact_seconds)),
+        Some(None) => rpo.push_str("; the live shadow's lag could not be read"),
+        None => {}
     }
     let full = statuses.iter().filter_map(|s| s.last_drill.as_ref()).filter(|d| d.ok && d.mode == "full").max_by(|a, b| a.time.cmp(&b.time));
     let sample = statuses.iter().filter_map(|s| s.last_drill.as_ref()).filter(|d| d.ok).max_by(|a, b| a.time.cmp(&b.time));
@@ -122,7 +137,7 @@ fn sections(input: &ReportInput<'_>) -> Vec<Section> {
             .statuses
             .iter()
             .map(|s| {
-                let (rpo, rto) = objectives(&[s], false);
+                let (rpo, rto) = objectives(&[s], None);
                 Section {
                     name: s.label.clone(),
                     host: s.groups.iter().map(|g| g.host.clone()).collect::<Vec<_>>().join(", "),
@@ -142,11 +157,12 @@ fn sections(input: &ReportInput<'_>) -> Vec<Section> {
             let backup = find(&format!("{}: backup on {}", d.name, d.host));
             rows.push(row("backup repository", &d.host, "each backup", "its own retention", backup));
             let mut copies = Vec::new();
-            let mut shadow = false;
+            let mut shadow = None;
             for c in &d.copies {
                 if c.kind == "shadow" {
-                    shadow = true;
-                    rows.push(row("live shadow", &c.host, "every change", &c.covers, None));
+                    let s = find(&format!("{}: shadow on {}", d.name, c.host));
+                    shadow = Some(s.and_then(|s| s.shadow.as_ref()));
+                    rows.push(row("live shadow", &c.host, "every change", &c.covers, s));
                     continue;
                 }
                 let s = find(&format!("{}: {} on {}", d.name, c.name, c.host));
@@ -301,6 +317,7 @@ mod tests {
             last_drill: None,
             last_good_drill: None,
             drills: 0,
+            shadow: None,
         }
     }
 

@@ -99,6 +99,63 @@ pub struct RepoStatus {
     pub last_good_drill: Option<String>,
     /// Drills recorded.
     pub drills: u64,
+    /// For a shadow stream (no snapshots, no drills): how far the standby is behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowFacts>,
+}
+
+/// A shadow stream's health, as its standby reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShadowFacts {
+    /// `standby` or `primary` (after a failover).
+    pub role: String,
+    /// How long the oldest record not yet applied to the mirror has waited (seconds).
+    pub lag_seconds: f64,
+    /// Since the primary last pushed or sent its heartbeat (seconds; it does every 10 s).
+    pub contact_seconds: f64,
+    /// Records received and applied.
+    pub head: u64,
+    /// Records applied to the mirror.
+    pub applied: u64,
+}
+
+/// A shadow is late after a minute without contact or behind, critical after ten.
+const SHADOW_WARN_SECS: f64 = 60.0;
+const SHADOW_CRIT_SECS: f64 = 600.0;
+
+/// Judges a shadow stream from its standby's status.
+pub fn shadow_status(label: &str, location: &str, limits: Limits, f: ShadowFacts) -> RepoStatus {
+    let worst = f.lag_seconds.max(if f.role == "standby" { f.contact_seconds } else { 0.0 });
+    let level = if worst > SHADOW_CRIT_SECS {
+        Level::Crit
+    } else if worst > SHADOW_WARN_SECS {
+        Level::Warn
+    } else {
+        Level::Ok
+    };
+    let mut reasons = Vec::new();
+    if level != Level::Ok {
+        reasons.push(format!("the standby is {:.0} s behind; last contact with the primary {:.0} s ago", f.lag_seconds, f.contact_seconds));
+    }
+    if f.role != "standby" {
+        reasons.push(format!("the stream's role is {} (a failover happened; fail back with kura shadow demote)", f.role));
+    }
+    let level = if f.role != "standby" { level.max(Level::Warn) } else { level };
+    RepoStatus {
+        label: label.into(),
+        location: location.into(),
+        level,
+        reasons,
+        limits,
+        groups: Vec::new(),
+        snapshots: 0,
+        future_dated: 0,
+        jobs: Vec::new(),
+        last_drill: None,
+        last_good_drill: None,
+        drills: 0,
+        shadow: Some(f),
+    }
 }
 
 fn hours_between(a: jiff::Timestamp, b: jiff::Timestamp) -> f64 {
@@ -136,6 +193,7 @@ pub fn unreachable(label: &str, location: &str, limits: Limits, why: &str) -> Re
         last_drill: None,
         last_good_drill: None,
         drills: 0,
+        shadow: None,
     }
 }
 
@@ -233,5 +291,6 @@ pub fn repo_status(store: &dyn Store, label: &str, jobs: Vec<JobResult>, limits:
         drills: drills.len() as u64,
         last_drill,
         last_good_drill,
+        shadow: None,
     })
 }

@@ -144,6 +144,32 @@ fn on_host(plan: &kura_ops::topology::Plan, base: &Path, host: &str, repository:
     }
 }
 
+/// A shadow stream on a topology host, as its standby reports it.
+fn shadow_on_host(plan: &kura_ops::topology::Plan, base: &Path, host: &str, stream: &str, label: &str, limits: Limits) -> RepoStatus {
+    let fail = |loc: &str, why: String| kura_ops::status::unreachable(label, loc, limits, &why);
+    let access = &plan.hosts[host];
+    let Some(addr) = &access.address else {
+        return fail(host, format!("host {host} has no address in the topology"));
+    };
+    let loc = format!("kura://{addr}/shadow/{stream}");
+    let token = match &access.token_file {
+        Some(f) => match std::fs::read_to_string(base.join(f)) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => return fail(&loc, format!("cannot read token file {}: {e}", base.join(f).display())),
+        },
+        None => return fail(&loc, format!("host {host} has no token_file")),
+    };
+    let st = kura_shadow::push::Link::new(&format!("https://{addr}"), stream, &token, access.fingerprint.as_deref()).and_then(|l| l.status());
+    match st {
+        Ok(st) => {
+            let contact = if st.last_contact_ns > 0 { (kura_shadow::now_ns() - st.last_contact_ns).max(0) as f64 / 1e9 } else { f64::INFINITY };
+            let facts = kura_ops::status::ShadowFacts { role: st.role.clone(), lag_seconds: st.lag_secs, contact_seconds: contact, head: st.head, applied: st.applied };
+            kura_ops::status::shadow_status(label, &loc, limits, facts)
+        }
+        Err(e) => fail(&loc, e.to_string()),
+    }
+}
+
 /// Every status `kura status` (and `kura report`) looks at.
 pub fn gather(cli: &Cli, topology: Option<&Path>, l: &LimitArgs) -> Result<Vec<RepoStatus>> {
     let drill_warn_hours = if l.drill_warn == "off" { None } else { Some(hours(&l.drill_warn, "--drill-warn")?) };
@@ -167,6 +193,9 @@ pub fn gather(cli: &Cli, topology: Option<&Path>, l: &LimitArgs) -> Result<Vec<R
     let mut out = Vec::new();
     for d in &plan.datasets {
         out.push(on_host(&plan, base, &d.host, &d.repository, &format!("{}: backup on {}", d.name, d.host), limits));
+        for c in d.copies.iter().filter(|c| c.kind == "shadow") {
+            out.push(shadow_on_host(&plan, base, &c.host, &c.repository, &format!("{}: shadow on {}", d.name, c.host), limits));
+        }
         for c in d.copies.iter().filter(|c| c.kind == "generation") {
             let l = Limits { warn_hours: c.warn_hours, crit_hours: c.crit_hours, drill_warn_hours };
             out.push(on_host(&plan, base, &c.host, &c.repository, &format!("{}: {} on {}", d.name, c.name, c.host), l));
@@ -189,6 +218,22 @@ fn age(h: f64) -> String {
 fn text(all: &[RepoStatus]) -> String {
     let mut s = String::new();
     for r in all {
+        if let Some(f) = &r.shadow {
+            s.push_str(&format!(
+                "{:4}  {}  (live shadow, {}: {:.1} s behind, last contact {:.0} s ago, record {} of {} applied)\n",
+                r.level.name().to_uppercase(),
+                r.label,
+                f.role,
+                f.lag_seconds,
+                f.contact_seconds,
+                f.applied,
+                f.head
+            ));
+            for why in &r.reasons {
+                s.push_str(&format!("      - {why}\n"));
+            }
+            continue;
+        }
         let newest = r.groups.iter().map(|g| g.age_hours).fold(f64::NAN, f64::min);
         let drill = match &r.last_drill {
             Some(d) => format!("last drill {} ({}, {} files in {:.1} s)", if d.ok { "ok" } else { "FAILED" }, d.time, d.files, d.seconds),

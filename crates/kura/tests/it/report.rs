@@ -113,15 +113,39 @@ fn status_and_report_of_a_three_server_topology_render_in_chromium() {
     // Drills on A and C with read tokens (a drill only reads; its record only adds); D never.
     a.ok(&a.read, &["drill", "--files", "4"]);
     c.ok(&c.read, &["drill", "--full"]);
+    // B keeps the live shadow of the data; A pushes it once.
+    let mirror = tempfile::tempdir().unwrap();
+    let b = Server::start(&format!("[[stream]]\nname = \"shop\"\nmirror = \"{}\"", mirror.path().join("m").display()));
+    let stream_token = |role: &str| {
+        let o = std::process::Command::new(crate::util::BIN).args(["serve", "-c"]).arg(&b.config).args(["token", "add", "--role", role, "--repository", "shop"]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let t = String::from_utf8(o.stdout).unwrap().trim().to_string();
+        let started = std::time::Instant::now();
+        while b.http().get(format!("https://{}/v1/shadow/shop", b.addr)).bearer_auth(&t).send().unwrap().status() != 200 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "the server never accepted the new token");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        t
+    };
+    let (push, b_read) = (stream_token("shadow"), stream_token("read"));
+    let state = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(crate::util::BIN)
+        .args(["shadow", "push", "--source", data.to_str().unwrap(), "--to", &format!("kura://{}/shop", b.addr), "--once"])
+        .env("KURA_TOKEN", &push)
+        .env("KURA_FINGERPRINT", &b.fingerprint)
+        .env("KURA_STATE_DIR", state.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 
     let dir = tempfile::tempdir().unwrap();
     let mut t = String::new();
-    for (name, s) in [("a", &a), ("c", &c), ("d", &d)] {
-        std::fs::write(dir.path().join(format!("{name}.token")), &s.read).unwrap();
+    for (name, s, token) in [("a", &a, &a.read), ("b", &b, &b_read), ("c", &c, &c.read), ("d", &d, &d.read)] {
+        std::fs::write(dir.path().join(format!("{name}.token")), token).unwrap();
         t.push_str(&format!("[host.{name}]\naddress = \"{}\"\nfingerprint = \"{}\"\ntoken_file = \"{name}.token\"\n", s.addr, s.fingerprint));
     }
     t.push_str(&format!(
-        "[[dataset]]\nname = \"shop\"\nhost = \"a\"\npaths = [\"{}\"]\nrepository = \"office\"\n\
+        "[[dataset]]\nname = \"shop\"\nhost = \"a\"\npaths = [\"{}\"]\nrepository = \"office\"\nshadow = \"b\"\nshadow_window = \"7d\"\n\
          [[dataset.generation]]\nname = \"daily\"\nhost = \"c\"\nfrom = \"a\"\nevery = \"daily\"\nkeep = 14\nrepository = \"office\"\n\
          [[dataset.generation]]\nname = \"weekly\"\nhost = \"d\"\nfrom = \"daily\"\nevery = \"weekly\"\nkeep = 8\nrepository = \"office\"\n",
         data.display()
@@ -133,15 +157,16 @@ fn status_and_report_of_a_three_server_topology_render_in_chromium() {
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let levels: Vec<(&str, &str)> = v.as_array().unwrap().iter().map(|r| (r["label"].as_str().unwrap(), r["level"].as_str().unwrap())).collect();
-    assert_eq!(levels, [("shop: backup on a", "ok"), ("shop: daily on c", "ok"), ("shop: weekly on d", "warn")]);
+    assert_eq!(levels, [("shop: backup on a", "ok"), ("shop: shadow on b", "ok"), ("shop: daily on c", "ok"), ("shop: weekly on d", "warn")]);
+    assert_eq!(v[1]["shadow"]["role"], "standby", "{}", v[1]);
     // The pull jobs' results come from the servers.
-    assert!(v[1]["jobs"].as_array().unwrap().iter().any(|j| j["name"] == "pull" && j["last_ok"] == true), "{}", v[1]);
+    assert!(v[2]["jobs"].as_array().unwrap().iter().any(|j| j["name"] == "pull" && j["last_ok"] == true), "{}", v[2]);
 
     let html = dir.path().join("report.html");
     let o = a.kura(&a.read, &["report", "--topology", topo.to_str().unwrap(), "--title", "Shop & Co", "-o", html.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let page = std::fs::read_to_string(&html).unwrap();
-    for want in ["Shop &amp; Co", "daily generation", "weekly generation", "a whole snapshot", "never drilled"] {
+    for want in ["Shop &amp; Co", "live shadow", "s behind", "daily generation", "weekly generation", "a whole snapshot", "never drilled"] {
         assert!(page.contains(want), "{want}");
     }
     let o = a.kura(&a.read, &["report", "--topology", topo.to_str().unwrap(), "--format", "markdown"]).output().unwrap();
