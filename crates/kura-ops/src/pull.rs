@@ -101,9 +101,9 @@ pub fn put_plain(dst: &dyn Store) -> impl Fn(&str, &[u8], Option<Timestamp>) -> 
 /// Copies `kind/name` when the destination lacks it, after checking the bytes against the
 /// name. Returns the bytes written (0 when it was there), or `Err(Ok(reason))` for bytes
 /// that do not match their name.
-fn copy_object(src: &dyn Store, dst: &dyn Store, kind: Kind, name: &str) -> Result<Result<u64, String>, StoreError> {
-    let bytes = src.get(kind, name)?;
-    if Id::of_stored(&bytes).to_hex() != name {
+fn copy_object(src: &dyn Store, dst: &dyn Store, kind: Kind, name: &str, bytes: &mut Vec<u8>) -> Result<Result<u64, String>, StoreError> {
+    src.get_into(kind, name, bytes)?;
+    if Id::of_stored(bytes).to_hex() != name {
         return Ok(Err(format!(
             "{} from {} does not match its name ({} bytes); refused",
             ObjectName::new(kind, name),
@@ -111,7 +111,7 @@ fn copy_object(src: &dyn Store, dst: &dyn Store, kind: Kind, name: &str) -> Resu
             bytes.len()
         )));
     }
-    match dst.put_new(kind, name, &bytes) {
+    match dst.put_new(kind, name, bytes) {
         Ok(()) => Ok(Ok(bytes.len() as u64)),
         Err(StoreError::Exists(_)) => Ok(Ok(0)),
         Err(e) => Err(e),
@@ -141,7 +141,7 @@ fn replicate_keys(src: &dyn Store, dst: &dyn Store, report: &mut PullReport) -> 
         if present.contains(&l.name) {
             continue;
         }
-        match copy_object(src, dst, Kind::Key, &l.name)? {
+        match copy_object(src, dst, Kind::Key, &l.name, &mut Vec::new())? {
             Ok(_) => report.keys_added += 1,
             Err(reason) => return Err(OpsError::Unsafe(reason)),
         }
@@ -269,10 +269,12 @@ fn fetch_packs(src: &dyn Store, dst: &dyn Store, packs: &[Id], workers: usize, r
     std::thread::scope(|s| {
         for _ in 0..workers.clamp(1, packs.len().max(1)) {
             s.spawn(|| {
+                // One buffer per worker for every pack it copies.
+                let mut buf = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(p) = packs.get(i) else { break };
-                    let outcome = match copy_object(src, dst, Kind::Pack, &p.to_hex()) {
+                    let outcome = match copy_object(src, dst, Kind::Pack, &p.to_hex(), &mut buf) {
                         Ok(Ok(n)) => {
                             fetched.fetch_add(1, Ordering::Relaxed);
                             bytes.fetch_add(n, Ordering::Relaxed);
@@ -360,7 +362,7 @@ fn pull_in_session(
         // The destination's prune must know the moves its snapshots rely on before it sees them.
         if !lineage_done {
             for l in records.ids.iter().map(|i| i.to_hex()).filter(|n| !dst_lineage.contains(n)) {
-                match copy_object(src, dst, Kind::Lineage, &l)? {
+                match copy_object(src, dst, Kind::Lineage, &l, &mut Vec::new())? {
                     Ok(_) => report.lineage_added += 1,
                     Err(reason) => return Err(OpsError::Unsafe(reason)),
                 }

@@ -334,6 +334,13 @@ pub trait Store: Send + Sync {
     /// Reads a whole object.
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError>;
 
+    /// Reads a whole object into `buf` (replacing what it held): a caller reading many large
+    /// objects reuses one buffer instead of faulting in fresh pages for each.
+    fn get_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        *buf = self.get(kind, name)?;
+        Ok(())
+    }
+
     /// Reads `len` bytes at `offset`; fails with [`StoreError::Short`] past the end.
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64)
     -> Result<Vec<u8>, StoreError>;

@@ -376,12 +376,13 @@ impl RemoteStore {
         }
     }
 
-    fn read_body(&self, verb: Verb, kind: Kind, name: &str, mut resp: Response) -> Result<Vec<u8>, StoreError> {
+    fn read_body(&self, verb: Verb, kind: Kind, name: &str, mut resp: Response, out: &mut Vec<u8>) -> Result<(), StoreError> {
         // Sized once from Content-Length: a 16 MiB pack read by growing a buffer and copying
         // it out again costs more than the network on loopback.
-        let mut out = Vec::with_capacity(resp.content_length().unwrap_or(0).min(1 << 30) as usize);
-        match std::io::Read::read_to_end(&mut resp, &mut out) {
-            Ok(_) => Ok(out),
+        out.clear();
+        out.reserve(resp.content_length().unwrap_or(0).min(1 << 30) as usize);
+        match std::io::Read::read_to_end(&mut resp, out) {
+            Ok(_) => Ok(()),
             Err(e) => Err(StoreError::Network {
                 verb,
                 target: ObjectName::new(kind, name).to_string(),
@@ -458,9 +459,15 @@ impl Store for RemoteStore {
     }
 
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        self.get_into(kind, name, &mut out)?;
+        Ok(out)
+    }
+
+    fn get_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> Result<(), StoreError> {
         let url = self.url(kind, name);
         let resp = self.object(Verb::Read, kind, name, || self.client.get(&url))?;
-        self.read_body(Verb::Read, kind, name, resp)
+        self.read_body(Verb::Read, kind, name, resp, buf)
     }
 
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
@@ -565,7 +572,8 @@ impl RemoteStore {
                 message: format!("the answer is not the range {range} (is a proxy ignoring Range?)"),
             });
         }
-        let body = self.read_body(Verb::Read, kind, name, resp)?;
+        let mut body = Vec::new();
+        self.read_body(Verb::Read, kind, name, resp, &mut body)?;
         if body.len() as u64 > len {
             return Err(StoreError::Server {
                 verb: Verb::Read,
