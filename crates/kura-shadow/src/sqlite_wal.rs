@@ -4,7 +4,8 @@
 //! <https://www.sqlite.org/fileformat2.html#walformat>.
 
 // SQLite's formats are big-endian (and its checksum words in the order the magic names).
-#![allow(clippy::big_endian_bytes)]
+// The wal-index is in the host's byte order, as SQLite writes it in memory.
+#![allow(clippy::big_endian_bytes, clippy::host_endian_bytes)]
 
 use std::ops::Range;
 
@@ -152,9 +153,62 @@ pub fn apply(db: &mut Vec<u8>, page_size: usize, wal: &[u8], c: &Commit) {
     db.truncate(size);
 }
 
+/// The wal-index header at the start of `DB-shm` (native byte order, written by SQLite): what
+/// the last published commit is. A pusher reads this, never the WAL's size, to learn of commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmHeader {
+    /// Rises by one on every commit (and counts on across WAL restarts).
+    pub change: u32,
+    /// The last frame of the last published commit (0: the WAL is empty or restarted).
+    pub max_frame: u32,
+    /// Database size in pages at that commit.
+    pub db_pages: u32,
+    /// Page size.
+    pub page_size: usize,
+    /// The salts of the WAL generation the frames belong to (as the WAL header has them).
+    pub salt: [u32; 2],
+    /// The checksum chain at `max_frame`.
+    pub frame_checksum: [u32; 2],
+    /// Frames a checkpoint has copied into the database file.
+    pub backfill: u32,
+}
+
+/// Bytes of the wal-index that [`parse_shm`] reads: two header copies and the checkpoint info.
+pub const SHM_HEADER_LEN: usize = 136;
+
+/// Reads the wal-index header; `None` while it is being written (the two copies differ), not
+/// initialised, or its checksum does not match: read it again.
+pub fn parse_shm(b: &[u8]) -> Option<ShmHeader> {
+    let b = b.get(..SHM_HEADER_LEN)?;
+    if b[..48] != b[48..96] {
+        return None;
+    }
+    let ne = |at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if ne(0) != 3_007_000 || b[12] != 1 {
+        return None;
+    }
+    // The header's own checksum is over native-order words, whatever the WAL's order.
+    let native_be = cfg!(target_endian = "big");
+    if checksum(native_be, &b[..40], [0, 0]) != [ne(40), ne(44)] {
+        return None;
+    }
+    let raw = u16::from_ne_bytes([b[14], b[15]]) as usize;
+    Some(ShmHeader {
+        change: ne(8),
+        max_frame: ne(16),
+        db_pages: ne(20),
+        page_size: if raw == 1 { 65536 } else { raw },
+        // Copied byte for byte from the WAL header, where they are big-endian.
+        salt: [be32(b, 32), be32(b, 36)],
+        frame_checksum: [ne(24), ne(28)],
+        backfill: ne(96),
+    })
+}
+
 /// Entry point of the `decode_sqlite_wal` fuzz target and its proptest twin: any bytes give
 /// commits or an error, never a panic, and applying them stays in bounds.
 pub fn fuzz_wal(data: &[u8]) {
+    let _ = parse_shm(data);
     if let Ok((h, cs)) = commits(data, None) {
         let mut db = Vec::new();
         for c in cs.iter().take(64) {
@@ -262,6 +316,33 @@ mod tests {
         assert_eq!(db.len(), 1536);
         apply(&mut db, 512, &w, &cs[1]);
         assert_eq!((db.len(), db[0]), (512, 4));
+    }
+
+    #[test]
+    fn a_wal_index_header_is_read_only_when_settled() {
+        let mut h = vec![0u8; SHM_HEADER_LEN];
+        h[..4].copy_from_slice(&3_007_000u32.to_ne_bytes());
+        h[8..12].copy_from_slice(&42u32.to_ne_bytes());
+        h[12] = 1;
+        h[14..16].copy_from_slice(&4096u16.to_ne_bytes());
+        h[16..20].copy_from_slice(&7u32.to_ne_bytes());
+        h[32..40].copy_from_slice(&[0, 0, 0, 5, 0, 0, 0, 6]);
+        let s = checksum(cfg!(target_endian = "big"), &h[..40], [0, 0]);
+        h[40..44].copy_from_slice(&s[0].to_ne_bytes());
+        h[44..48].copy_from_slice(&s[1].to_ne_bytes());
+        let (first, rest) = h.split_at_mut(48);
+        rest[..48].copy_from_slice(first);
+        let got = parse_shm(&h).unwrap();
+        assert_eq!((got.change, got.max_frame, got.salt, got.page_size), (42, 7, [5, 6], 4096));
+        // Mid-write (copies differ), uninitialised, or a checksum that does not match: read again.
+        let mut torn = h.clone();
+        torn[48 + 16] = 8;
+        assert_eq!(parse_shm(&torn), None);
+        let mut bad = h.clone();
+        bad[20] = 1;
+        bad[68] = 1;
+        assert_eq!(parse_shm(&bad), None);
+        assert_eq!(parse_shm(&h[..100]), None);
     }
 
     proptest! {

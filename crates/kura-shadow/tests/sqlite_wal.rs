@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use kura_shadow::sqlite_wal::{apply, commits};
+use kura_shadow::sqlite_wal::{apply, commits, parse_shm};
 use std::path::Path;
 use std::process::Command;
 
@@ -32,6 +32,7 @@ c.execute('BEGIN')
 c.execute('DELETE FROM t WHERE id < 10')
 c.execute('COMMIT')
 shutil.copy(d + '/db-wal', d + '/wal')
+shutil.copy(d + '/db-shm', d + '/shm')
 c.close()
 "#;
 
@@ -50,6 +51,11 @@ fn a_real_wal_replays_to_every_commit_and_sqlite_finds_each_intact() {
     let (h, cs) = commits(&wal, None).unwrap();
     assert_eq!(h.page_size, 4096);
     assert_eq!(cs.len(), 51, "one commit per transaction");
+    // The wal-index names the same last commit: frame, checksum chain, salts, size.
+    let shm = parse_shm(&std::fs::read(d.path().join("shm")).unwrap()).expect("a settled wal-index header");
+    let last = cs.last().unwrap();
+    assert_eq!((shm.max_frame, shm.frame_checksum, shm.salt, shm.db_pages, shm.page_size), (last.last_frame, last.checksum, h.salt, last.db_pages, 4096));
+    assert!(shm.change >= 51, "{shm:?}");
     // Any point in time: after 20 inserts, after all 50, after the delete.
     for (n, want) in [(20usize, "ok (20, 190)"), (50, "ok (50, 1225)"), (51, "ok (40, 1180)")] {
         let mut db = base.clone();
