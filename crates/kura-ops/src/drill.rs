@@ -111,7 +111,7 @@ pub fn drill(repo: &Repository, opts: &DrillOptions) -> Result<DrillOutcome, Ops
     let mut failures = Vec::new();
     let mut error = None;
     let mut bytes = 0;
-    let restored = if chosen.is_empty() && !full { Ok(()) } else { restore(repo, &snap.body.tree, &ropts, &crate::NoProgress, None).map(|_| ()) };
+    let restored = if chosen.is_empty() { Ok(()) } else { restore(repo, &snap.body.tree, &ropts, &crate::NoProgress, None).map(|_| ()) };
     match restored {
         Err(e) => {
             error = Some(format!("restore failed: {e}"));
@@ -128,6 +128,10 @@ pub fn drill(repo: &Repository, opts: &DrillOptions) -> Result<DrillOutcome, Ops
                 }
             }
         }
+    }
+    if chosen.is_empty() && error.is_none() {
+        // Nothing checked proves nothing: it must not count as a passed drill.
+        error = Some("the snapshot has no regular file to restore".into());
     }
     let seconds = started.elapsed().as_secs_f64();
     drop(dir);

@@ -373,7 +373,10 @@ fn pull_in_session(
         // them, so a first pull of a year of weeklies is not a year of snapshots "received today".
         let received = match src.get(Kind::Receipt, &id.to_hex()) {
             Ok(b) => kura_repo::receipt::Receipt::decode(&b).map(|(_, t)| t),
-            Err(_) => None,
+            // A source without receipts (a directory, a bucket); a failure to read one must
+            // not fix a wrong time for good.
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
         };
         put(&id.to_hex(), &bytes, received)?;
         report.pulled.push(id.to_hex());

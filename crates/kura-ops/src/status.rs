@@ -141,6 +141,11 @@ pub fn shadow_status(label: &str, location: &str, limits: Limits, f: ShadowFacts
         reasons.push(format!("the stream's role is {} (a failover happened; fail back with kura shadow demote)", f.role));
     }
     let level = if f.role != "standby" { level.max(Level::Warn) } else { level };
+    RepoStatus { shadow: Some(f), ..bare(label, location, level, reasons, limits) }
+}
+
+/// A status with no snapshots, jobs or drills.
+fn bare(label: &str, location: &str, level: Level, reasons: Vec<String>, limits: Limits) -> RepoStatus {
     RepoStatus {
         label: label.into(),
         location: location.into(),
@@ -154,7 +159,7 @@ pub fn shadow_status(label: &str, location: &str, limits: Limits, f: ShadowFacts
         last_drill: None,
         last_good_drill: None,
         drills: 0,
-        shadow: Some(f),
+        shadow: None,
     }
 }
 
@@ -180,21 +185,7 @@ pub fn parse_jobs(v: &serde_json::Value) -> Vec<JobResult> {
 
 /// The status of an unreachable repository.
 pub fn unreachable(label: &str, location: &str, limits: Limits, why: &str) -> RepoStatus {
-    RepoStatus {
-        label: label.into(),
-        location: location.into(),
-        level: Level::Crit,
-        reasons: vec![format!("cannot read {location}: {why}")],
-        limits,
-        groups: Vec::new(),
-        snapshots: 0,
-        future_dated: 0,
-        jobs: Vec::new(),
-        last_drill: None,
-        last_good_drill: None,
-        drills: 0,
-        shadow: None,
-    }
+    bare(label, location, Level::Crit, vec![format!("cannot read {location}: {why}")], limits)
 }
 
 /// Reads and judges one repository at `now`; `jobs` are the server's, when it is one.
@@ -256,7 +247,9 @@ pub fn repo_status(store: &dyn Store, label: &str, jobs: Vec<JobResult>, limits:
             level = Level::Crit;
         }
     }
-    let drills = kura_repo::drill::read_all(store)?;
+    // A record dated after now (a wrong clock, or a forged one) proves nothing about today.
+    let drills: Vec<DrillRecord> =
+        kura_repo::drill::read_all(store)?.into_iter().filter(|d| d.time.parse::<jiff::Timestamp>().is_ok_and(|t| t <= horizon)).collect();
     let last_drill = drills.last().cloned();
     let last_good_drill = drills.iter().rev().find(|d| d.ok).map(|d| d.time.clone());
     if let Some(d) = &last_drill

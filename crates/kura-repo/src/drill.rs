@@ -79,7 +79,8 @@ pub fn read_all(store: &dyn Store) -> Result<Vec<DrillRecord>, StoreError> {
             Err(e) => return Err(e),
         }
     }
-    out.sort_by(|a, b| a.time.cmp(&b.time));
+    // decode() checked every time parses.
+    out.sort_by_key(|r| r.time.parse::<jiff::Timestamp>().ok());
     Ok(out)
 }
 

@@ -517,7 +517,12 @@ fn check_upload(s: &AppState, kind: Kind, name: &str, data: &[u8]) -> Result<Opt
             Ok(None)
         }
         Kind::Drill => {
-            kura_repo::drill::DrillRecord::decode(data).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+            // Status takes the newest record: one dated ahead would hide every later drill.
+            let r = kura_repo::drill::DrillRecord::decode(data).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+            let t: jiff::Timestamp = r.time.parse().map_err(|_| err(StatusCode::BAD_REQUEST, "drill time is not a time"))?;
+            if t.duration_since(jiff::Timestamp::now()) > jiff::SignedDuration::try_from(s.limits.future_skew).unwrap_or_default() {
+                return Err(err(StatusCode::BAD_REQUEST, "drill record dated in the future (check this client's clock)"));
+            }
             Ok(None)
         }
         _ => Ok(None),

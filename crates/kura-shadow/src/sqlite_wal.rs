@@ -138,19 +138,19 @@ pub fn commits(wal: &[u8], from: Option<(u32, [u32; 2])>) -> Result<(WalHeader, 
 
 /// Applies a commit to a database image: its page images in frame order, then the size after
 /// it (a shrinking commit truncates; pages a growing one does not carry are zeros).
+/// Pages beyond the size after the commit are dropped by it anyway, so the image never grows
+/// past that size.
 pub fn apply(db: &mut Vec<u8>, page_size: usize, wal: &[u8], c: &Commit) {
     let size = c.db_pages as usize * page_size;
-    if db.len() < size {
-        db.resize(size, 0);
-    }
+    db.resize(size, 0);
     for (page, r) in &c.pages {
-        let at = (*page as usize - 1) * page_size;
-        if at + page_size > db.len() {
-            db.resize(at + page_size, 0);
+        let at = (*page as usize).wrapping_sub(1).saturating_mul(page_size);
+        if let (Some(dst), Some(src)) = (db.get_mut(at..at.saturating_add(page_size)), wal.get(r.clone()))
+            && dst.len() == src.len()
+        {
+            dst.copy_from_slice(src);
         }
-        db[at..at + page_size].copy_from_slice(&wal[r.clone()]);
     }
-    db.truncate(size);
 }
 
 /// The wal-index header at the start of `DB-shm` (native byte order, written by SQLite): what

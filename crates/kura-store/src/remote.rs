@@ -190,7 +190,8 @@ pub fn pinned_config(fp: &str) -> Result<rustls::ClientConfig, String> {
 pub fn post_json(url: &str, body: &[u8]) -> Result<u16, String> {
     install_crypto_provider();
     let client = Client::builder().timeout(Duration::from_secs(15)).build().map_err(|e| chain(&e))?;
-    let r = client.post(url).header("content-type", "application/json").body(body.to_vec()).send().map_err(|e| chain(&e))?;
+    // A webhook's URL is often its secret: errors leave it out.
+    let r = client.post(url).header("content-type", "application/json").body(body.to_vec()).send().map_err(|e| chain(&e.without_url()))?;
     Ok(r.status().as_u16())
 }
 

@@ -49,12 +49,10 @@ fn random_copy(cli: &Cli, file: &Path) -> Result<(kura_repo::Repository, String)
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let (label, host, repo) = &copies[(u64::from_le_bytes(b) % copies.len() as u64) as usize];
-    let url = plan.url(host, repo).with_context(|| format!("{label}: host {host} has no address"))?;
-    let access = &plan.hosts[*host];
     let base = file.parent().unwrap_or(Path::new("."));
-    let tf = access.token_file.as_ref().with_context(|| format!("{label}: host {host} has no token_file"))?;
-    let token = std::fs::read_to_string(base.join(tf)).with_context(|| format!("cannot read token file {}", base.join(tf).display()))?;
-    let opts = RemoteOptions { token: token.trim().to_string(), fingerprint: access.fingerprint.clone(), retries: 3 };
+    let (addr, token, fingerprint) = host_access(&plan, base, host).map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+    let url = format!("kura://{addr}/{repo}");
+    let opts = RemoteOptions { token, fingerprint, retries: 3 };
     let store = RemoteStore::open(&url, &opts).map_err(kura_repo::RepoError::from).with_context(|| label.clone())?;
     let loc = open::Location { path: std::path::PathBuf::new(), url: Some(url.clone()), default: false };
     let pw = open::password(cli, &loc, false)?;
@@ -124,49 +122,44 @@ fn one(store: &dyn Store, remote: Option<&RemoteStore>, label: &str, limits: Lim
 }
 
 /// A repository on a topology host's server, read with the host's read token.
+/// How to reach a topology host's server: its address, its read token (from `token_file`,
+/// relative to the topology file) and its certificate fingerprint.
+fn host_access(plan: &kura_ops::topology::Plan, base: &Path, host: &str) -> Result<(String, String, Option<String>), String> {
+    let access = plan.hosts.get(host).ok_or_else(|| format!("no host {host} in the topology"))?;
+    let addr = access.address.clone().ok_or_else(|| format!("host {host} has no address in the topology"))?;
+    let f = access.token_file.as_ref().ok_or_else(|| format!("host {host} has no token_file (a read token of its server)"))?;
+    let token = std::fs::read_to_string(base.join(f)).map_err(|e| format!("cannot read token file {}: {e}", base.join(f).display()))?;
+    Ok((addr, token.trim().to_string(), access.fingerprint.clone()))
+}
+
 fn on_host(plan: &kura_ops::topology::Plan, base: &Path, host: &str, repository: &str, label: &str, limits: Limits) -> RepoStatus {
-    let fail = |loc: &str, why: String| kura_ops::status::unreachable(label, loc, limits, &why);
-    let Some(url) = plan.url(host, repository) else {
-        return fail(host, format!("host {host} has no address in the topology"));
+    let (addr, token, fingerprint) = match host_access(plan, base, host) {
+        Ok(a) => a,
+        Err(why) => return kura_ops::status::unreachable(label, host, limits, &why),
     };
-    let access = &plan.hosts[host];
-    let token = match &access.token_file {
-        Some(f) => match std::fs::read_to_string(base.join(f)) {
-            Ok(t) => t.trim().to_string(),
-            Err(e) => return fail(&url, format!("cannot read token file {}: {e}", base.join(f).display())),
-        },
-        None => return fail(&url, format!("host {host} has no token_file (a read token of its server)")),
-    };
-    let opts = RemoteOptions { token, fingerprint: access.fingerprint.clone(), retries: 1 };
+    let url = format!("kura://{addr}/{repository}");
+    let opts = RemoteOptions { token, fingerprint, retries: 1 };
     match RemoteStore::open(&url, &opts) {
         Ok(r) => one(&r, Some(&r), label, limits),
-        Err(e) => fail(&url, e.to_string()),
+        Err(e) => kura_ops::status::unreachable(label, &url, limits, &e.to_string()),
     }
 }
 
 /// A shadow stream on a topology host, as its standby reports it.
 fn shadow_on_host(plan: &kura_ops::topology::Plan, base: &Path, host: &str, stream: &str, label: &str, limits: Limits) -> RepoStatus {
-    let fail = |loc: &str, why: String| kura_ops::status::unreachable(label, loc, limits, &why);
-    let access = &plan.hosts[host];
-    let Some(addr) = &access.address else {
-        return fail(host, format!("host {host} has no address in the topology"));
+    let (addr, token, fingerprint) = match host_access(plan, base, host) {
+        Ok(a) => a,
+        Err(why) => return kura_ops::status::unreachable(label, host, limits, &why),
     };
     let loc = format!("kura://{addr}/shadow/{stream}");
-    let token = match &access.token_file {
-        Some(f) => match std::fs::read_to_string(base.join(f)) {
-            Ok(t) => t.trim().to_string(),
-            Err(e) => return fail(&loc, format!("cannot read token file {}: {e}", base.join(f).display())),
-        },
-        None => return fail(&loc, format!("host {host} has no token_file")),
-    };
-    let st = kura_shadow::push::Link::new(&format!("https://{addr}"), stream, &token, access.fingerprint.as_deref()).and_then(|l| l.status());
+    let st = kura_shadow::push::Link::new(&format!("https://{addr}"), stream, &token, fingerprint.as_deref()).and_then(|l| l.status());
     match st {
         Ok(st) => {
             let contact = if st.last_contact_ns > 0 { (kura_shadow::now_ns() - st.last_contact_ns).max(0) as f64 / 1e9 } else { f64::INFINITY };
             let facts = kura_ops::status::ShadowFacts { role: st.role.clone(), lag_seconds: st.lag_secs, contact_seconds: contact, head: st.head, applied: st.applied };
             kura_ops::status::shadow_status(label, &loc, limits, facts)
         }
-        Err(e) => fail(&loc, e.to_string()),
+        Err(e) => kura_ops::status::unreachable(label, &loc, limits, &e.to_string()),
     }
 }
 

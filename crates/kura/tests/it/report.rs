@@ -113,6 +113,13 @@ fn status_and_report_of_a_three_server_topology_render_in_chromium() {
     // Drills on A and C with read tokens (a drill only reads; its record only adds); D never.
     a.ok(&a.read, &["drill", "--files", "4"]);
     c.ok(&c.read, &["drill", "--full"]);
+    // A drill record dated ahead would hide every later drill from status: refused.
+    let forged = serde_json::json!({"version": 1, "time": "2099-01-01T00:00:00Z", "by_host": "x", "snapshot": "ab".repeat(32),
+        "snapshot_time": "2026-01-01T00:00:00Z", "host": "x", "paths": [], "mode": "sample", "files": 1, "failed": 0,
+        "bytes": 1, "seconds": 0.1, "ok": true}).to_string();
+    let name = blake3::hash(forged.as_bytes()).to_hex().to_string();
+    let r = a.http().put(a.obj_url("drills", &name)).bearer_auth(&a.read).body(forged).send().unwrap();
+    assert_eq!(r.status().as_u16(), 400, "{}", r.text().unwrap_or_default());
     // B keeps the live shadow of the data; A pushes it once.
     let mirror = tempfile::tempdir().unwrap();
     let b = Server::start(&format!("[[stream]]\nname = \"shop\"\nmirror = \"{}\"", mirror.path().join("m").display()));
