@@ -155,6 +155,15 @@ fn replicate_keys(src: &dyn Store, dst: &dyn Store, report: &mut PullReport) -> 
     Ok(())
 }
 
+/// A snapshot to pull.
+struct Chosen {
+    id: Id,
+    public: SnapshotPublic,
+    bytes: Vec<u8>,
+    /// The newest snapshot time the destination had of this group before the pull.
+    floor: Option<Timestamp>,
+}
+
 /// A snapshot's group: host and paths, as retention groups by default.
 type Group = (String, Vec<String>);
 
@@ -165,14 +174,15 @@ fn group_of(p: &SnapshotPublic) -> Group {
 }
 
 /// The source snapshots to take: selected, not in the destination, not older than the newest
-/// the destination has of their group, not dated after `now`; oldest first.
+/// the destination has of their group, not dated after `now`; oldest first, each with that
+/// newest time of its group (the floor for its receive time).
 fn choose(
     src: &dyn Store,
     dst: &dyn Store,
     sel: &Selection,
     now: Timestamp,
     report: &mut PullReport,
-) -> Result<Vec<(Id, SnapshotPublic, Vec<u8>)>, OpsError> {
+) -> Result<Vec<Chosen>, OpsError> {
     let mut have: HashSet<Id> = HashSet::new();
     let mut newest: HashMap<Group, Timestamp> = HashMap::new();
     for st in stored_snapshots(dst, &|_| false)? {
@@ -233,7 +243,13 @@ fn choose(
         candidates.retain(|(id, ..)| keep.contains(id));
     }
     candidates.sort_by_key(|(id, t, ..)| (*t, *id));
-    Ok(candidates.into_iter().map(|(id, _, p, b)| (id, p, b)).collect())
+    Ok(candidates
+        .into_iter()
+        .map(|(id, _, p, b)| {
+            let floor = newest.get(&group_of(&p)).copied();
+            Chosen { id, public: p, bytes: b, floor }
+        })
+        .collect())
 }
 
 /// The source packs a snapshot needs that the destination lacks, and those it has. A pack both
@@ -343,7 +359,7 @@ fn pull_in_session(
     let dst_lineage: HashSet<String> = dst.list(Kind::Lineage)?.into_iter().map(|l| l.name).collect();
     let mut lineage_done = false;
     let workers = if src.is_remote() { 8 } else { crate::cores() };
-    for (id, public, bytes) in chosen {
+    for Chosen { id, public, bytes, floor } in chosen {
         let refuse = |reason: String| Refused { snapshot: id.to_hex(), reason };
         let (need, present) = match needed(&public.packs, &src_packs, &dst_packs, &records.edges) {
             Ok(n) => n,
@@ -372,7 +388,11 @@ fn pull_in_session(
         // Retention on the replica counts generations by when the source's server received
         // them, so a first pull of a year of weeklies is not a year of snapshots "received today".
         let received = match src.get(Kind::Receipt, &id.to_hex()) {
-            Ok(b) => kura_repo::receipt::Receipt::decode(&b).map(|(_, t)| t),
+            // Never before what the replica already has of the group: a source server that
+            // forged old receive times would otherwise fill the replica's older retention
+            // buckets with its snapshots and push the real generations there out. A first
+            // fill has no floor and takes the source's times as they are.
+            Ok(b) => kura_repo::receipt::Receipt::decode(&b).map(|(_, t)| floor.map_or(t, |f| t.max(f))),
             // A source without receipts (a directory, a bucket); a failure to read one must
             // not fix a wrong time for good.
             Err(StoreError::NotFound(_)) => None,

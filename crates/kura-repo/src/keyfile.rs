@@ -67,7 +67,18 @@ pub enum KeyFileError {
 
 const AAD: &[u8] = b"kura key file v1";
 
+/// The costs a key file may ask for: 1 GiB, 64 passes, 16 lanes. Key files travel (a pull copies
+/// a source's keys into a replica), so a forged one must not make opening a repository allocate
+/// terabytes or run for days before the passphrase is even checked.
+pub const KDF_LIMIT: KdfParams = KdfParams { m_cost: 1 << 20, t_cost: 64, p_cost: 16 };
+
 fn kek(password: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>, KeyFileError> {
+    if p.m_cost > KDF_LIMIT.m_cost || p.t_cost > KDF_LIMIT.t_cost || p.p_cost > KDF_LIMIT.p_cost {
+        return Err(KeyFileError::Malformed(format!(
+            "argon2 costs m={} KiB t={} p={} exceed the limit m={} KiB t={} p={}",
+            p.m_cost, p.t_cost, p.p_cost, KDF_LIMIT.m_cost, KDF_LIMIT.t_cost, KDF_LIMIT.p_cost
+        )));
+    }
     let params = argon2::Params::new(p.m_cost, p.t_cost, p.p_cost, Some(32))
         .map_err(|e| KeyFileError::Malformed(format!("argon2 parameters: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -162,6 +173,19 @@ mod tests {
         let back = KeyFile::decode(&kf.encode()).unwrap().unwrap(b"pw").unwrap();
         assert_eq!(back.secret(), m.secret());
         assert!(matches!(kf.unwrap(b"nope"), Err(KeyFileError::WrongPassword)));
+    }
+
+    #[test]
+    fn costs_beyond_the_limit_are_refused_before_any_work() {
+        let m = MasterKey::from_secret([9; 32]);
+        let mut kf = KeyFile::wrap(&m, b"pw", FAST, "h", "u").unwrap();
+        // 4 TiB of memory: refused at once, not allocated.
+        kf.params.m_cost = u32::MAX;
+        assert!(matches!(kf.unwrap(b"pw"), Err(KeyFileError::Malformed(m)) if m.contains("exceed")));
+        kf.params = KdfParams { t_cost: 1000, ..FAST };
+        assert!(matches!(kf.unwrap(b"pw"), Err(KeyFileError::Malformed(_))));
+        kf.params = KdfParams { p_cost: 17, ..FAST };
+        assert!(matches!(kf.unwrap(b"pw"), Err(KeyFileError::Malformed(_))));
     }
 
     proptest::proptest! {

@@ -380,9 +380,18 @@ impl RemoteStore {
     fn read_body(&self, verb: Verb, kind: Kind, name: &str, mut resp: Response, out: &mut Vec<u8>) -> Result<(), StoreError> {
         // Sized once from Content-Length: a 16 MiB pack read by growing a buffer and copying
         // it out again costs more than the network on loopback.
+        // A hostile or broken server could stream without end: never read past the largest
+        // object of this kind a repository can hold.
+        let cap = max_body(kind);
         out.clear();
-        out.reserve(resp.content_length().unwrap_or(0).min(1 << 30) as usize);
-        match std::io::Read::read_to_end(&mut resp, out) {
+        out.reserve(resp.content_length().unwrap_or(0).min(cap) as usize);
+        match std::io::Read::read_to_end(&mut std::io::Read::take(&mut resp, cap + 1), out) {
+            Ok(n) if n as u64 > cap => Err(StoreError::Server {
+                verb,
+                target: ObjectName::new(kind, name).to_string(),
+                status: 200,
+                message: format!("the answer is longer than the largest {kind:?} object ({cap} bytes)"),
+            }),
             Ok(_) => Ok(()),
             Err(e) => Err(StoreError::Network {
                 verb,
@@ -409,6 +418,16 @@ impl RemoteStore {
             Err(StoreError::Exists(_)) if kind.content_addressed() => Ok(()),
             r => r.map(|_| ()),
         }
+    }
+}
+
+/// The most bytes a client reads for one object of `kind`: small records are at most 1 MiB
+/// (the server's own limit), packs at most the largest `pack_size` (1 GiB) plus one blob, and
+/// indexes and snapshots the same bound.
+fn max_body(kind: Kind) -> u64 {
+    match kind {
+        Kind::Session | Kind::Config | Kind::Key | Kind::Protection | Kind::Drill | Kind::Receipt => 1 << 20,
+        _ => (1 << 30) + (64 << 20),
     }
 }
 
