@@ -38,6 +38,9 @@ pub struct BackupOptions {
     pub force: bool,
     /// Reader threads (0 = one per core).
     pub threads: usize,
+    /// The path a stream backup records for its snapshot (default `/<filename>`): one fixed
+    /// path keeps a series of streams (a database's WAL files) in one retention group.
+    pub record_as: Option<String>,
 }
 
 /// A file that could not be backed up (the snapshot is still saved).
@@ -924,7 +927,8 @@ pub fn backup_stdin(
         seconds: started.elapsed().as_secs_f64(),
         ..Summary::default()
     };
-    let (id, summary) = commit(repo, opts, vec![format!("/{filename}")], tree, &referenced, None, summary)?;
+    let recorded = opts.record_as.clone().unwrap_or_else(|| format!("/{filename}"));
+    let (id, summary) = commit(repo, opts, vec![recorded], tree, &referenced, None, summary)?;
     Ok(BackupResult {
         snapshot: id.to_hex(),
         parent: None,

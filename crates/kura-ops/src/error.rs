@@ -47,6 +47,9 @@ pub enum OpsError {
     /// Invalid option.
     #[error("{0}")]
     Invalid(String),
+    /// A program kura runs for the operation (`pg_basebackup`) failed.
+    #[error("{0}")]
+    Tool(String),
 }
 
 impl From<kura_store::StoreError> for OpsError {

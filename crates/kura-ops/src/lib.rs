@@ -13,6 +13,7 @@ pub mod error;
 pub mod fsmeta;
 pub mod keyless;
 pub mod lock;
+pub mod pg;
 pub mod policy;
 pub mod progress;
 pub mod prune;

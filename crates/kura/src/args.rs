@@ -126,11 +126,79 @@ pub enum Command {
         #[arg(long, value_name = "HOST")]
         server_config: Option<String>,
     },
+    /// PostgreSQL: WAL archiving (`archive_command`/`restore_command`), base backups and
+    /// point-in-time restores, all as snapshots in the repository.
+    #[command(subcommand)]
+    Pg(PgCommand),
     /// Make a standby the primary after a failover (the same as `kura shadow promote`).
     Promote {
         /// The standby's stream: kura://HOST:PORT/STREAM.
         #[arg(long)]
         to: String,
+    },
+}
+
+/// Which PostgreSQL cluster (names its snapshots' tags and group).
+#[derive(Args, Debug, Clone)]
+pub struct PgCluster {
+    /// Cluster name: WAL files and base backups of one cluster share it.
+    #[arg(long, default_value = "main")]
+    pub cluster: String,
+    /// Host the snapshots are recorded under (default: this machine's name; for wal-fetch and
+    /// restore: any host).
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+/// `kura pg` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum PgCommand {
+    /// Archive one WAL file: `archive_command = 'kura pg wal-push %p'`. The same file again is
+    /// success; other bytes under an archived name are refused.
+    WalPush {
+        /// The file (PostgreSQL's %p).
+        path: PathBuf,
+        #[command(flatten)]
+        cluster: PgCluster,
+    },
+    /// Fetch one archived WAL file: `restore_command = 'kura pg wal-fetch %f %p'`. Exits 1 when
+    /// it was never archived (the end of the archive).
+    WalFetch {
+        /// The file's name (PostgreSQL's %f).
+        name: String,
+        /// Where to write it (PostgreSQL's %p).
+        dest: PathBuf,
+        #[command(flatten)]
+        cluster: PgCluster,
+    },
+    /// Take a base backup with pg_basebackup into the repository. Connection options go after
+    /// `--` (e.g. `-- -h /run/postgresql -U postgres`), or in PGHOST, PGPORT, PGUSER.
+    Backup {
+        #[command(flatten)]
+        cluster: PgCluster,
+        /// Where pg_basebackup writes before kura reads it (removed afterwards; default:
+        /// pg-CLUSTER-base under kura's directory in your cache directory, ~/.cache/kura).
+        #[arg(long)]
+        staging: Option<PathBuf>,
+        /// The pg_basebackup program (default: from PATH, else Debian's newest).
+        #[arg(long)]
+        pg_basebackup: Option<PathBuf>,
+        /// Arguments for pg_basebackup.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Prepare a point-in-time restore: the newest base backup before --at into an empty data
+    /// directory, set up to replay the archive to --at and then promote. Start PostgreSQL on it.
+    Restore {
+        #[command(flatten)]
+        cluster: PgCluster,
+        /// The new data directory (absent or empty).
+        #[arg(long)]
+        target: PathBuf,
+        /// Recover to this moment (RFC 3339 or "YYYY-MM-DD HH:MM[:SS]" local); default: to the
+        /// end of the archive.
+        #[arg(long)]
+        at: Option<String>,
     },
 }
 

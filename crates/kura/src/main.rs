@@ -2,7 +2,8 @@
 //! exits with a code restic users know (0 ok, 1 fatal, 3 partial, 10 no repository, 12 wrong
 //! password, 11 another prune is running, 130 interrupted) and kura's own (2 refused topology,
 //! 4 a copy is late, 5 a copy is critical or a drill failed, 13 refused by the server: token or
-//! role, 14 server unreachable, 15 fenced shadow).
+//! role, 14 server unreachable, 15 fenced shadow). `kura pg wal-fetch` exits 1 for a file not
+//! in the archive and 128 + the code for a failure, so PostgreSQL stops its recovery on one.
 
 /// `println!` for results, through [`output::line`]: a reader that stops early (`kura
 /// snapshots | head`) neither panics kura nor cuts its work short.
@@ -35,6 +36,9 @@ pub enum Outcome {
     Ok,
     /// Snapshot saved but some source files were unreadable.
     Partial,
+    /// What was asked for does not exist, which the caller expects to happen (`kura pg
+    /// wal-fetch` past the end of the archive).
+    Missing,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -105,6 +109,7 @@ fn run(cli: &Cli) -> anyhow::Result<Outcome> {
         Command::Undelete { snapshots } => cmd::retain::undelete(cli, snapshots),
         Command::Shadow(c) => cmd::shadow::run(cli, c),
         Command::Plan { topology, server_config } => cmd::plan::run(cli, topology, server_config.as_deref()),
+        Command::Pg(c) => cmd::pg::run(cli, c, &INTERRUPTED),
         Command::Promote { to } => cmd::shadow::run(cli, &args::ShadowCommand::Promote { to: to.clone() }),
     }
 }
@@ -120,9 +125,18 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Partial) => ExitCode::from(3),
+        Ok(Outcome::Missing) => ExitCode::from(1),
         Err(e) => {
             eprintln!("kura: {}", format!("{e:#}").replace('\n', " "));
-            ExitCode::from(exit_code(&e))
+            let code = exit_code(&e);
+            // PostgreSQL takes any restore_command exit below 126 for "no such file" and ends
+            // recovery there, promoting at a point the user did not ask for; above 125 it stops
+            // instead. So a wal-fetch that failed (not one that found nothing) exits 128 + code.
+            if matches!(cli.command, Command::Pg(args::PgCommand::WalFetch { .. })) && code <= 125 {
+                ExitCode::from(128 + code)
+            } else {
+                ExitCode::from(code)
+            }
         }
     }
 }

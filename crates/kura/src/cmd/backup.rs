@@ -6,6 +6,7 @@ use crate::{Outcome, open};
 use anyhow::{Context, Result, bail};
 use kura_ops::backup::{BackupOptions, backup, backup_stdin};
 use kura_ops::check::{CheckOptions, check};
+use kura_repo::repo::hostname;
 use kura_repo::{KdfParams, Repository};
 use std::sync::atomic::AtomicBool;
 
@@ -16,10 +17,6 @@ pub fn parse_time(s: &str) -> Result<jiff::Timestamp> {
     }
     let dt: jiff::civil::DateTime = s.parse().with_context(|| format!("cannot parse time {s:?}"))?;
     Ok(dt.to_zoned_datetime(jiff::tz::TimeZone::system()).with_context(|| format!("time {s:?}"))?.timestamp())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
 
 /// `kura init`.
@@ -83,6 +80,7 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
         parent: a.parent.clone(),
         force: a.force,
         threads: 0,
+        record_as: None,
     };
     let bar = Bar::new(cli.quiet, cli.json);
     let res = if a.stdin {

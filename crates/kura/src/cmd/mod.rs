@@ -5,6 +5,7 @@ pub mod backup;
 pub mod copy;
 pub mod info;
 pub mod key;
+pub mod pg;
 pub mod plan;
 pub mod repair;
 pub mod restore;

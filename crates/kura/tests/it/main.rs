@@ -10,6 +10,7 @@ mod database;
 mod drill;
 mod faultproxy;
 mod generations;
+mod pg;
 mod pull;
 mod report;
 mod roundtrip;
