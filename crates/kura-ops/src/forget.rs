@@ -3,6 +3,7 @@
 //! server's receipts, so a keyless server runs it too; the data goes with the next prune.
 
 use crate::error::OpsError;
+use crate::pg;
 use crate::retention::{self, Item, Policy, Reason};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -157,6 +158,8 @@ pub fn plan_store(
     };
     let mut warnings = Vec::new();
     let mut groups: BTreeMap<GroupKey, Vec<(Id, kura_repo::SnapshotPublic)>> = BTreeMap::new();
+    // Every base backup, also those this run's filters leave out (they stay, so their WAL must).
+    let mut bases: Vec<(Id, String, String, Option<String>)> = Vec::new();
     for l in store.list(Kind::Snapshot)? {
         let Some(id) = Id::from_hex(&l.name) else { continue };
         let bytes = match store.get(Kind::Snapshot, &l.name) {
@@ -175,6 +178,9 @@ pub fn plan_store(
                 continue;
             }
         };
+        if let Some((cluster, start)) = pg::base_of(&public.tags) {
+            bases.push((id, public.host.clone(), cluster.to_string(), start.map(str::to_string)));
+        }
         if opts.host.as_ref().is_some_and(|h| *h != public.host)
             || !opts.tags.iter().all(|t| public.tags.contains(t))
         {
@@ -206,8 +212,10 @@ pub fn plan_store(
     for (key, snaps) in &groups {
         let policy = policy_for(key).map_err(OpsError::Invalid)?;
         policy.check().map_err(|e| OpsError::Invalid(format!("{key}: {e}")))?;
+        // WAL files are not generations of their own: they live as long as a base backup
+        // replays them (decided below, once every base backup's fate is known).
         let judged: Vec<&(Id, kura_repo::SnapshotPublic)> =
-            snaps.iter().filter(|(id, _)| !repairs.contains_key(id)).collect();
+            snaps.iter().filter(|(id, p)| !repairs.contains_key(id) && pg::wal_of(&p.tags).is_none()).collect();
         let items: Vec<Item> = judged
             .iter()
             .map(|(id, p)| Item {
@@ -224,6 +232,39 @@ pub fn plan_store(
             decisions.push((it.time, decision(id, p, reasons, received.get(id))));
         }
         out.push((key.clone(), policy.describe(), decisions));
+    }
+    // Per host and cluster, the oldest position a kept base backup replays from; "" when one
+    // did not record it (it keeps the whole archive).
+    let mut floors: HashMap<(String, String), (String, Id)> = HashMap::new();
+    for (id, host, cluster, start) in &bases {
+        if !verdicts.get(id).copied().unwrap_or(true) {
+            continue;
+        }
+        let start = start.clone().unwrap_or_default();
+        let f = floors.entry((host.clone(), cluster.clone())).or_insert_with(|| (start.clone(), *id));
+        if start < f.0 {
+            *f = (start, *id);
+        }
+    }
+    for (key, snaps) in &groups {
+        for (id, p) in snaps.iter().filter(|(id, _)| !repairs.contains_key(id)) {
+            let Some((name, cluster)) = pg::wal_of(&p.tags) else { continue };
+            let mut reasons = Vec::new();
+            if protected.contains(id) {
+                reasons.push(Reason::Protected);
+            }
+            match floors.get(&(p.host.clone(), cluster.to_string())) {
+                None => reasons.push(Reason::PgWal { base: None }),
+                Some((floor, base)) if pg::wal_position(name).is_none_or(|pos| pos >= floor.as_str()) => {
+                    reasons.push(Reason::PgWal { base: Some(base.to_hex()) });
+                }
+                Some(_) => {}
+            }
+            verdicts.insert(*id, !reasons.is_empty());
+            if let Some(g) = out.iter_mut().find(|g| &g.0 == key) {
+                g.2.push((time_of(id, p), decision(id, p, reasons, received.get(id))));
+            }
+        }
     }
     for (key, snaps) in &groups {
         for (id, p) in snaps.iter().filter(|(id, _)| repairs.contains_key(id)) {

@@ -39,6 +39,34 @@ pub fn is_wal_name(name: &str) -> bool {
     hex(name, 24)
 }
 
+/// The WAL position a file covers, as 16 hex digits that compare as numbers (the timeline is
+/// left out: positions only grow from one timeline to the next). `None` for a timeline
+/// `.history` file, which every later timeline needs, and for any other name.
+pub fn wal_position(name: &str) -> Option<&str> {
+    (is_wal_name(name) && !name.ends_with(".history")).then(|| &name[8..24])
+}
+
+/// A snapshot's WAL file name and cluster, when it is a WAL snapshot.
+pub fn wal_of(tags: &[String]) -> Option<(&str, &str)> {
+    if !tags.iter().any(|t| t == WAL_TAG) {
+        return None;
+    }
+    let name = tags.iter().find_map(|t| t.strip_prefix("wal="))?;
+    let cluster = tags.iter().find_map(|t| t.strip_prefix("pg-cluster="))?;
+    Some((name, cluster))
+}
+
+/// A base backup's cluster and the WAL position it replays from (`None`: not recorded, so it
+/// may need the whole archive).
+pub fn base_of(tags: &[String]) -> Option<(&str, Option<&str>)> {
+    if !tags.iter().any(|t| t == BASE_TAG) {
+        return None;
+    }
+    let cluster = tags.iter().find_map(|t| t.strip_prefix("pg-cluster="))?;
+    let start = tags.iter().find_map(|t| t.strip_prefix("pg-start-wal=")).and_then(wal_position);
+    Some((cluster, start))
+}
+
 /// Refuses a cluster name that could not stand in a tag and a path.
 pub fn check_cluster(cluster: &str) -> Result<(), OpsError> {
     let ok = !cluster.is_empty() && cluster.len() <= 64 && cluster.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));

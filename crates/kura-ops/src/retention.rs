@@ -269,6 +269,13 @@ pub enum Reason {
         /// The repaired copy's id.
         id: String,
     },
+    /// A PostgreSQL WAL file a kept base backup replays from (or, with no base backup of its
+    /// cluster yet, part of an archive still waiting for its first one).
+    PgWal {
+        /// The oldest kept base backup of its cluster, when there is one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        base: Option<String>,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -282,6 +289,8 @@ impl fmt::Display for Reason {
             Reason::WithinPeriod { period, bucket } => write!(f, "within-{} {bucket}", period.name()),
             Reason::Tag { tags } => write!(f, "tag {tags}"),
             Reason::RepairedAs { id } => write!(f, "original of repaired {}", id.get(..8).unwrap_or(id)),
+            Reason::PgWal { base: Some(id) } => write!(f, "WAL of base backup {}", id.get(..8).unwrap_or(id)),
+            Reason::PgWal { base: None } => write!(f, "WAL before any base backup"),
         }
     }
 }
