@@ -210,12 +210,17 @@ pub fn plan_store(
     let mut out = Vec::new();
     let mut verdicts: HashMap<Id, bool> = HashMap::new();
     for (key, snaps) in &groups {
-        let policy = policy_for(key).map_err(OpsError::Invalid)?;
-        policy.check().map_err(|e| OpsError::Invalid(format!("{key}: {e}")))?;
         // WAL files are not generations of their own: they live as long as a base backup
         // replays them (decided below, once every base backup's fate is known).
         let judged: Vec<&(Id, kura_repo::SnapshotPublic)> =
             snaps.iter().filter(|(id, p)| !repairs.contains_key(id) && pg::wal_of(&p.tags).is_none()).collect();
+        if judged.is_empty() {
+            // A WAL archive's group: no policy section needs to name it.
+            out.push((key.clone(), "PostgreSQL WAL: kept while a kept base backup replays it".to_string(), Vec::new()));
+            continue;
+        }
+        let policy = policy_for(key).map_err(OpsError::Invalid)?;
+        policy.check().map_err(|e| OpsError::Invalid(format!("{key}: {e}")))?;
         let items: Vec<Item> = judged
             .iter()
             .map(|(id, p)| Item {

@@ -94,13 +94,13 @@ fn newest_with(repo: &Repository, cluster: &str, host: Option<&str>, tag: &str, 
     let ctag = cluster_tag(cluster);
     let mut best: Option<(Id, Snapshot)> = None;
     let mut problem = None;
-    for (id, s) in repo.snapshots()? {
+    // Only the public parts of the others are read: an archive holds thousands of snapshots
+    // and PostgreSQL runs this once per WAL file.
+    let wanted = |p: &kura_repo::SnapshotPublic| p.tags.iter().any(|x| x == tag) && p.tags.contains(&ctag) && host.is_none_or(|h| p.host == h);
+    for (id, s) in repo.snapshots_where(&wanted)? {
         match s {
             Ok(s) => {
-                let t = &s.public.tags;
-                if t.iter().any(|x| x == tag) && t.contains(&ctag) && host.is_none_or(|h| s.public.host == h) && keep(&s)
-                    && best.as_ref().is_none_or(|(_, b)| s.time() >= b.time())
-                {
+                if keep(&s) && best.as_ref().is_none_or(|(_, b)| s.time() >= b.time()) {
                     best = Some((id, s));
                 }
             }

@@ -30,7 +30,16 @@ fn kept(repo: &Repository, last: u64, tags: &[&str]) -> (Vec<String>, Vec<String
         host: None,
         tags: tags.iter().map(|t| t.to_string()).collect(),
     };
-    let (plans, warnings) = plan(repo, &opts, &|_| Ok(policy.clone())).unwrap();
+    // As a policy file with no section for the WAL's group and no [keep] table: the WAL
+    // archive needs no policy of its own.
+    let policy_for = |k: &kura_ops::forget::GroupKey| {
+        if k.paths.as_ref().is_some_and(|p| p.iter().any(|x| x.starts_with("/postgresql/"))) {
+            Err(format!("{k}: no policy section matches this group"))
+        } else {
+            Ok(policy.clone())
+        }
+    };
+    let (plans, warnings) = plan(repo, &opts, &policy_for).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     let (mut wal, mut bases) = (Vec::new(), Vec::new());
     for d in plans.iter().flat_map(|g| &g.snapshots).filter(|d| d.keep) {

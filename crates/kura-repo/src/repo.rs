@@ -88,6 +88,8 @@ pub struct Repository {
     plans: Mutex<Vec<(Id, PrunePlan)>>,
     // Dropped with the repository, which removes the session object.
     session: Mutex<Option<Session>>,
+    // Copies of snapshot objects read before (see `with_snapshot_cache`).
+    snapshot_cache: Option<Arc<dyn Store>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -167,7 +169,35 @@ impl Repository {
             stored_bytes: AtomicU64::new(0),
             plans: Mutex::new(Vec::new()),
             session: Mutex::new(None),
+            snapshot_cache: None,
         }
+    }
+
+    /// Keeps a copy of every snapshot object read in `cache` (a local store), checked against
+    /// its id on every read. Commands that look through every snapshot on each run (PostgreSQL's
+    /// `archive_command` and `restore_command` run once per WAL file) then read each one over
+    /// the network once instead of every time.
+    pub fn with_snapshot_cache(mut self, cache: Arc<dyn Store>) -> Self {
+        self.snapshot_cache = Some(cache);
+        self
+    }
+
+    fn snapshot_object(&self, id: &Id) -> Result<(ObjectName, Vec<u8>), RepoError> {
+        let Some(cache) = &self.snapshot_cache else {
+            return self.get_verified(Kind::Snapshot, id);
+        };
+        let name = id.to_hex();
+        if let Ok(bytes) = cache.get(Kind::Snapshot, &name)
+            && Id::of_stored(&bytes) == *id
+        {
+            return Ok((ObjectName::new(Kind::Snapshot, &name), bytes));
+        }
+        let got = self.get_verified(Kind::Snapshot, id)?;
+        // A copy that cannot be kept (full disk, a concurrent run kept it first, or a damaged one
+        // sits there) only costs a read next time.
+        let _ = cache.delete(Kind::Snapshot, &name);
+        let _ = cache.put_new(Kind::Snapshot, &name, &got.1);
+        Ok(got)
     }
 
     /// Opens a repository with a password; tries every key file.
@@ -592,8 +622,42 @@ impl Repository {
 
     /// Reads and verifies one snapshot.
     pub fn read_snapshot(&self, id: &Id) -> Result<Snapshot, RepoError> {
-        let (obj, bytes) = self.get_verified(Kind::Snapshot, id)?;
+        let (obj, bytes) = self.snapshot_object(id)?;
         Snapshot::decode(&self.key, &bytes).map_err(|d| RepoError::corrupt(&obj, d))
+    }
+
+    /// The snapshots whose public part (time, host, paths, tags) `keep` accepts, decoded, in
+    /// time order; the others are never decrypted. A snapshot whose public part cannot be read
+    /// comes back as its error: it might have been one of those asked for. Copies in the
+    /// snapshot cache of snapshots no longer listed are dropped.
+    pub fn snapshots_where(&self, keep: &dyn Fn(&crate::SnapshotPublic) -> bool) -> Result<SnapshotList, RepoError> {
+        let listed = self.store.list(Kind::Snapshot)?;
+        let mut out = Vec::new();
+        for l in &listed {
+            let Some(id) = Id::from_hex(&l.name) else { continue };
+            let r = self.snapshot_object(&id).and_then(|(obj, bytes)| match crate::snapshot::decode_public(&bytes) {
+                Ok((p, _)) if !keep(&p) => Ok(None),
+                Ok(_) => Snapshot::decode(&self.key, &bytes).map(Some).map_err(|d| RepoError::corrupt(&obj, d)),
+                Err(d) => Err(RepoError::corrupt(&obj, d)),
+            });
+            match r {
+                Ok(None) => {}
+                Ok(Some(s)) => out.push((id, Ok(s))),
+                // Deleted between the listing and the read.
+                Err(RepoError::Store(StoreError::NotFound(_))) => {}
+                Err(e) => out.push((id, Err(e))),
+            }
+        }
+        if let Some(cache) = &self.snapshot_cache {
+            let names: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+            for c in cache.list(Kind::Snapshot).unwrap_or_default() {
+                if !names.contains(c.name.as_str()) {
+                    let _ = cache.delete(Kind::Snapshot, &c.name);
+                }
+            }
+        }
+        out.sort_by_key(|(id, s)| (s.as_ref().map(|s| s.time()).ok(), *id));
+        Ok(out)
     }
 
     /// Snapshots in a kura server's trash (deleted, still within the undelete window), each

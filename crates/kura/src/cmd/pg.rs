@@ -6,8 +6,11 @@ use crate::output::{Bar, bytes, json};
 use crate::{Outcome, open};
 use anyhow::{Context, Result};
 use kura_ops::pg::{self, BaseOptions, PitrOptions};
+use kura_repo::Repository;
 use kura_repo::repo::hostname;
+use kura_store::{LocalStore, Store};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 /// Runs one `kura pg` subcommand.
@@ -20,8 +23,24 @@ pub fn run(cli: &Cli, c: &PgCommand, interrupt: &AtomicBool) -> Result<Outcome> 
     }
 }
 
+/// The repository with a cache of its snapshot objects under the user's cache directory (one
+/// per repository id), when there is one: wal-push and wal-fetch look through every snapshot.
+fn cached(repo: Repository) -> Repository {
+    let Some(dir) = dirs::cache_dir() else { return repo };
+    let dir = dir.join("kura").join(format!("snapshots-{}", repo.config().id));
+    let made = || -> Result<LocalStore, kura_store::StoreError> {
+        let s = LocalStore::create(&dir)?;
+        s.put_new(kura_store::Kind::Config, "config", b"kura snapshot cache\n")?;
+        Ok(s)
+    };
+    match LocalStore::open(&dir).or_else(|_| made()) {
+        Ok(store) => repo.with_snapshot_cache(Arc::new(store)),
+        Err(_) => repo,
+    }
+}
+
 fn wal_push(cli: &Cli, path: &Path, c: &PgCluster) -> Result<Outcome> {
-    let repo = open::open_for_backup(cli)?;
+    let repo = cached(open::open_for_backup(cli)?);
     repo.start_session("pg wal-push").context("registering the session")?;
     for e in repo.load_index()? {
         eprintln!("kura: warning: {e}; its packs are indexed again");
@@ -38,7 +57,7 @@ fn wal_push(cli: &Cli, path: &Path, c: &PgCluster) -> Result<Outcome> {
 }
 
 fn wal_fetch(cli: &Cli, name: &str, dest: &Path, c: &PgCluster) -> Result<Outcome> {
-    let repo = open::open_indexed(cli, "pg wal-fetch")?;
+    let repo = cached(open::open_indexed(cli, "pg wal-fetch")?);
     match pg::wal_fetch(&repo, name, &c.cluster, c.host.as_deref(), dest).with_context(|| format!("fetching WAL file {name}"))? {
         Some(snap) => {
             if cli.json {
