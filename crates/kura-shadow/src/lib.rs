@@ -14,6 +14,7 @@ pub mod push;
 pub mod record;
 pub mod rejoin;
 pub mod restore;
+pub mod sqlite_mirror;
 pub mod sqlite_wal;
 pub mod verify;
 pub mod stream;

@@ -1,0 +1,135 @@
+//! The standby's copy of a shadowed SQLite database: committed page images written through
+//! SQLite's own pager (`sqlite_dbpage`), one transaction per run of whole commits, into a
+//! WAL-mode database, so a reader that opens it read-only sees a consistent database at every
+//! moment and never blocks the applier (docs/design/sqlite-shadow.md §3).
+
+use rusqlite::{Connection, OpenFlags, params};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Why the mirror could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// SQLite refused (the path, the disk, the lock).
+    #[error("sqlite mirror {path}: {source}")]
+    Sqlite {
+        /// The mirror.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// A commit that cannot be a database's: a page of the wrong size, page 0, or a page
+    /// beyond the size the commit gives.
+    #[error("sqlite mirror {path}: {problem}")]
+    Invalid {
+        /// The mirror.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// One committed transaction of the primary: the page images it wrote (a page written twice:
+/// the later wins) and the database's size in pages after it.
+#[derive(Debug, Clone, Copy)]
+pub struct PageCommit<'a> {
+    /// Page number (1-based) and image, in the order written.
+    pub pages: &'a [(u32, &'a [u8])],
+    /// Database size in pages after the commit.
+    pub db_pages: u32,
+}
+
+/// The mirror database and its applier's connection.
+pub struct Mirror {
+    path: PathBuf,
+    conn: Connection,
+    page_size: usize,
+    db_pages: u32,
+}
+
+impl Mirror {
+    /// Opens (or creates, empty) the mirror at `path` for a primary with pages of `page_size`
+    /// bytes. A mirror that exists with another page size is refused.
+    pub fn open(path: &Path, page_size: usize) -> Result<Mirror, MirrorError> {
+        let err = |source| MirrorError::Sqlite { path: path.to_path_buf(), source };
+        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err(MirrorError::Invalid { path: path.into(), problem: format!("page size {page_size} is not one SQLite has") });
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(err)?;
+        let current: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0)).map_err(err)?;
+        if current == 0 {
+            // Before the first page is written: the pager's page size must be the primary's.
+            conn.pragma_update(None, "page_size", page_size as i64).map_err(err)?;
+        } else {
+            let have: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(err)?;
+            if have as usize != page_size {
+                return Err(MirrorError::Invalid { path: path.into(), problem: format!("has pages of {have} bytes, the primary {page_size}") });
+            }
+        }
+        // WAL: readers see whole commits and never block the applier. NORMAL: a crash may lose
+        // the last applied commits, which the journal replays (full page images: idempotent).
+        conn.pragma_update(None, "journal_mode", "wal").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "normal").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        Ok(Mirror { path: path.to_path_buf(), conn, page_size, db_pages: current as u32 })
+    }
+
+    /// The mirror's size in pages.
+    pub fn db_pages(&self) -> u32 {
+        self.db_pages
+    }
+
+    /// Applies whole commits, in order, as one transaction: a reader sees the mirror before
+    /// them or after the last, never between. Pages a growing commit does not carry become
+    /// zeros (SQLite never reads them before writing them); a shrinking one truncates.
+    pub fn apply(&mut self, commits: &[PageCommit<'_>]) -> Result<(), MirrorError> {
+        let path = self.path.clone();
+        let err = |source| MirrorError::Sqlite { path: path.clone(), source };
+        for c in commits {
+            for (pgno, img) in c.pages {
+                if *pgno == 0 || *pgno > c.db_pages || img.len() != self.page_size {
+                    return Err(MirrorError::Invalid {
+                        path: path.clone(),
+                        problem: format!("page {pgno} of {} bytes in a commit of {} pages of {} bytes", img.len(), c.db_pages, self.page_size),
+                    });
+                }
+            }
+        }
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+        let mut size = self.db_pages;
+        {
+            let mut put = tx.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)").map_err(err)?;
+            let zero = vec![0u8; self.page_size];
+            for c in commits {
+                // Only the last image of a page counts.
+                let mut last: BTreeMap<u32, &[u8]> = c.pages.iter().map(|(p, img)| (*p, *img)).collect();
+                if c.db_pages < size {
+                    // A NULL page one past the end truncates the database there (SQLite 3.48+).
+                    put.execute(params![c.db_pages as i64 + 1, Option::<Vec<u8>>::None]).map_err(err)?;
+                }
+                // Growth page by page from the end, so the file never has a gap.
+                for p in size.min(c.db_pages) + 1..=c.db_pages {
+                    let img = last.remove(&p).unwrap_or(&zero);
+                    put.execute(params![p as i64, img]).map_err(err)?;
+                }
+                for (pgno, img) in last {
+                    put.execute(params![pgno as i64, img]).map_err(err)?;
+                }
+                size = c.db_pages;
+            }
+        }
+        tx.commit().map_err(err)?;
+        self.db_pages = size;
+        Ok(())
+    }
+}
+
+/// Opens a database read-only, as a reader of the mirror would, and runs SQLite's
+/// `integrity_check`: `Ok(())` when it says "ok", else its first complaints.
+pub fn integrity_check(path: &Path) -> Result<(), String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|e| e.to_string())?;
+    let mut st = conn.prepare("PRAGMA integrity_check(10)").map_err(|e| e.to_string())?;
+    let rows: Vec<String> = st.query_map([], |r| r.get(0)).map_err(|e| e.to_string())?.collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    if rows == ["ok"] { Ok(()) } else { Err(rows.join("; ")) }
+}
