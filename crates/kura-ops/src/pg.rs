@@ -299,6 +299,10 @@ pub struct PitrOptions {
     pub at: Option<Timestamp>,
     /// The `restore_command` PostgreSQL will run (a `kura pg wal-fetch` with this repository).
     pub restore_command: String,
+    /// Turn archiving off in the copy: a trial restore must not archive its new timeline into
+    /// the repository, where a later restore "to the end" would follow it instead of the
+    /// primary's.
+    pub no_archive: bool,
 }
 
 /// What [`pitr`] prepared.
@@ -367,6 +371,9 @@ pub fn pitr(repo: &Repository, o: &PitrOptions, progress: &dyn Progress, interru
     let mut conf = format!("\n# Added by kura pg restore: replay the archive from base backup {}.\nrestore_command = {}\n", id.short(), pg_quote(&o.restore_command));
     if let Some(t) = &target_time {
         conf.push_str(&format!("recovery_target_time = {}\nrecovery_target_action = 'promote'\n", pg_quote(t)));
+    }
+    if o.no_archive {
+        conf.push_str("archive_mode = off\n");
     }
     let auto = o.target.join("postgresql.auto.conf");
     let write = || -> std::io::Result<()> {

@@ -199,6 +199,10 @@ pub enum PgCommand {
         /// end of the archive.
         #[arg(long)]
         at: Option<String>,
+        /// Turn archiving off in the restored copy (a trial restore: its new timeline must not
+        /// go into the repository, where a later restore would follow it).
+        #[arg(long)]
+        no_archive: bool,
     },
 }
 

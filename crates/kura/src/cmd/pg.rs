@@ -19,7 +19,7 @@ pub fn run(cli: &Cli, c: &PgCommand, interrupt: &AtomicBool) -> Result<Outcome> 
         PgCommand::WalPush { path, cluster } => wal_push(cli, path, cluster),
         PgCommand::WalFetch { name, dest, cluster } => wal_fetch(cli, name, dest, cluster),
         PgCommand::Backup { cluster, staging, pg_basebackup, args } => base(cli, cluster, staging.as_deref(), pg_basebackup.as_deref(), args, interrupt),
-        PgCommand::Restore { cluster, target, at } => restore(cli, cluster, target, at.as_deref(), interrupt),
+        PgCommand::Restore { cluster, target, at, no_archive } => restore(cli, cluster, target, at.as_deref(), *no_archive, interrupt),
     }
 }
 
@@ -172,10 +172,10 @@ fn restore_command(cli: &Cli, c: &PgCluster) -> Result<String> {
     Ok(words.iter().map(|w| if w.starts_with('%') { w.clone() } else { sh_quote(w) }).collect::<Vec<_>>().join(" "))
 }
 
-fn restore(cli: &Cli, c: &PgCluster, target: &Path, at: Option<&str>, interrupt: &AtomicBool) -> Result<Outcome> {
+fn restore(cli: &Cli, c: &PgCluster, target: &Path, at: Option<&str>, no_archive: bool, interrupt: &AtomicBool) -> Result<Outcome> {
     let at = at.map(crate::cmd::backup::parse_time).transpose()?;
     let repo = open::open_indexed(cli, "pg restore")?;
-    let o = PitrOptions { cluster: c.cluster.clone(), host: c.host.clone(), target: target.to_path_buf(), at, restore_command: restore_command(cli, c)? };
+    let o = PitrOptions { cluster: c.cluster.clone(), host: c.host.clone(), target: target.to_path_buf(), at, restore_command: restore_command(cli, c)?, no_archive };
     let bar = Bar::new(cli.quiet, cli.json);
     let r = pg::pitr(&repo, &o, &bar, Some(interrupt));
     bar.finish();

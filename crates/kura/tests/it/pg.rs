@@ -246,14 +246,20 @@ fn wal_archive_base_backup_and_point_in_time_restore_with_a_real_postgresql() {
 
     // Point-in-time restore to t1: the first two batches, none of what came after.
     let restored = site.path("restored");
-    let out = site.kura_ok(&["pg", "restore", "--target", restored.to_str().unwrap(), "--at", &t1]);
+    let out = site.kura_ok(&["pg", "restore", "--target", restored.to_str().unwrap(), "--at", &t1, "--no-archive"]);
     assert!(out.contains("replays the archive to"), "{out}");
     assert!(restored.join("recovery.signal").is_file());
-    let pg2 = Pg::start(&site, &restored, &["archive_mode=off"]);
+    let wal_before = site.kura_ok(&["snapshots", "--tag", "pg-wal"]);
+    let pg2 = Pg::start(&site, &restored, &[]);
     wait_for("the end of recovery", Duration::from_secs(120), || pg2.sql("SELECT pg_is_in_recovery()") == "f");
     assert_eq!(pg2.sql("SELECT count(*), max(id) FROM orders"), "1500|1500", "{}", pg2.log());
     assert_eq!(pg2.sql("SELECT count(*) FROM orders WHERE note = 'changed after'"), "0");
     assert!(pg2.log().contains("recovery stopping before commit"), "{}", pg2.log());
+    // The trial restore's new timeline stayed out of the archive.
+    pg2.sql("SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pg2.sql("SHOW archive_mode"), "off");
+    assert_eq!(site.kura_ok(&["snapshots", "--tag", "pg-wal"]), wal_before);
     drop(pg2);
 
     // A restore into a directory that holds something is refused and leaves it alone.
