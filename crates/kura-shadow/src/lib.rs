@@ -15,6 +15,7 @@ pub mod record;
 pub mod rejoin;
 pub mod restore;
 pub mod sqlite_mirror;
+pub mod sqlite_source;
 pub mod sqlite_wal;
 pub mod verify;
 pub mod stream;

@@ -82,7 +82,8 @@ impl Mirror {
 
     /// Applies whole commits, in order, as one transaction: a reader sees the mirror before
     /// them or after the last, never between. Pages a growing commit does not carry become
-    /// zeros (SQLite never reads them before writing them); a shrinking one truncates.
+    /// zeros (SQLite never reads them before writing them); a shrinking one truncates. Within a
+    /// commit page 1 is written last.
     pub fn apply(&mut self, commits: &[PageCommit<'_>]) -> Result<(), MirrorError> {
         let path = self.path.clone();
         let err = |source| MirrorError::Sqlite { path: path.clone(), source };
@@ -108,12 +109,13 @@ impl Mirror {
                     // A NULL page one past the end truncates the database there (SQLite 3.48+).
                     put.execute(params![c.db_pages as i64 + 1, Option::<Vec<u8>>::None]).map_err(err)?;
                 }
-                // Growth page by page from the end, so the file never has a gap.
                 for p in size.min(c.db_pages) + 1..=c.db_pages {
-                    let img = last.remove(&p).unwrap_or(&zero);
-                    put.execute(params![p as i64, img]).map_err(err)?;
+                    last.entry(p).or_insert(&zero);
                 }
-                for (pgno, img) in last {
+                // Page 1 (the schema and its cookie) last: a statement after it re-reads the
+                // schema, which must not name root pages not yet written.
+                let first = last.remove(&1);
+                for (pgno, img) in last.into_iter().chain(first.map(|img| (1, img))) {
                     put.execute(params![pgno as i64, img]).map_err(err)?;
                 }
                 size = c.db_pages;

@@ -1,0 +1,356 @@
+//! The primary's side of a SQLite shadow: the whole, checked commits of a live database that
+//! another program writes, read from its write-ahead log while a held read transaction keeps
+//! SQLite from overwriting frames not yet read, with checkpoints run here under a brief writer
+//! fence (docs/design/sqlite-shadow.md §2). Nothing is ever written to the user's database.
+
+use crate::sqlite_wal::{self, FRAME_HEADER_LEN, HEADER_LEN, SHM_HEADER_LEN, ShmHeader};
+use rusqlite::Connection;
+use rusqlite::config::DbConfig;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why the database's commits could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file of the database could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// SQLite refused.
+    #[error("{path}: {source}")]
+    Sqlite {
+        /// The database.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// Not a database this can shadow (not in WAL mode, exclusive locking).
+    #[error("{path}: {problem}")]
+    Unsupported {
+        /// The database.
+        path: PathBuf,
+        /// What to change.
+        problem: String,
+    },
+    /// The log no longer proves that every commit since the last one read was seen (the
+    /// wal-index was rebuilt, a commit went missing, the database was replaced): the standby
+    /// needs the whole database again.
+    #[error("{path}: continuity lost ({why}); a full copy is needed")]
+    Resync {
+        /// The database.
+        path: PathBuf,
+        /// What was seen.
+        why: String,
+    },
+}
+
+/// One committed transaction: the page images it wrote (the last of each page) and the
+/// database's size in pages after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedCommit {
+    /// Page number (1-based) and image.
+    pub pages: Vec<(u32, Vec<u8>)>,
+    /// Database size in pages after the commit.
+    pub db_pages: u32,
+}
+
+/// Where reading stands: the last commit read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    salt: [u32; 2],
+    frame: u32,
+    checksum: [u32; 2],
+    change: u32,
+}
+
+/// Counters of a source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Commits read.
+    pub commits: u64,
+    /// WAL restarts followed (a new generation of the log, proven continuous).
+    pub restarts: u64,
+    /// Checkpoints run here.
+    pub checkpoints: u64,
+    /// Fences not taken because the application held the writer lock (tried again later).
+    pub fence_busy: u64,
+}
+
+/// A live database being read. Field order is drop order: the connections close before the
+/// raw descriptors, because closing any descriptor of a file drops every POSIX lock this
+/// process holds on it, the read transaction's too (docs/design/sqlite-shadow.md §1).
+pub struct Source {
+    read: Connection,
+    fence: Connection,
+    ckpt: Connection,
+    path: PathBuf,
+    db: File,
+    wal: File,
+    shm: File,
+    page_size: usize,
+    pos: Position,
+    stats: SourceStats,
+}
+
+fn open_conn(path: &Path) -> Result<Connection, SourceError> {
+    let err = |source| SourceError::Sqlite { path: path.to_path_buf(), source };
+    // Never created here: a wrong path is an error, not a new empty database.
+    let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(err)?;
+    // Closing must never checkpoint or remove the log: that is the application's and ours.
+    c.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true).map_err(err)?;
+    Ok(c)
+}
+
+fn side(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+impl Source {
+    /// Attaches to the database at `path` (in WAL mode, written by any program) and returns it
+    /// with the base: every page of the database as of one commit, from which the commits
+    /// [`Source::poll`] returns continue.
+    pub fn attach(path: &Path) -> Result<(Source, OwnedCommit), SourceError> {
+        let err = |source| SourceError::Sqlite { path: path.to_path_buf(), source };
+        let read = open_conn(path)?;
+        let mode: String = read.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(SourceError::Unsupported { path: path.into(), problem: format!("journal_mode is {mode}; shadowing needs WAL (PRAGMA journal_mode=WAL, once, by the application)") });
+        }
+        let fence = open_conn(path)?;
+        let ckpt = open_conn(path)?;
+        let file = |p: PathBuf| File::open(&p).map_err(|source| SourceError::Io { path: p, source });
+        let (db, wal, shm) = (file(path.to_path_buf())?, file(side(path, "-wal"))?, file(side(path, "-shm"))?);
+        let mut s = Source { read, fence, ckpt, path: path.into(), db, wal, shm, page_size: 0, pos: Position { salt: [0, 0], frame: 0, checksum: [0, 0], change: 0 }, stats: SourceStats::default() };
+        // Under the writer lock nothing commits: the read transaction begun there sees exactly
+        // the commit the wal-index names.
+        s.fenced(Duration::from_secs(30), |s| {
+            let h = s.shm_header()?;
+            s.read.execute_batch("BEGIN").map_err(err)?;
+            let _: i64 = s.read.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(err)?;
+            s.page_size = s.db_page_size()?;
+            let base = s.base(&h)?;
+            Ok(base)
+        })
+        .map(|base| (s, base))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SourceStats {
+        self.stats
+    }
+
+    fn io(&self, p: &str, source: std::io::Error) -> SourceError {
+        SourceError::Io { path: side(&self.path, p), source }
+    }
+
+    fn sqlite(&self, source: rusqlite::Error) -> SourceError {
+        SourceError::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// The wal-index header, read again while SQLite is writing it.
+    fn shm_header(&self) -> Result<ShmHeader, SourceError> {
+        let mut b = [0u8; SHM_HEADER_LEN];
+        for _ in 0..1000 {
+            self.shm.read_exact_at(&mut b, 0).map_err(|e| self.io("-shm", e))?;
+            if let Some(h) = sqlite_wal::parse_shm(&b) {
+                return Ok(h);
+            }
+            std::thread::yield_now();
+        }
+        Err(SourceError::Resync { path: self.path.clone(), why: "the wal-index header never read consistently".into() })
+    }
+
+    /// The page size in the database file's header (the wal-index's is not set while the log
+    /// is empty).
+    fn db_page_size(&self) -> Result<usize, SourceError> {
+        let mut b = [0u8; 2];
+        self.db.read_exact_at(&mut b, 16).map_err(|e| self.io("", e))?;
+        // The database header is big-endian by SQLite's format.
+        #[allow(clippy::big_endian_bytes)]
+        let raw = u16::from_be_bytes(b);
+        Ok(match raw {
+            1 => 65536,
+            n if n >= 512 && n.is_power_of_two() => n as usize,
+            n => return Err(SourceError::Unsupported { path: self.path.clone(), problem: format!("page size {n} in its header is not SQLite's") }),
+        })
+    }
+
+    /// The log's first `frames` frames (bytes before `from_frame` left zero: never read).
+    fn wal_bytes(&self, from_frame: u32, frames: u32) -> Result<Vec<u8>, SourceError> {
+        let flen = FRAME_HEADER_LEN + self.page_size;
+        let end = HEADER_LEN + frames as usize * flen;
+        let mut b = vec![0u8; end];
+        self.wal.read_exact_at(&mut b[..HEADER_LEN], 0).map_err(|e| self.io("-wal", e))?;
+        let start = HEADER_LEN + from_frame as usize * flen;
+        self.wal.read_exact_at(&mut b[start..end], start as u64).map_err(|e| self.io("-wal", e))?;
+        Ok(b)
+    }
+
+    /// Runs `f` holding the writer lock (taken without waiting on the application; tried again
+    /// until `patience` runs out), released afterwards whatever happened.
+    fn fenced<T>(&mut self, patience: Duration, f: impl FnOnce(&mut Source) -> Result<T, SourceError>) -> Result<T, SourceError> {
+        let t0 = std::time::Instant::now();
+        loop {
+            match self.fence.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => break,
+                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && t0.elapsed() < patience => {
+                    self.stats.fence_busy += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(self.sqlite(e)),
+            }
+        }
+        let r = f(self);
+        let _ = self.fence.execute_batch("ROLLBACK");
+        r
+    }
+
+    /// Every page as of the commit `h` names: the newest frame of it up to there, else the
+    /// database file (which no checkpoint can change past that commit while it is pinned).
+    fn base(&mut self, h: &ShmHeader) -> Result<OwnedCommit, SourceError> {
+        let mut newest: HashMap<u32, std::ops::Range<usize>> = HashMap::new();
+        let mut pos = Position { salt: h.salt, frame: 0, checksum: [0, 0], change: h.change };
+        let mut wal = None;
+        if h.max_frame > 0 {
+            let b = self.wal_bytes(0, h.max_frame)?;
+            let (wh, cs) = sqlite_wal::commits(&b, None).map_err(|e| SourceError::Resync { path: self.path.clone(), why: e.to_string() })?;
+            let upto: Vec<_> = cs.into_iter().filter(|c| c.last_frame <= h.max_frame).collect();
+            if wh.salt != h.salt || upto.last().map(|c| (c.last_frame, c.checksum)) != Some((h.max_frame, h.frame_checksum)) {
+                return Err(SourceError::Resync { path: self.path.clone(), why: "the log does not end where the wal-index says".into() });
+            }
+            for (p, r) in upto.iter().flat_map(|c| &c.pages) {
+                newest.insert(*p, r.clone());
+            }
+            pos.frame = h.max_frame;
+            pos.checksum = h.frame_checksum;
+            wal = Some(b);
+        }
+        // With an empty log the wal-index's size is not set: the file is the database.
+        let db_pages = match h.max_frame {
+            0 => {
+                let len = self.db.metadata().map_err(|e| self.io("", e))?.len();
+                u32::try_from(len / self.page_size as u64).unwrap_or(u32::MAX)
+            }
+            _ => h.db_pages,
+        };
+        if h.max_frame > 0 && h.page_size != self.page_size {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the log's pages are {} bytes, the database's {}", h.page_size, self.page_size) });
+        }
+        let mut pages = Vec::with_capacity(db_pages as usize);
+        for p in 1..=db_pages {
+            let img = match (newest.get(&p), &wal) {
+                (Some(r), Some(w)) => w[r.clone()].to_vec(),
+                _ => {
+                    let mut b = vec![0u8; self.page_size];
+                    let at = (p as u64 - 1) * self.page_size as u64;
+                    // Pages past the file's end (a commit grew the db without writing them) are zeros.
+                    let n = read_full_at(&self.db, &mut b, at).map_err(|e| self.io("", e))?;
+                    b[n..].fill(0);
+                    b
+                }
+            };
+            pages.push((p, img));
+        }
+        self.pos = pos;
+        Ok(OwnedCommit { pages, db_pages })
+    }
+
+    /// The commits published since the last read, in order; none when nothing changed. Proves
+    /// continuity: the wal-index's commit counter must have moved by exactly the number of
+    /// commits found, across a restart of the log too.
+    pub fn poll(&mut self) -> Result<Vec<OwnedCommit>, SourceError> {
+        let h = self.shm_header()?;
+        if h.change == self.pos.change && h.max_frame == self.pos.frame && h.salt == self.pos.salt {
+            return Ok(Vec::new());
+        }
+        let restarted = h.salt != self.pos.salt || h.max_frame < self.pos.frame;
+        let from = if restarted { 0 } else { self.pos.frame };
+        if h.max_frame == from {
+            return self.check_count(&h, 0).map(|()| Vec::new());
+        }
+        let b = self.wal_bytes(from, h.max_frame)?;
+        let resume = (!restarted).then_some((self.pos.frame, self.pos.checksum));
+        let (wh, cs) = sqlite_wal::commits(&b, resume).map_err(|e| SourceError::Resync { path: self.path.clone(), why: e.to_string() })?;
+        let cs: Vec<_> = cs.into_iter().filter(|c| c.last_frame <= h.max_frame).collect();
+        if wh.salt != h.salt || cs.last().map(|c| (c.last_frame, c.checksum)) != Some((h.max_frame, h.frame_checksum)) {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("frames {}..{} do not end where the wal-index says", from + 1, h.max_frame) });
+        }
+        self.check_count(&h, cs.len())?;
+        let out: Vec<OwnedCommit> = cs
+            .iter()
+            .map(|c| {
+                let mut last: std::collections::BTreeMap<u32, &[u8]> = std::collections::BTreeMap::new();
+                for (p, r) in &c.pages {
+                    last.insert(*p, &b[r.clone()]);
+                }
+                OwnedCommit { pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(), db_pages: c.db_pages }
+            })
+            .collect();
+        if restarted {
+            self.stats.restarts += 1;
+        }
+        self.stats.commits += out.len() as u64;
+        self.pos = Position { salt: h.salt, frame: h.max_frame, checksum: h.frame_checksum, change: h.change };
+        Ok(out)
+    }
+
+    fn check_count(&self, h: &ShmHeader, found: usize) -> Result<(), SourceError> {
+        let moved = h.change.wrapping_sub(self.pos.change);
+        if moved as usize != found {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the wal-index counts {moved} commit(s) since the last read, the log holds {found}") });
+        }
+        Ok(())
+    }
+
+    /// Reads what is published, then lets SQLite copy the log into the database file: under
+    /// the writer fence (nothing commits meanwhile) the read transaction ends, a PASSIVE
+    /// checkpoint runs, and a new read transaction begins; the application's next writer then
+    /// starts the log over. Returns the commits read. When the application holds the writer
+    /// lock, nothing happens and this is tried again later (`Ok(None)`).
+    pub fn checkpoint(&mut self) -> Result<Option<Vec<OwnedCommit>>, SourceError> {
+        match self.fence.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {}
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                self.stats.fence_busy += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(self.sqlite(e)),
+        }
+        let r = (|| {
+            let out = self.poll()?;
+            self.read.execute_batch("COMMIT").map_err(|e| self.sqlite(e))?;
+            // PASSIVE never waits on readers: what they still need stays in the log.
+            let ck = self.ckpt.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            let again = self.read.execute_batch("BEGIN").and_then(|()| self.read.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0)));
+            ck.map_err(|e| self.sqlite(e))?;
+            again.map_err(|e| self.sqlite(e))?;
+            self.stats.checkpoints += 1;
+            Ok(Some(out))
+        })();
+        let _ = self.fence.execute_batch("ROLLBACK");
+        r
+    }
+}
+
+/// Reads as much of `buf` as the file holds from `at`; returns how much.
+fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

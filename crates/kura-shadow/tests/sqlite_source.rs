@@ -1,0 +1,106 @@
+//! A live database written by another process (Python's sqlite3, a real application with
+//! its own SQLite and its own checkpoints), read commit by commit with `sqlite_source` while it
+//! writes, and applied to a mirror: the mirror passes `integrity_check` whenever a reader looks,
+//! the log restarts under the source's checkpoints without a commit lost, and at the end the
+//! mirror holds exactly the application's rows.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use kura_shadow::sqlite_mirror::{Mirror, PageCommit, integrity_check};
+use kura_shadow::sqlite_source::{OwnedCommit, Source, SourceError};
+use rusqlite::{Connection, OpenFlags};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const WRITER: &str = r#"
+import sqlite3, sys, time, random
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT, n INTEGER)")
+db.execute("CREATE TABLE IF NOT EXISTS bank (id INTEGER PRIMARY KEY, balance INTEGER)")
+db.execute("INSERT OR IGNORE INTO bank VALUES (1, 1000), (2, 1000)")
+print("ready", flush=True)
+random.seed(7)
+for i in range(int(sys.argv[2])):
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO t (v, n) VALUES (?, ?)", ("row %d " % i * random.randrange(1, 40), i))
+    if i % 7 == 0:
+        db.execute("UPDATE t SET v = 'changed' WHERE id = ?", (random.randrange(1, i + 2),))
+    amount = random.randrange(1, 50)
+    db.execute("UPDATE bank SET balance = balance - ? WHERE id = 1", (amount,))
+    db.execute("UPDATE bank SET balance = balance + ? WHERE id = 2", (amount,))
+    db.execute("COMMIT")
+    if i % 400 == 399:
+        db.execute("DELETE FROM t WHERE n % 3 = 0 AND n < ?", (i - 200,))
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    time.sleep(0.0005)
+print("done", flush=True)
+"#;
+
+fn digest(path: &Path) -> (i64, i64, i64, i64) {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let (n, len, s) = c.query_row("SELECT count(*), coalesce(sum(length(v)), 0), coalesce(sum(n), 0) FROM t", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+    let bank: i64 = c.query_row("SELECT sum(balance) FROM bank", [], |r| r.get(0)).unwrap();
+    (n, len, s, bank)
+}
+
+fn apply(mirror: &mut Mirror, commits: &[OwnedCommit]) {
+    let pages: Vec<Vec<(u32, &[u8])>> = commits.iter().map(|c| c.pages.iter().map(|(p, img)| (*p, img.as_slice())).collect()).collect();
+    let batch: Vec<PageCommit> = commits.iter().zip(&pages).map(|(c, p)| PageCommit { pages: p, db_pages: c.db_pages }).collect();
+    mirror.apply(&batch).unwrap();
+}
+
+#[test]
+fn a_live_database_is_mirrored_commit_by_commit_through_log_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.db");
+    let mirror_path = tmp.path().join("mirror.db");
+    let mut app = Command::new("python3").arg("-c").arg(WRITER).arg(&db).arg("3000").stdout(Stdio::piped()).spawn().expect("python3");
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(app.stdout.take().unwrap()));
+    assert_eq!(out.next().unwrap().unwrap(), "ready");
+    std::thread::sleep(Duration::from_millis(100));
+
+    let (mut src, base) = Source::attach(&db).unwrap();
+    let mut mirror = Mirror::open(&mirror_path, base.pages[0].1.len()).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&base));
+    let mut polls = 0u64;
+    let mut looked = 0;
+    loop {
+        let finished = app.try_wait().unwrap().is_some();
+        let commits = if polls % 50 == 49 { src.checkpoint().unwrap().unwrap_or_default() } else { src.poll().unwrap() };
+        apply(&mut mirror, &commits);
+        polls += 1;
+        if polls.is_multiple_of(100) {
+            // A reader of the standby, at any moment: a whole database and a constant total.
+            integrity_check(&mirror_path).unwrap_or_else(|e| panic!("mirror after {polls} polls: {e}"));
+            assert_eq!(digest(&mirror_path).3, 2000, "a transfer was seen half-applied");
+            looked += 1;
+        }
+        if finished {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(app.wait().unwrap().success());
+    apply(&mut mirror, &src.poll().unwrap());
+    integrity_check(&mirror_path).unwrap();
+    assert_eq!(digest(&mirror_path), digest(&db));
+    let st = src.stats();
+    assert!(looked > 0 && st.commits > 100, "{st:?}");
+    assert!(st.checkpoints > 0 && st.restarts > 0, "the log never restarted: {st:?}");
+}
+
+#[test]
+fn a_database_not_in_wal_mode_is_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("rollback.db");
+    let c = Connection::open(&db).unwrap();
+    c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1)").unwrap();
+    let e = Source::attach(&db).err().expect("attached to a rollback-journal database");
+    assert!(matches!(e, SourceError::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("journal_mode=WAL"), "{e}");
+    let missing = Source::attach(&tmp.path().join("nope.db")).err().expect("attached to nothing");
+    assert!(matches!(missing, SourceError::Sqlite { .. }), "{missing}");
+    assert!(!tmp.path().join("nope.db").exists(), "attaching created the database");
+}
