@@ -268,6 +268,7 @@ impl Source {
     /// continuity: the wal-index's commit counter must have moved by exactly the number of
     /// commits found, across a restart of the log too.
     pub fn poll(&mut self) -> Result<Vec<OwnedCommit>, SourceError> {
+        self.check_same_file()?;
         let h = self.shm_header()?;
         if h.change == self.pos.change && h.max_frame == self.pos.frame && h.salt == self.pos.salt {
             return Ok(Vec::new());
@@ -301,6 +302,20 @@ impl Source {
         self.stats.commits += out.len() as u64;
         self.pos = Position { salt: h.salt, frame: h.max_frame, checksum: h.frame_checksum, change: h.change };
         Ok(out)
+    }
+
+    /// The path must still name the file attached to: a database moved or copied over it
+    /// (a restore by file copy, `mv new.db app.db`) is another database, and its pages are
+    /// not commits of this one.
+    fn check_same_file(&self) -> Result<(), SourceError> {
+        use std::os::unix::fs::MetadataExt;
+        let ours = self.db.metadata().map_err(|e| self.io("", e))?;
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino()));
+        if same {
+            Ok(())
+        } else {
+            Err(SourceError::Resync { path: self.path.clone(), why: "the database file was replaced or removed".into() })
+        }
     }
 
     fn check_count(&self, h: &ShmHeader, found: usize) -> Result<(), SourceError> {

@@ -104,3 +104,97 @@ fn a_database_not_in_wal_mode_is_refused_with_what_to_do() {
     assert!(matches!(missing, SourceError::Sqlite { .. }), "{missing}");
     assert!(!tmp.path().join("nope.db").exists(), "attaching created the database");
 }
+
+/// Runs a Python snippet on the database (its own process, its own SQLite).
+fn py(db: &Path, code: &str) -> std::process::Child {
+    let script = format!("import sqlite3, sys, time, os\ndb = sqlite3.connect({:?}, isolation_level=None, timeout=10)\n{code}\n", db.to_str().unwrap());
+    Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().expect("python3")
+}
+
+fn run_py(db: &Path, code: &str) {
+    let o = py(db, code).wait_with_output().unwrap();
+    assert!(o.status.success(), "python failed");
+}
+
+#[test]
+fn a_transaction_killed_midway_never_reaches_the_mirror() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.db");
+    let mirror_path = tmp.path().join("mirror.db");
+    run_py(&db, "db.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)')\nfor i in range(100):\n    db.execute('INSERT INTO t (v) VALUES (?)', ('before %d' % i,))");
+    let (mut src, base) = Source::attach(&db).unwrap();
+    let mut mirror = Mirror::open(&mirror_path, base.pages[0].1.len()).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&base));
+
+    // A big transaction spills uncommitted pages into the log, then the application dies.
+    let mut app = py(&db, "db.execute('PRAGMA cache_size=10')\ndb.execute('BEGIN')\nfor i in range(20000):\n    db.execute('INSERT INTO t (v) VALUES (?)', ('never committed %d ' % i * 5,))\nprint('inside', flush=True)\ntime.sleep(60)");
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(app.stdout.take().unwrap()));
+    assert_eq!(out.next().unwrap().unwrap(), "inside");
+    let wal_len = std::fs::metadata(tmp.path().join("app.db-wal")).unwrap().len();
+    assert!(wal_len > 1 << 20, "the transaction did not spill into the log ({wal_len} bytes)");
+    apply(&mut mirror, &src.poll().unwrap());
+    app.kill().unwrap(); // SIGKILL
+    app.wait().unwrap();
+    assert!(src.poll().unwrap().is_empty(), "a dead transaction's frames were read as a commit");
+
+    // The next application overwrites those frames with its own commits.
+    run_py(&db, "for i in range(50):\n    db.execute('INSERT INTO t (v) VALUES (?)', ('after %d' % i,))");
+    apply(&mut mirror, &src.poll().unwrap());
+    integrity_check(&mirror_path).unwrap();
+    let rows = |p: &Path| -> (i64, i64) {
+        let c = Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        c.query_row("SELECT count(*), count(*) FILTER (WHERE v LIKE 'never%') FROM t", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap()
+    };
+    assert_eq!(rows(&mirror_path), (150, 0));
+    assert_eq!(rows(&mirror_path), rows(&db));
+}
+
+#[test]
+fn checkpoints_the_application_forces_and_a_replaced_database_are_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.db");
+    let mirror_path = tmp.path().join("mirror.db");
+    run_py(&db, "db.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, n INTEGER)')\ndb.execute('CREATE TABLE bank (id INTEGER PRIMARY KEY, balance INTEGER)')\ndb.execute('INSERT INTO bank VALUES (1, 1000), (2, 1000)')");
+    let (mut src, base) = Source::attach(&db).unwrap();
+    let mut mirror = Mirror::open(&mirror_path, base.pages[0].1.len()).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&base));
+
+    // The application forces RESTART and TRUNCATE checkpoints (a short busy timeout: the
+    // source's read transaction may hold them off) between its commits.
+    let mut app = py(&db, "db.execute('PRAGMA busy_timeout=20')\nfor i in range(1500):\n    db.execute('BEGIN IMMEDIATE')\n    db.execute('INSERT INTO t (v, n) VALUES (?, ?)', ('x' * (i % 300), i))\n    db.execute('UPDATE bank SET balance = balance - 1 WHERE id = 1')\n    db.execute('UPDATE bank SET balance = balance + 1 WHERE id = 2')\n    db.execute('COMMIT')\n    if i % 50 == 25:\n        db.execute('PRAGMA wal_checkpoint(RESTART)')\n    if i % 50 == 0:\n        db.execute('PRAGMA wal_checkpoint(TRUNCATE)')\nprint('done', flush=True)");
+    let mut polls = 0u64;
+    loop {
+        let finished = app.try_wait().unwrap().is_some();
+        let commits = if polls % 20 == 19 { src.checkpoint().unwrap().unwrap_or_default() } else { src.poll().unwrap() };
+        apply(&mut mirror, &commits);
+        polls += 1;
+        if finished {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(app.wait().unwrap().success());
+    apply(&mut mirror, &src.poll().unwrap());
+    integrity_check(&mirror_path).unwrap();
+    assert_eq!(digest(&mirror_path), digest(&db));
+    assert!(src.stats().restarts > 0, "{:?}", src.stats());
+
+    // Another database moved over the file: not a commit of this one, but a resync.
+    let other = tmp.path().join("other.db");
+    run_py(&other, "db.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, n INTEGER)')\ndb.execute('CREATE TABLE bank (id INTEGER PRIMARY KEY, balance INTEGER)')\ndb.execute('INSERT INTO bank VALUES (1, 2000)')\ndb.execute('INSERT INTO t (v, n) VALUES (\"other\", 1)')\ndb.execute('PRAGMA wal_checkpoint(TRUNCATE)')");
+    // As a restore by file copy does with the application stopped: the new file, and the old
+    // log and index gone (left beside it, SQLite would read the old log into the new file).
+    std::fs::rename(&other, &db).unwrap();
+    for side in ["app.db-wal", "app.db-shm"] {
+        std::fs::remove_file(tmp.path().join(side)).unwrap();
+    }
+    let e = src.poll().unwrap_err();
+    assert!(matches!(e, SourceError::Resync { .. }) && e.to_string().contains("replaced"), "{e}");
+    drop(src);
+    let (mut src, base) = Source::attach(&db).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&base));
+    apply(&mut mirror, &src.poll().unwrap());
+    integrity_check(&mirror_path).unwrap();
+    assert_eq!(digest(&mirror_path), digest(&db));
+    assert_eq!(digest(&mirror_path).0, 1);
+}
