@@ -81,6 +81,9 @@ pub struct SourceStats {
     pub checkpoints: u64,
     /// Fences not taken because the application held the writer lock (tried again later).
     pub fence_busy: u64,
+    /// Times the read transaction stepped aside for the application's own FULL, RESTART or
+    /// TRUNCATE checkpoint, which would otherwise wait out its busy timeout.
+    pub yields: u64,
 }
 
 /// A live database being read. Field order is drop order: the connections close before the
@@ -125,8 +128,13 @@ impl Source {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(SourceError::Unsupported { path: path.into(), problem: format!("journal_mode is {mode}; shadowing needs WAL (PRAGMA journal_mode=WAL, once, by the application)") });
         }
+        // The fence and the checkpointer never wait on the application (rusqlite's default
+        // is 5 s): a fence waiting for the writer lock while the application's checkpoint
+        // waits for our read transaction would stall both for the application's busy timeout.
         let fence = open_conn(path)?;
+        fence.busy_timeout(Duration::ZERO).map_err(err)?;
         let ckpt = open_conn(path)?;
+        ckpt.busy_timeout(Duration::ZERO).map_err(err)?;
         let file = |p: PathBuf| File::open(&p).map_err(|source| SourceError::Io { path: p, source });
         let (db, wal, shm) = (file(path.to_path_buf())?, file(side(path, "-wal"))?, file(side(path, "-shm"))?);
         let mut s = Source { read, fence, ckpt, path: path.into(), db, wal, shm, page_size: 0, pos: Position { salt: [0, 0], frame: 0, checksum: [0, 0], change: 0 }, stats: SourceStats::default() };
@@ -271,6 +279,7 @@ impl Source {
         self.check_same_file()?;
         let h = self.shm_header()?;
         if h.change == self.pos.change && h.max_frame == self.pos.frame && h.salt == self.pos.salt {
+            self.yield_to_checkpointer()?;
             return Ok(Vec::new());
         }
         let restarted = h.salt != self.pos.salt || h.max_frame < self.pos.frame;
@@ -302,6 +311,43 @@ impl Source {
         self.stats.commits += out.len() as u64;
         self.pos = Position { salt: h.salt, frame: h.max_frame, checksum: h.frame_checksum, change: h.change };
         Ok(out)
+    }
+
+    /// Whether one other process holds both the WRITE (byte 120) and CKPT (121) locks of the
+    /// wal-index: the application runs a FULL, RESTART or TRUNCATE checkpoint and waits,
+    /// holding the writer lock, for readers to move on. F_GETLK never reports this process's
+    /// own locks.
+    fn checkpointer_waiting(&self) -> Result<bool, SourceError> {
+        use rustix::process::{Flock, FlockOffsetType, FlockType, fcntl_getlk};
+        let holder = |byte: u64| -> Result<Option<Option<rustix::process::Pid>>, SourceError> {
+            let probe = Flock { start: byte, length: 1, pid: None, typ: FlockType::WriteLock, offset_type: FlockOffsetType::Set };
+            let got = fcntl_getlk(&self.shm, &probe).map_err(|e| self.io("-shm", e.into()))?;
+            Ok(got.filter(|l| l.typ == FlockType::WriteLock).map(|l| l.pid))
+        };
+        Ok(match (holder(120)?, holder(121)?) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        })
+    }
+
+    /// Steps the read transaction aside while the application's blocking checkpoint runs
+    /// (everything published has been read, and its writer lock keeps anything new from
+    /// committing meanwhile), then pins again. Without this its checkpoint would wait out its
+    /// whole busy timeout, holding the writer lock, and stall its writers. A restart it makes
+    /// is followed by the next poll's continuity proof.
+    fn yield_to_checkpointer(&mut self) -> Result<(), SourceError> {
+        if !self.checkpointer_waiting()? {
+            return Ok(());
+        }
+        self.read.execute_batch("COMMIT").map_err(|e| self.sqlite(e))?;
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) && self.checkpointer_waiting()? {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        self.read.execute_batch("BEGIN").map_err(|e| self.sqlite(e))?;
+        self.read.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get::<_, i64>(0)).map_err(|e| self.sqlite(e))?;
+        self.stats.yields += 1;
+        Ok(())
     }
 
     /// The path must still name the file attached to: a database moved or copied over it
