@@ -3,7 +3,7 @@
 //! SQLite from overwriting frames not yet read, with checkpoints run here under a brief writer
 //! fence (docs/design/sqlite-shadow.md §2). Nothing is ever written to the user's database.
 
-use crate::sqlite_wal::{self, FRAME_HEADER_LEN, HEADER_LEN, SHM_HEADER_LEN, ShmHeader};
+use crate::sqlite_wal::{self, FRAME_HEADER_LEN, HEADER_LEN, SHM_HEADER_LEN, ShmHeader, WalHeader};
 use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 use std::collections::HashMap;
@@ -192,15 +192,30 @@ impl Source {
         })
     }
 
-    /// The log's first `frames` frames (bytes before `from_frame` left zero: never read).
-    fn wal_bytes(&self, from_frame: u32, frames: u32) -> Result<Vec<u8>, SourceError> {
+    /// The log's header and its frames `from + 1 ..= to` (only those are read: the log holds
+    /// up to a thousand frames between checkpoints, and a poll needs the newest few).
+    fn wal_frames(&self, from: u32, to: u32) -> Result<(WalHeader, Vec<u8>), SourceError> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.wal.read_exact_at(&mut hb, 0).map_err(|e| self.io("-wal", e))?;
+        let h = sqlite_wal::parse_header(&hb).map_err(|e| SourceError::Resync { path: self.path.clone(), why: e.to_string() })?;
+        if h.page_size != self.page_size {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the log's pages are {} bytes, the database's {}", h.page_size, self.page_size) });
+        }
         let flen = FRAME_HEADER_LEN + self.page_size;
-        let end = HEADER_LEN + frames as usize * flen;
-        let mut b = vec![0u8; end];
-        self.wal.read_exact_at(&mut b[..HEADER_LEN], 0).map_err(|e| self.io("-wal", e))?;
-        let start = HEADER_LEN + from_frame as usize * flen;
-        self.wal.read_exact_at(&mut b[start..end], start as u64).map_err(|e| self.io("-wal", e))?;
-        Ok(b)
+        let mut b = vec![0u8; to.saturating_sub(from) as usize * flen];
+        self.wal.read_exact_at(&mut b, (HEADER_LEN + from as usize * flen) as u64).map_err(|e| self.io("-wal", e))?;
+        Ok((h, b))
+    }
+
+    /// The commits in frames `from + 1 ..= h.max_frame`, which must end exactly where the
+    /// wal-index says; with the bytes their page ranges index.
+    fn read_commits(&self, h: &ShmHeader, from: u32, sum: Option<[u32; 2]>) -> Result<(Vec<sqlite_wal::Commit>, Vec<u8>), SourceError> {
+        let (wh, b) = self.wal_frames(from, h.max_frame)?;
+        let cs = sqlite_wal::commits_in(&wh, &b, from, sum.unwrap_or(wh.checksum));
+        if wh.salt != h.salt || cs.last().map(|c| (c.last_frame, c.checksum)) != Some((h.max_frame, h.frame_checksum)) {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("frames {}..{} do not end where the wal-index says", from + 1, h.max_frame) });
+        }
+        Ok((cs, b))
     }
 
     /// Runs `f` holding the writer lock (taken without waiting on the application; tried again
@@ -229,12 +244,7 @@ impl Source {
         let mut pos = Position { salt: h.salt, frame: 0, checksum: [0, 0], change: h.change };
         let mut wal = None;
         if h.max_frame > 0 {
-            let b = self.wal_bytes(0, h.max_frame)?;
-            let (wh, cs) = sqlite_wal::commits(&b, None).map_err(|e| SourceError::Resync { path: self.path.clone(), why: e.to_string() })?;
-            let upto: Vec<_> = cs.into_iter().filter(|c| c.last_frame <= h.max_frame).collect();
-            if wh.salt != h.salt || upto.last().map(|c| (c.last_frame, c.checksum)) != Some((h.max_frame, h.frame_checksum)) {
-                return Err(SourceError::Resync { path: self.path.clone(), why: "the log does not end where the wal-index says".into() });
-            }
+            let (upto, b) = self.read_commits(h, 0, None)?;
             for (p, r) in upto.iter().flat_map(|c| &c.pages) {
                 newest.insert(*p, r.clone());
             }
@@ -250,9 +260,6 @@ impl Source {
             }
             _ => h.db_pages,
         };
-        if h.max_frame > 0 && h.page_size != self.page_size {
-            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the log's pages are {} bytes, the database's {}", h.page_size, self.page_size) });
-        }
         let mut pages = Vec::with_capacity(db_pages as usize);
         for p in 1..=db_pages {
             let img = match (newest.get(&p), &wal) {
@@ -287,13 +294,7 @@ impl Source {
         if h.max_frame == from {
             return self.check_count(&h, 0).map(|()| Vec::new());
         }
-        let b = self.wal_bytes(from, h.max_frame)?;
-        let resume = (!restarted).then_some((self.pos.frame, self.pos.checksum));
-        let (wh, cs) = sqlite_wal::commits(&b, resume).map_err(|e| SourceError::Resync { path: self.path.clone(), why: e.to_string() })?;
-        let cs: Vec<_> = cs.into_iter().filter(|c| c.last_frame <= h.max_frame).collect();
-        if wh.salt != h.salt || cs.last().map(|c| (c.last_frame, c.checksum)) != Some((h.max_frame, h.frame_checksum)) {
-            return Err(SourceError::Resync { path: self.path.clone(), why: format!("frames {}..{} do not end where the wal-index says", from + 1, h.max_frame) });
-        }
+        let (cs, b) = self.read_commits(&h, from, (!restarted).then_some(self.pos.checksum))?;
         self.check_count(&h, cs.len())?;
         let out: Vec<OwnedCommit> = cs
             .iter()

@@ -107,13 +107,29 @@ pub struct Commit {
 /// `from` = the frame number and checksum of an earlier commit, reading resumes after it.
 pub fn commits(wal: &[u8], from: Option<(u32, [u32; 2])>) -> Result<(WalHeader, Vec<Commit>), WalError> {
     let h = parse_header(wal)?;
+    let (frame, sum) = from.unwrap_or((0, h.checksum));
+    let at = HEADER_LEN.saturating_add((frame as usize).saturating_mul(FRAME_HEADER_LEN + h.page_size));
+    let mut out = commits_in(&h, wal.get(at..).unwrap_or(&[]), frame, sum);
+    // Ranges into the whole log, as documented.
+    for c in &mut out {
+        for (_, r) in &mut c.pages {
+            *r = r.start + at..r.end + at;
+        }
+    }
+    Ok((h, out))
+}
+
+/// [`commits`] over `frames`, the log's bytes from frame `first + 1` on (a reader that already
+/// holds the frames before need not read them again); `sum` is the checksum chain at frame
+/// `first`. Page ranges index `frames`.
+pub fn commits_in(h: &WalHeader, frames: &[u8], first: u32, sum: [u32; 2]) -> Vec<Commit> {
     let frame_len = FRAME_HEADER_LEN + h.page_size;
-    let (mut frame, mut sum) = from.unwrap_or((0, h.checksum));
+    let (mut frame, mut sum) = (first, sum);
     let mut out = Vec::new();
     let mut pending = Vec::new();
     loop {
-        let at = HEADER_LEN + frame as usize * frame_len;
-        let Some(f) = wal.get(at..at + frame_len) else { break };
+        let at = (frame - first) as usize * frame_len;
+        let Some(f) = frames.get(at..at + frame_len) else { break };
         if [be32(f, 8), be32(f, 12)] != h.salt {
             break;
         }
@@ -133,7 +149,7 @@ pub fn commits(wal: &[u8], from: Option<(u32, [u32; 2])>) -> Result<(WalHeader, 
             out.push(Commit { pages: std::mem::take(&mut pending), db_pages, last_frame: frame, checksum: sum });
         }
     }
-    Ok((h, out))
+    out
 }
 
 /// Applies a commit to a database image: its page images in frame order, then the size after

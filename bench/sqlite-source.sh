@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# SQLite change capture in one process, before the stream carries it: a Python writer commits
+# RATE one-row transactions/s (seq, commit time in ns; WAL, synchronous=NORMAL, as
+# ../shared/bench/shadow-peers.sh's) for SECONDS_LOAD s while crates/kura-shadow's
+# sqlite_follow example reads the commits with sqlite_source (1 ms polls, a fenced checkpoint
+# each second) and applies them to a mirror with sqlite_mirror. Lag of a row = when the
+# follower saw it in the mirror - when its COMMIT returned. Prints lag p50/p99/max and the
+# follower's CPU (reading, applying, and the measuring query) as % of one core, ROUNDS times.
+# No network: the stream's share of the lag comes on top. Not part of CI (~1 minute per round).
+#   ROUNDS=3 RATE=1000 SECONDS_LOAD=20 bench/sqlite-source.sh
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+ROUNDS=${ROUNDS:-3}
+RATE=${RATE:-1000}
+LOAD=${SECONDS_LOAD:-20}
+(cd "$ROOT" && cargo build --release --quiet -p kura-shadow --example sqlite_follow)
+FOLLOW=$ROOT/target/release/examples/sqlite_follow
+W="$BENCH_DIR/sqlite-source"; rm -rf "$W"; mkdir -p "$W"
+for r in $(seq 1 "$ROUNDS"); do
+  rm -f "$W"/app.db* "$W"/mirror.db*
+  python3 - "$W/app.db" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, ns INTEGER, pad TEXT)")
+PY
+  python3 - "$W/app.db" "$RATE" "$((LOAD + 3))" >"$W/writer.log" <<'PY' &
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+db.execute("PRAGMA synchronous=NORMAL")
+rate, secs = int(sys.argv[2]), float(sys.argv[3])
+t0 = time.time(); n = 0; worst = 0
+while time.time() - t0 < secs:
+    n += 1
+    a = time.time_ns()
+    db.execute("INSERT INTO t VALUES (?, ?, 'x')", (n, time.time_ns()))
+    worst = max(worst, time.time_ns() - a)
+    delay = t0 + n / rate - time.time()
+    if delay > 0: time.sleep(delay)
+print("commits", n, "worst commit ms %.2f" % (worst / 1e6))
+PY
+  WRITER=$!
+  sleep 0.5
+  "$FOLLOW" "$W/app.db" "$W/mirror.db" "$LOAD" | tee -a "$W/results.txt"
+  wait "$WRITER"; cat "$W/writer.log"
+done
