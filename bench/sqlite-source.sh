@@ -6,7 +6,9 @@
 # each second) and applies them to a mirror with sqlite_mirror. Lag of a row = when the
 # follower saw it in the mirror - when its COMMIT returned. Prints lag p50/p99/max and the
 # follower's CPU (reading, applying, and the measuring query) as % of one core, ROUNDS times.
-# No network: the stream's share of the lag comes on top. Not part of CI (~1 minute per round).
+# No network: the stream's share of the lag comes on top. Then, in the same run, Litestream
+# 0.5.17 on the same load through ../shared/bench/shadow-peers.sh (its default, 100 ms and 1 ms
+# intervals; LITESTREAM=0 skips it). Not part of CI (~1 minute per round, 2 for Litestream).
 #   ROUNDS=3 RATE=1000 SECONDS_LOAD=20 bench/sqlite-source.sh
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -44,3 +46,12 @@ PY
   "$FOLLOW" "$W/app.db" "$W/mirror.db" "$LOAD" | tee -a "$W/results.txt"
   wait "$WRITER"; cat "$W/writer.log"
 done
+
+if [ "${LITESTREAM:-1}" = 1 ]; then
+  WORK="$W/litestream" RUN=litestream DURATION="$LOAD" LS_RATE="$RATE" \
+    LS_CASES="default:-:-:$LOAD 100ms:100ms:100ms:$LOAD 1ms:1ms:1ms:$LOAD" OUT="$W/litestream/out" \
+    bash "$SHARED/shadow-peers.sh" >"$W/litestream.log" 2>&1
+  echo; echo "kura (in one process, no network):"; cat "$W/results.txt"
+  echo "Litestream (file replica), same load (tool_cpu_s over ${LOAD} s):"
+  cut -f1,5-10 "$W/litestream/out/summary.tsv" | column -t
+fi
