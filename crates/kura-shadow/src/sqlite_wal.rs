@@ -370,5 +370,29 @@ mod tests {
             data.extend_from_slice(&tail);
             fuzz_wal(&data);
         }
+
+        /// A reader holding only the log's header and the frames after a commit finds exactly
+        /// the commits that follow it when the whole log is read from the start (ranges
+        /// shifted to its bytes), whatever the frames, the byte order and the commit.
+        #[test]
+        fn reading_only_the_new_frames_equals_resuming_in_the_whole_log(
+            frames in proptest::collection::vec((1u32..6, prop_oneof![Just(0u32), 1u32..6], any::<u8>()), 0..24),
+            be in any::<bool>(),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let w = wal(be, 512, [5, 6], &frames);
+            let (h, all) = commits(&w, None).unwrap();
+            let starts: Vec<(u32, [u32; 2])> = std::iter::once((0, h.checksum)).chain(all.iter().map(|c| (c.last_frame, c.checksum))).collect();
+            let k = pick.index(starts.len());
+            let (from, sum) = starts[k];
+            let at = HEADER_LEN + from as usize * (FRAME_HEADER_LEN + 512);
+            let mut suffix = commits_in(&h, &w[at..], from, sum);
+            for c in &mut suffix {
+                for (_, r) in &mut c.pages {
+                    *r = r.start + at..r.end + at;
+                }
+            }
+            prop_assert_eq!(suffix, all[k..].to_vec());
+        }
     }
 }
