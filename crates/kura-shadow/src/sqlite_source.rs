@@ -285,14 +285,14 @@ impl Source {
     pub fn poll(&mut self) -> Result<Vec<OwnedCommit>, SourceError> {
         self.check_same_file()?;
         let h = self.shm_header()?;
-        if h.change == self.pos.change && h.max_frame == self.pos.frame && h.salt == self.pos.salt {
-            self.yield_to_checkpointer()?;
-            return Ok(Vec::new());
-        }
         let restarted = h.salt != self.pos.salt || h.max_frame < self.pos.frame;
         let from = if restarted { 0 } else { self.pos.frame };
         if h.max_frame == from {
-            return self.check_count(&h, 0).map(|()| Vec::new());
+            // Nothing new (or a log restarted and still empty): the counter must not have
+            // moved, and this is when an application's checkpoint may be waiting for us.
+            self.check_count(&h, 0)?;
+            self.yield_to_checkpointer()?;
+            return Ok(Vec::new());
         }
         let (cs, b) = self.read_commits(&h, from, (!restarted).then_some(self.pos.checksum))?;
         self.check_count(&h, cs.len())?;
