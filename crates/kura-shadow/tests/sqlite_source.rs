@@ -45,6 +45,14 @@ fn digest(path: &Path) -> (i64, i64, i64, i64) {
     (n, len, s, bank)
 }
 
+/// Attaches to the database and gives the mirror its base.
+fn follow(db: &Path, mirror_path: &Path) -> (Source, Mirror) {
+    let (src, base) = Source::attach(db).unwrap();
+    let mut mirror = Mirror::open(mirror_path, base.pages[0].1.len()).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&base));
+    (src, mirror)
+}
+
 fn apply(mirror: &mut Mirror, commits: &[OwnedCommit]) {
     let pages: Vec<Vec<(u32, &[u8])>> = commits.iter().map(|c| c.pages.iter().map(|(p, img)| (*p, img.as_slice())).collect()).collect();
     let batch: Vec<PageCommit> = commits.iter().zip(&pages).map(|(c, p)| PageCommit { pages: p, db_pages: c.db_pages }).collect();
@@ -61,9 +69,7 @@ fn a_live_database_is_mirrored_commit_by_commit_through_log_restarts() {
     assert_eq!(out.next().unwrap().unwrap(), "ready");
     std::thread::sleep(Duration::from_millis(100));
 
-    let (mut src, base) = Source::attach(&db).unwrap();
-    let mut mirror = Mirror::open(&mirror_path, base.pages[0].1.len()).unwrap();
-    apply(&mut mirror, std::slice::from_ref(&base));
+    let (mut src, mut mirror) = follow(&db, &mirror_path);
     let mut polls = 0u64;
     let mut looked = 0;
     loop {
@@ -122,9 +128,7 @@ fn a_transaction_killed_midway_never_reaches_the_mirror() {
     let db = tmp.path().join("app.db");
     let mirror_path = tmp.path().join("mirror.db");
     run_py(&db, "db.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)')\nfor i in range(100):\n    db.execute('INSERT INTO t (v) VALUES (?)', ('before %d' % i,))");
-    let (mut src, base) = Source::attach(&db).unwrap();
-    let mut mirror = Mirror::open(&mirror_path, base.pages[0].1.len()).unwrap();
-    apply(&mut mirror, std::slice::from_ref(&base));
+    let (mut src, mut mirror) = follow(&db, &mirror_path);
 
     // A big transaction spills uncommitted pages into the log, then the application dies.
     let mut app = py(&db, "db.execute('PRAGMA cache_size=10')\ndb.execute('BEGIN')\nfor i in range(20000):\n    db.execute('INSERT INTO t (v) VALUES (?)', ('never committed %d ' % i * 5,))\nprint('inside', flush=True)\ntime.sleep(60)");
@@ -155,9 +159,7 @@ fn checkpoints_the_application_forces_and_a_replaced_database_are_followed() {
     let db = tmp.path().join("app.db");
     let mirror_path = tmp.path().join("mirror.db");
     run_py(&db, "db.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, n INTEGER)')\ndb.execute('CREATE TABLE bank (id INTEGER PRIMARY KEY, balance INTEGER)')\ndb.execute('INSERT INTO bank VALUES (1, 1000), (2, 1000)')");
-    let (mut src, base) = Source::attach(&db).unwrap();
-    let mut mirror = Mirror::open(&mirror_path, base.pages[0].1.len()).unwrap();
-    apply(&mut mirror, std::slice::from_ref(&base));
+    let (mut src, mut mirror) = follow(&db, &mirror_path);
 
     // The application forces RESTART and TRUNCATE checkpoints between its commits, willing to
     // wait 5 s for readers: the source steps aside, so every one of them completes.
