@@ -59,6 +59,10 @@ pub struct RepoJobs {
     /// Status per job name.
     pub status: Mutex<BTreeMap<&'static str, JobStatus>>,
     verify_round: AtomicU64,
+    // Held while a job runs: a repository's jobs run one at a time, scheduled or on demand (a
+    // pull writing a snapshot while a prune of the same repository decides which packs are
+    // unused could lose the snapshot's new packs).
+    run_lock: Mutex<()>,
 }
 
 impl RepoJobs {
@@ -108,6 +112,7 @@ impl RepoJobs {
             zone,
             status: Mutex::new(status),
             verify_round: AtomicU64::new(0),
+            run_lock: Mutex::new(()),
         })
     }
 
@@ -132,6 +137,7 @@ impl RepoJobs {
 /// Runs one job now (blocking); returns what it did, or why it failed.
 pub fn run_job(hosted: &Hosted, job: &str) -> Result<String, String> {
     let job: &'static str = JOBS.into_iter().find(|j| *j == job).ok_or_else(|| format!("no job named {job:?} (pull, retention, prune, verify, expire)"))?;
+    let _one_at_a_time = hosted.jobs.run_lock.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     let start_time = Timestamp::now();
     let result = match job {
@@ -473,5 +479,30 @@ pub async fn scheduler(repos: Vec<std::sync::Arc<Hosted>>) {
         let until = now.duration_until(next);
         let wait = if until.is_negative() { Duration::from_millis(100) } else { until.unsigned_abs().clamp(Duration::from_millis(100), Duration::from_secs(60)) };
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::api::Storage;
+    use std::sync::Arc;
+
+    /// A job asked for while another of the same repository runs waits for it.
+    #[test]
+    fn a_repositorys_jobs_run_one_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(kura_store::LocalStore::create(&tmp.path().join("repo")).unwrap());
+        let cfg: RepoConfig = toml::from_str("name = \"r\"").unwrap();
+        let jobs = RepoJobs::new(&cfg, (Duration::from_secs(600), Duration::from_secs(600))).unwrap();
+        let hosted = Arc::new(Hosted::new("r".into(), Storage::Local(store), jobs, tmp.path().join("owners.json")));
+        let running = hosted.jobs.run_lock.lock().unwrap();
+        let h = hosted.clone();
+        let second = std::thread::spawn(move || run_job(&h, "expire"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!second.is_finished(), "a second job ran beside the first");
+        drop(running);
+        assert!(second.join().unwrap().is_ok());
     }
 }
