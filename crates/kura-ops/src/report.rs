@@ -191,23 +191,44 @@ fn word(l: Option<Level>) -> &'static str {
     }
 }
 
+/// Text as Markdown shows it literally: a `|` in a host or a path must not split a table cell,
+/// nor a `<` in a reason open an HTML tag in a renderer that passes HTML through.
+fn md(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '#' | '!' | '&' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The report as Markdown.
 pub fn markdown(input: &ReportInput<'_>) -> String {
     let secs = sections(input);
-    let mut m = format!("# {}\n\nFacts read from the repositories at {} by kura {}. Overall: **{}**.\n\n", input.title, day(&input.generated.to_string()), input.version, word(Some(overall(input))));
+    let mut m = format!("# {}\n\nFacts read from the repositories at {} by kura {}. Overall: **{}**.\n\n", md(input.title), day(&input.generated.to_string()), md(input.version), word(Some(overall(input))));
     let copies: usize = secs.iter().map(|s| s.rows.len()).sum();
     let machines = input.plan.map(|p| p.machines.len()).unwrap_or(secs.len());
     m.push_str(&format!("{} dataset(s) protected by {} copies on {} machine(s) besides the protected hosts.\n\n", secs.len(), copies, machines));
     for s in &secs {
-        m.push_str(&format!("## {}\n\nOn **{}**: {}. Copies on {} other machine(s).\n\n", s.name, s.host, if s.paths.is_empty() { "-".into() } else { s.paths.join(", ") }, s.machines));
+        let paths = if s.paths.is_empty() { "-".into() } else { s.paths.iter().map(|p| md(p)).collect::<Vec<_>>().join(", ") };
+        m.push_str(&format!("## {}\n\nOn **{}**: {}. Copies on {} other machine(s).\n\n", md(&s.name), md(&s.host), paths, s.machines));
         m.push_str("| copy | machine | taken | kept | newest copy | status | last verified | last restore drill |\n|---|---|---|---|---|---|---|---|\n");
         for r in &s.rows {
-            m.push_str(&format!("| {} | {} | {} | {} | {} | {} | {} | {} |\n", r.copy, r.machine, r.taken, r.kept, r.newest, word(r.level), r.verified, r.drill));
+            m.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                md(&r.copy), md(&r.machine), md(&r.taken), md(&r.kept), md(&r.newest), word(r.level), md(&r.verified), md(&r.drill)
+            ));
         }
-        m.push_str(&format!("\n- **RPO (measured):** {}.\n- **RTO (measured):** {}.\n", s.rpo, s.rto));
+        m.push_str(&format!("\n- **RPO (measured):** {}.\n- **RTO (measured):** {}.\n", md(&s.rpo), md(&s.rto)));
         for r in &s.rows {
             for why in &r.reasons {
-                m.push_str(&format!("- {} on {}: {}\n", r.copy, r.machine, why));
+                m.push_str(&format!("- {} on {}: {}\n", md(&r.copy), md(&r.machine), md(why)));
             }
         }
         m.push('\n');
@@ -322,6 +343,15 @@ mod tests {
     }
 
     #[test]
+    fn markdown_text_is_shown_literally() {
+        assert_eq!(md("a|b <i>x</i> *y* _z_ [l](u) `c` #h\\ & !\nnext"), "a\\|b \\<i\\>x\\</i\\> \\*y\\* \\_z\\_ \\[l\\](u) \\`c\\` \\#h\\\\ \\& \\! next");
+        // A cell with a pipe stays one cell: a two-cell row has three unescaped pipes.
+        let row = format!("| {} | {} |", md("srv|a"), md("b"));
+        let unescaped = row.char_indices().filter(|(i, c)| *c == '|' && !row[..*i].ends_with('\\')).count();
+        assert_eq!(unescaped, 3, "{row}");
+    }
+
+    #[test]
     fn a_topology_report_names_every_copy_and_escapes_what_it_prints() {
         let plan = crate::topology::plan(include_str!("../../../examples/first-server.toml")).unwrap();
         let st = vec![status("www: backup on a", Level::Ok, 5.0), status("www: daily on c", Level::Warn, 30.0)];
@@ -335,6 +365,7 @@ mod tests {
         assert!(h.contains("5.0 hours"), "the freshest copy gives the RPO");
         let m = markdown(&input);
         assert!(m.contains("| daily generation | c | daily | 14 (14 days) | 30.0 hours ago | warning |"), "{m}");
+        assert!(m.contains("# Shop \\<GmbH\\>") && m.contains("newest snapshot \\<late\\>") && !m.contains("<late>"), "{m}");
         assert!(m.contains("not measured: no restore drill has run"));
     }
 }
