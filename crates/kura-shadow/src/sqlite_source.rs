@@ -195,15 +195,21 @@ impl Source {
     /// The log's header and its frames `from + 1 ..= to` (only those are read: the log holds
     /// up to a thousand frames between checkpoints, and a poll needs the newest few).
     fn wal_frames(&self, from: u32, to: u32) -> Result<(WalHeader, Vec<u8>), SourceError> {
+        let flen = (FRAME_HEADER_LEN + self.page_size) as u64;
+        let (start, end) = (HEADER_LEN as u64 + u64::from(from) * flen, HEADER_LEN as u64 + u64::from(to) * flen);
+        // A damaged wal-index may name frames the log never had: check before allocating.
+        let have = self.wal.metadata().map_err(|e| self.io("-wal", e))?.len();
+        if end > have || start > end {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the wal-index names frame {to}, the log holds {} bytes", have) });
+        }
         let mut hb = [0u8; HEADER_LEN];
         self.wal.read_exact_at(&mut hb, 0).map_err(|e| self.io("-wal", e))?;
         let h = sqlite_wal::parse_header(&hb).map_err(|e| SourceError::Resync { path: self.path.clone(), why: e.to_string() })?;
         if h.page_size != self.page_size {
             return Err(SourceError::Resync { path: self.path.clone(), why: format!("the log's pages are {} bytes, the database's {}", h.page_size, self.page_size) });
         }
-        let flen = FRAME_HEADER_LEN + self.page_size;
-        let mut b = vec![0u8; to.saturating_sub(from) as usize * flen];
-        self.wal.read_exact_at(&mut b, (HEADER_LEN + from as usize * flen) as u64).map_err(|e| self.io("-wal", e))?;
+        let mut b = vec![0u8; (end - start) as usize];
+        self.wal.read_exact_at(&mut b, start).map_err(|e| self.io("-wal", e))?;
         Ok((h, b))
     }
 

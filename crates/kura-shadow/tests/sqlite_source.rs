@@ -203,3 +203,27 @@ fn checkpoints_the_application_forces_and_a_replaced_database_are_followed() {
     assert_eq!(digest(&mirror_path).0, 1);
 }
 
+
+/// A wal-index that names frames the log never had (damage, or another program's bug) is a
+/// resync with a message, not an allocation of what it claims.
+#[test]
+#[allow(clippy::host_endian_bytes)]
+fn a_wal_index_naming_frames_the_log_lacks_is_a_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.db");
+    run_py(&db, "db.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (x)')");
+    let (mut src, _mirror) = follow(&db, &tmp.path().join("mirror.db"));
+    // Rewrite both header copies with a huge last frame and a matching checksum, as SQLite
+    // itself would lay them out (native order words, checksum over bytes 0..40).
+    let shm = tmp.path().join("app.db-shm");
+    let mut b = std::fs::read(&shm).unwrap();
+    b[16..20].copy_from_slice(&4_000_000_000u32.to_ne_bytes());
+    let sum = kura_shadow::sqlite_wal::checksum(cfg!(target_endian = "big"), &b[..40], [0, 0]);
+    b[40..44].copy_from_slice(&sum[0].to_ne_bytes());
+    b[44..48].copy_from_slice(&sum[1].to_ne_bytes());
+    let (first, second) = b.split_at_mut(48);
+    second[..48].copy_from_slice(&first[..48]);
+    std::fs::write(&shm, &b).unwrap();
+    let e = src.poll().unwrap_err();
+    assert!(matches!(e, SourceError::Resync { .. }) && e.to_string().contains("4000000000"), "{e}");
+}
