@@ -18,6 +18,11 @@ use std::sync::Mutex;
 pub trait Chunks {
     /// The plain bytes of a chunk, verified.
     fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError>;
+    /// The key chunk ids are made with, when known: a SQLite mirror is then compared with its
+    /// pages' ids by hashing, without reading every chunk.
+    fn id_key(&self) -> Option<[u8; 32]> {
+        None
+    }
 }
 
 /// Prefix of the temporary names files are written under.
@@ -28,7 +33,7 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> ShadowError + '_ {
 }
 
 /// Removes whatever is at `p` (a directory with all it holds), never following a link.
-fn remove(p: &Path) -> Result<(), ShadowError> {
+pub(crate) fn remove(p: &Path) -> Result<(), ShadowError> {
     match fs::symlink_metadata(p) {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ShadowError::io(p, e)),
@@ -43,7 +48,7 @@ fn parents_are_dirs(root: &Path, rel: &[u8]) -> bool {
 }
 
 /// Makes every ancestor of `rel` under `root` a real directory (replacing files and links).
-fn make_parents(root: &Path, rel: &[u8]) -> Result<(), ShadowError> {
+pub(crate) fn make_parents(root: &Path, rel: &[u8]) -> Result<(), ShadowError> {
     for a in path::ancestors(rel) {
         let p = path::join(root, a);
         match fs::symlink_metadata(&p) {
@@ -142,7 +147,11 @@ pub fn put(root: &Path, rel: &[u8], node: &Node, chunks: &dyn Chunks) -> Result<
 
 /// Applies one record.
 pub fn apply(root: &Path, op: &Op, chunks: &dyn Chunks) -> Result<(), ShadowError> {
+    if !matches!(op, Op::Pages { .. }) {
+        crate::sqlite_stream::forget_mirrors();
+    }
     match op {
+        Op::Pages { path: rel, page_size, db_pages, pages, .. } => crate::sqlite_stream::apply_pages(root, rel, *page_size, &[(*db_pages, pages)], chunks),
         Op::Put { path: rel, node } => put(root, rel, node, chunks),
         // Below an entry that is not a real directory nothing exists (the tree's meaning), and
         // a path through a symlink must never be followed out of the mirror.
@@ -175,7 +184,7 @@ pub fn touched_dirs<'a>(tree: &'a Manifest, ops: impl Iterator<Item = &'a Op>) -
     let mut set = std::collections::BTreeSet::new();
     for op in ops {
         let paths: Vec<&[u8]> = match op {
-            Op::Put { path, .. } | Op::Delete { path } => vec![path],
+            Op::Put { path, .. } | Op::Delete { path } | Op::Pages { path, .. } => vec![path],
             Op::Rename { from, to } => vec![from, to],
         };
         for p in paths {
@@ -220,6 +229,7 @@ pub fn reconcile(root: &Path, m: &Manifest, chunks: &dyn Chunks) -> Result<Recon
 /// say: a verified resync.
 pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local: Option<&Manifest>) -> Result<Reconciled, ShadowError> {
     fs::create_dir_all(root).map_err(io(root))?;
+    crate::sqlite_stream::forget_mirrors();
     let mut done = Reconciled::default();
     // Remove what should not be there, deepest first.
     let mut extra = Vec::new();
@@ -234,6 +244,7 @@ pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local:
             match m.get(&rel) {
                 Some(n) if n.kind == NodeKind::Dir && is_dir => stack.push(rel),
                 Some(_) if !name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) => {}
+                None if crate::sqlite_stream::is_side_file(m, &rel) => {}
                 _ => extra.push(rel),
             }
         }
@@ -245,6 +256,13 @@ pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local:
     let mut dirs = Vec::new();
     for (rel, n) in m.iter() {
         let p = path::join(root, rel);
+        if crate::sqlite_stream::page_size_of(n).is_some() {
+            // A database mirror's file lags its log: compared through SQLite, page by page.
+            if crate::sqlite_stream::reconcile_db(root, rel, n, chunks)? > 0 {
+                done.written += 1;
+            }
+            continue;
+        }
         let same_content = n.kind != NodeKind::File || local.is_none_or(|l| l.get(rel).is_some_and(|o| o.content == n.content));
         let ok = same_content && fs::symlink_metadata(&p).is_ok_and(|md| matches(&md, n));
         if n.kind == NodeKind::Dir {

@@ -372,11 +372,9 @@ impl Journal {
             if r.seq <= self.base.seq {
                 continue;
             }
-            if let Op::Put { node, .. } = &r.op {
-                for id in &node.content {
-                    if let Some(l) = self.chunks.get_mut(id) {
-                        l.last_ref = r.seq;
-                    }
+            for id in r.op.chunk_ids() {
+                if let Some(l) = self.chunks.get_mut(id) {
+                    l.last_ref = r.seq;
                 }
             }
             self.entries.push(Entry { seq: r.seq, at_ns: r.at_ns, recv_ns, op: r.op.clone() });
@@ -511,7 +509,7 @@ impl Journal {
     /// Records touching `p` (or anything below it; a rename when either end does).
     pub fn touching<'a>(&'a self, p: &'a [u8]) -> impl Iterator<Item = &'a Entry> + 'a {
         self.entries.iter().filter(move |e| match &e.op {
-            Op::Put { path: q, .. } | Op::Delete { path: q } => path::within(q, p) || path::within(p, q),
+            Op::Put { path: q, .. } | Op::Delete { path: q } | Op::Pages { path: q, .. } => path::within(q, p) || path::within(p, q),
             Op::Rename { from, to } => path::within(from, p) || path::within(to, p) || path::within(p, from) || path::within(p, to),
         })
     }

@@ -175,6 +175,21 @@ impl Manifest {
                 self.ins(p.clone(), node.clone());
             }
             Op::Delete { path: p } => self.remove_tree(p),
+            Op::Pages { path: p, page_size, db_pages, pages, .. } => {
+                let ps = crate::sqlite_stream::page_size_of;
+                if self.entries.get(p.as_slice()).and_then(ps) != Some(*page_size) {
+                    self.make_parents(p);
+                    self.remove_tree(p);
+                    self.ins(p.clone(), crate::sqlite_stream::new_node(*page_size));
+                }
+                // In place: a copy of a large database's page list per commit would cost more
+                // than the commit.
+                if let Some(n) = self.entries.get_mut(p.as_slice()) {
+                    let old = n.size;
+                    crate::sqlite_stream::patch(n, *page_size, *db_pages, pages);
+                    self.bytes = self.bytes.saturating_sub(old).saturating_add(n.size);
+                }
+            }
             Op::Rename { from, to } => {
                 if from == to || path::within(to, from) || !self.entries.contains_key(from.as_slice()) {
                     return;
@@ -311,7 +326,7 @@ mod tests {
             }
             let ops: Vec<Op> = ops.into_iter().map(|(k, x, y, size)| make(k, x, y, size)).collect();
             let mut part = whole.subset(ops.iter().flat_map(|op| match op {
-                Op::Put { path, .. } | Op::Delete { path } => vec![path.as_slice()],
+                Op::Put { path, .. } | Op::Delete { path } | Op::Pages { path, .. } => vec![path.as_slice()],
                 Op::Rename { from, to } => vec![from.as_slice(), to.as_slice()],
             }));
             let (before_whole, before_part) = (whole.totals(), part.totals());

@@ -34,14 +34,44 @@ pub enum Op {
         /// New path.
         to: Vec<u8>,
     },
+    /// A committed transaction of the SQLite database shadowed at `path` (or, on attach, the
+    /// pages that differ from the standby's copy): the database is now `db_pages` pages of
+    /// `page_size` bytes, with `pages` (1-based number, chunk of the whole page) replacing
+    /// those. Pages past the previous size are always listed. Appended last: postcard numbers
+    /// variants by position.
+    Pages {
+        /// Relative path of the database.
+        path: Vec<u8>,
+        /// Page size in bytes.
+        page_size: u32,
+        /// Database size in pages after the commit.
+        db_pages: u32,
+        /// Changed pages and their chunks.
+        pages: Vec<(u32, Id)>,
+        /// The primary's wal-index change counter after the commit (0 for a base): what
+        /// `kura shadow wait --sqlite` compares.
+        change: u32,
+    },
 }
+
+/// Largest SQLite database a stream accepts, in bytes (SQLite's own limit is 2^32-2 pages).
+pub const MAX_SQLITE_BYTES: u64 = 1 << 42;
 
 impl Op {
     /// The path the change is about (the new one for a rename).
     pub fn path(&self) -> &[u8] {
         match self {
-            Op::Put { path, .. } | Op::Delete { path } => path,
+            Op::Put { path, .. } | Op::Delete { path } | Op::Pages { path, .. } => path,
             Op::Rename { to, .. } => to,
+        }
+    }
+
+    /// The chunks the record's content names (a file's, a database commit's pages).
+    pub fn chunk_ids(&self) -> Box<dyn Iterator<Item = &Id> + '_> {
+        match self {
+            Op::Put { node, .. } if node.kind == kura_repo::NodeKind::File => Box::new(node.content.iter()),
+            Op::Pages { pages, .. } => Box::new(pages.iter().map(|(_, id)| id)),
+            _ => Box::new(std::iter::empty()),
         }
     }
 
@@ -63,6 +93,19 @@ impl Op {
                 }
                 Ok(())
             }),
+            Op::Pages { path, page_size, db_pages, pages, .. } => {
+                crate::path::check(path)?;
+                if !(512..=65536).contains(page_size) || !page_size.is_power_of_two() {
+                    return Err(format!("{}: page size {page_size} is not one SQLite has", crate::path::show(path)));
+                }
+                if *db_pages == 0 || u64::from(*db_pages) * u64::from(*page_size) > MAX_SQLITE_BYTES {
+                    return Err(format!("{}: a database of {db_pages} pages of {page_size} bytes", crate::path::show(path)));
+                }
+                if let Some((p, _)) = pages.iter().find(|(p, _)| *p == 0 || p > db_pages) {
+                    return Err(format!("{}: page {p} in a database of {db_pages} pages", crate::path::show(path)));
+                }
+                Ok(())
+            }
         }
     }
 }

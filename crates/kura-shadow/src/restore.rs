@@ -59,6 +59,66 @@ pub fn restore(j: &Journal, at_ns: i64, only: Option<&[u8]>, target: &Path) -> R
     write_tree(&m, only, target, &ReadOnly(j), Restored { seq, time_ns: j.time_of(seq), ..Restored::default() })
 }
 
+/// Which commit of a shadowed SQLite database to restore.
+#[derive(Debug, Clone, Copy)]
+pub enum Moment {
+    /// The newest record received up to then (ns).
+    At(i64),
+    /// Record (transaction) number N.
+    Txid(u64),
+}
+
+/// Writes the SQLite database `only` (the stream's only database when `None`) as of a commit
+/// into the new file `target`: pages written to a temporary beside it, synced, checked by
+/// SQLite's `integrity_check`, then renamed into place.
+pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &Path) -> Result<Restored, ShadowError> {
+    let seq = match when {
+        Moment::At(t) => {
+            if j.base().seq > 0 && t < j.base().recv_ns {
+                return Err(ShadowError::Usage(format!("that moment is older than the journal's window: the oldest it can restore is {}", crate::show_time(j.base().recv_ns))));
+            }
+            j.seq_at(t)
+        }
+        Moment::Txid(n) if n > j.head() => return Err(ShadowError::Usage(format!("transaction {n} is past the newest the standby received ({})", j.head()))),
+        Moment::Txid(n) if n < j.base().seq => return Err(ShadowError::Usage(format!("transaction {n} is older than the journal's window (it starts at {})", j.base().seq))),
+        Moment::Txid(n) => n,
+    };
+    let m = j.manifest_at(seq);
+    let dbs: Vec<&Vec<u8>> = m.iter().filter(|(_, n)| crate::sqlite_stream::page_size_of(n).is_some()).map(|(k, _)| k).collect();
+    let rel = match (only, dbs.as_slice()) {
+        (Some(p), _) => dbs.iter().find(|k| k.as_slice() == p).copied().ok_or_else(|| ShadowError::Usage(format!("{} was not a SQLite database of the stream at record {seq}", path::show(p))))?,
+        (None, [one]) => *one,
+        (None, []) => return Err(ShadowError::Usage(format!("the stream held no SQLite database at record {seq}"))),
+        (None, _) => return Err(ShadowError::Usage(format!("the stream holds {} databases: name one with --path", dbs.len()))),
+    };
+    let node = m.get(rel).ok_or_else(|| ShadowError::Usage("no database".into()))?;
+    if std::fs::symlink_metadata(target).is_ok() {
+        return Err(ShadowError::Usage(format!("{} exists: restore into a new file", target.display())));
+    }
+    let tmp = target.with_file_name(format!("{}{}", apply::TEMP_PREFIX, target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| ShadowError::io(&tmp, e))?;
+        let chunks = ReadOnly(j);
+        for id in &node.content {
+            let b = chunks.chunk(id)?;
+            std::io::Write::write_all(&mut f, &b).map_err(|e| ShadowError::io(&tmp, e))?;
+        }
+        f.sync_all().map_err(|e| ShadowError::io(&tmp, e))?;
+        drop(f);
+        crate::sqlite_mirror::integrity_check_alone(&tmp).map_err(|e| ShadowError::Corrupt { what: format!("{} as of record {seq}", path::show(rel)), detail: format!("integrity_check: {e}") })?;
+        std::fs::rename(&tmp, target).map_err(|e| ShadowError::io(target, e))
+    })();
+    if written.is_err() {
+        for s in ["", "-wal", "-shm"] {
+            let mut q = tmp.as_os_str().to_owned();
+            q.push(s);
+            let _ = std::fs::remove_file(q);
+        }
+    }
+    written?;
+    Ok(Restored { seq, time_ns: j.time_of(seq), files: 1, others: 0, bytes: node.size })
+}
+
 /// Chunks of a branch, or of the stream's journal (a branch stores only what the journal
 /// lacked when it was made; pruning keeps the journal's chunks that branches name).
 struct Both<'a>(&'a Journal, &'a Journal);

@@ -80,6 +80,23 @@ impl Mirror {
         self.db_pages
     }
 
+    /// Its page size.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Calls `f` with every page, in order, as a reader sees them now.
+    pub fn for_each_page(&mut self, f: impl FnMut(u32, &[u8])) -> Result<(), MirrorError> {
+        pages_of(&self.conn, &self.path, f)
+    }
+
+    /// Calls `f` with every page of the database at `path`, opened read-only.
+    pub fn read_pages(path: &Path, f: impl FnMut(u32, &[u8])) -> Result<(), MirrorError> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|source| MirrorError::Sqlite { path: path.to_path_buf(), source })?;
+        pages_of(&conn, path, f)
+    }
+
     /// Applies whole commits, in order, as one transaction: a reader sees the mirror before
     /// them or after the last, never between. Pages a growing commit does not carry become
     /// zeros (SQLite never reads them before writing them); a shrinking one truncates. Within a
@@ -98,7 +115,8 @@ impl Mirror {
             }
         }
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
-        let mut size = self.db_pages;
+        // Another connection (a repair) may have changed the size since the last run.
+        let mut size = tx.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0)).map_err(err)? as u32;
         {
             let mut put = tx.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)").map_err(err)?;
             let zero = vec![0u8; self.page_size];
@@ -125,6 +143,32 @@ impl Mirror {
         self.db_pages = size;
         Ok(())
     }
+}
+
+/// Every page of the database `conn` has open, in order, in one read transaction.
+fn pages_of(conn: &Connection, path: &Path, mut f: impl FnMut(u32, &[u8])) -> Result<(), MirrorError> {
+    let err = |source| MirrorError::Sqlite { path: path.to_path_buf(), source };
+    let mut st = conn.prepare("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno").map_err(err)?;
+    let mut rows = st.query([]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        let p: i64 = r.get(0).map_err(err)?;
+        let data = r.get_ref(1).map_err(err)?.as_blob().map_err(|e| err(e.into()))?;
+        f(p as u32, data);
+    }
+    Ok(())
+}
+
+/// Runs `integrity_check` on a database file nobody else uses, opened for writing so that
+/// closing it removes the `-wal` and `-shm` files opening it made (a read-only connection
+/// leaves them behind).
+pub fn integrity_check_alone(path: &Path) -> Result<(), String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|e| e.to_string())?;
+    let rows: Vec<String> = {
+        let mut st = conn.prepare("PRAGMA integrity_check(10)").map_err(|e| e.to_string())?;
+        st.query_map([], |r| r.get(0)).map_err(|e| e.to_string())?.collect::<Result<_, _>>().map_err(|e| e.to_string())?
+    };
+    conn.close().map_err(|(_, e)| e.to_string())?;
+    if rows == ["ok"] { Ok(()) } else { Err(rows.join("; ")) }
 }
 
 /// Opens a database read-only, as a reader of the mirror would, and runs SQLite's

@@ -59,6 +59,8 @@ pub struct OwnedCommit {
     pub pages: Vec<(u32, Vec<u8>)>,
     /// Database size in pages after the commit.
     pub db_pages: u32,
+    /// The wal-index's change counter after it (one more per commit).
+    pub change: u32,
 }
 
 /// Where reading stands: the last commit read.
@@ -282,7 +284,7 @@ impl Source {
             pages.push((p, img));
         }
         self.pos = pos;
-        Ok(OwnedCommit { pages, db_pages })
+        Ok(OwnedCommit { pages, db_pages, change: pos.change })
     }
 
     /// The commits published since the last read, in order; none when nothing changed. Proves
@@ -302,14 +304,16 @@ impl Source {
         }
         let (cs, b) = self.read_commits(&h, from, (!restarted).then_some(self.pos.checksum))?;
         self.check_count(&h, cs.len())?;
+        let n = cs.len();
         let out: Vec<OwnedCommit> = cs
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
                 let mut last: std::collections::BTreeMap<u32, &[u8]> = std::collections::BTreeMap::new();
                 for (p, r) in &c.pages {
                     last.insert(*p, &b[r.clone()]);
                 }
-                OwnedCommit { pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(), db_pages: c.db_pages }
+                OwnedCommit { pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(), db_pages: c.db_pages, change: h.change.wrapping_sub((n - 1 - i) as u32) }
             })
             .collect();
         if restarted {

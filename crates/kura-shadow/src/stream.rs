@@ -283,6 +283,9 @@ impl Chunks for JournalChunks<'_> {
         h.ok_or_else(|| ShadowError::Corrupt { what: format!("stream {}", self.0.name), detail: format!("chunk {} is not in the journal", id.short()) })?
             .read(&self.0.id_key)
     }
+    fn id_key(&self) -> Option<[u8; 32]> {
+        Some(self.0.id_key)
+    }
 }
 
 impl Stream {
@@ -455,6 +458,7 @@ impl Stream {
             return Ok(expected - 1);
         }
         all_chunks_held(&meta, |id| inner.journal.has_chunk(id))?;
+        crate::sqlite_stream::check_records(&inner.head, &meta.records).map_err(AppendError::Malformed)?;
         inner.journal.append(body, &meta, data_off)?;
         for r in &meta.records {
             inner.head.apply(&r.op);
@@ -688,7 +692,8 @@ impl Stream {
         let applied = self.applied.load(Ordering::SeqCst);
         let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
         let tree = self.lock_inner().journal.manifest_skipping(applied, &skip);
-        let mine = crate::verify::hash_tree(&self.mirror, self.id_key, self.chunker_seed, &tree)?;
+        let mut mine = crate::verify::hash_tree(&self.mirror, self.id_key, self.chunker_seed, &tree)?;
+        crate::sqlite_stream::hash_mirror_dbs(&mut mine, &tree, &self.mirror, &self.id_key, &JournalChunks(self));
         let drift = mine.differences(&tree);
         let mut v = crate::verify::Verified::new(mine.len().max(tree.len()), &drift, applied);
         if !drift.is_empty() {
@@ -928,7 +933,7 @@ impl Stream {
                     let start = e.partition_point(|e| e.seq < first.0);
                     let ops = &e[start..];
                     let mut m = tree.subset(ops.iter().flat_map(|e| match &e.op {
-                        Op::Put { path, .. } | Op::Delete { path } => [Some(path.as_slice()), None],
+                        Op::Put { path, .. } | Op::Delete { path } | Op::Pages { path, .. } => [Some(path.as_slice()), None],
                         Op::Rename { from, to } => [Some(from.as_slice()), Some(to.as_slice())],
                     }).flatten());
                     let before = m.totals();
@@ -1063,6 +1068,8 @@ fn destroys(tree: &Manifest, op: &Op) -> (u64, u64) {
         },
         Op::Rename { from, to } if from != to && !crate::path::within(to, from) && tree.get(from).is_some() => tree.totals_at(to),
         Op::Rename { .. } => (0, 0),
+        // A database's commits are its application's to make (a DELETE is not a deletion).
+        Op::Pages { .. } => (0, 0),
     }
 }
 
@@ -1170,11 +1177,7 @@ fn all_chunks_held(meta: &BatchMeta, held: impl Fn(&Id) -> bool) -> Result<(), A
     let mut missing: Vec<Id> = meta
         .records
         .iter()
-        .filter_map(|r| match &r.op {
-            Op::Put { node, .. } if node.kind == NodeKind::File => Some(node.content.iter()),
-            _ => None,
-        })
-        .flatten()
+        .flat_map(|r| r.op.chunk_ids())
         .filter(|id| !in_batch.contains(id) && !held(id))
         .copied()
         .collect();

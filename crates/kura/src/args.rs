@@ -216,8 +216,12 @@ pub enum ShadowCommand {
         #[arg(long)]
         config: Option<PathBuf>,
         /// The directory to shadow.
-        #[arg(long, required_unless_present = "config")]
+        #[arg(long, required_unless_present_any = ["config", "sqlite"], conflicts_with = "sqlite")]
         source: Option<PathBuf>,
+        /// Or a live SQLite database in WAL mode, written by any program: every commit is sent
+        /// as it happens, and the standby keeps a copy readers can open at any moment.
+        #[arg(long)]
+        sqlite: Option<PathBuf>,
         /// The standby's stream: kura://HOST:PORT/STREAM (a `shadow` token of it).
         #[arg(long, required_unless_present = "config")]
         to: Option<String>,
@@ -344,10 +348,17 @@ pub enum ShadowCommand {
         /// Restore a branch instead: a fenced primary's tree kept when it rejoined.
         #[arg(long)]
         branch: Option<String>,
-        /// Only this path (relative to the shadowed directory) and what is below it.
+        /// Only this path (relative to the shadowed directory) and what is below it; with
+        /// --sqlite, which database.
         #[arg(long)]
         path: Option<String>,
-        /// Where to write it (empty or absent).
+        /// Restore a shadowed SQLite database into the new file --target, checked by SQLite.
+        #[arg(long, conflicts_with = "branch")]
+        sqlite: bool,
+        /// With --sqlite: as of transaction (record) N instead of a moment.
+        #[arg(long, requires = "sqlite", conflicts_with = "at")]
+        txid: Option<u64>,
+        /// Where to write it (a directory: empty or absent; with --sqlite, a new file).
         #[arg(long)]
         target: PathBuf,
     },

@@ -50,13 +50,35 @@ fn describe(op: &Op) -> String {
         Op::Put { path: p, node } => format!("{:<8} {}", format!("{:?}", node.kind).to_lowercase(), path::show(p)),
         Op::Delete { path: p } => format!("{:<8} {}", "delete", path::show(p)),
         Op::Rename { from, to } => format!("{:<8} {} -> {}", "rename", path::show(from), path::show(to)),
+        Op::Pages { path: p, db_pages, pages, change, .. } => format!("{:<8} {} ({} pages written, {db_pages} pages, commit {change})", "sqlite", path::show(p), pages.len()),
     }
 }
 
 /// Runs a `kura shadow` subcommand.
 pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
     match c {
-        ShadowCommand::Push { config, source, to, rescan_every, once, state_dir: sd } => {
+        ShadowCommand::Push { sqlite: Some(db), to, once, state_dir: sd, .. } => {
+            let to = to.as_deref().context("no standby (--to)")?;
+            let meta = std::fs::metadata(db).with_context(|| format!("database {}", db.display()))?;
+            anyhow::ensure!(meta.is_file(), "database {} is not a file", db.display());
+            let db = std::fs::canonicalize(db).with_context(|| format!("database {}", db.display()))?;
+            let name = db.file_name().map(|n| n.as_encoded_bytes().to_vec()).context("a database file has a name")?;
+            let (l, ..) = link(cli, to)?;
+            let sd = state_dir(sd)?;
+            let sent = if *once {
+                kura_shadow::sqlite_push::sync_once(&l, &db, &name, Some(&sd))?
+            } else {
+                kura_server::init_logging(false);
+                kura_shadow::sqlite_push::follow(&l, &db, &name, Some(&sd), &|| false)?
+            };
+            if cli.json {
+                outln!("{}", serde_json::json!({"records": sent.records, "bytes": sent.bytes, "head": sent.head}));
+            } else if !cli.quiet {
+                eprintln!("kura: standby in sync at record {} ({} records, {} bytes of new data sent)", sent.head, sent.records, sent.bytes);
+            }
+            Ok(Outcome::Ok)
+        }
+        ShadowCommand::Push { config, source, to, rescan_every, once, state_dir: sd, .. } => {
             let file: PushFile = match config {
                 Some(p) => {
                     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -307,8 +329,23 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Restore { journal, at, branch, path: only, target } => {
+        ShadowCommand::Restore { journal, at, branch, path: only, sqlite, txid, target } => {
             let only = only.as_deref().map(|p| p.trim_matches('/').as_bytes().to_vec());
+            if *sqlite {
+                let j = kura_shadow::restore::open(journal)?;
+                let when = match (txid, at) {
+                    (Some(n), _) => kura_shadow::restore::Moment::Txid(*n),
+                    (None, Some(at)) => kura_shadow::restore::Moment::At(crate::cmd::backup::parse_time(at)?.as_nanosecond() as i64),
+                    (None, None) => kura_shadow::restore::Moment::Txid(j.head()),
+                };
+                let r = kura_shadow::restore::restore_sqlite(&j, when, only.as_deref(), target)?;
+                if cli.json {
+                    outln!("{}", serde_json::to_string(&r)?);
+                } else if !cli.quiet {
+                    eprintln!("kura: restored the database as of transaction {} (received {}): {} bytes into {}, integrity_check ok", r.seq, show_time(r.time_ns), r.bytes, target.display());
+                }
+                return Ok(Outcome::Ok);
+            }
             let r = match branch {
                 Some(b) => kura_shadow::restore::restore_branch(journal, b, only.as_deref(), target)?,
                 None => {

@@ -17,5 +17,6 @@ mod roundtrip;
 mod s3;
 mod server;
 mod shadow;
+mod sqlite_shadow;
 mod topology;
 mod util;

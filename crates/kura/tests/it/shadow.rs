@@ -9,16 +9,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A server receiving stream `www` into `<dir>/mirror`, with a shadow token for it.
-struct Standby {
-    server: Server,
-    token: String,
+pub(crate) struct Standby {
+    pub(crate) server: Server,
+    pub(crate) token: String,
     mdir: tempfile::TempDir,
     /// The primary's state directory (the epoch it pushes at).
     state: tempfile::TempDir,
 }
 
 impl Standby {
-    fn start() -> Standby {
+    pub(crate) fn start() -> Standby {
         Self::start_with("")
     }
 
@@ -45,31 +45,31 @@ impl Standby {
         stream_token(&self.server, role)
     }
 
-    fn mirror(&self) -> PathBuf {
+    pub(crate) fn mirror(&self) -> PathBuf {
         self.mdir.path().join("mirror")
     }
 
-    fn journal(&self) -> PathBuf {
+    pub(crate) fn journal(&self) -> PathBuf {
         self.server.dir.path().join("state/shadow/www")
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("kura://{}/www", self.server.addr)
     }
 
-    fn kura(&self, token: &str, args: &[&str]) -> Command {
+    pub(crate) fn kura(&self, token: &str, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args).env("KURA_TOKEN", token).env("KURA_FINGERPRINT", &self.server.fingerprint).env("KURA_STATE_DIR", self.state.path()).env_remove("KURA_TOKEN_FILE");
         c
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         let o = self.kura(&self.token, args).output().unwrap();
         no_panic(&o);
         o
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
         assert!(o.status.success(), "kura {args:?} failed ({:?}): {}", o.status.code(), stderr(&o));
         String::from_utf8_lossy(&o.stdout).into_owned()
@@ -86,7 +86,7 @@ impl Standby {
             .unwrap()
     }
 
-    fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["--json", "shadow", "status", "--to", &self.url()])).unwrap()
     }
 }
@@ -115,7 +115,7 @@ fn copy_tree(from: &Path, to: &Path) {
     assert!(o.status.success());
 }
 
-fn kill9(c: &mut Child) {
+pub(crate) fn kill9(c: &mut Child) {
     c.kill().unwrap();
     c.wait().unwrap();
 }
@@ -838,14 +838,14 @@ fn the_mirror_converges_after_20_kills_at_random_points_of_a_write_storm() {
 /// A network cable between the primary and the standby (a TCP relay on loopback) that can be
 /// pulled: every connection through it is cut at once and new ones are refused until it is
 /// plugged back.
-struct Cable {
-    port: u16,
+pub(crate) struct Cable {
+    pub(crate) port: u16,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Cable {
-    fn to(addr: &str) -> Cable {
+    pub(crate) fn to(addr: &str) -> Cable {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -873,14 +873,14 @@ impl Cable {
         Cable { port, up, conns }
     }
 
-    fn pull(&self) {
+    pub(crate) fn pull(&self) {
         self.up.store(false, std::sync::atomic::Ordering::SeqCst);
         for c in self.conns.lock().unwrap().drain(..) {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
 
-    fn plug(&self) {
+    pub(crate) fn plug(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -1,0 +1,229 @@
+//! SQLite shadowing with real processes: an application (Python's sqlite3, its own process and
+//! SQLite) writes transactions while `kura shadow push --sqlite` sends them to `kura serve`;
+//! pusher and receiver are killed with SIGKILL and the network is cut under load. A reader of
+//! the standby's copy always finds a consistent database, the copy ends equal to the
+//! application's, and every transaction in the journal restores to a database that passes
+//! `integrity_check` and holds exactly the transactions up to it.
+
+use crate::shadow::{Cable, Standby, kill9};
+use crate::util::stderr;
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Transaction i inserts row n = i and moves money between two accounts whose sum stays 2000;
+/// every 300 transactions a bulk update rewrites many pages. Prints "ready", then "done".
+const APP: &str = r#"
+import sqlite3, sys, time, random
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, v TEXT)")
+db.execute("CREATE TABLE IF NOT EXISTS bank (id INTEGER PRIMARY KEY, balance INTEGER)")
+db.execute("INSERT OR IGNORE INTO bank VALUES (1, 1000), (2, 1000)")
+start = db.execute("SELECT coalesce(max(n) + 1, 0) FROM t").fetchone()[0]
+print("ready", flush=True)
+random.seed(start)
+for i in range(start, start + int(sys.argv[2])):
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO t (n, v) VALUES (?, ?)", (i, "row %d " % i * random.randrange(1, 30)))
+    a = random.randrange(1, 50)
+    db.execute("UPDATE bank SET balance = balance - ? WHERE id = 1", (a,))
+    db.execute("UPDATE bank SET balance = balance + ? WHERE id = 2", (a,))
+    if i % 300 == 299:
+        db.execute("UPDATE t SET v = v || '.' WHERE n % 5 = 0")
+    db.execute("COMMIT")
+    time.sleep(float(sys.argv[3]))
+print("done", flush=True)
+"#;
+
+/// Rows, the highest n, and the bank's total, read-only: `None` when the database cannot be
+/// read yet (not there, no tables).
+fn digest(db: &Path) -> Option<(i64, i64, i64)> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let (n, max): (i64, i64) = c.query_row("SELECT count(*), coalesce(max(n), -1) FROM t", [], |r| Ok((r.get(0)?, r.get(1)?))).ok()?;
+    let bank: i64 = c.query_row("SELECT coalesce(sum(balance), 0) FROM bank", [], |r| r.get(0)).ok()?;
+    Some((n, max, bank))
+}
+
+/// Every row with its text, for an exact comparison.
+fn rows(db: &Path) -> Vec<(i64, String)> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut st = c.prepare("SELECT n, v FROM t ORDER BY n").unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap()
+}
+
+fn integrity(db: &Path) -> String {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap()
+}
+
+struct App {
+    child: Child,
+    out: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl App {
+    fn start(db: &Path, n: u32, pause: &str) -> App {
+        let mut child = Command::new("python3").arg("-c").arg(APP).arg(db).arg(n.to_string()).arg(pause).stdout(Stdio::piped()).spawn().expect("python3");
+        let mut out = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        assert_eq!(out.next().unwrap().unwrap(), "ready");
+        App { child, out }
+    }
+
+    fn finish(mut self) {
+        assert_eq!(self.out.next().unwrap().unwrap(), "done");
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+fn pusher(sb: &Standby, db: &Path, url: &str, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    sb.kura(&sb.token, &["shadow", "push", "--sqlite", db.to_str().unwrap(), "--to", url]).env("KURA_LOG", "debug").stdout(Stdio::null()).stderr(log).spawn().unwrap()
+}
+
+/// Waits until the standby's copy holds exactly the application's rows.
+fn converge(sb: &Standby, db: &Path, copy: &Path, log: &Path) {
+    let want = rows(db);
+    let t = Instant::now();
+    loop {
+        if copy.exists() && digest(copy).is_some() && rows(copy) == want {
+            return;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "the copy never caught up: {:?} vs {:?}\nstandby: {}\npusher: {}",
+                digest(copy),
+                digest(db),
+                sb.status(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A reader of the copy, as an application on the standby would be: every look finds a
+/// database that passes `quick_check`, with contiguous rows and the bank's total intact.
+fn reader(copy: PathBuf, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u32> {
+    std::thread::spawn(move || {
+        let mut looks = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(40));
+            let Ok(c) = Connection::open_with_flags(&copy, OpenFlags::SQLITE_OPEN_READ_ONLY) else { continue };
+            let Ok(tx) = c.unchecked_transaction() else { continue };
+            let Ok(q) = tx.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) else { continue };
+            assert_eq!(q, "ok", "a reader of the copy found it damaged");
+            let Ok((n, max)) = tx.query_row("SELECT count(*), coalesce(max(n), -1) FROM t", [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))) else { continue };
+            assert_eq!(n, max + 1, "a reader saw a transaction's row without those before it");
+            let bank: i64 = tx.query_row("SELECT sum(balance) FROM bank", [], |r| r.get(0)).unwrap();
+            assert_eq!(bank, 2000, "a reader saw half a transfer");
+            looks += 1;
+        }
+        looks
+    })
+}
+
+/// Restores transaction `txid` into a new file and checks it: integrity, contiguous rows, the
+/// bank's total. Returns the rows it holds.
+fn restore_txid(sb: &Standby, work: &Path, txid: u64) -> i64 {
+    let target = work.join(format!("restored-{txid}.db"));
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--txid", &txid.to_string(), "--target", target.to_str().unwrap()]);
+    assert!(o.status.success(), "restore of transaction {txid}: {}", stderr(&o));
+    let name = format!("restored-{txid}.db");
+    let left: Vec<String> = std::fs::read_dir(work).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".kura-shadow-") || (n.starts_with(&name) && *n != name)).collect();
+    assert!(left.is_empty(), "the restore left files behind: {left:?}");
+    assert_eq!(integrity(&target), "ok", "transaction {txid}");
+    let (n, max, bank) = digest(&target).unwrap();
+    assert_eq!((n, bank), (max + 1, 2000), "transaction {txid} is not a whole prefix of the application's transactions");
+    n
+}
+
+#[test]
+fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_transaction_restores() {
+    let mut sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
+    let copy = sb.mirror().join("app.db");
+    let app = App::start(&db, 2500, "0.001");
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let look = reader(copy.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(800));
+    kill9(&mut push);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    std::thread::sleep(Duration::from_millis(600));
+    sb.server.restart();
+    std::thread::sleep(Duration::from_millis(600));
+    kill9(&mut push);
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    app.finish();
+    converge(&sb, &db, &copy, &log);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let looks = look.join().unwrap();
+    assert!(looks > 10, "the reader looked only {looks} times");
+
+    // Writes after the pusher caught up arrive too, and a restore at the head is the database.
+    let app = App::start(&db, 200, "0");
+    app.finish();
+    converge(&sb, &db, &copy, &log);
+    let st = sb.status();
+    let head = st["head"].as_u64().unwrap();
+    let target = work.path().join("head.db");
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--target", target.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows(&target), rows(&db));
+    // Every 97th transaction, and the first ones: whole prefixes, growing.
+    let mut last = -1;
+    for txid in (1..=head).filter(|t| *t <= 3 || t % 97 == 0) {
+        let n = restore_txid(&sb, work.path(), txid);
+        assert!(n >= last, "transaction {txid} holds fewer rows ({n}) than an earlier one ({last})");
+        last = n;
+    }
+    // A restore by time: the moment after the head's receipt is the head.
+    let when = "2099-01-01 00:00";
+    let at = work.path().join("at.db");
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--at", when, "--target", at.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows(&at), rows(&db));
+    // Bad input: an existing target, a transaction past the head; nothing is written.
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--target", at.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("exists"), "{}", stderr(&o));
+    let past = work.path().join("past.db");
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--txid", &(head + 10).to_string(), "--target", past.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("past the newest"), "{}", stderr(&o));
+    assert!(!past.exists());
+    // The standby's own check: its copy, read through SQLite, is its journal's head.
+    let o = sb.run(&["--json", "shadow", "verify", "--source", work.path().to_str().unwrap(), "--to", &sb.url()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(v["standby"]["drifted"], 0, "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    kill9(&mut push);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn the_copy_converges_after_the_network_is_cut_during_a_write_storm() {
+    let sb = Standby::start();
+    let cable = Cable::to(&sb.server.addr);
+    let work = tempfile::tempdir().unwrap();
+    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
+    let copy = sb.mirror().join("app.db");
+    let url = format!("kura://127.0.0.1:{}/www", cable.port);
+    let app = App::start(&db, 3000, "0.0005");
+    let mut push = pusher(&sb, &db, &url, &log);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        cable.pull();
+        std::thread::sleep(Duration::from_millis(1200));
+        cable.plug();
+    }
+    app.finish();
+    converge(&sb, &db, &copy, &log);
+    assert!(push.try_wait().unwrap().is_none(), "the pusher gave up on a network cut");
+    kill9(&mut push);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("attaching again"), "the cuts were never felt: {text}");
+    assert_eq!(integrity(&copy), "ok");
+}
