@@ -23,6 +23,11 @@ const POLL_BUSY: Duration = Duration::from_millis(1);
 /// ...and this often once nothing came for [`BUSY_FOR`].
 const POLL_IDLE: Duration = Duration::from_millis(10);
 const BUSY_FOR: Duration = Duration::from_millis(200);
+/// Appends are at least this far apart under load: commits read meanwhile travel together
+/// (one request and one journal write for several), which costs at most this much lag.
+/// Measured at 1,000 commits/s (bench/sqlite-shadow.sh): 1 ms gave lag p99 2.6 ms for 14% of a
+/// core on the pusher and 32% on the standby, 4 ms p99 5.4 ms for 5.5% and 9%.
+const APPEND_EVERY: Duration = Duration::from_millis(4);
 /// With nothing to send, the standby hears from the primary this often.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -156,6 +161,8 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
     }
     tracing::info!(head = total.head, "shadow push {}: the standby's copy is the database's", db.display());
     let (mut last_ckpt, mut last_contact, mut last_commit) = (Instant::now(), Instant::now(), Instant::now());
+    let every = APPEND_EVERY;
+    let mut last_append = Instant::now() - every;
     while !stop() {
         if last_contact.elapsed() >= HEARTBEAT {
             let st = link.status()?;
@@ -181,6 +188,14 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
         for c in &commits {
             copy.commit(c, c.change, &mut p);
         }
+        let wait = every.saturating_sub(last_append.elapsed());
+        if !wait.is_zero() && p.data.len() < crate::capture::FLUSH_DATA {
+            std::thread::sleep(wait);
+            for c in src.poll().map_err(source_err)? {
+                copy.commit(&c, c.change, &mut p);
+            }
+        }
+        last_append = Instant::now();
         out.flush(link, &mut p, total)?;
         last_contact = Instant::now();
     }

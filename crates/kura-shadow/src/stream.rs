@@ -9,7 +9,7 @@ use kura_repo::{Id, NodeKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why a batch was not appended.
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +229,9 @@ pub struct StreamOptions {
     /// How long records are kept (restorable); zero keeps them for ever.
     pub window: Duration,
 }
+
+/// The applier notes its progress on disk at most this often while records keep coming.
+const NOTE_APPLIED_EVERY: Duration = Duration::from_millis(100);
 
 /// Plain bytes the applier may keep of chunks just received.
 const FRESH_BYTES: usize = 64 << 20;
@@ -860,6 +863,11 @@ impl Stream {
     fn apply_loop(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         let mut window = BurstWindow::default();
+        // The newest applied record noted in `applied`, and when. Noting it renames a file,
+        // which ext4 turns into a writeback: at hundreds of small runs a second (a database's
+        // commits) that was most of a standby's CPU. A start from an older note reconciles the
+        // mirror back to it and applies again: only more work, never a different mirror.
+        let (mut noted, mut noted_at) = (self.applied.load(Ordering::SeqCst), Instant::now());
         // The mirror's tree (the journal's, without discarded deletions).
         let mut tree = {
             let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
@@ -905,6 +913,11 @@ impl Stream {
                 (out, due)
             };
             if batch.is_empty() {
+                if noted < applied && noted_at.elapsed() >= NOTE_APPLIED_EVERY {
+                    // Not saved (full disk): the next start reconciles from an older record.
+                    let _ = self.save_applied(applied);
+                    (noted, noted_at) = (applied, Instant::now());
+                }
                 let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                 // Appends notify under `lock`: checked here under it, no wake-up is lost.
                 if !held && next_due.is_none() && self.lock_inner().journal.head() > applied {
@@ -913,7 +926,10 @@ impl Stream {
                 if held && self.held.lock().map(|h| h.is_none()).unwrap_or(false) {
                     continue;
                 }
-                let wait = next_due.map(|d| Duration::from_nanos(d.saturating_sub(now).max(0) as u64)).unwrap_or(Duration::from_secs(1));
+                let mut wait = next_due.map(|d| Duration::from_nanos(d.saturating_sub(now).max(0) as u64)).unwrap_or(Duration::from_secs(1));
+                if noted < applied {
+                    wait = wait.min(NOTE_APPLIED_EVERY);
+                }
                 let _ = self.changed.wait_timeout(g, wait.min(Duration::from_secs(1)));
                 continue;
             }
@@ -956,7 +972,9 @@ impl Stream {
             if let Err(e) = self.apply_lock.lock() {
                 tracing::warn!(stream = %self.name, "cannot lock {APPLY_LOCK}: {e}");
             }
-            for (seq, recv_ns, op) in &batch {
+            let mut i = 0;
+            while let Some((seq, recv_ns, op)) = batch.get(i) {
+                i += 1;
                 if let Some((at, reason)) = &hold_at
                     && seq == at
                 {
@@ -976,6 +994,32 @@ impl Stream {
                     done = *seq;
                     continue;
                 }
+                if let Op::Pages { path, page_size, .. } = op {
+                    // A database's consecutive commits go in as one SQLite transaction (never
+                    // destructive: nothing in the run is held or discarded).
+                    let run = batch[i - 1..].iter().take_while(|(_, _, o)| matches!(o, Op::Pages { path: p, page_size: ps, .. } if p == path && ps == page_size)).count();
+                    let commits: Vec<(u32, &[(u32, Id)])> = batch[i - 1..i - 1 + run]
+                        .iter()
+                        .filter_map(|(_, _, o)| match o {
+                            Op::Pages { db_pages, pages, .. } => Some((*db_pages, pages.as_slice())),
+                            _ => None,
+                        })
+                        .collect();
+                    match crate::sqlite_stream::apply_pages(&self.mirror, path, *page_size, &commits, &JournalChunks(&self)) {
+                        Ok(()) => {
+                            for (s, _, o) in &batch[i - 1..i - 1 + run] {
+                                tree.apply(o);
+                                done = *s;
+                            }
+                            i += run - 1;
+                            continue;
+                        }
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
                 match apply::apply(&self.mirror, op, &JournalChunks(&self)) {
                     Ok(()) => {
                         window.truncated(*recv_ns, truncates(&tree, op));
@@ -989,8 +1033,11 @@ impl Stream {
                 }
             }
             if done > applied {
-                // Not saved (full disk): the next start reconciles from an older record.
-                let _ = self.save_applied(done);
+                self.applied.store(done, Ordering::SeqCst);
+                if noted_at.elapsed() >= NOTE_APPLIED_EVERY {
+                    let _ = self.save_applied(done);
+                    (noted, noted_at) = (done, Instant::now());
+                }
             }
             if let Some((_, recv_ns, _)) = batch.iter().find(|(seq, ..)| *seq == done) {
                 window.sample(&self.breaker, *recv_ns, tree.totals());
