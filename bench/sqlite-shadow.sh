@@ -8,7 +8,8 @@
 # server as % of one core (from /proc, over the load), bytes the pusher sent (the standby's
 # journal growth), and the time of `kura shadow restore --sqlite` of the head, ROUNDS times.
 # The same machine runs all of it on 2 shared cores: the figures include that contention.
-# Litestream in the same run: bench/sqlite-source.sh (LITESTREAM=1). Not part of CI.
+# Then Litestream 0.5.17 on the same load through ../shared/bench/shadow-peers.sh (its default,
+# 100 ms and 1 ms intervals; LITESTREAM=0 skips it). Not part of CI.
 #   ROUNDS=3 RATE=1000 SECONDS_LOAD=60 bench/sqlite-shadow.sh
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -101,3 +102,12 @@ print("%s | %s | cpu_pct pusher %.2f server %.2f | journal +%.1f MB (%.0f B/comm
     (j1 - j0) / 1e6, (j1 - j0) / max(1, int(sys.argv[15].split()[1])), sys.argv[12], re - rs, sys.argv[13]))
 PY
 done
+
+if [ "${LITESTREAM:-1}" = 1 ]; then
+  WORK="$W/litestream" RUN=litestream DURATION="$LOAD" LS_RATE="$RATE" \
+    LS_CASES="default:-:-:$LOAD 100ms:100ms:100ms:$LOAD 1ms:1ms:1ms:$LOAD" OUT="$W/litestream/out" \
+    bash "$SHARED/shadow-peers.sh" >"$W/litestream.log" 2>&1
+  echo; echo "kura (pusher -> kura serve over TLS on loopback -> mirror):"; cat "$W/results.txt"
+  echo "Litestream 0.5 (file replica), same load (tool_cpu_s over ${LOAD} s):"
+  cut -f1,5-10 "$W/litestream/out/summary.tsv" | column -t
+fi

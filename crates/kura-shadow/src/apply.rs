@@ -278,6 +278,8 @@ pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local:
     }
     set_dir_times(root, dirs.into_iter().rev());
     let _ = File::open(root).and_then(|d| d.sync_all());
+    // This thread's mirror connections are not kept (it is not the applier).
+    crate::sqlite_stream::forget_mirrors();
     Ok(done)
 }
 

@@ -70,6 +70,9 @@ pub struct Capture {
     /// The standby's tree once everything pending is applied.
     state: Manifest,
     buf: Vec<u8>,
+    /// Paths never opened here (a SQLite mirror and its side files: in a process that holds
+    /// SQLite connections to it, closing any descriptor of the file drops their locks).
+    skip: HashSet<Vec<u8>>,
 }
 
 /// Whether two nodes describe the same entry (content aside).
@@ -81,7 +84,12 @@ impl Capture {
     /// Starts from the standby's tree `state`.
     pub fn new(root: &Path, state: Manifest, id_key: [u8; 32], chunker_seed: u64) -> Capture {
         let known = state.chunk_ids().copied().collect();
-        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new() }
+        Capture { root: root.to_path_buf(), chunker: Chunker::new(kura_repo::config::ChunkerParams::default(), chunker_seed), id_key, known, state, buf: Vec::new(), skip: HashSet::new() }
+    }
+
+    /// Leaves these paths out of every comparison: never opened, never recorded.
+    pub fn skip(&mut self, paths: impl Iterator<Item = Vec<u8>>) {
+        self.skip.extend(paths);
     }
 
     /// The tree the standby will have.
@@ -150,6 +158,9 @@ impl Capture {
     }
 
     fn scan_path_into(&mut self, rel: &[u8], deep: bool, out: &mut Pending, sink: &mut Sink<'_>) -> Result<(), ShadowError> {
+        if self.skip.contains(rel) {
+            return Ok(());
+        }
         let p = path::join(&self.root, rel);
         let m = match fs::symlink_metadata(&p) {
             Ok(m) => m,

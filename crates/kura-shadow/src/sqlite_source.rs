@@ -413,6 +413,17 @@ impl Source {
     }
 }
 
+/// The wal-index change counter of the database at `path` now: that of its last commit. Reads
+/// the `-shm` header only (this process must hold no SQLite connection to the database: closing
+/// the descriptor would drop its locks).
+pub fn committed_change(path: &Path) -> Result<u32, SourceError> {
+    let p = side(path, "-shm");
+    let f = File::open(&p).map_err(|source| SourceError::Io { path: p.clone(), source })?;
+    let mut b = vec![0u8; SHM_HEADER_LEN];
+    let n = read_full_at(&f, &mut b, 0).map_err(|source| SourceError::Io { path: p.clone(), source })?;
+    sqlite_wal::parse_shm(&b[..n]).map(|h| h.change).ok_or_else(|| SourceError::Unsupported { path: p, problem: "no valid wal-index header (is the database open in WAL mode?)".into() })
+}
+
 /// Reads as much of `buf` as the file holds from `at`; returns how much.
 fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
     let mut n = 0;

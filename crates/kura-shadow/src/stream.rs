@@ -116,6 +116,10 @@ pub struct StreamStatus {
     /// Chunker seed.
     #[serde(default)]
     pub chunker_seed: u64,
+    /// For a SQLite stream: the primary's wal-index change counter after the newest commit
+    /// that is durable and applied (`kura shadow wait --sqlite` compares it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlite_change: Option<u32>,
 }
 
 struct Inner {
@@ -216,7 +220,8 @@ pub struct Stream {
     fresh: Mutex<Fresh>,
 }
 
-/// The lock file a backup of the mirror holds shared (`kura backup --shadow-stream`).
+/// The lock file a backup of the mirror holds shared (`kura backup --shadow-stream`); it holds
+/// the newest applied record (20 digits and a newline) once the applier has applied one.
 pub const APPLY_LOCK: &str = "apply.lock";
 
 /// How a stream is received.
@@ -765,6 +770,14 @@ impl Stream {
             discarded: self.discarded.lock().map(|d| d.len() as u64).unwrap_or(0),
             id_key: if secrets { hex::encode(self.id_key) } else { String::new() },
             chunker_seed: if secrets { self.chunker_seed } else { 0 },
+            sqlite_change: {
+                let upto = applied.min(self.durable.load(Ordering::SeqCst));
+                // The newest database commit at or before it (a look back of bounded length).
+                e[..e.partition_point(|e| e.seq <= upto)].iter().rev().take(4096).find_map(|e| match e.op {
+                    Op::Pages { change, .. } => Some(change),
+                    _ => None,
+                })
+            },
         }
     }
 
@@ -1034,6 +1047,9 @@ impl Stream {
             }
             if done > applied {
                 self.applied.store(done, Ordering::SeqCst);
+                // The exact record, for a backup of the mirror that takes the lock next: a
+                // write in place, no rename (`applied` itself is noted less often).
+                let _ = std::os::unix::fs::FileExt::write_at(&self.apply_lock, format!("{done:020}\n").as_bytes(), 0);
                 if noted_at.elapsed() >= NOTE_APPLIED_EVERY {
                     let _ = self.save_applied(done);
                     (noted, noted_at) = (done, Instant::now());

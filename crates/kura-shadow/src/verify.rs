@@ -34,6 +34,8 @@ impl Verified {
 pub(crate) fn hash_tree(root: &Path, id_key: [u8; 32], seed: u64, known: &Manifest) -> Result<Manifest, ShadowError> {
     let mut h = Capture::new(root, Manifest::default(), id_key, seed);
     h.know(known.chunk_ids());
+    // Databases are hashed through SQLite (`sqlite_stream::hash_mirror_dbs`), never opened as files.
+    h.skip(known.iter().filter(|(_, n)| crate::sqlite_stream::page_size_of(n).is_some()).flat_map(|(k, _)| std::iter::once(k.clone()).chain(crate::sqlite_stream::side_names(k))));
     let mut scratch = Pending::default();
     h.full_scan(&mut scratch)?;
     Ok(h.state().clone())

@@ -300,10 +300,15 @@ pub enum ShadowCommand {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Return once record SEQ is applied on the standby (an acknowledged write).
+    /// Return once record SEQ is applied on the standby (an acknowledged write); with --sqlite,
+    /// once every transaction the database has committed so far is.
     Wait {
         /// Sequence number.
-        seq: u64,
+        #[arg(required_unless_present = "sqlite", conflicts_with = "sqlite")]
+        seq: Option<u64>,
+        /// The shadowed SQLite database (on the primary).
+        #[arg(long)]
+        sqlite: Option<PathBuf>,
         /// The standby's stream: kura://HOST:PORT/STREAM.
         #[arg(long)]
         to: String,

@@ -48,7 +48,10 @@ pub fn run(cli: &Cli, a: &BackupArgs, interrupt: &AtomicBool) -> Result<Outcome>
             let mirror = f.mirror.clone().with_context(|| format!("shadow stream {} has no mirror yet", dir.display()))?;
             let lock = std::fs::File::open(dir.join(kura_shadow::stream::APPLY_LOCK)).with_context(|| format!("shadow stream {}: is its standby running?", dir.display()))?;
             lock.lock_shared().with_context(|| format!("locking {}", dir.join(kura_shadow::stream::APPLY_LOCK).display()))?;
-            let applied = std::fs::read_to_string(dir.join("applied")).unwrap_or_default().trim().parse::<u64>().unwrap_or(0);
+            // Under the lock the applier wrote its newest record into the lock file (`applied`
+            // is noted less often); an applier that never ran leaves only `applied`.
+            let number = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+            let applied = number(dir.join(kura_shadow::stream::APPLY_LOCK)).or_else(|| number(dir.join("applied"))).unwrap_or(0);
             if paths.is_empty() {
                 paths.push(mirror);
             }

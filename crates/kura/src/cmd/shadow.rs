@@ -218,9 +218,23 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Wait { seq, to, timeout } => {
+        ShadowCommand::Wait { sqlite: Some(db), to, timeout, .. } => {
             let (l, ..) = link(cli, to)?;
-            if l.wait(*seq, duration("--timeout", timeout)?)? {
+            let want = kura_shadow::sqlite_source::committed_change(db)?;
+            let deadline = std::time::Instant::now() + duration("--timeout", timeout)?;
+            loop {
+                // Wrapping order: the counter is a u32 that only moves forward.
+                if l.status()?.sqlite_change.is_some_and(|c| c.wrapping_sub(want) as i32 >= 0) {
+                    return Ok(Outcome::Ok);
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "commit {want} of {} was not applied on the standby within {timeout}", db.display());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        ShadowCommand::Wait { seq, to, timeout, .. } => {
+            let (l, ..) = link(cli, to)?;
+            let seq = seq.context("give SEQ or --sqlite")?;
+            if l.wait(seq, duration("--timeout", timeout)?)? {
                 Ok(Outcome::Ok)
             } else {
                 anyhow::bail!("record {seq} was not applied on the standby within {timeout}")

@@ -28,7 +28,7 @@ impl Standby {
     }
 
     /// The same, the server with `env` and under `wrapper` (see `Server::start_wrapped`).
-    fn start_custom(extra: &str, env: Vec<(String, String)>, wrapper: Vec<String>) -> Standby {
+    pub(crate) fn start_custom(extra: &str, env: Vec<(String, String)>, wrapper: Vec<String>) -> Standby {
         Self::start_at("127.0.0.1:0", extra, env, wrapper)
     }
 

@@ -84,23 +84,28 @@ fn pusher(sb: &Standby, db: &Path, url: &str, log: &Path) -> Child {
 
 /// Waits until the standby's copy holds exactly the application's rows.
 fn converge(sb: &Standby, db: &Path, copy: &Path, log: &Path) {
-    let want = rows(db);
+    converge_by(sb, db, copy, log, try_rows);
+}
+
+/// Waits until `f` reads the same from the standby's copy as from the application's database.
+fn converge_by<T: PartialEq>(sb: &Standby, db: &Path, copy: &Path, log: &Path, f: impl Fn(&Path) -> Option<T>) {
+    let want = f(db).expect("the application's database reads");
     let t = Instant::now();
     loop {
-        if copy.exists() && digest(copy).is_some() && rows(copy) == want {
+        if copy.exists() && f(copy).is_some_and(|got| got == want) {
             return;
         }
-        if t.elapsed() > Duration::from_secs(60) {
-            panic!(
-                "the copy never caught up: {:?} vs {:?}\nstandby: {}\npusher: {}",
-                digest(copy),
-                digest(db),
-                sb.status(),
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+        if t.elapsed() > Duration::from_secs(90) {
+            panic!("the copy never caught up\nstandby: {}\npusher: {}", sb.status(), std::fs::read_to_string(log).unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn try_rows(db: &Path) -> Option<Vec<(i64, String)>> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let mut st = c.prepare("SELECT n, v FROM t ORDER BY n").ok()?;
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).ok()?.collect::<Result<_, _>>().ok()
 }
 
 /// A reader of the copy, as an application on the standby would be: every look finds a
@@ -167,6 +172,10 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     // Writes after the pusher caught up arrive too, and a restore at the head is the database.
     let app = App::start(&db, 200, "0");
     app.finish();
+    // `wait --sqlite` returns only once the copy holds every committed transaction.
+    let o = sb.run(&["shadow", "wait", "--sqlite", db.to_str().unwrap(), "--to", &sb.url(), "--timeout", "60s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows(&copy), rows(&db), "wait returned before the last commit was applied");
     converge(&sb, &db, &copy, &log);
     let st = sb.status();
     let head = st["head"].as_u64().unwrap();
@@ -198,6 +207,17 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     let o = sb.run(&["--json", "shadow", "verify", "--source", work.path().to_str().unwrap(), "--to", &sb.url()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     assert_eq!(v["standby"]["drifted"], 0, "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // A generation of the copy (on the standby, between two applied commits): a snapshot
+    // tagged with its record that restores to the database.
+    let e = crate::util::Env::new();
+    e.ok(&["backup", "--shadow-stream", sb.journal().to_str().unwrap()]);
+    let snap = &e.json(&["snapshots"])[0];
+    assert_eq!(snap["tags"][0], format!("shadow-record={head}"), "{snap}");
+    let back = e.path("back");
+    e.ok(&["restore", "latest", "--target", back.to_str().unwrap()]);
+    let gen_db = crate::util::restored(&back, &sb.mirror()).join("app.db");
+    assert_eq!(integrity(&gen_db), "ok");
+    assert_eq!(rows(&gen_db), rows(&db));
     kill9(&mut push);
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(!log.contains("panicked"), "{log}");
@@ -226,4 +246,71 @@ fn the_copy_converges_after_the_network_is_cut_during_a_write_storm() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("attaching again"), "the cuts were never felt: {text}");
     assert_eq!(integrity(&copy), "ok");
+}
+
+/// Like APP, with a 16 KiB incompressible blob per transaction: a few MiB fill a small disk.
+const BLOBS: &str = r#"
+import sqlite3, sys, time, os
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, v BLOB)")
+print("ready", flush=True)
+for i in range(int(sys.argv[2])):
+    db.execute("INSERT INTO t (n, v) VALUES (?, ?)", (i, os.urandom(16384)))
+    time.sleep(0.002)
+print("done", flush=True)
+"#;
+
+#[test]
+fn a_full_disk_on_the_standby_holds_the_stream_and_it_catches_up_once_space_is_freed() {
+    // The standby's journal on a real 8 MiB tmpfs in a private mount namespace (as the
+    // directory test does); ~24 MiB of commits do not fit until the tmpfs grows.
+    let work = tempfile::tempdir().unwrap();
+    let jdir = work.path().join("journal");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let grow = work.path().join("grow");
+    let script = format!(
+        "mount -t tmpfs -o size=8m tmpfs '{j}' || exit 99; \
+         (while [ ! -e '{g}' ] && kill -0 $$ 2>/dev/null; do sleep 0.1; done; mount -o remount,size=400m tmpfs '{j}') & \
+         exec \"$@\"",
+        j = jdir.display(),
+        g = grow.display()
+    );
+    let sb = Standby::start_custom(&format!("journal = \"{}\"\n", jdir.display()), Vec::new(), vec!["unshare".into(), "-rm".into(), "bash".into(), "-c".into(), script, "bash".into()]);
+    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
+    let copy = sb.mirror().join("app.db");
+    let mut app = Command::new("python3").arg("-c").arg(BLOBS).arg(&db).arg("1500").stdout(Stdio::piped()).spawn().expect("python3");
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(app.stdout.take().unwrap()));
+    assert_eq!(out.next().unwrap().unwrap(), "ready");
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    // Full: the standby refuses appends (507) and says so; the pusher keeps trying.
+    let t = Instant::now();
+    while !sb.server.log().contains("No space left on device") {
+        assert!(t.elapsed() < Duration::from_secs(60), "the disk never filled: {}", sb.server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(push.try_wait().unwrap().is_none(), "the pusher gave up on a full standby");
+    assert_eq!(integrity(&copy), "ok", "the copy was damaged by the full disk");
+    // Space freed: everything arrives.
+    std::fs::write(&grow, b"").unwrap();
+    assert_eq!(out.next().unwrap().unwrap(), "done");
+    assert!(app.wait().unwrap().success());
+    converge_by(&sb, &db, &copy, &log, rows_blob);
+    assert_eq!(integrity(&copy), "ok");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("507"), "the pusher never met the full disk: {text}");
+    // The journal sits in the server's own mount namespace: the standby checks its copy
+    // against it page by page.
+    let o = sb.run(&["--json", "shadow", "verify", "--source", work.path().to_str().unwrap(), "--to", &sb.url()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(v["standby"]["drifted"], 0, "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    kill9(&mut push);
+}
+
+/// Every row's number and a hash of its blob.
+fn rows_blob(db: &Path) -> Option<Vec<(i64, [u8; 32])>> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let mut st = c.prepare("SELECT n, v FROM t ORDER BY n").ok()?;
+    st.query_map([], |r| Ok((r.get(0)?, *blake3::hash(&r.get::<_, Vec<u8>>(1)?).as_bytes()))).ok()?.collect::<Result<_, _>>().ok()
 }
