@@ -314,3 +314,82 @@ fn rows_blob(db: &Path) -> Option<Vec<(i64, [u8; 32])>> {
     let mut st = c.prepare("SELECT n, v FROM t ORDER BY n").ok()?;
     st.query_map([], |r| Ok((r.get(0)?, *blake3::hash(&r.get::<_, Vec<u8>>(1)?).as_bytes()))).ok()?.collect::<Result<_, _>>().ok()
 }
+
+/// An application's transaction that spills pages into the log, then waits to be killed.
+const SPILL: &str = r#"
+import sqlite3, sys, time, os
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("PRAGMA cache_size=20")
+db.execute("BEGIN IMMEDIATE")
+for i in range(400):
+    db.execute("INSERT INTO t (n, v) VALUES (?, ?)", (10_000_000 + i, "spilled " * 400))
+print("spilled", flush=True)
+time.sleep(600)
+"#;
+
+/// An application forcing its own blocking checkpoints between commits.
+const CHECKPOINTS: &str = r#"
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+start = db.execute("SELECT coalesce(max(n) + 1, 0) FROM t").fetchone()[0]
+busy = 0
+for i in range(start, start + 300):
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO t (n, v) VALUES (?, ?)", (i, "after checkpoints %d" % i))
+    db.execute("UPDATE bank SET balance = balance - 1 WHERE id = 1")
+    db.execute("UPDATE bank SET balance = balance + 1 WHERE id = 2")
+    db.execute("COMMIT")
+    if i % 50 == 0:
+        busy += db.execute("PRAGMA wal_checkpoint(%s)" % ("TRUNCATE" if i % 100 == 0 else "RESTART")).fetchone()[0]
+print("busy", busy, flush=True)
+"#;
+
+#[test]
+fn killed_transactions_forced_checkpoints_and_a_replaced_database_all_reach_the_copy_correctly() {
+    let sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
+    let copy = sb.mirror().join("app.db");
+    App::start(&db, 300, "0.001").finish();
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    converge(&sb, &db, &copy, &log);
+
+    // kill -9 of the application in the middle of a transaction that spilled into the log.
+    let mut spill = Command::new("python3").arg("-c").arg(SPILL).arg(&db).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(spill.stdout.take().unwrap()));
+    assert_eq!(out.next().unwrap().unwrap(), "spilled");
+    let wal = std::fs::metadata(format!("{}-wal", db.display())).unwrap().len();
+    assert!(wal > 1 << 20, "the transaction did not spill into the log ({wal} bytes)");
+    kill9(&mut spill);
+    App::start(&db, 100, "0.001").finish();
+    converge(&sb, &db, &copy, &log);
+    assert!(try_rows(&copy).unwrap().iter().all(|(n, _)| *n < 10_000_000), "a killed transaction reached the copy");
+
+    // The application's own RESTART and TRUNCATE checkpoints: the pusher steps aside, the log
+    // starts over under it, nothing is lost.
+    let o = Command::new("python3").arg("-c").arg(CHECKPOINTS).arg(&db).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "busy 0", "the application's checkpoints were blocked");
+    converge(&sb, &db, &copy, &log);
+    let before_replace = sb.status()["head"].as_u64().unwrap();
+
+    // Another database moved over the file (the application stopped, as it must be): the
+    // pusher notices, compares and sends only what differs; history stays one line.
+    let other = work.path().join("other.db");
+    App::start(&other, 50, "0").finish();
+    let o = Command::new("python3").arg("-c").arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()").arg(&other).output().unwrap();
+    assert!(o.status.success());
+    for side in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{side}", db.display()));
+    }
+    std::fs::rename(&other, &db).unwrap();
+    App::start(&db, 100, "0.001").finish();
+    converge(&sb, &db, &copy, &log);
+    assert_eq!(integrity(&copy), "ok");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("attaching again"), "the replaced database was never noticed: {text}");
+    // Before the replacement, the old database: rows 0.. contiguous through the checkpoints.
+    let n = restore_txid(&sb, work.path(), before_replace);
+    assert!(n >= 700, "transaction {before_replace} holds {n} rows");
+    kill9(&mut push);
+}
