@@ -68,6 +68,7 @@ PY
   sleep 1
   J0=$(du -sb "$R/state/shadow/db/journal" | cut -f1)
   P0=$(ticks $PUSH); S0=$(ticks $SERVE); T0=$(date +%s.%N)
+  M0=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
   python3 - "$R/app.db" "$RATE" "$LOAD" >"$R/writer.log" <<'PY'
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
@@ -84,6 +85,7 @@ while time.time() - t0 < secs:
 print("commits %d worst_commit_ms %.2f" % (n, worst / 1e6))
 PY
   P1=$(ticks $PUSH); S1=$(ticks $SERVE); T1=$(date +%s.%N)
+  M1=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
   wait $OBS
   J1=$(du -sb "$R/state/shadow/db/journal" | cut -f1)
   HEAD=$("$KURA" --json shadow status --to "kura://$ADDR/db" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')
@@ -92,14 +94,15 @@ PY
   "$KURA" shadow restore --journal "$R/state/shadow/db" --sqlite --target "$R/restored.db" 2>/dev/null
   RE=$(date +%s.%N)
   ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from t').fetchone()[0])" "$R/restored.db")
-  python3 - "$P0" "$P1" "$S0" "$S1" "$T0" "$T1" "$HZ" "$J0" "$J1" "$RS" "$RE" "$HEAD" "$ROWS" "$(cat "$R/observer.txt")" "$(cat "$R/writer.log")" <<'PY' | tee -a "$W/results.txt"
+  python3 - "$P0" "$P1" "$S0" "$S1" "$T0" "$T1" "$HZ" "$J0" "$J1" "$RS" "$RE" "$HEAD" "$ROWS" "$(cat "$R/observer.txt")" "$(cat "$R/writer.log")" "$M0" "$M1" <<'PY' | tee -a "$W/results.txt"
 import sys
 p0, p1, s0, s1 = map(int, sys.argv[1:5]); t0, t1 = float(sys.argv[5]), float(sys.argv[6]); hz = int(sys.argv[7])
 j0, j1 = int(sys.argv[8]), int(sys.argv[9]); rs, re = float(sys.argv[10]), float(sys.argv[11])
 wall = t1 - t0
-print("%s | %s | cpu_pct pusher %.2f server %.2f | journal +%.1f MB (%.0f B/commit) | records %s | restore head %.2f s, %s rows" % (
+commits = max(1, int(sys.argv[15].split()[1])); m0, m1 = int(sys.argv[16]), int(sys.argv[17])
+print("%s | %s | cpu_pct pusher %.2f server %.2f | journal +%.1f MB (%.0f B/commit) | server RSS +%.1f MB (%.0f B/commit) | records %s | restore head %.2f s, %s rows" % (
     sys.argv[14], sys.argv[15], 100 * (p1 - p0) / hz / wall, 100 * (s1 - s0) / hz / wall,
-    (j1 - j0) / 1e6, (j1 - j0) / max(1, int(sys.argv[15].split()[1])), sys.argv[12], re - rs, sys.argv[13]))
+    (j1 - j0) / 1e6, (j1 - j0) / commits, (m1 - m0) / 1e3, (m1 - m0) * 1024 / commits, sys.argv[12], re - rs, sys.argv[13]))
 PY
 done
 

@@ -113,9 +113,7 @@ pub fn follow(target: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Pa
     let mut backoff = Duration::from_millis(200);
     let mut total = Sent::default();
     while !stop() {
-        if !db.exists() {
-            return Err(ShadowError::Usage(format!("{}: no such database", db.display())));
-        }
+        // A database missing for a moment (moved away, about to be replaced) is waited for.
         match session(target, db, name, state_dir, &mut total, stop) {
             Err(e) if fatal(&e) => return Err(e),
             Err(e) => {

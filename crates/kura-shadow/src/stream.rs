@@ -160,6 +160,9 @@ pub enum PromoteError {
     /// Only a promoted stream is handed back.
     #[error("stream {0} is a standby (epoch {1}): only a promoted stream is handed back")]
     NotPrimary(String, u64),
+    /// The stream shadows a SQLite database: its copy is not promoted into a recorded tree.
+    #[error("stream {0} shadows the SQLite database {1}: promotion is not supported for it; its copy {2} is a consistent database at every moment (stop the old primary's pusher, then copy it with sqlite3 .backup), or `kura shadow restore --sqlite` brings back any transaction")]
+    Sqlite(String, String, String),
     /// A promotion is still applying what was received before it.
     #[error("stream {0} is still applying the records received before its promotion: try again once `kura shadow status` shows it caught up")]
     Busy(String),
@@ -498,6 +501,11 @@ impl Stream {
         }
         let (epoch, seq) = {
             let inner = self.lock_inner();
+            // A promoted mirror is recorded as files: a database and its log would go in as
+            // whatever bytes they hold at each scan.
+            if let Some((db, _)) = inner.head.iter().find(|(_, n)| crate::sqlite_stream::page_size_of(n).is_some()) {
+                return Err(PromoteError::Sqlite(self.name.clone(), crate::path::show(db), crate::path::join(&self.mirror, db).display().to_string()));
+            }
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             if f.primary {
                 return Err(PromoteError::AlreadyPrimary(self.name.clone(), f.epoch));

@@ -41,7 +41,7 @@ impl Standby {
     }
 
     /// A new token of `role` for the stream, once the running server accepts it.
-    fn token(&self, role: &str) -> String {
+    pub(crate) fn token(&self, role: &str) -> String {
         stream_token(&self.server, role)
     }
 

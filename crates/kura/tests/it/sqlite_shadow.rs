@@ -207,6 +207,10 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     let o = sb.run(&["--json", "shadow", "verify", "--source", work.path().to_str().unwrap(), "--to", &sb.url()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     assert_eq!(v["standby"]["drifted"], 0, "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // Failover of a database stream is refused, with what to do instead.
+    let o = sb.kura(&sb.token("admin"), &["shadow", "promote", "--to", &sb.url()]).output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("SQLite database app.db"), "{}", stderr(&o));
+    assert_eq!(sb.status()["role"], "standby");
     // A generation of the copy (on the standby, between two applied commits): a snapshot
     // tagged with its record that restores to the database.
     let e = crate::util::Env::new();
