@@ -23,12 +23,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 for r in $(seq 1 "$ROUNDS"); do
   R="$W/round$r"; mkdir -p "$R"
-  python3 - "$R/app.db" <<'PY'
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("PRAGMA journal_mode=WAL")
-db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, ns INTEGER, pad TEXT)")
-PY
+  python3 "$HERE/sqlite_writer.py" create "$R/app.db"
   cat >"$R/server.toml" <<TOML
 listen = "127.0.0.1:0"
 state_dir = "$R/state"
@@ -69,21 +64,7 @@ PY
   J0=$(du -sb "$R/state/shadow/db/journal" | cut -f1)
   P0=$(ticks $PUSH); S0=$(ticks $SERVE); T0=$(date +%s.%N)
   M0=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
-  python3 - "$R/app.db" "$RATE" "$LOAD" >"$R/writer.log" <<'PY'
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
-db.execute("PRAGMA synchronous=NORMAL")
-rate, secs = int(sys.argv[2]), float(sys.argv[3])
-t0 = time.time(); n = 0; worst = 0
-while time.time() - t0 < secs:
-    n += 1
-    a = time.time_ns()
-    db.execute("INSERT INTO t VALUES (?, ?, 'x')", (n, time.time_ns()))
-    worst = max(worst, time.time_ns() - a)
-    delay = t0 + n / rate - time.time()
-    if delay > 0: time.sleep(delay)
-print("commits %d worst_commit_ms %.2f" % (n, worst / 1e6))
-PY
+  python3 "$HERE/sqlite_writer.py" write "$R/app.db" "$RATE" "$LOAD" >"$R/writer.log"
   P1=$(ticks $PUSH); S1=$(ticks $SERVE); T1=$(date +%s.%N)
   M1=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
   wait $OBS

@@ -20,27 +20,8 @@ FOLLOW=$ROOT/target/release/examples/sqlite_follow
 W="$BENCH_DIR/sqlite-source"; rm -rf "$W"; mkdir -p "$W"
 for r in $(seq 1 "$ROUNDS"); do
   rm -f "$W"/app.db* "$W"/mirror.db*
-  python3 - "$W/app.db" <<'PY'
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("PRAGMA journal_mode=WAL")
-db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, ns INTEGER, pad TEXT)")
-PY
-  python3 - "$W/app.db" "$RATE" "$((LOAD + 3))" >"$W/writer.log" <<'PY' &
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
-db.execute("PRAGMA synchronous=NORMAL")
-rate, secs = int(sys.argv[2]), float(sys.argv[3])
-t0 = time.time(); n = 0; worst = 0
-while time.time() - t0 < secs:
-    n += 1
-    a = time.time_ns()
-    db.execute("INSERT INTO t VALUES (?, ?, 'x')", (n, time.time_ns()))
-    worst = max(worst, time.time_ns() - a)
-    delay = t0 + n / rate - time.time()
-    if delay > 0: time.sleep(delay)
-print("commits", n, "worst commit ms %.2f" % (worst / 1e6))
-PY
+  python3 "$HERE/sqlite_writer.py" create "$W/app.db"
+  python3 "$HERE/sqlite_writer.py" write "$W/app.db" "$RATE" "$((LOAD + 3))" >"$W/writer.log" &
   WRITER=$!
   sleep 0.5
   "$FOLLOW" "$W/app.db" "$W/mirror.db" "$LOAD" | tee -a "$W/results.txt"

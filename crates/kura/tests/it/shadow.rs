@@ -40,6 +40,24 @@ impl Standby {
         Standby { server, token, mdir, state: tempfile::tempdir().unwrap() }
     }
 
+    /// A standby whose journal is a real 8 MiB tmpfs in a private mount namespace (the server
+    /// runs inside it, so only it sees the mount; its journal is not readable from here). A
+    /// watcher there grows the tmpfs to 400 MiB once the returned path exists ("space freed").
+    pub(crate) fn on_small_disk(work: &Path) -> (Standby, PathBuf) {
+        let jdir = work.join("journal");
+        std::fs::create_dir_all(&jdir).unwrap();
+        let grow = work.join("grow");
+        let script = format!(
+            "mount -t tmpfs -o size=8m tmpfs '{j}' || exit 99; \
+             (while [ ! -e '{g}' ] && kill -0 $$ 2>/dev/null; do sleep 0.1; done; mount -o remount,size=400m tmpfs '{j}') & \
+             exec \"$@\"",
+            j = jdir.display(),
+            g = grow.display()
+        );
+        let sb = Standby::start_custom(&format!("journal = \"{}\"\n", jdir.display()), Vec::new(), vec!["unshare".into(), "-rm".into(), "bash".into(), "-c".into(), script, "bash".into()]);
+        (sb, grow)
+    }
+
     /// A new token of `role` for the stream, once the running server accepts it.
     pub(crate) fn token(&self, role: &str) -> String {
         stream_token(&self.server, role)
@@ -923,20 +941,8 @@ fn the_mirror_converges_after_the_network_is_cut_during_a_write_storm() {
 
 #[test]
 fn a_full_disk_on_the_standby_stops_the_journal_cleanly_and_it_catches_up_once_space_is_freed() {
-    // The standby's journal on a real 8 MiB tmpfs in a private mount namespace; the server runs
-    // inside it, and a watcher there grows the tmpfs when the test says so ("space freed").
     let work = tempfile::tempdir().unwrap();
-    let jdir = work.path().join("journal");
-    std::fs::create_dir_all(&jdir).unwrap();
-    let grow = work.path().join("grow");
-    let script = format!(
-        "mount -t tmpfs -o size=8m tmpfs '{j}' || exit 99; \
-         (while [ ! -e '{g}' ] && kill -0 $$ 2>/dev/null; do sleep 0.1; done; mount -o remount,size=400m tmpfs '{j}') & \
-         exec \"$@\"",
-        j = jdir.display(),
-        g = grow.display()
-    );
-    let sb = Standby::start_custom(&format!("journal = \"{}\"\n", jdir.display()), Vec::new(), vec!["unshare".into(), "-rm".into(), "bash".into(), "-c".into(), script, "bash".into()]);
+    let (sb, grow) = Standby::on_small_disk(work.path());
     let src = work.path().join("data");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("first.txt"), b"fits").unwrap();

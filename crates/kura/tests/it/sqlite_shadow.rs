@@ -267,20 +267,9 @@ print("done", flush=True)
 
 #[test]
 fn a_full_disk_on_the_standby_holds_the_stream_and_it_catches_up_once_space_is_freed() {
-    // The standby's journal on a real 8 MiB tmpfs in a private mount namespace (as the
-    // directory test does); ~24 MiB of commits do not fit until the tmpfs grows.
+    // The standby's journal on an 8 MiB tmpfs: ~24 MiB of commits do not fit until it grows.
     let work = tempfile::tempdir().unwrap();
-    let jdir = work.path().join("journal");
-    std::fs::create_dir_all(&jdir).unwrap();
-    let grow = work.path().join("grow");
-    let script = format!(
-        "mount -t tmpfs -o size=8m tmpfs '{j}' || exit 99; \
-         (while [ ! -e '{g}' ] && kill -0 $$ 2>/dev/null; do sleep 0.1; done; mount -o remount,size=400m tmpfs '{j}') & \
-         exec \"$@\"",
-        j = jdir.display(),
-        g = grow.display()
-    );
-    let sb = Standby::start_custom(&format!("journal = \"{}\"\n", jdir.display()), Vec::new(), vec!["unshare".into(), "-rm".into(), "bash".into(), "-c".into(), script, "bash".into()]);
+    let (sb, grow) = Standby::on_small_disk(work.path());
     let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
     let copy = sb.mirror().join("app.db");
     let mut app = Command::new("python3").arg("-c").arg(BLOBS).arg(&db).arg("1500").stdout(Stdio::piped()).spawn().expect("python3");
