@@ -310,10 +310,10 @@ mod tests {
         let root = d.path().join("m");
         let chunks = Map(HashMap::from([(Id([1; 32]), b"one".to_vec()), (Id([2; 32]), b"two!".to_vec())]));
         let ops = [
-            Op::Put { path: b"d/a".to_vec(), node: file(1, 3) },
-            Op::Put { path: b"d/b".to_vec(), node: file(2, 4) },
+            Op::Put { path: b"d/a".to_vec(), node: Box::new(file(1, 3)) },
+            Op::Put { path: b"d/b".to_vec(), node: Box::new(file(2, 4)) },
             Op::Rename { from: b"d".to_vec(), to: b"e".to_vec() },
-            Op::Put { path: b"e/a/x".to_vec(), node: file(2, 4) },
+            Op::Put { path: b"e/a/x".to_vec(), node: Box::new(file(2, 4)) },
             Op::Delete { path: b"e/b".to_vec() },
         ];
         let mut m = Manifest::default();
@@ -347,14 +347,14 @@ mod tests {
         let mut link = Node::new(Vec::new(), NodeKind::Symlink);
         link.target = outside.as_os_str().as_encoded_bytes().to_vec();
         let chunks = Map(HashMap::from([(Id([1; 32]), b"one".to_vec())]));
-        apply(&root, &Op::Put { path: b"l".to_vec(), node: link }, &chunks).unwrap();
+        apply(&root, &Op::Put { path: b"l".to_vec(), node: Box::new(link) }, &chunks).unwrap();
         std::fs::write(outside.join("victim"), b"keep").unwrap();
         apply(&root, &Op::Delete { path: b"l/victim".to_vec() }, &chunks).unwrap();
         apply(&root, &Op::Rename { from: b"l/victim".to_vec(), to: b"stolen".to_vec() }, &chunks).unwrap();
         assert_eq!(fs::read(outside.join("victim")).unwrap(), b"keep", "deleted or moved through the link");
         assert!(!root.join("stolen").exists());
         fs::remove_file(outside.join("victim")).unwrap();
-        apply(&root, &Op::Put { path: b"l/f".to_vec(), node: file(1, 3) }, &chunks).unwrap();
+        apply(&root, &Op::Put { path: b"l/f".to_vec(), node: Box::new(file(1, 3)) }, &chunks).unwrap();
         assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote through the link");
         assert_eq!(fs::read(root.join("l/f")).unwrap(), b"one");
     }

@@ -186,12 +186,12 @@ impl Capture {
                     if o.kind == NodeKind::File && o.size == node.size && o.mtime_ns == node.mtime_ns && o.inode == node.inode {
                         // Only the status changed (mode, owner): same content.
                         node.content = o.content.clone();
-                        self.push(Op::Put { path: rel.to_vec(), node }, out);
+                        self.push(Op::Put { path: rel.to_vec(), node: Box::new(node) }, out);
                         return Ok(());
                     }
                 }
                 match self.read_file(&p, &mut node, out) {
-                    Ok(()) => self.push(Op::Put { path: rel.to_vec(), node }, out),
+                    Ok(()) => self.push(Op::Put { path: rel.to_vec(), node: Box::new(node) }, out),
                     // Gone or replaced meanwhile: its next event or scan says what it became.
                     Err(ShadowError::Io { source, .. }) if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(40) => {}
                     // Unreadable (permissions): left out, said once per scan, the rest goes on.
@@ -201,7 +201,7 @@ impl Capture {
             NodeKind::Dir => {
                 let was_dir = old.as_ref().is_some_and(|o| o.kind == NodeKind::Dir);
                 if !old.as_ref().is_some_and(|o| same_meta(o, &node)) {
-                    self.push(Op::Put { path: rel.to_vec(), node }, out);
+                    self.push(Op::Put { path: rel.to_vec(), node: Box::new(node) }, out);
                 }
                 if deep || !was_dir {
                     self.scan_children(rel, out, sink)?;
@@ -210,12 +210,12 @@ impl Capture {
             NodeKind::Symlink => {
                 node.target = fs::read_link(&p).map(|t| t.as_os_str().as_bytes().to_vec()).unwrap_or_default();
                 if !old.as_ref().is_some_and(|o| same_meta(o, &node)) {
-                    self.push(Op::Put { path: rel.to_vec(), node }, out);
+                    self.push(Op::Put { path: rel.to_vec(), node: Box::new(node) }, out);
                 }
             }
             _ => {
                 if !old.as_ref().is_some_and(|o| same_meta(o, &node)) {
-                    self.push(Op::Put { path: rel.to_vec(), node }, out);
+                    self.push(Op::Put { path: rel.to_vec(), node: Box::new(node) }, out);
                 }
             }
         }

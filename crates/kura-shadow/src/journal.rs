@@ -867,7 +867,7 @@ mod tests {
         let meta = BatchMeta {
             version: BATCH_VERSION,
             epoch: 1,
-            records: vec![Record { seq, at_ns: 0, op: Op::Put { path: name.as_bytes().to_vec(), node } }],
+            records: vec![Record { seq, at_ns: 0, op: Op::Put { path: name.as_bytes().to_vec(), node: Box::new(node) } }],
             chunks: vec![ChunkMeta { id, raw_len: content.len() as u32, zlen: z.len() as u32 }],
         };
         let body = meta.encode(&z);

@@ -172,7 +172,7 @@ impl Manifest {
                 if node.kind != NodeKind::Dir && self.entries.get(p.as_slice()).is_some_and(|n| n.kind == NodeKind::Dir) {
                     self.remove_tree(p);
                 }
-                self.ins(p.clone(), node.clone());
+                self.ins(p.clone(), Node::clone(node));
             }
             Op::Delete { path: p } => self.remove_tree(p),
             Op::Pages { path: p, page_size, db_pages, pages, .. } => {
@@ -243,7 +243,7 @@ mod tests {
         n
     }
     fn put(p: &str, n: Node) -> Op {
-        Op::Put { path: p.as_bytes().to_vec(), node: n }
+        Op::Put { path: p.as_bytes().to_vec(), node: Box::new(n) }
     }
     fn keys(m: &Manifest) -> Vec<String> {
         m.iter().map(|(k, _)| path::show(k)).collect()

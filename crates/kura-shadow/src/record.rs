@@ -19,8 +19,10 @@ pub enum Op {
     Put {
         /// Relative path.
         path: Vec<u8>,
-        /// Kind, metadata and content.
-        node: Node,
+        /// Kind, metadata and content (boxed: the journal holds every record of its window in
+        /// memory, and a node is four times the size of the other ops; postcard encodes a box
+        /// as what it holds, so the format is the same).
+        node: Box<Node>,
     },
     /// `path` and everything below it are gone.
     Delete {
@@ -351,7 +353,7 @@ mod tests {
             version: BATCH_VERSION,
             epoch: 1,
             records: vec![
-                Record { seq: 5, at_ns: 1, op: Op::Put { path: b"a/b".to_vec(), node } },
+                Record { seq: 5, at_ns: 1, op: Op::Put { path: b"a/b".to_vec(), node: Box::new(node) } },
                 Record { seq: 6, at_ns: 2, op: Op::Rename { from: b"a".to_vec(), to: b"c".to_vec() } },
             ],
             chunks: vec![ChunkMeta { id: Id([7; 32]), raw_len: 3, zlen: 4 }],

@@ -248,7 +248,7 @@ pub fn hash_mirror_dbs(mine: &mut Manifest, tree: &Manifest, root: &Path, id_key
                 let mut m = n.clone();
                 m.size = ids.len() as u64 * m.rdev;
                 m.content = ids;
-                mine.apply(&Op::Put { path: rel.clone(), node: m });
+                mine.apply(&Op::Put { path: rel.clone(), node: Box::new(m) });
             }
             Err(_) => mine.apply(&Op::Delete { path: rel.clone() }),
         }

@@ -1310,7 +1310,7 @@ mod tests {
     }
 
     fn put(tree: &mut Manifest, name: String, size: u64) -> Op {
-        let op = Op::Put { path: name.into_bytes(), node: file(size) };
+        let op = Op::Put { path: name.into_bytes(), node: Box::new(file(size)) };
         tree.apply(&op);
         op
     }
@@ -1364,8 +1364,8 @@ mod tests {
         // Truncations count as files lost though the count stays.
         let t = w.trips(&b, &tree, later, tree.totals(), 19);
         assert!(t.as_deref().is_some_and(|r| r.contains("19 of 90")), "{t:?}");
-        assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: file(400) }), 1);
-        assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: file(600) }), 0);
+        assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: Box::new(file(400)) }), 1);
+        assert_eq!(truncates(&tree, &Op::Put { path: b"f50".to_vec(), node: Box::new(file(600)) }), 0);
     }
 
     #[test]

@@ -245,7 +245,7 @@ fn a_primary_token_can_only_append_to_its_own_stream() {
         let m = kura_shadow::record::BatchMeta {
             version: kura_shadow::record::BATCH_VERSION,
             epoch: 1,
-            records: vec![kura_shadow::Record { seq, at_ns: 0, op: kura_shadow::Op::Put { path: path.to_vec(), node } }],
+            records: vec![kura_shadow::Record { seq, at_ns: 0, op: kura_shadow::Op::Put { path: path.to_vec(), node: Box::new(node) } }],
             chunks: vec![],
         };
         m.encode(&[])
