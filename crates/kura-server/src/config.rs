@@ -64,6 +64,15 @@ pub struct StreamConfig {
     /// The window bursts are summed over (`1m`).
     #[serde(default = "default_breaker_window")]
     pub breaker_window: String,
+    /// The largest SQLite database a primary may grow its copy to (`1TiB`): a commit claiming
+    /// more is refused, so a primary's credential cannot fill this server's disk with pages it
+    /// never sends.
+    #[serde(default = "default_max_database")]
+    pub max_database: String,
+}
+
+fn default_max_database() -> String {
+    "1TiB".into()
 }
 
 fn default_breaker_percent() -> f64 {
@@ -105,6 +114,8 @@ impl StreamConfig {
                     .ok_or_else(|| ServerError::Config(format!("{} = {:?} is not a size like 10GiB", key("breaker_bytes"), self.breaker_bytes)))?,
                 window: duration(&key("breaker_window"), &self.breaker_window)?,
             },
+            max_database: kura_ops::prune::parse_size(&self.max_database)
+                .ok_or_else(|| ServerError::Config(format!("{} = {:?} is not a size like 1TiB", key("max_database"), self.max_database)))?,
         })
     }
 }

@@ -60,8 +60,9 @@ pub fn is_side_file(m: &Manifest, rel: &[u8]) -> bool {
 
 /// Checks a batch's commits against the tree they follow: a commit that grows a database must
 /// list every new page (the mirror never invents one), and a database entry keeps its page
-/// size unless the commit lists every page (a database replaced by another).
-pub fn check_records(head: &Manifest, records: &[Record]) -> Result<(), String> {
+/// size unless the commit lists every page (a database replaced by another), and no database
+/// grows past `max_bytes` (0: no limit but the format's).
+pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64) -> Result<(), String> {
     let mut sizes: HashMap<&[u8], (u32, u32)> = HashMap::new();
     // Paths another change replaced, moved or removed within the batch: what the tree had
     // there no longer counts.
@@ -75,6 +76,14 @@ pub fn check_records(head: &Manifest, records: &[Record]) -> Result<(), String> 
                     }
                     head.get(p).and_then(|n| page_size_of(n).map(|ps| (ps, n.content.len() as u32))).unwrap_or((0, 0))
                 });
+                let bytes = u64::from(*db_pages) * u64::from(*page_size);
+                if max_bytes > 0 && bytes > max_bytes {
+                    return Err(format!(
+                        "record {}: {} would be {bytes} bytes, more than this stream's max_database ({max_bytes} bytes; raise it in the standby's [[stream]])",
+                        r.seq,
+                        path::show(p)
+                    ));
+                }
                 let from = if ps == *page_size { len } else { 0 };
                 if *db_pages > from {
                     let mut listed: Vec<u32> = pages.iter().map(|(p, _)| *p).filter(|p| *p > from).collect();
@@ -266,18 +275,21 @@ mod tests {
     #[test]
     fn growth_must_carry_every_new_page() {
         let mut head = Manifest::default();
-        assert!(check_records(&head, &[pages("db", 3, &[1, 2, 3])]).is_ok());
-        assert!(check_records(&head, &[pages("db", 3, &[1, 3])]).unwrap_err().contains("every new page"));
+        assert!(check_records(&head, &[pages("db", 3, &[1, 2, 3])], 0).is_ok());
+        assert!(check_records(&head, &[pages("db", 3, &[1, 3])], 0).unwrap_err().contains("every new page"));
         head.apply(&pages("db", 3, &[1, 2, 3]).op);
         assert_eq!(head.get(b"db").unwrap().content.len(), 3);
         // Within the size: any subset; growth: the new ones; a shrink: nothing more.
-        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[4, 5]), pages("db", 2, &[])]).is_ok());
-        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[5])]).is_err());
+        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[4, 5]), pages("db", 2, &[])], 0).is_ok());
+        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[5])], 0).is_err());
         // Another page size: a new database, every page listed.
         let other = Record { seq: 2, at_ns: 0, op: Op::Pages { path: b"db".to_vec(), page_size: 1024, db_pages: 2, pages: vec![(2, Id([0; 32]))], change: 0 } };
-        assert!(check_records(&head, &[other]).is_err());
+        assert!(check_records(&head, &[other], 0).is_err());
+        // A database past the standby's limit is refused.
+        assert!(check_records(&head, &[pages("db", 4, &[4])], 3 * 4096).unwrap_err().contains("max_database"));
+        assert!(check_records(&head, &[pages("db", 3, &[1])], 3 * 4096).is_ok());
         // A delete in between starts the database over.
-        assert!(check_records(&head, &[Record { seq: 1, at_ns: 0, op: Op::Delete { path: b"db".to_vec() } }, pages("db", 4, &[4])]).is_err());
+        assert!(check_records(&head, &[Record { seq: 1, at_ns: 0, op: Op::Delete { path: b"db".to_vec() } }, pages("db", 4, &[4])], 0).is_err());
     }
 
     #[test]

@@ -211,6 +211,7 @@ pub struct Stream {
     stop: AtomicBool,
     dir: PathBuf,
     breaker: Breaker,
+    max_database: u64,
     /// The burst the breaker holds, if any.
     held: Mutex<Option<Held>>,
     /// Records up to this one pass the breaker (released by an operator).
@@ -236,6 +237,8 @@ pub struct StreamOptions {
     pub breaker: Breaker,
     /// How long records are kept (restorable); zero keeps them for ever.
     pub window: Duration,
+    /// The largest SQLite database a commit may claim, in bytes (0: the format's limit).
+    pub max_database: u64,
 }
 
 /// The applier notes its progress on disk at most this often while records keep coming.
@@ -361,6 +364,7 @@ impl Stream {
             stop: AtomicBool::new(false),
             dir: dir.to_path_buf(),
             breaker: opts.breaker,
+            max_database: opts.max_database,
             held: Mutex::new(None),
             release_upto: AtomicU64::new(0),
             discard_upto: AtomicU64::new(0),
@@ -469,7 +473,7 @@ impl Stream {
             return Ok(expected - 1);
         }
         all_chunks_held(&meta, |id| inner.journal.has_chunk(id))?;
-        crate::sqlite_stream::check_records(&inner.head, &meta.records).map_err(AppendError::Malformed)?;
+        crate::sqlite_stream::check_records(&inner.head, &meta.records, self.max_database).map_err(AppendError::Malformed)?;
         inner.journal.append(body, &meta, data_off)?;
         for r in &meta.records {
             inner.head.apply(&r.op);
