@@ -30,11 +30,15 @@ pub struct Selection {
     pub newest_of: Option<Period>,
     /// The calendar the periods are counted in.
     pub tz: TimeZone,
+    /// Snapshots an earlier pull refused (a damaged pack at the source): taken once they can
+    /// be, even when the destination has a newer one of their group by then (else one refusal
+    /// would lose that generation for good).
+    pub retry: HashSet<Id>,
 }
 
 impl Default for Selection {
     fn default() -> Self {
-        Selection { hosts: Vec::new(), tags: Vec::new(), paths: Vec::new(), newest_of: None, tz: TimeZone::UTC }
+        Selection { hosts: Vec::new(), tags: Vec::new(), paths: Vec::new(), newest_of: None, tz: TimeZone::UTC, retry: HashSet::new() }
     }
 }
 
@@ -231,7 +235,7 @@ fn choose(
             report.future.push(l.name.clone());
             continue;
         }
-        if newest.get(&group_of(&public)).is_some_and(|n| t < *n) {
+        if newest.get(&group_of(&public)).is_some_and(|n| t < *n) && !sel.retry.contains(&id) {
             report.older += 1;
             continue;
         }

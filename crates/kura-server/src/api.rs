@@ -85,6 +85,11 @@ pub struct Hosted {
 }
 
 impl Hosted {
+    /// A state file of this repository's beside its session owners (`<state_dir>/<what>-<name>`).
+    pub fn state_file(&self, what: &str) -> PathBuf {
+        self.owners_path.with_file_name(format!("{what}-{}", self.name))
+    }
+
     /// Hosts a repository stored in `store`; session owners are kept in `owners_path`.
     pub fn new(name: String, storage: Storage, jobs: RepoJobs, owners_path: PathBuf) -> Self {
         let (store, local): (Arc<dyn Store>, _) = match storage {

@@ -209,7 +209,7 @@ impl PullSpec {
         if kura_store::remote::is_remote(&j.from) && j.token_file.is_none() {
             return Err(format!("pull: {} is a kura server: name a token-file (a read token is enough)", j.from));
         }
-        let selection = kura_ops::pull::Selection { hosts: j.hosts.clone(), tags: j.tags.clone(), paths: j.paths.clone(), newest_of, tz };
+        let selection = kura_ops::pull::Selection { hosts: j.hosts.clone(), tags: j.tags.clone(), paths: j.paths.clone(), newest_of, tz, retry: Default::default() };
         Ok(PullSpec { job: j.clone(), selection, skew })
     }
 
@@ -264,10 +264,28 @@ fn pull_once(hosted: &Hosted, spec: &PullSpec) -> Result<String, (String, bool)>
             Err(e) => Err(e),
         }
     };
-    let r = kura_ops::pull::pull(&src, &hosted.store, &spec.selection, Timestamp::now(), &put).map_err(|e| {
+    // Snapshots refused by earlier runs, kept across restarts: retried even once a newer one
+    // of their group is here.
+    let refused_path = hosted.state_file("pull-refused");
+    let mut selection = spec.selection.clone();
+    selection.retry = std::fs::read_to_string(&refused_path).unwrap_or_default().lines().filter_map(kura_repo::Id::from_hex).collect();
+    let r = kura_ops::pull::pull(&src, &hosted.store, &selection, Timestamp::now(), &put).map_err(|e| {
         let transient = matches!(&e, kura_ops::OpsError::Repo(kura_repo::RepoError::Store(s)) if s.is_transient());
         (format!("pulling from {}: {e}", spec.job.from), transient)
     })?;
+    let mut retry = selection.retry;
+    retry.extend(r.refused.iter().filter_map(|f| kura_repo::Id::from_hex(&f.snapshot)));
+    for p in &r.pulled {
+        if let Some(id) = kura_repo::Id::from_hex(p) {
+            retry.remove(&id);
+        }
+    }
+    let mut text: Vec<String> = retry.iter().map(|i| i.to_hex()).collect();
+    text.sort();
+    let tmp = refused_path.with_extension("tmp");
+    std::fs::write(&tmp, text.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .and_then(|()| std::fs::rename(&tmp, &refused_path))
+        .map_err(|e| (format!("cannot record refused snapshots in {}: {e}", refused_path.display()), false))?;
     let mut msg = format!(
         "pulled {} snapshot(s) ({} pack(s), {} bytes fetched; {} pack(s) here already); {} here already, {} older than what is here",
         r.pulled.len(),

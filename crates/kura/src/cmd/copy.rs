@@ -55,6 +55,7 @@ pub fn pull(cli: &Cli, a: &PullArgs) -> Result<Outcome> {
         paths: f.path.iter().cloned().collect(),
         newest_of: a.select.period(),
         tz: jiff::tz::TimeZone::system(),
+        retry: Default::default(),
     };
     let put = kura_ops::pull::put_plain(dst.as_ref());
     let r = kura_ops::pull::pull(&src, &dst, &sel, jiff::Timestamp::now(), &put).context("pulling")?;

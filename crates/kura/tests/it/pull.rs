@@ -168,11 +168,22 @@ fn a_generation_server_pulls_with_a_read_token_verifies_and_restores_bit_exact()
     assert!(!daily.names("snapshots").contains(&third));
     let name = new[0].file_name().unwrap().to_string_lossy().to_string();
     assert!(!daily.names("data").contains(&name), "the damaged pack was stored");
+    // Meanwhile a newer snapshot of the same group, which does not need the damaged pack, is
+    // pulled: the refused one is still taken once its bytes are good again, though older.
+    std::fs::remove_file(src.join("new.bin")).unwrap();
+    let fourth = backup_at(&a, &src, "2026-11-05T22:00:00Z");
+    let (st, msg) = run_job(&daily, "pull");
+    assert_eq!(st, 500, "{msg}");
+    assert!(daily.names("snapshots").contains(&fourth), "{msg}");
+    assert!(!daily.names("snapshots").contains(&third));
     std::fs::write(&new[0], &good).unwrap();
     let (st, msg) = run_job(&daily, "pull");
     assert_eq!(st, 200, "{msg}");
-    assert!(daily.names("snapshots").contains(&third));
+    assert!(daily.names("snapshots").contains(&third), "the refused generation was lost once a newer one was pulled: {msg}");
     daily.ok(&daily.admin, &["check", "--read-data"]);
+    // Retried once, then forgotten: the next run has nothing to retry.
+    let (st, msg) = run_job(&daily, "pull");
+    assert!(st == 200 && msg.contains("pulled 0 snapshot(s)"), "{msg}");
 }
 
 #[test]
