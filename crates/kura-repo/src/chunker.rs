@@ -135,18 +135,28 @@ pub fn page_chunk_size(head: &[u8], size: u64) -> Option<usize> {
     Some(chunk)
 }
 
-/// Cuts `r` into chunks of exactly `size` bytes (the last one shorter).
+/// Cuts `r` into chunks of exactly `size` bytes (the last one shorter). With `grow_every` > 0
+/// the size doubles after every `grow_every` chunks (up to 16 MiB): a stream of unknown length
+/// is then cut into a number of chunks that grows with the log of its length, never one per
+/// page of a database of any size.
 fn for_each_fixed<R: Read, E: From<std::io::Error>>(
     mut r: R,
-    size: usize,
+    mut size: usize,
+    grow_every: u64,
     buf: &mut Vec<u8>,
     mut f: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<u64, E> {
-    if buf.len() < size {
-        buf.resize(size, 0);
-    }
     let mut total = 0u64;
+    let mut cut = 0u64;
     loop {
+        if grow_every > 0 && cut == grow_every && size < 1 << 24 {
+            size *= 2;
+            cut = 0;
+        }
+        cut += 1;
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
         let mut len = 0;
         while len < size {
             match r.read(&mut buf[len..size]) {
@@ -189,7 +199,8 @@ impl Chunker {
         }
         let whole = (&head[..got]).chain(r);
         match page_chunk_size(&head[..got], size) {
-            Some(n) => for_each_fixed(whole, n, buf, f),
+            // A stream of unknown length (standard input) grows its chunks as it goes.
+            Some(n) => for_each_fixed(whole, n, if size == u64::MAX { MAX_PAGE_CHUNKS } else { 0 }, buf, f),
             None => self.for_each_chunk(whole, buf, f),
         }
     }
@@ -287,6 +298,39 @@ mod tests {
         .unwrap();
         assert_eq!(joined, data);
         v
+    }
+
+    #[test]
+    fn a_stream_of_unknown_length_is_cut_into_logarithmically_many_chunks() {
+        // Growing every 4 chunks: 4 of 4 KiB, 4 of 8 KiB, 4 of 16 KiB, then 32 KiB; without
+        // growth, 4 KiB.
+        let data = pseudo_random(40 * 4096 + 100, 3);
+        let cut = |grow_every| {
+            let mut sizes = Vec::new();
+            let n = for_each_fixed(&data[..], 4096, grow_every, &mut Vec::new(), |c| -> Result<(), std::io::Error> {
+                sizes.push(c.len());
+                Ok(())
+            });
+            assert_eq!(n.unwrap(), data.len() as u64);
+            sizes
+        };
+        assert_eq!(cut(4), [vec![4096; 4], vec![8192; 4], vec![16384; 4], vec![32768, 40 * 4096 + 100 - 28 * 4096 - 32768]].concat());
+        assert_eq!(cut(0), [vec![4096; 40], vec![100]].concat());
+        // A database read from a stream starts as one read from a file: the same first chunks.
+        let mut db = pseudo_random(8 * 4096, 5);
+        db[..16].copy_from_slice(b"SQLite format 3\0");
+        db[16] = 0x10;
+        db[17] = 0;
+        let ids = |size| {
+            let mut v = Vec::new();
+            small().for_each_chunk_of_file(&db[..], size, &mut Vec::new(), |c| -> Result<(), std::io::Error> {
+                v.push(c.to_vec());
+                Ok(())
+            }).unwrap();
+            v
+        };
+        assert_eq!(ids(u64::MAX), ids(db.len() as u64));
+        assert_eq!(ids(u64::MAX).len(), 8);
     }
 
     #[test]
