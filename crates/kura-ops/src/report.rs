@@ -120,7 +120,8 @@ fn objectives(statuses: &[&RepoStatus], shadow: Option<Option<&crate::status::Sh
         Some(None) => rpo.push_str("; the live shadow's lag could not be read"),
         None => {}
     }
-    let full = statuses.iter().filter_map(|s| s.last_drill.as_ref()).filter(|d| d.ok && d.mode == "full").max_by(|a, b| a.time.cmp(&b.time));
+    // The newest whole-snapshot drill of any copy, however many sample drills ran since.
+    let full = statuses.iter().filter_map(|s| s.last_full_drill.as_ref()).max_by(|a, b| a.time.cmp(&b.time));
     let sample = statuses.iter().filter_map(|s| s.last_drill.as_ref()).filter(|d| d.ok).max_by(|a, b| a.time.cmp(&b.time));
     let rto = match (full, sample) {
         (Some(d), _) => format!("a whole snapshot ({} files, {:.1} MB) restored and verified in {:.2} s on {}", d.files, d.bytes as f64 / 1e6, d.seconds, day(&d.time)),
@@ -337,9 +338,39 @@ mod tests {
             jobs: vec![],
             last_drill: None,
             last_good_drill: None,
+            last_full_drill: None,
             drills: 0,
             shadow: None,
         }
+    }
+
+    fn drill(mode: &str, time: &str, seconds: f64) -> kura_repo::drill::DrillRecord {
+        kura_repo::drill::DrillRecord {
+            version: 1,
+            time: time.into(),
+            by_host: "d".into(),
+            snapshot: "ab".repeat(32),
+            snapshot_time: time.into(),
+            host: "a".into(),
+            paths: vec!["/srv/www".into()],
+            mode: mode.into(),
+            files: 10,
+            failed: 0,
+            bytes: 1_000_000,
+            seconds,
+            ok: true,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_rto_is_the_newest_whole_snapshot_drill_even_after_sample_drills() {
+        let mut s = status("www: daily on c", Level::Ok, 5.0);
+        s.last_drill = Some(drill("sample", "2026-12-06T04:00:00Z", 0.2));
+        assert!(objectives(&[&s], None).1.starts_with("no whole-snapshot drill yet"));
+        s.last_full_drill = Some(drill("full", "2026-12-05T04:00:00Z", 7.5));
+        let rto = objectives(&[&s], None).1;
+        assert!(rto.starts_with("a whole snapshot") && rto.contains("7.50 s"), "{rto}");
     }
 
     #[test]

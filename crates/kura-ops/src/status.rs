@@ -97,6 +97,9 @@ pub struct RepoStatus {
     pub last_drill: Option<DrillRecord>,
     /// The newest successful drill's time.
     pub last_good_drill: Option<String>,
+    /// The newest successful drill of a whole snapshot (the measured RTO; sample drills may
+    /// have run since).
+    pub last_full_drill: Option<DrillRecord>,
     /// Drills recorded.
     pub drills: u64,
     /// For a shadow stream (no snapshots, no drills): how far the standby is behind.
@@ -158,6 +161,7 @@ fn bare(label: &str, location: &str, level: Level, reasons: Vec<String>, limits:
         jobs: Vec::new(),
         last_drill: None,
         last_good_drill: None,
+        last_full_drill: None,
         drills: 0,
         shadow: None,
     }
@@ -252,6 +256,7 @@ pub fn repo_status(store: &dyn Store, label: &str, jobs: Vec<JobResult>, limits:
         kura_repo::drill::read_all(store)?.into_iter().filter(|d| d.time.parse::<jiff::Timestamp>().is_ok_and(|t| t <= horizon)).collect();
     let last_drill = drills.last().cloned();
     let last_good_drill = drills.iter().rev().find(|d| d.ok).map(|d| d.time.clone());
+    let last_full_drill = drills.iter().rev().find(|d| d.ok && d.mode == "full").cloned();
     if let Some(d) = &last_drill
         && !d.ok
     {
@@ -284,6 +289,7 @@ pub fn repo_status(store: &dyn Store, label: &str, jobs: Vec<JobResult>, limits:
         drills: drills.len() as u64,
         last_drill,
         last_good_drill,
+        last_full_drill,
         shadow: None,
     })
 }
