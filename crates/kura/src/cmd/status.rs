@@ -170,10 +170,12 @@ pub fn gather(cli: &Cli, topology: Option<&Path>, l: &LimitArgs) -> Result<Vec<R
     let Some(file) = topology else {
         let loc = open::location(cli)?;
         return Ok(vec![match &loc.url {
-            Some(u) if is_remote(u) => {
-                let r = RemoteStore::open(u, &open::remote_options(cli)?).map_err(kura_repo::RepoError::from)?;
-                one(&r, Some(&r), &loc.describe(), limits)
-            }
+            // A server that cannot be reached (or refuses the token) is a critical copy, as it
+            // is in a topology: the same exit code and the same notification.
+            Some(u) if is_remote(u) => match RemoteStore::open(u, &open::remote_options(cli)?) {
+                Ok(r) => one(&r, Some(&r), &loc.describe(), limits),
+                Err(e) => kura_ops::status::unreachable(&loc.describe(), u, limits, &e.to_string()),
+            },
             _ => {
                 let store = open::open_store(cli, &loc)?;
                 one(store.as_ref(), None, &loc.describe(), limits)

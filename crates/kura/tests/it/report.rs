@@ -5,7 +5,8 @@
 
 use crate::pull::{puller, run_job};
 use crate::server::Server;
-use crate::util::{Env, sample_tree, stderr};
+use crate::util::{BIN, Env, sample_tree, stderr};
+use std::process::Command;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -98,6 +99,18 @@ fn a_drill_proves_a_restore_and_status_tells_when_anything_is_late_or_failing() 
     let (c, out, _) = code(&e, &["status"]);
     assert_eq!(c, Some(5), "{out}");
     assert!(out.contains("the last drill") && out.contains("failed"), "{out}");
+
+    // A server nobody answers at is a critical copy (exit 5, notified), as in a topology.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let o = Command::new(BIN)
+        .args(["status", "-r", &format!("kura://127.0.0.1:{port}/gone"), "--notify", &notify])
+        .env("KURA_TOKEN", "x")
+        .env_remove("KURA_REPOSITORY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("cannot read"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(std::fs::read_to_string(&note).unwrap().starts_with("crit\n"));
 }
 
 #[test]
