@@ -282,7 +282,7 @@ fn pull_once(hosted: &Hosted, spec: &PullSpec) -> Result<String, (String, bool)>
     }
     let mut text: Vec<String> = retry.iter().map(|i| i.to_hex()).collect();
     text.sort();
-    let tmp = refused_path.with_extension("tmp");
+    let tmp = refused_path.with_file_name(format!(".pull-refused-{}.tmp", hosted.name));
     std::fs::write(&tmp, text.iter().map(|l| format!("{l}\n")).collect::<String>())
         .and_then(|()| std::fs::rename(&tmp, &refused_path))
         .map_err(|e| (format!("cannot record refused snapshots in {}: {e}", refused_path.display()), false))?;

@@ -137,6 +137,11 @@ pub struct ChunkHandle {
 }
 
 impl ChunkHandle {
+    /// The chunk's plain length.
+    pub fn raw_len(&self) -> u32 {
+        self.meta.raw_len
+    }
+
     /// Reads, decompresses and verifies the chunk.
     pub fn read(&self, id_key: &[u8; 32]) -> Result<Vec<u8>, ShadowError> {
         let buf = self.read_stored()?;

@@ -25,7 +25,7 @@ pub mod stream;
 pub use journal::Journal;
 pub use manifest::Manifest;
 pub use record::{Op, Record};
-pub use stream::{AppendError, BranchInfo, Breaker, Held, PromoteError, Stream, StreamOptions, StreamStatus};
+pub use stream::{AppendError, BranchInfo, Breaker, Held, PromoteError, SqlitePosition, Stream, StreamOptions, StreamStatus};
 
 /// Errors of the shadow library.
 #[derive(Debug, thiserror::Error)]

@@ -50,9 +50,15 @@ pub enum Op {
         db_pages: u32,
         /// Changed pages and their chunks.
         pages: Vec<(u32, Id)>,
-        /// The primary's wal-index change counter after the commit (0 for a base): what
-        /// `kura shadow wait --sqlite` compares.
+        /// The primary's wal-index change counter after the commit (for a base, at the commit
+        /// it was read at).
         change: u32,
+        /// The primary's log position after the commit: its generation's salts and commit
+        /// frame (what `kura shadow wait --sqlite` compares; frames only grow within one
+        /// generation, whatever happens to the counter).
+        salt: [u32; 2],
+        /// See `salt`.
+        frame: u32,
     },
 }
 
@@ -82,6 +88,10 @@ impl Op {
         match self {
             Op::Put { path, node } => {
                 crate::path::check(path)?;
+                if node.target == crate::sqlite_stream::SQLITE_MARK && node.kind == kura_repo::NodeKind::File {
+                    // Only a database's commits make such an entry (with its page size checked).
+                    return Err(format!("{}: a file record carrying the SQLite database mark", crate::path::show(path)));
+                }
                 if node.kind == kura_repo::NodeKind::File && node.content.len() > (1 << 24) {
                     return Err(format!("{}: too many chunks", crate::path::show(path)));
                 }

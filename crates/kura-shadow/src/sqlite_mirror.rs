@@ -117,19 +117,20 @@ impl Mirror {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
         // Another connection (a repair) may have changed the size since the last run.
         let mut size = tx.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0)).map_err(err)? as u32;
+        // SQLite never stores the page holding the lock bytes (the one at 1 GiB): its pager
+        // refuses a write of it as corruption, and reads it as zeros.
+        let lock_page = (0x4000_0000 / self.page_size) as u32 + 1;
+        let mut largest = size;
         {
             let mut put = tx.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)").map_err(err)?;
             let zero = vec![0u8; self.page_size];
             for c in commits {
                 // Only the last image of a page counts.
                 let mut last: BTreeMap<u32, &[u8]> = c.pages.iter().map(|(p, img)| (*p, *img)).collect();
-                if c.db_pages < size {
-                    // A NULL page one past the end truncates the database there (SQLite 3.48+).
-                    put.execute(params![c.db_pages as i64 + 1, Option::<Vec<u8>>::None]).map_err(err)?;
-                }
                 for p in size.min(c.db_pages) + 1..=c.db_pages {
                     last.entry(p).or_insert(&zero);
                 }
+                last.remove(&lock_page);
                 // Page 1 (the schema and its cookie) last: a statement after it re-reads the
                 // schema, which must not name root pages not yet written.
                 let first = last.remove(&1);
@@ -137,6 +138,12 @@ impl Mirror {
                     put.execute(params![pgno as i64, img]).map_err(err)?;
                 }
                 size = c.db_pages;
+                largest = largest.max(size);
+            }
+            if size < largest {
+                // A NULL page one past the end truncates the file there (SQLite 3.48+), unless a
+                // page is written after it: so once, last.
+                put.execute(params![size as i64 + 1, Option::<Vec<u8>>::None]).map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;

@@ -16,6 +16,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// Pages in one record of a base (its references take 36 bytes each; a batch is at most 64 MiB).
+const BASE_PAGES: usize = 1 << 16;
 /// Checkpoints run at least this often while the application writes.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// The database is polled this often while commits arrive...
@@ -42,13 +44,36 @@ struct Copy {
     /// Chunks the standby holds or was sent (bounded: reset to `ids` now and then).
     known: HashSet<Id>,
     zero: Vec<u8>,
+    /// Pages per record of a base ([`BASE_PAGES`]).
+    base_pages: usize,
 }
 
 impl Copy {
     /// Adds the record of one commit to `p`: the pages that differ from the standby's copy
     /// (all pages past its size), with the chunks it lacks.
-    fn commit(&mut self, c: &OwnedCommit, change: u32, p: &mut Pending) {
-        if c.db_pages == 0 {
+    fn commit(&mut self, c: &OwnedCommit, p: &mut Pending) {
+        self.pages(&c.pages, c.db_pages, c, p);
+    }
+
+    /// A base: records of at most [`BASE_PAGES`] pages each, the database growing record by
+    /// record, cut to its size by the last (one record of a large database would not fit in a
+    /// batch; the records in between are not states of the database and do not restore).
+    fn base(&mut self, c: &OwnedCommit, p: &mut Pending) {
+        let parts: Vec<&[(u32, Vec<u8>)]> = c.pages.chunks(self.base_pages.max(1)).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let end = part.last().map(|(n, _)| *n).unwrap_or(c.db_pages);
+            let size = if i + 1 == parts.len() { c.db_pages } else { end.max(self.ids.len() as u32) };
+            self.pages(part, size, c, p);
+        }
+        if parts.is_empty() {
+            self.pages(&[], c.db_pages, c, p);
+        }
+    }
+
+    /// One record: `written` (those that differ) in a database of `db_pages` pages, at the
+    /// position of `at`.
+    fn pages(&mut self, written: &[(u32, Vec<u8>)], db_pages: u32, at: &OwnedCommit, p: &mut Pending) {
+        if db_pages == 0 {
             return;
         }
         if self.known.len() > 4 * self.ids.len() + 65_536 {
@@ -67,21 +92,21 @@ impl Copy {
             pages.push((pgno, id));
         };
         let mut carried = HashSet::new();
-        for (pgno, img) in &c.pages {
-            if *pgno <= c.db_pages {
+        for (pgno, img) in written {
+            if *pgno <= db_pages {
                 carried.insert(*pgno);
                 add(*pgno, img, &mut self.known, &self.ids, p);
             }
         }
         // A commit may grow the database past the pages it wrote: those are zeros, and the
         // standby takes no page it is not given.
-        for pgno in self.ids.len() as u32 + 1..=c.db_pages {
+        for pgno in self.ids.len() as u32 + 1..=db_pages {
             if !carried.contains(&pgno) {
                 add(pgno, &self.zero, &mut self.known, &self.ids, p);
             }
         }
-        crate::sqlite_stream::patch_ids(&mut self.ids, c.db_pages, &pages);
-        p.ops.push(Op::Pages { path: self.name.clone(), page_size: self.page_size, db_pages: c.db_pages, pages, change });
+        crate::sqlite_stream::patch_ids(&mut self.ids, db_pages, &pages);
+        p.ops.push(Op::Pages { path: self.name.clone(), page_size: self.page_size, db_pages, pages, change: at.change, salt: at.salt, frame: at.frame });
         p.marks.push(p.chunks.len());
     }
 }
@@ -139,19 +164,24 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
     let (mut src, base) = Source::attach(db).map_err(source_err)?;
     let page_size = base.pages.first().map(|(_, b)| b.len() as u32).unwrap_or(4096);
     let ids: Vec<Id> = theirs.get(name).filter(|n| page_size_of(n) == Some(page_size)).map(|n| n.content.clone()).unwrap_or_default();
-    if let Some(n) = theirs.get(name)
-        && page_size_of(n).is_none()
-    {
-        return Err(ShadowError::Usage(format!("the stream's entry {} is not a SQLite database (is the stream a directory's?)", crate::path::show(name))));
+    // A stream shadows one database or a directory, never both: the directory's pusher would
+    // delete the database's entry and the two would resend each other's changes for ever.
+    if let Some((other, _)) = theirs.iter().find(|(k, n)| k.as_slice() != name || page_size_of(n).is_none()) {
+        return Err(ShadowError::Usage(format!(
+            "stream {} holds {} besides the database {}: a SQLite database needs a stream of its own",
+            st.stream,
+            crate::path::show(other),
+            crate::path::show(name)
+        )));
     }
-    let mut copy = Copy { key, name: name.to_vec(), page_size, known: ids.iter().copied().collect(), ids, zero: vec![0; page_size as usize] };
+    let mut copy = Copy { key, name: name.to_vec(), page_size, known: ids.iter().copied().collect(), ids, zero: vec![0; page_size as usize], base_pages: BASE_PAGES };
     let mut out = Outbox::new(st.head + 1, epoch);
     total.head = st.head;
     let mut p = Pending::default();
     let same_size = copy.ids.len() == base.db_pages as usize;
-    copy.commit(&base, base.change, &mut p);
+    copy.base(&base, &mut p);
     // A base that changes nothing is not sent: the standby already is this commit.
-    if matches!(p.ops.last(), Some(Op::Pages { pages, .. }) if pages.is_empty()) && same_size {
+    if same_size && p.ops.iter().all(|o| matches!(o, Op::Pages { pages, .. } if pages.is_empty())) {
         p = Pending::default();
     }
     if !p.is_empty() {
@@ -184,13 +214,13 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
         }
         last_commit = Instant::now();
         for c in &commits {
-            copy.commit(c, c.change, &mut p);
+            copy.commit(c, &mut p);
         }
         let wait = every.saturating_sub(last_append.elapsed());
         if !wait.is_zero() && p.data.len() < crate::capture::FLUSH_DATA {
             std::thread::sleep(wait);
             for c in src.poll().map_err(source_err)? {
-                copy.commit(&c, c.change, &mut p);
+                copy.commit(&c, &mut p);
             }
         }
         last_append = Instant::now();
@@ -198,4 +228,35 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
         last_contact = Instant::now();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(pages: u32, seed: u8) -> OwnedCommit {
+        OwnedCommit { pages: (1..=pages).map(|p| (p, vec![seed.wrapping_add(p as u8); 512])).collect(), db_pages: pages, change: 1, salt: [1, 2], frame: 0 }
+    }
+
+    /// A base cut into records of 3 pages: each record passes the standby's checks, and the
+    /// last leaves the standby's entry equal to the database, growing or shrinking.
+    #[test]
+    fn a_large_base_goes_in_records_the_standby_accepts_and_ends_equal() {
+        let key = [5u8; 32];
+        let mut tree = Manifest::default();
+        let mut copy = Copy { key, name: b"app.db".to_vec(), page_size: 512, ids: Vec::new(), known: HashSet::new(), zero: vec![0; 512], base_pages: 3 };
+        for (pages, seed) in [(10u32, 1u8), (10, 2), (4, 3), (11, 3)] {
+            let base = db(pages, seed);
+            let mut p = Pending::default();
+            copy.base(&base, &mut p);
+            let records: Vec<crate::Record> = p.ops.into_iter().enumerate().map(|(i, op)| crate::Record { seq: i as u64 + 1, at_ns: 0, op }).collect();
+            crate::sqlite_stream::check_records(&tree, &records, 0, &|_| Some(512)).unwrap();
+            for r in &records {
+                tree.apply(&r.op);
+            }
+            let want: Vec<Id> = base.pages.iter().map(|(_, b)| Id(*blake3::keyed_hash(&key, b).as_bytes())).collect();
+            assert_eq!(tree.get(b"app.db").unwrap().content, want, "{pages} pages, seed {seed}");
+            assert_eq!(copy.ids, want);
+        }
+    }
 }

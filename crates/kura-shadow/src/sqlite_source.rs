@@ -61,6 +61,11 @@ pub struct OwnedCommit {
     pub db_pages: u32,
     /// The wal-index's change counter after it (one more per commit).
     pub change: u32,
+    /// Where it ends in the log: the log generation's salts and its commit frame (0 for a base
+    /// read from a log holding no frames).
+    pub salt: [u32; 2],
+    /// See `salt`.
+    pub frame: u32,
 }
 
 /// Where reading stands: the last commit read.
@@ -142,15 +147,18 @@ impl Source {
         let mut s = Source { read, fence, ckpt, path: path.into(), db, wal, shm, page_size: 0, pos: Position { salt: [0, 0], frame: 0, checksum: [0, 0], change: 0 }, stats: SourceStats::default() };
         // Under the writer lock nothing commits: the read transaction begun there sees exactly
         // the commit the wal-index names.
-        s.fenced(Duration::from_secs(30), |s| {
+        let h = s.fenced(Duration::from_secs(30), |s| {
             let h = s.shm_header()?;
             s.read.execute_batch("BEGIN").map_err(err)?;
             let _: i64 = s.read.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(err)?;
             s.page_size = s.db_page_size()?;
-            let base = s.base(&h)?;
-            Ok(base)
-        })
-        .map(|base| (s, base))
+            Ok(h)
+        })?;
+        // Read after the fence: the read transaction pins that commit (no checkpoint copies a
+        // later frame into the file, no restart overwrites an earlier one), so the application
+        // writes on while the whole database is read.
+        let base = s.base(&h)?;
+        Ok((s, base))
     }
 
     /// Counters.
@@ -284,7 +292,7 @@ impl Source {
             pages.push((p, img));
         }
         self.pos = pos;
-        Ok(OwnedCommit { pages, db_pages, change: pos.change })
+        Ok(OwnedCommit { pages, db_pages, change: pos.change, salt: h.salt, frame: h.max_frame })
     }
 
     /// The commits published since the last read, in order; none when nothing changed. Proves
@@ -313,7 +321,13 @@ impl Source {
                 for (p, r) in &c.pages {
                     last.insert(*p, &b[r.clone()]);
                 }
-                OwnedCommit { pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(), db_pages: c.db_pages, change: h.change.wrapping_sub((n - 1 - i) as u32) }
+                OwnedCommit {
+                    pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(),
+                    db_pages: c.db_pages,
+                    change: h.change.wrapping_sub((n - 1 - i) as u32),
+                    salt: h.salt,
+                    frame: c.last_frame,
+                }
             })
             .collect();
         if restarted {
@@ -413,15 +427,18 @@ impl Source {
     }
 }
 
-/// The wal-index change counter of the database at `path` now: that of its last commit. Reads
-/// the `-shm` header only (this process must hold no SQLite connection to the database: closing
-/// the descriptor would drop its locks).
-pub fn committed_change(path: &Path) -> Result<u32, SourceError> {
+/// Where the database at `path` stands now: the wal-index's change counter, the log
+/// generation's salts and its last commit frame (0: every commit is in the database file).
+/// Reads the `-shm` header only (this process must hold no SQLite connection to the database:
+/// closing the descriptor would drop its locks).
+pub fn committed_position(path: &Path) -> Result<(u32, [u32; 2], u32), SourceError> {
     let p = side(path, "-shm");
     let f = File::open(&p).map_err(|source| SourceError::Io { path: p.clone(), source })?;
     let mut b = vec![0u8; SHM_HEADER_LEN];
     let n = read_full_at(&f, &mut b, 0).map_err(|source| SourceError::Io { path: p.clone(), source })?;
-    sqlite_wal::parse_shm(&b[..n]).map(|h| h.change).ok_or_else(|| SourceError::Unsupported { path: p, problem: "no valid wal-index header (is the database open in WAL mode?)".into() })
+    sqlite_wal::parse_shm(&b[..n])
+        .map(|h| (h.change, h.salt, h.max_frame))
+        .ok_or_else(|| SourceError::Unsupported { path: p, problem: "no valid wal-index header (is the database open in WAL mode?)".into() })
 }
 
 /// Reads as much of `buf` as the file holds from `at`; returns how much.

@@ -62,16 +62,30 @@ pub fn is_side_file(m: &Manifest, rel: &[u8]) -> bool {
 /// list every new page (the mirror never invents one), and a database entry keeps its page
 /// size unless the commit lists every page (a database replaced by another), and no database
 /// grows past `max_bytes` (0: no limit but the format's).
-pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64) -> Result<(), String> {
+/// Each page's chunk must be one page long (`raw_len` gives a chunk's length, `None` when it is
+/// unknown, which `all_chunks_held` refuses on its own).
+pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64, raw_len: &dyn Fn(&Id) -> Option<u32>) -> Result<(), String> {
     let mut sizes: HashMap<&[u8], (u32, u32)> = HashMap::new();
     // Paths another change replaced, moved or removed within the batch: what the tree had
-    // there no longer counts.
+    // there (or below) no longer counts; nor at `exact`, ancestors a change turned into
+    // directories.
     let mut gone: Vec<&[u8]> = Vec::new();
+    let mut exact: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
     for r in records {
+        for a in path::ancestors(r.op.path()).chain(match &r.op {
+            Op::Rename { from, .. } => path::ancestors(from),
+            _ => path::ancestors(b""),
+        }) {
+            exact.insert(a);
+            sizes.remove(a);
+        }
         match &r.op {
             Op::Pages { path: p, page_size, db_pages, pages, .. } => {
+                if let Some((pg, id)) = pages.iter().find(|(_, id)| raw_len(id).is_some_and(|n| n != *page_size)) {
+                    return Err(format!("record {}: page {pg} of {} is a chunk of {} bytes, not {page_size}", r.seq, path::show(p), raw_len(id).unwrap_or(0)));
+                }
                 let (ps, len) = sizes.get(p.as_slice()).copied().unwrap_or_else(|| {
-                    if gone.iter().any(|g| path::within(p, g)) {
+                    if exact.contains(p.as_slice()) || gone.iter().any(|g| path::within(p, g)) {
                         return (0, 0);
                     }
                     head.get(p).and_then(|n| page_size_of(n).map(|ps| (ps, n.content.len() as u32))).unwrap_or((0, 0))
@@ -269,27 +283,44 @@ mod tests {
     use super::*;
 
     fn pages(path: &str, db_pages: u32, list: &[u32]) -> Record {
-        Record { seq: 1, at_ns: 0, op: Op::Pages { path: path.into(), page_size: 4096, db_pages, pages: list.iter().map(|p| (*p, Id([*p as u8; 32]))).collect(), change: 0 } }
+        Record { seq: 1, at_ns: 0, op: Op::Pages { path: path.into(), page_size: 4096, db_pages, pages: list.iter().map(|p| (*p, Id([*p as u8; 32]))).collect(), change: 0, salt: [0, 0], frame: 0 } }
     }
 
     #[test]
     fn growth_must_carry_every_new_page() {
         let mut head = Manifest::default();
-        assert!(check_records(&head, &[pages("db", 3, &[1, 2, 3])], 0).is_ok());
-        assert!(check_records(&head, &[pages("db", 3, &[1, 3])], 0).unwrap_err().contains("every new page"));
+        assert!(check_records(&head, &[pages("db", 3, &[1, 2, 3])], 0, &|_| None).is_ok());
+        assert!(check_records(&head, &[pages("db", 3, &[1, 3])], 0, &|_| None).unwrap_err().contains("every new page"));
         head.apply(&pages("db", 3, &[1, 2, 3]).op);
         assert_eq!(head.get(b"db").unwrap().content.len(), 3);
         // Within the size: any subset; growth: the new ones; a shrink: nothing more.
-        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[4, 5]), pages("db", 2, &[])], 0).is_ok());
-        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[5])], 0).is_err());
+        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[4, 5]), pages("db", 2, &[])], 0, &|_| None).is_ok());
+        assert!(check_records(&head, &[pages("db", 3, &[2]), pages("db", 5, &[5])], 0, &|_| None).is_err());
         // Another page size: a new database, every page listed.
-        let other = Record { seq: 2, at_ns: 0, op: Op::Pages { path: b"db".to_vec(), page_size: 1024, db_pages: 2, pages: vec![(2, Id([0; 32]))], change: 0 } };
-        assert!(check_records(&head, &[other], 0).is_err());
+        let other = Record { seq: 2, at_ns: 0, op: Op::Pages { path: b"db".to_vec(), page_size: 1024, db_pages: 2, pages: vec![(2, Id([0; 32]))], change: 0, salt: [0, 0], frame: 0 } };
+        assert!(check_records(&head, &[other], 0, &|_| None).is_err());
         // A database past the standby's limit is refused.
-        assert!(check_records(&head, &[pages("db", 4, &[4])], 3 * 4096).unwrap_err().contains("max_database"));
-        assert!(check_records(&head, &[pages("db", 3, &[1])], 3 * 4096).is_ok());
+        assert!(check_records(&head, &[pages("db", 4, &[4])], 3 * 4096, &|_| None).unwrap_err().contains("max_database"));
+        assert!(check_records(&head, &[pages("db", 3, &[1])], 3 * 4096, &|_| None).is_ok());
+        // A change below the database turns it into a directory: a database there starts over.
+        let below = Record { seq: 1, at_ns: 0, op: Op::Delete { path: b"db/x".to_vec() } };
+        assert!(check_records(&head, &[below, pages("db", 4, &[4])], 0, &|_| None).is_err());
+        // A page whose chunk is not one page long is refused.
+        assert!(check_records(&head, &[pages("db", 3, &[2])], 0, &|_| Some(100)).unwrap_err().contains("not 4096"));
+        assert!(check_records(&head, &[pages("db", 3, &[2])], 0, &|_| Some(4096)).is_ok());
         // A delete in between starts the database over.
-        assert!(check_records(&head, &[Record { seq: 1, at_ns: 0, op: Op::Delete { path: b"db".to_vec() } }, pages("db", 4, &[4])], 0).is_err());
+        assert!(check_records(&head, &[Record { seq: 1, at_ns: 0, op: Op::Delete { path: b"db".to_vec() } }, pages("db", 4, &[4])], 0, &|_| None).is_err());
+    }
+
+    #[test]
+    fn a_position_holds_a_commit_only_in_the_same_log_generation() {
+        let at = crate::SqlitePosition { change: 50_000, salt: [7, 9], frame: 120 };
+        assert!(at.holds(50_000, [7, 9], 120) && at.holds(49_990, [7, 9], 100));
+        assert!(!at.holds(50_001, [7, 9], 121), "a later frame of the same log");
+        // The wal-index rebuilt (its counter starts over) or the log restarted: only frames say.
+        assert!(!at.holds(10, [7, 9], 130) && !at.holds(10, [8, 1], 2));
+        // Every commit in the database file: the counters must be equal.
+        assert!(at.holds(50_000, [8, 1], 0) && !at.holds(3, [8, 1], 0));
     }
 
     #[test]

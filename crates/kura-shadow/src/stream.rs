@@ -116,10 +116,31 @@ pub struct StreamStatus {
     /// Chunker seed.
     #[serde(default)]
     pub chunker_seed: u64,
-    /// For a SQLite stream: the primary's wal-index change counter after the newest commit
-    /// that is durable and applied (`kura shadow wait --sqlite` compares it).
+    /// For a SQLite stream: where the primary's database stood after the newest commit that is
+    /// durable and applied (`kura shadow wait --sqlite` compares it with the database's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sqlite_change: Option<u32>,
+    pub sqlite_position: Option<SqlitePosition>,
+}
+
+/// A SQLite primary's position after a commit (FORMAT.md §15, op `Pages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SqlitePosition {
+    /// The wal-index change counter.
+    pub change: u32,
+    /// The log generation's salts.
+    pub salt: [u32; 2],
+    /// The commit frame in that generation.
+    pub frame: u32,
+}
+
+impl SqlitePosition {
+    /// Whether a standby at this position holds every commit of a database whose wal-index
+    /// now says (`change`, `salt`, `frame`): the same log generation at or past its last commit
+    /// frame; or, when the log holds no frame (every commit is in the database file), the same
+    /// counter.
+    pub fn holds(&self, change: u32, salt: [u32; 2], frame: u32) -> bool {
+        (self.salt == salt && self.frame >= frame && frame > 0) || (frame == 0 && self.change == change)
+    }
 }
 
 struct Inner {
@@ -373,8 +394,14 @@ impl Stream {
         });
         // A promoted mirror is the live copy: users write to it, nothing is reconciled away.
         if !s.primary.load(Ordering::SeqCst) {
+            // Under the lock a backup of the mirror takes, and then the record it is at in the
+            // lock file (a killed applier's newer number would tag a backup wrongly).
+            let _ = s.apply_lock.lock();
             let at = s.lock_inner().journal.manifest_skipping(applied, &discarded);
-            let r = apply::reconcile(mirror, &at, &JournalChunks(&s))?;
+            let r = apply::reconcile(mirror, &at, &JournalChunks(&s));
+            let _ = std::os::unix::fs::FileExt::write_at(&s.apply_lock, format!("{applied:020}\n").as_bytes(), 0);
+            let _ = s.apply_lock.unlock();
+            let r = r?;
             if r != apply::Reconciled::default() {
                 tracing::info!(stream = name, written = r.written, removed = r.removed, "mirror reconciled with the journal at record {applied}");
             }
@@ -473,7 +500,9 @@ impl Stream {
             return Ok(expected - 1);
         }
         all_chunks_held(&meta, |id| inner.journal.has_chunk(id))?;
-        crate::sqlite_stream::check_records(&inner.head, &meta.records, self.max_database).map_err(AppendError::Malformed)?;
+        let in_batch: std::collections::HashMap<Id, u32> = meta.chunks.iter().map(|c| (c.id, c.raw_len)).collect();
+        crate::sqlite_stream::check_records(&inner.head, &meta.records, self.max_database, &|id| in_batch.get(id).copied().or_else(|| inner.journal.chunk(id).map(|h| h.raw_len())))
+            .map_err(AppendError::Malformed)?;
         inner.journal.append(body, &meta, data_off)?;
         for r in &meta.records {
             inner.head.apply(&r.op);
@@ -782,11 +811,11 @@ impl Stream {
             discarded: self.discarded.lock().map(|d| d.len() as u64).unwrap_or(0),
             id_key: if secrets { hex::encode(self.id_key) } else { String::new() },
             chunker_seed: if secrets { self.chunker_seed } else { 0 },
-            sqlite_change: {
+            sqlite_position: {
                 let upto = applied.min(self.durable.load(Ordering::SeqCst));
                 // The newest database commit at or before it (a look back of bounded length).
                 e[..e.partition_point(|e| e.seq <= upto)].iter().rev().take(4096).find_map(|e| match e.op {
-                    Op::Pages { change, .. } => Some(change),
+                    Op::Pages { change, salt, frame, .. } => Some(SqlitePosition { change, salt, frame }),
                     _ => None,
                 })
             },
@@ -1143,8 +1172,12 @@ fn destroys(tree: &Manifest, op: &Op) -> (u64, u64) {
         },
         Op::Rename { from, to } if from != to && !crate::path::within(to, from) && tree.get(from).is_some() => tree.totals_at(to),
         Op::Rename { .. } => (0, 0),
-        // A database's commits are its application's to make (a DELETE is not a deletion).
-        Op::Pages { .. } => (0, 0),
+        // A database's commits are its application's to make (a DELETE is not a deletion); a
+        // database written where a directory or another file is replaces it.
+        Op::Pages { path, .. } => match tree.get(path) {
+            Some(n) if crate::sqlite_stream::page_size_of(n).is_none() => tree.totals_at(path),
+            _ => (0, 0),
+        },
     }
 }
 

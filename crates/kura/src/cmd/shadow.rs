@@ -220,14 +220,13 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
         }
         ShadowCommand::Wait { sqlite: Some(db), to, timeout, .. } => {
             let (l, ..) = link(cli, to)?;
-            let want = kura_shadow::sqlite_source::committed_change(db)?;
+            let (change, salt, frame) = kura_shadow::sqlite_source::committed_position(db)?;
             let deadline = std::time::Instant::now() + duration("--timeout", timeout)?;
             loop {
-                // Wrapping order: the counter is a u32 that only moves forward.
-                if l.status()?.sqlite_change.is_some_and(|c| c.wrapping_sub(want) as i32 >= 0) {
+                if l.status()?.sqlite_position.is_some_and(|p| p.holds(change, salt, frame)) {
                     return Ok(Outcome::Ok);
                 }
-                anyhow::ensure!(std::time::Instant::now() < deadline, "commit {want} of {} was not applied on the standby within {timeout}", db.display());
+                anyhow::ensure!(std::time::Instant::now() < deadline, "the last commit of {} (log frame {frame}) was not applied on the standby within {timeout}", db.display());
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
