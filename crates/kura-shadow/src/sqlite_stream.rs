@@ -125,6 +125,12 @@ pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64, raw_le
 
 fn mirror_err(e: MirrorError) -> ShadowError {
     match e {
+        // A file SQLite cannot read as a database: damaged (only rebuilding it helps).
+        MirrorError::Sqlite { path, source }
+            if matches!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)) =>
+        {
+            ShadowError::Corrupt { what: path.display().to_string(), detail: source.to_string() }
+        }
         MirrorError::Sqlite { path, source } => ShadowError::Io { path: path.display().to_string(), source: std::io::Error::other(source.to_string()) },
         MirrorError::Invalid { path, problem } => ShadowError::Corrupt { what: path.display().to_string(), detail: problem },
     }
@@ -217,6 +223,20 @@ pub fn as_written_by(mirror: &[u8], want: &[u8]) -> Vec<u8> {
 /// differ (compared by id when the chunk key is known, else by bytes); returns how many
 /// pages were written.
 pub fn reconcile_db(root: &Path, rel: &[u8], n: &Node, chunks: &dyn Chunks) -> Result<u64, ShadowError> {
+    match reconcile_db_once(root, rel, n, chunks) {
+        // A mirror SQLite cannot read (a damaged file, something else written over it) is
+        // rebuilt from the journal's pages: every page is known here.
+        Err(ShadowError::Corrupt { what, detail }) => {
+            tracing::warn!("{what}: {detail}; rebuilding the database from the journal");
+            forget_mirrors();
+            remove_db(&path::join(root, rel))?;
+            reconcile_db_once(root, rel, n, chunks)
+        }
+        r => r,
+    }
+}
+
+fn reconcile_db_once(root: &Path, rel: &[u8], n: &Node, chunks: &dyn Chunks) -> Result<u64, ShadowError> {
     let Some(page_size) = page_size_of(n) else { return Ok(0) };
     let key = chunks.id_key();
     let mut differ: Vec<u32> = Vec::new();

@@ -233,6 +233,9 @@ pub struct Stream {
     dir: PathBuf,
     breaker: Breaker,
     max_database: u64,
+    /// The mirror was made equal to the journal at `applied` (at open, or since a failure that
+    /// left it in doubt): the applier waits for that before it applies anything.
+    reconciled: AtomicBool,
     /// The burst the breaker holds, if any.
     held: Mutex<Option<Held>>,
     /// Records up to this one pass the breaker (released by an operator).
@@ -386,6 +389,7 @@ impl Stream {
             dir: dir.to_path_buf(),
             breaker: opts.breaker,
             max_database: opts.max_database,
+            reconciled: AtomicBool::new(true),
             held: Mutex::new(None),
             release_upto: AtomicU64::new(0),
             discard_upto: AtomicU64::new(0),
@@ -396,14 +400,14 @@ impl Stream {
         if !s.primary.load(Ordering::SeqCst) {
             // Under the lock a backup of the mirror takes, and then the record it is at in the
             // lock file (a killed applier's newer number would tag a backup wrongly).
-            let _ = s.apply_lock.lock();
-            let at = s.lock_inner().journal.manifest_skipping(applied, &discarded);
-            let r = apply::reconcile(mirror, &at, &JournalChunks(&s));
-            let _ = std::os::unix::fs::FileExt::write_at(&s.apply_lock, format!("{applied:020}\n").as_bytes(), 0);
-            let _ = s.apply_lock.unlock();
-            let r = r?;
-            if r != apply::Reconciled::default() {
-                tracing::info!(stream = name, written = r.written, removed = r.removed, "mirror reconciled with the journal at record {applied}");
+            // A mirror that cannot be reconciled now (a full disk, a file in the way) does not
+            // keep the server from starting: the journal receives, the applier tries again.
+            if let Err(e) = s.reconcile() {
+                tracing::error!(stream = name, "cannot make the mirror equal to the journal at record {applied}: {e}; the journal keeps receiving, trying again");
+                s.reconciled.store(false, Ordering::SeqCst);
+                if let Ok(mut a) = s.apply_error.lock() {
+                    *a = Some(format!("mirror not reconciled: {e}"));
+                }
             }
         }
         s.durable.store(s.lock_inner().journal.head(), Ordering::SeqCst);
@@ -422,6 +426,25 @@ impl Stream {
                 .map_err(|e| ShadowError::io(mirror, e))?;
         }
         Ok(s)
+    }
+
+    /// Makes the mirror equal to the journal at `applied`, under the lock a backup of the
+    /// mirror takes, and writes that record into the lock file (a killed applier's newer number
+    /// would tag a backup wrongly).
+    fn reconcile(&self) -> Result<(), ShadowError> {
+        let applied = self.applied.load(Ordering::SeqCst);
+        let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
+        let _ = self.apply_lock.lock();
+        let at = self.lock_inner().journal.manifest_skipping(applied, &skip);
+        let r = apply::reconcile(&self.mirror, &at, &JournalChunks(self));
+        let _ = std::os::unix::fs::FileExt::write_at(&self.apply_lock, format!("{applied:020}\n").as_bytes(), 0);
+        let _ = self.apply_lock.unlock();
+        let r = r?;
+        if r != apply::Reconciled::default() {
+            tracing::info!(stream = %self.name, written = r.written, removed = r.removed, "mirror reconciled with the journal at record {applied}");
+        }
+        self.reconciled.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Notes `seq` as applied, in memory and in `applied` (renamed into place: a torn number
@@ -928,6 +951,19 @@ impl Stream {
             self.lock_inner().journal.manifest_skipping(self.applied.load(Ordering::SeqCst), &skip)
         };
         while !self.stop.load(Ordering::SeqCst) {
+            if !self.reconciled.load(Ordering::SeqCst) {
+                if let Err(e) = self.reconcile() {
+                    if let Ok(mut a) = self.apply_error.lock() {
+                        *a = Some(format!("mirror not reconciled: {e}"));
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+                // Records applied since are in the tree the reconcile wrote.
+                let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
+                tree = self.lock_inner().journal.manifest_skipping(self.applied.load(Ordering::SeqCst), &skip);
+            }
             let applied = self.applied.load(Ordering::SeqCst);
             let promoted = self.primary.load(Ordering::SeqCst);
             if promoted && applied >= self.promoted_seq.load(Ordering::SeqCst) {
@@ -1069,6 +1105,10 @@ impl Stream {
                             continue;
                         }
                         Err(e) => {
+                            // A database SQLite can no longer read is rebuilt before going on.
+                            if matches!(e, ShadowError::Corrupt { .. }) {
+                                self.reconciled.store(false, Ordering::SeqCst);
+                            }
                             failed = Some(e.to_string());
                             break;
                         }

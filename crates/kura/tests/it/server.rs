@@ -88,7 +88,7 @@ impl Server {
         std::fs::write(&self.config, text).unwrap();
     }
 
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {

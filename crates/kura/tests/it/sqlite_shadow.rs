@@ -386,3 +386,30 @@ fn killed_transactions_forced_checkpoints_and_a_replaced_database_all_reach_the_
     assert!(n >= 700, "transaction {before_replace} holds {n} rows");
     kill9(&mut push);
 }
+
+#[test]
+fn a_copy_damaged_while_the_standby_was_down_is_rebuilt_from_the_journal() {
+    let mut sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("app.db");
+    let copy = sb.mirror().join("app.db");
+    App::start(&db, 400, "0").finish();
+    sb.ok(&["shadow", "push", "--sqlite", db.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    let log = work.path().join("push.log");
+    converge(&sb, &db, &copy, &log);
+    // Down, and something else written over the copy: SQLite cannot read it.
+    sb.server.kill9();
+    for side in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{side}", copy.display()));
+    }
+    std::fs::write(&copy, vec![0x5a; 64 << 10]).unwrap();
+    sb.server.spawn();
+    // The standby starts, rebuilds the copy from its journal, and takes new commits.
+    converge(&sb, &db, &copy, &log);
+    assert_eq!(integrity(&copy), "ok");
+    assert!(sb.server.log().contains("rebuilding the database from the journal"), "{}", sb.server.log());
+    App::start(&db, 50, "0").finish();
+    sb.ok(&["shadow", "push", "--sqlite", db.to_str().unwrap(), "--to", &sb.url(), "--once"]);
+    converge(&sb, &db, &copy, &log);
+    assert!(sb.status()["apply_error"].is_null(), "{}", sb.status());
+}
