@@ -64,7 +64,7 @@ pub struct StreamConfig {
     /// The window bursts are summed over (`1m`).
     #[serde(default = "default_breaker_window")]
     pub breaker_window: String,
-    /// The largest SQLite database a primary may grow its copy to (`1TiB`): a commit claiming
+    /// The most the stream's SQLite databases may hold together (`1TiB`): a commit claiming
     /// more is refused, so a primary's credential cannot fill this server's disk with pages it
     /// never sends.
     #[serde(default = "default_max_database")]

@@ -60,8 +60,9 @@ pub fn is_side_file(m: &Manifest, rel: &[u8]) -> bool {
 
 /// Checks a batch's commits against the tree they follow: a commit that grows a database must
 /// list every new page (the mirror never invents one), and a database entry keeps its page
-/// size unless the commit lists every page (a database replaced by another), and no database
-/// grows past `max_bytes` (0: no limit but the format's).
+/// size unless the commit lists every page (a database replaced by another), and the stream's
+/// databases together never grow past `max_bytes` (0: no limit but the format's; a primary
+/// could otherwise make any number of them from references to one zero page).
 /// Each page's chunk must be one page long (`raw_len` gives a chunk's length, `None` when it is
 /// unknown, which `all_chunks_held` refuses on its own).
 pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64, raw_len: &dyn Fn(&Id) -> Option<u32>) -> Result<(), String> {
@@ -71,6 +72,12 @@ pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64, raw_le
     // directories.
     let mut gone: Vec<&[u8]> = Vec::new();
     let mut exact: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    // Every database of the tree, counted once even if the batch removes one (conservative).
+    let mut total: u64 = if max_bytes > 0 && records.iter().any(|r| matches!(r.op, Op::Pages { .. })) {
+        head.iter().filter(|(_, n)| page_size_of(n).is_some()).map(|(_, n)| n.size).sum()
+    } else {
+        0
+    };
     for r in records {
         for a in path::ancestors(r.op.path()).chain(match &r.op {
             Op::Rename { from, .. } => path::ancestors(from),
@@ -91,9 +98,10 @@ pub fn check_records(head: &Manifest, records: &[Record], max_bytes: u64, raw_le
                     head.get(p).and_then(|n| page_size_of(n).map(|ps| (ps, n.content.len() as u32))).unwrap_or((0, 0))
                 });
                 let bytes = u64::from(*db_pages) * u64::from(*page_size);
-                if max_bytes > 0 && bytes > max_bytes {
+                total = (total + bytes).saturating_sub(u64::from(ps) * u64::from(len));
+                if max_bytes > 0 && total > max_bytes {
                     return Err(format!(
-                        "record {}: {} would be {bytes} bytes, more than this stream's max_database ({max_bytes} bytes; raise it in the standby's [[stream]])",
+                        "record {}: with {} at {bytes} bytes the stream's databases would be {total} bytes, more than its max_database ({max_bytes} bytes; raise it in the standby's [[stream]])",
                         r.seq,
                         path::show(p)
                     ));
@@ -322,6 +330,9 @@ mod tests {
         // A database past the standby's limit is refused.
         assert!(check_records(&head, &[pages("db", 4, &[4])], 3 * 4096, &|_| None).unwrap_err().contains("max_database"));
         assert!(check_records(&head, &[pages("db", 3, &[1])], 3 * 4096, &|_| None).is_ok());
+        // ...and so is a second database that the limit has no room for.
+        assert!(check_records(&head, &[pages("db2", 1, &[1])], 3 * 4096, &|_| None).unwrap_err().contains("max_database"));
+        assert!(check_records(&head, &[pages("db2", 1, &[1])], 4 * 4096, &|_| None).is_ok());
         // A change below the database turns it into a directory: a database there starts over.
         let below = Record { seq: 1, at_ns: 0, op: Op::Delete { path: b"db/x".to_vec() } };
         assert!(check_records(&head, &[below, pages("db", 4, &[4])], 0, &|_| None).is_err());

@@ -261,7 +261,7 @@ pub struct StreamOptions {
     pub breaker: Breaker,
     /// How long records are kept (restorable); zero keeps them for ever.
     pub window: Duration,
-    /// The largest SQLite database a commit may claim, in bytes (0: the format's limit).
+    /// The most a stream's SQLite databases may hold together, in bytes (0: the format's limit).
     pub max_database: u64,
 }
 
