@@ -37,3 +37,16 @@ measure() {
 
 # Stops the server a benchmark started (SERVER_PID), if any.
 stop_server() { if [ -n "${SERVER_PID:-}" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; SERVER_PID=""; }
+
+# Litestream 0.5 on the SQLite benches' load, through ../shared/bench/shadow-peers.sh (its default,
+# 100 ms and 1 ms intervals), then kura's results (W/results.txt, described by LABEL) beside it.
+# Usage: litestream_beside W LOAD RATE LABEL
+litestream_beside() {
+  local w=$1 load=$2 rate=$3 label=$4
+  WORK="$w/litestream" RUN=litestream DURATION="$load" LS_RATE="$rate" \
+    LS_CASES="default:-:-:$load 100ms:100ms:100ms:$load 1ms:1ms:1ms:$load" OUT="$w/litestream/out" \
+    bash "$SHARED/shadow-peers.sh" >"$w/litestream.log" 2>&1
+  echo; echo "kura ($label):"; cat "$w/results.txt"
+  echo "Litestream 0.5 (file replica), same load (tool_cpu_s over ${load} s):"
+  cut -f1,5-10 "$w/litestream/out/summary.tsv" | column -t
+}

@@ -29,10 +29,5 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 if [ "${LITESTREAM:-1}" = 1 ]; then
-  WORK="$W/litestream" RUN=litestream DURATION="$LOAD" LS_RATE="$RATE" \
-    LS_CASES="default:-:-:$LOAD 100ms:100ms:100ms:$LOAD 1ms:1ms:1ms:$LOAD" OUT="$W/litestream/out" \
-    bash "$SHARED/shadow-peers.sh" >"$W/litestream.log" 2>&1
-  echo; echo "kura (in one process, no network):"; cat "$W/results.txt"
-  echo "Litestream (file replica), same load (tool_cpu_s over ${LOAD} s):"
-  cut -f1,5-10 "$W/litestream/out/summary.tsv" | column -t
+  litestream_beside "$W" "$LOAD" "$RATE" "in one process, no network"
 fi
