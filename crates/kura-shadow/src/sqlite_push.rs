@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 /// Pages in one record of a base (its references take 36 bytes each; a batch is at most 64 MiB).
 const BASE_PAGES: usize = 1 << 16;
+/// The frame of a base's records before its last: not a position of the primary's log.
+pub const PARTIAL: u32 = u32::MAX;
 /// Checkpoints run at least this often while the application writes.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// The database is polled this often while commits arrive...
@@ -60,10 +62,16 @@ impl Copy {
     /// batch; the records in between are not states of the database and do not restore).
     fn base(&mut self, c: &OwnedCommit, p: &mut Pending) {
         let parts: Vec<&[(u32, Vec<u8>)]> = c.pages.chunks(self.base_pages.max(1)).collect();
+        // The parts before the last are at no position of the primary's log (frame u32::MAX):
+        // `wait --sqlite` must not take one for the base.
+        let partial = OwnedCommit { pages: Vec::new(), db_pages: c.db_pages, change: c.change, salt: c.salt, frame: PARTIAL };
         for (i, part) in parts.iter().enumerate() {
             let end = part.last().map(|(n, _)| *n).unwrap_or(c.db_pages);
-            let size = if i + 1 == parts.len() { c.db_pages } else { end.max(self.ids.len() as u32) };
-            self.pages(part, size, c, p);
+            if i + 1 == parts.len() {
+                self.pages(part, c.db_pages, c, p);
+            } else {
+                self.pages(part, end.max(self.ids.len() as u32), &partial, p);
+            }
         }
         if parts.is_empty() {
             self.pages(&[], c.db_pages, c, p);
@@ -251,6 +259,9 @@ mod tests {
             copy.base(&base, &mut p);
             let records: Vec<crate::Record> = p.ops.into_iter().enumerate().map(|(i, op)| crate::Record { seq: i as u64 + 1, at_ns: 0, op }).collect();
             crate::sqlite_stream::check_records(&tree, &records, 0, &|_| Some(512)).unwrap();
+            // Only the last record is at the base's position.
+            let frames: Vec<u32> = records.iter().map(|r| match r.op { Op::Pages { frame, .. } => frame, _ => 1 }).collect();
+            assert!(frames.last().is_some_and(|f| *f == 0) && frames[..frames.len() - 1].iter().all(|f| *f == PARTIAL), "{frames:?}");
             for r in &records {
                 tree.apply(&r.op);
             }

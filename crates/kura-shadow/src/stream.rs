@@ -838,7 +838,7 @@ impl Stream {
                 let upto = applied.min(self.durable.load(Ordering::SeqCst));
                 // The newest database commit at or before it (a look back of bounded length).
                 e[..e.partition_point(|e| e.seq <= upto)].iter().rev().take(4096).find_map(|e| match e.op {
-                    Op::Pages { change, salt, frame, .. } => Some(SqlitePosition { change, salt, frame }),
+                    Op::Pages { change, salt, frame, .. } if frame != crate::sqlite_push::PARTIAL => Some(SqlitePosition { change, salt, frame }),
                     _ => None,
                 })
             },
