@@ -67,9 +67,10 @@ pub fn repair_index(repo: &Repository, read_data: bool, progress: &dyn Progress)
         progress.advance(1, l.size);
         r.packs += 1;
         r.blobs += entries.len();
-        if !entries.is_empty() {
-            fresh.push(IndexPack { id, blobs: entries });
-        }
+        // A pack whose every blob is damaged is still listed, with no blobs: left out, it would
+        // look like a pack a crashed backup never indexed, and the next command would index its
+        // damaged blobs again from the header. Listed empty, prune deletes it.
+        fresh.push(IndexPack { id, blobs: entries });
     }
     for chunk in fresh.chunks(256) {
         repo.write_index_file(chunk.to_vec())?;

@@ -493,6 +493,40 @@ fn bit_rot_is_repaired_healed_by_the_next_backup_and_pruned_away() {
 }
 
 #[test]
+fn a_pack_whose_every_blob_is_damaged_stays_out_of_the_index_until_prune_deletes_it() {
+    // One chunk (below the chunker's minimum) alone in its own backup: its pack holds that one
+    // blob. Dropped from the index as damaged, the pack must not come back as an "orphan" whose
+    // header the next command indexes again (CI failure of stop 24: `repair snapshots` found
+    // nothing to repair).
+    let e = Env::new();
+    let src = small_safe_source(&e);
+    let s = src.to_str().unwrap();
+    let before: BTreeSet<_> = walk(&e.repo.join("data")).into_iter().collect();
+    let lone = bytes(400_000, 78);
+    fs::write(src.join("lone.bin"), &lone).unwrap();
+    let damaged_snap = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
+    let pack = walk(&e.repo.join("data")).into_iter().find(|p| !before.contains(p) && fs::metadata(p).unwrap().len() > 300_000).unwrap();
+    let mut b = fs::read(&pack).unwrap();
+    b[200_000] ^= 0x10;
+    fs::write(&pack, &b).unwrap();
+    let r = e.json(&["repair", "index", "--read-data"]);
+    assert_eq!(r["damaged_blobs"].as_u64(), Some(1), "{r}");
+    let r = e.json(&["repair", "snapshots"]);
+    let lost = r["repaired"][0]["files_removed"].as_array().unwrap_or_else(|| panic!("nothing repaired: {r}"));
+    assert!(lost.len() == 1 && lost[0].as_str().unwrap().ends_with("/lone.bin"), "{r}");
+    // A second look still sees the loss (nothing re-indexed the damaged pack meanwhile).
+    let o = e.run(&["check"]);
+    assert_eq!(o.status.code(), Some(1), "check passed with a damaged pack's blob in a snapshot: {}", stderr(&o));
+    e.ok(&["backup", s]);
+    let r = e.json(&["prune", "--max-unused", "0%"]);
+    assert!(!pack.exists(), "the damaged pack is still there: {r}");
+    e.ok(&["check", "--read-data"]);
+    let out = e.path("out");
+    e.ok(&["restore", &damaged_snap[..8], "--target", out.to_str().unwrap()]);
+    assert_eq!(fs::read(restored(&out, &src).join("lone.bin")).unwrap(), lone);
+}
+
+#[test]
 fn a_weekly_copy_takes_the_newest_snapshot_of_each_week_and_only_of_its_host() {
     let daily = Env::new();
     // 2026-11-02 is a Monday: 17 daily snapshots span ISO weeks 45, 46 and 47 (Mon-Wed); the
