@@ -59,7 +59,7 @@ pub enum ServerError {
 }
 
 /// Logs one line per request (method, path, status, duration and peer; never a header) and
-/// counts it in the metrics.
+/// counts it in the metrics; a shadow stream's routine appends and waits only at debug level.
 async fn access_log(
     axum::extract::State(state): axum::extract::State<Arc<api::AppState>>,
     req: axum::extract::Request,
@@ -82,7 +82,17 @@ async fn access_log(
             api::ApiError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()).into_response()
         }
     };
-    tracing::info!(target: "kura::access", %method, %path, status = resp.status().as_u16(), ms = start.elapsed().as_millis() as u64, %peer);
+    // A shadow stream appends up to 250 times a second: its successful appends and waits go
+    // to the debug level (the metrics count them), or the log would grow by gigabytes a day.
+    let routine = resp.status().is_success()
+        && path.starts_with("/v1/shadow/")
+        && (path.ends_with("/append") || path.ends_with("/wait"));
+    let (status, ms) = (resp.status().as_u16(), start.elapsed().as_millis() as u64);
+    if routine {
+        tracing::debug!(target: "kura::access", %method, %path, status, ms, %peer);
+    } else {
+        tracing::info!(target: "kura::access", %method, %path, status, ms, %peer);
+    }
     state.metrics.request(method.as_str(), resp.status().as_u16(), received, content_length(resp.headers()));
     resp
 }

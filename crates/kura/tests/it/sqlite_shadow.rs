@@ -225,6 +225,13 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     kill9(&mut push);
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(!log.contains("panicked"), "{log}");
+    // Thousands of appends, none in the server's log (it would grow by gigabytes a day); the
+    // status requests still are.
+    let served = std::fs::read_to_string(sb.server.log_path()).unwrap();
+    let plain = |l: &str| l.split('\x1b').map(|p| p.split_once('m').filter(|_| p.starts_with('[')).map_or(p, |x| x.1)).collect::<String>();
+    let access: Vec<String> = served.lines().filter(|l| l.contains("kura::access")).map(plain).collect();
+    assert!(access.iter().any(|l| l.contains("path=/v1/shadow/www ")), "{served}");
+    assert!(!access.iter().any(|l| l.contains("/append") && l.contains("status=200")), "{}", access.join("\n"));
 }
 
 #[test]
