@@ -30,8 +30,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (db, mirror_path, secs) = (&args[1], &args[2], args[3].parse::<u64>().unwrap());
     let (mut src, base) = Source::attach(db.as_ref()).unwrap();
-    let mut mirror = Mirror::open(mirror_path.as_ref(), base.pages[0].1.len()).unwrap();
-    apply(&mut mirror, std::slice::from_ref(&base));
+    let mut mirror = Mirror::open(mirror_path.as_ref(), base.page_size).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&src.base_commit(&base).unwrap()));
     let reader = Connection::open_with_flags(mirror_path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let mut seen: i64 = reader.query_row("SELECT coalesce(max(seq), 0) FROM t", [], |r| r.get(0)).unwrap();
     let (mut read_cpu, mut apply_cpu, mut look_cpu) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);

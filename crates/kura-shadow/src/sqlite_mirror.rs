@@ -45,6 +45,16 @@ pub struct Mirror {
     conn: Connection,
     page_size: usize,
     db_pages: u32,
+    /// The write transaction [`Mirror::begin`] opened, until [`Mirror::commit`].
+    tx: Option<Tx>,
+}
+
+/// An open write transaction: the size it leaves, the largest it reached, and page 1's newest
+/// image, written only at the commit.
+struct Tx {
+    size: u32,
+    largest: u32,
+    page1: Option<Vec<u8>>,
 }
 
 impl Mirror {
@@ -72,7 +82,7 @@ impl Mirror {
         conn.pragma_update(None, "journal_mode", "wal").map_err(err)?;
         conn.pragma_update(None, "synchronous", "normal").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        Ok(Mirror { path: path.to_path_buf(), conn, page_size, db_pages: current as u32 })
+        Ok(Mirror { path: path.to_path_buf(), conn, page_size, db_pages: current as u32, tx: None })
     }
 
     /// The mirror's size in pages.
@@ -99,9 +109,39 @@ impl Mirror {
 
     /// Applies whole commits, in order, as one transaction: a reader sees the mirror before
     /// them or after the last, never between. Pages a growing commit does not carry become
-    /// zeros (SQLite never reads them before writing them); a shrinking one truncates. Within a
-    /// commit page 1 is written last.
+    /// zeros (SQLite never reads them before writing them); a shrinking one truncates.
     pub fn apply(&mut self, commits: &[PageCommit<'_>]) -> Result<(), MirrorError> {
+        self.begin()?;
+        let r = self.write(commits).and_then(|()| self.commit());
+        if r.is_err() {
+            self.rollback();
+        }
+        r
+    }
+
+    /// Opens a write transaction that [`Mirror::write`] adds commits to, for a run of commits
+    /// too large to hold in memory at once (a base of a large database): readers see none of
+    /// it before [`Mirror::commit`].
+    pub fn begin(&mut self) -> Result<(), MirrorError> {
+        let path = self.path.clone();
+        let err = |source| MirrorError::Sqlite { path: path.clone(), source };
+        self.rollback();
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+        // Another connection (a repair) may have changed the size since the last run.
+        match self.conn.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0)) {
+            Ok(size) => {
+                self.tx = Some(Tx { size: size as u32, largest: size as u32, page1: None });
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(err(e))
+            }
+        }
+    }
+
+    /// Writes commits into the open transaction (see [`Mirror::begin`]).
+    pub fn write(&mut self, commits: &[PageCommit<'_>]) -> Result<(), MirrorError> {
         let path = self.path.clone();
         let err = |source| MirrorError::Sqlite { path: path.clone(), source };
         for c in commits {
@@ -114,41 +154,70 @@ impl Mirror {
                 }
             }
         }
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
-        // Another connection (a repair) may have changed the size since the last run.
-        let mut size = tx.query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0)).map_err(err)? as u32;
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(MirrorError::Invalid { path, problem: "pages written outside a transaction".into() });
+        };
         // SQLite never stores the page holding the lock bytes (the one at 1 GiB): its pager
         // refuses a write of it as corruption, and reads it as zeros.
         let lock_page = (0x4000_0000 / self.page_size) as u32 + 1;
-        let mut largest = size;
-        {
-            let mut put = tx.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)").map_err(err)?;
-            let zero = vec![0u8; self.page_size];
-            for c in commits {
-                // Only the last image of a page counts.
-                let mut last: BTreeMap<u32, &[u8]> = c.pages.iter().map(|(p, img)| (*p, *img)).collect();
-                for p in size.min(c.db_pages) + 1..=c.db_pages {
-                    last.entry(p).or_insert(&zero);
-                }
-                last.remove(&lock_page);
-                // Page 1 (the schema and its cookie) last: a statement after it re-reads the
-                // schema, which must not name root pages not yet written.
-                let first = last.remove(&1);
-                for (pgno, img) in last.into_iter().chain(first.map(|img| (1, img))) {
-                    put.execute(params![pgno as i64, img]).map_err(err)?;
-                }
-                size = c.db_pages;
-                largest = largest.max(size);
+        let mut put = self.conn.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)").map_err(err)?;
+        let zero = vec![0u8; self.page_size];
+        for c in commits {
+            // Only the last image of a page counts.
+            let mut last: BTreeMap<u32, &[u8]> = c.pages.iter().map(|(p, img)| (*p, *img)).collect();
+            for p in tx.size.min(c.db_pages) + 1..=c.db_pages {
+                last.entry(p).or_insert(&zero);
             }
-            if size < largest {
+            last.remove(&lock_page);
+            // Page 1 (the schema, its cookie and the database's size) at the commit: a
+            // statement after it re-reads the schema, which must not name root pages not yet
+            // written, and SQLite takes a size in it larger than the file for corruption.
+            if let Some(img) = last.remove(&1) {
+                tx.page1 = Some(img.to_vec());
+            }
+            for (pgno, img) in last {
+                put.execute(params![pgno as i64, img]).map_err(err)?;
+            }
+            tx.size = c.db_pages;
+            tx.largest = tx.largest.max(tx.size);
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction.
+    pub fn commit(&mut self) -> Result<(), MirrorError> {
+        let path = self.path.clone();
+        let err = |source| MirrorError::Sqlite { path: path.clone(), source };
+        let Some(tx) = self.tx.take() else { return Ok(()) };
+        let r = (|| {
+            let mut put = self.conn.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+            if let Some(img) = &tx.page1 {
+                put.execute(params![1i64, img])?;
+            }
+            if tx.size < tx.largest {
                 // A NULL page one past the end truncates the file there (SQLite 3.48+), unless a
                 // page is written after it: so once, last.
-                put.execute(params![size as i64 + 1, Option::<Vec<u8>>::None]).map_err(err)?;
+                put.execute(params![tx.size as i64 + 1, Option::<Vec<u8>>::None])?;
+            }
+            self.conn.execute_batch("COMMIT")
+        })();
+        match r {
+            Ok(()) => {
+                self.db_pages = tx.size;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(err(e))
             }
         }
-        tx.commit().map_err(err)?;
-        self.db_pages = size;
-        Ok(())
+    }
+
+    /// Drops the open transaction, if any.
+    pub fn rollback(&mut self) {
+        if self.tx.take().is_some() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 }
 

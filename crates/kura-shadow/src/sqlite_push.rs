@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 /// Pages in one record of a base (its references take 36 bytes each; a batch is at most 64 MiB).
 const BASE_PAGES: usize = 1 << 16;
+/// Bytes of page images read for one record of a base.
+const BASE_BYTES: usize = 64 << 20;
 /// The frame of a base's records before its last: not a position of the primary's log.
 pub const PARTIAL: u32 = u32::MAX;
 /// Checkpoints run at least this often while the application writes.
@@ -34,6 +36,11 @@ const BUSY_FOR: Duration = Duration::from_millis(200);
 const APPEND_EVERY: Duration = Duration::from_millis(4);
 /// With nothing to send, the standby hears from the primary this often.
 const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Reads pages `a..=b` of a base.
+type Reader<'a> = &'a mut dyn FnMut(u32, u32) -> Result<Vec<(u32, Vec<u8>)>, ShadowError>;
+/// Sends what is pending.
+type Sender<'a> = &'a mut dyn FnMut(&mut Pending) -> Result<(), ShadowError>;
 
 /// What the primary knows of the standby's copy while it sends.
 struct Copy {
@@ -57,24 +64,42 @@ impl Copy {
         self.pages(&c.pages, c.db_pages, c, p);
     }
 
-    /// A base: records of at most [`BASE_PAGES`] pages each, the database growing record by
-    /// record, cut to its size by the last (one record of a large database would not fit in a
-    /// batch; the records in between are not states of the database and do not restore).
-    fn base(&mut self, c: &OwnedCommit, p: &mut Pending) {
-        let parts: Vec<&[(u32, Vec<u8>)]> = c.pages.chunks(self.base_pages.max(1)).collect();
+    /// A base: records of at most [`BASE_PAGES`] pages and [`BASE_BYTES`] of images each,
+    /// read from the database and handed to `send` one by one (a database of any size costs
+    /// the primary one record's memory), the database growing record by record, cut to its
+    /// size by the last. The records in between are not states of the database and do not
+    /// restore; those that change nothing are left out. Nothing at all is sent when the
+    /// standby's copy already is the base (`same_size`: it has as many pages). Returns whether
+    /// anything was sent.
+    /// `at` is the base's size and position (its pages empty); `read(a, b)` reads pages a..=b.
+    fn base(&mut self, at: &OwnedCommit, read: Reader<'_>, same_size: bool, p: &mut Pending, send: Sender<'_>) -> Result<bool, ShadowError> {
+        let per = (BASE_BYTES / self.page_size.max(1) as usize).clamp(1, self.base_pages.max(1)) as u32;
         // The parts before the last are at no position of the primary's log (frame u32::MAX):
         // `wait --sqlite` must not take one for the base.
-        let partial = OwnedCommit { pages: Vec::new(), db_pages: c.db_pages, change: c.change, salt: c.salt, frame: PARTIAL };
-        for (i, part) in parts.iter().enumerate() {
-            let end = part.last().map(|(n, _)| *n).unwrap_or(c.db_pages);
-            if i + 1 == parts.len() {
-                self.pages(part, c.db_pages, c, p);
+        let partial = OwnedCommit { frame: PARTIAL, ..at.clone() };
+        let (mut from, mut sent) = (1u32, false);
+        loop {
+            let to = from.saturating_add(per - 1).min(at.db_pages);
+            let part = if from <= to { read(from, to)? } else { Vec::new() };
+            let last = to >= at.db_pages;
+            if last {
+                self.pages(&part, at.db_pages, at, p);
             } else {
-                self.pages(part, end.max(self.ids.len() as u32), &partial, p);
+                self.pages(&part, to.max(self.ids.len() as u32), &partial, p);
             }
-        }
-        if parts.is_empty() {
-            self.pages(&[], c.db_pages, c, p);
+            let empty = p.ops.last().is_some_and(|o| matches!(o, Op::Pages { pages, .. } if pages.is_empty()));
+            if empty && (!last || (same_size && !sent)) {
+                p.ops.pop();
+                p.marks.pop();
+            }
+            if !p.is_empty() {
+                send(p)?;
+                sent = true;
+            }
+            if last {
+                return Ok(sent);
+            }
+            from = to + 1;
         }
     }
 
@@ -170,7 +195,7 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
     };
     let theirs: Manifest = link.manifest()?;
     let (mut src, base) = Source::attach(db).map_err(source_err)?;
-    let page_size = base.pages.first().map(|(_, b)| b.len() as u32).unwrap_or(4096);
+    let page_size = base.page_size as u32;
     let ids: Vec<Id> = theirs.get(name).filter(|n| page_size_of(n) == Some(page_size)).map(|n| n.content.clone()).unwrap_or_default();
     // A stream shadows one database or a directory, never both: the directory's pusher would
     // delete the database's entry and the two would resend each other's changes for ever.
@@ -187,14 +212,9 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
     total.head = st.head;
     let mut p = Pending::default();
     let same_size = copy.ids.len() == base.db_pages as usize;
-    copy.base(&base, &mut p);
-    // A base that changes nothing is not sent: the standby already is this commit.
-    if same_size && p.ops.iter().all(|o| matches!(o, Op::Pages { pages, .. } if pages.is_empty())) {
-        p = Pending::default();
-    }
-    if !p.is_empty() {
-        out.flush(link, &mut p, total)?;
-    }
+    let at = OwnedCommit { pages: Vec::new(), db_pages: base.db_pages, change: base.change, salt: base.salt, frame: base.frame };
+    copy.base(&at, &mut |a, b| src.base_pages(&base, a..=b).map_err(source_err), same_size, &mut p, &mut |p| out.flush(link, p, total))?;
+    drop(base);
     tracing::info!(head = total.head, "shadow push {}: the standby's copy is the database's", db.display());
     let (mut last_ckpt, mut last_contact, mut last_commit) = (Instant::now(), Instant::now(), Instant::now());
     let every = APPEND_EVERY;
@@ -246,18 +266,47 @@ mod tests {
         OwnedCommit { pages: (1..=pages).map(|p| (p, vec![seed.wrapping_add(p as u8); 512])).collect(), db_pages: pages, change: 1, salt: [1, 2], frame: 0 }
     }
 
-    /// A base cut into records of 3 pages: each record passes the standby's checks, and the
-    /// last leaves the standby's entry equal to the database, growing or shrinking.
+    /// A base cut into records of 3 pages, read 3 pages at a time and sent record by record:
+    /// each record passes the standby's checks, and the last leaves the standby's entry equal
+    /// to the database, growing or shrinking. Parts that change nothing are left out; a base
+    /// the standby already is sends nothing.
     #[test]
     fn a_large_base_goes_in_records_the_standby_accepts_and_ends_equal() {
         let key = [5u8; 32];
         let mut tree = Manifest::default();
         let mut copy = Copy { key, name: b"app.db".to_vec(), page_size: 512, ids: Vec::new(), known: HashSet::new(), zero: vec![0; 512], base_pages: 3 };
-        for (pages, seed) in [(10u32, 1u8), (10, 2), (4, 3), (11, 3)] {
-            let base = db(pages, seed);
+        for (pages, seed, want_records) in [(10u32, 1u8, 4usize), (10, 1, 0), (10, 2, 4), (4, 3, 2), (11, 3, 3), (11, 3, 0)] {
+            let mut base = db(pages, seed);
+            if seed == 3 && pages == 11 {
+                // Only pages 10 and 11 differ from the copy of 4 pages' growth: the parts of
+                // pages 1-3 and 4-6 carry their new pages (5, 6 past the old size), 7-9 too.
+                base.pages[9].1[0] ^= 1;
+            }
+            let at = OwnedCommit { pages: Vec::new(), ..base.clone() };
+            let same_size = copy.ids.len() == pages as usize;
+            let (mut ops, mut reads) = (Vec::new(), Vec::new());
             let mut p = Pending::default();
-            copy.base(&base, &mut p);
-            let records: Vec<crate::Record> = p.ops.into_iter().enumerate().map(|(i, op)| crate::Record { seq: i as u64 + 1, at_ns: 0, op }).collect();
+            copy.base(
+                &at,
+                &mut |a, b| {
+                    reads.push((a, b));
+                    Ok(base.pages[a as usize - 1..b as usize].to_vec())
+                },
+                same_size,
+                &mut p,
+                &mut |p: &mut Pending| {
+                    ops.append(&mut p.ops);
+                    *p = Pending::default();
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert!(reads.iter().all(|(a, b)| b - a < 3), "{reads:?}");
+            assert_eq!(ops.len(), want_records, "{pages} pages, seed {seed}: {ops:?}");
+            if ops.is_empty() {
+                continue;
+            }
+            let records: Vec<crate::Record> = ops.into_iter().enumerate().map(|(i, op)| crate::Record { seq: i as u64 + 1, at_ns: 0, op }).collect();
             crate::sqlite_stream::check_records(&tree, &records, 0, &|_| Some(512)).unwrap();
             // Only the last record is at the base's position.
             let frames: Vec<u32> = records.iter().map(|r| match r.op { Op::Pages { frame, .. } => frame, _ => 1 }).collect();

@@ -68,6 +68,25 @@ pub struct OwnedCommit {
     pub frame: u32,
 }
 
+/// The database as of the commit [`Source::attach`] pinned: its size and log position; its
+/// pages come from [`Source::base_pages`].
+#[derive(Debug)]
+pub struct Base {
+    /// Database size in pages.
+    pub db_pages: u32,
+    /// Page size in bytes.
+    pub page_size: usize,
+    /// The wal-index's change counter at that commit.
+    pub change: u32,
+    /// The log generation's salts.
+    pub salt: [u32; 2],
+    /// Its commit frame (0: the log held no frames).
+    pub frame: u32,
+    /// The newest image of each page the log holds, in `wal`.
+    newest: HashMap<u32, std::ops::Range<usize>>,
+    wal: Option<Vec<u8>>,
+}
+
 /// Where reading stands: the last commit read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Position {
@@ -126,9 +145,10 @@ fn side(path: &Path, suffix: &str) -> PathBuf {
 
 impl Source {
     /// Attaches to the database at `path` (in WAL mode, written by any program) and returns it
-    /// with the base: every page of the database as of one commit, from which the commits
-    /// [`Source::poll`] returns continue.
-    pub fn attach(path: &Path) -> Result<(Source, OwnedCommit), SourceError> {
+    /// with the base: the database as of one commit, from which the commits [`Source::poll`]
+    /// returns continue. Its pages are read in ranges ([`Source::base_pages`]), before the
+    /// first poll: a database of any size costs the primary a range's memory, not its own.
+    pub fn attach(path: &Path) -> Result<(Source, Base), SourceError> {
         let err = |source| SourceError::Sqlite { path: path.to_path_buf(), source };
         let read = open_conn(path)?;
         let mode: String = read.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(err)?;
@@ -255,7 +275,7 @@ impl Source {
 
     /// Every page as of the commit `h` names: the newest frame of it up to there, else the
     /// database file (which no checkpoint can change past that commit while it is pinned).
-    fn base(&mut self, h: &ShmHeader) -> Result<OwnedCommit, SourceError> {
+    fn base(&mut self, h: &ShmHeader) -> Result<Base, SourceError> {
         let mut newest: HashMap<u32, std::ops::Range<usize>> = HashMap::new();
         let mut pos = Position { salt: h.salt, frame: 0, checksum: [0, 0], change: h.change };
         let mut wal = None;
@@ -276,23 +296,36 @@ impl Source {
             }
             _ => h.db_pages,
         };
-        let mut pages = Vec::with_capacity(db_pages as usize);
-        for p in 1..=db_pages {
-            let img = match (newest.get(&p), &wal) {
+        self.pos = pos;
+        Ok(Base { db_pages, page_size: self.page_size, change: pos.change, salt: h.salt, frame: h.max_frame, newest, wal })
+    }
+
+    /// Pages `pages` (clamped to the database's size) of the base `b`, as of its commit: from
+    /// the log where the commit's log holds them, else from the file, which no checkpoint
+    /// changes past that commit while the read transaction `attach` began is open.
+    pub fn base_pages(&self, b: &Base, pages: std::ops::RangeInclusive<u32>) -> Result<Vec<(u32, Vec<u8>)>, SourceError> {
+        let (from, to) = ((*pages.start()).max(1), (*pages.end()).min(b.db_pages));
+        let mut out = Vec::with_capacity(to.saturating_sub(from).saturating_add(1) as usize);
+        for p in from..=to {
+            let img = match (b.newest.get(&p), &b.wal) {
                 (Some(r), Some(w)) => w[r.clone()].to_vec(),
                 _ => {
-                    let mut b = vec![0u8; self.page_size];
+                    let mut img = vec![0u8; self.page_size];
                     let at = (p as u64 - 1) * self.page_size as u64;
                     // Pages past the file's end (a commit grew the db without writing them) are zeros.
-                    let n = read_full_at(&self.db, &mut b, at).map_err(|e| self.io("", e))?;
-                    b[n..].fill(0);
-                    b
+                    let n = read_full_at(&self.db, &mut img, at).map_err(|e| self.io("", e))?;
+                    img[n..].fill(0);
+                    img
                 }
             };
-            pages.push((p, img));
+            out.push((p, img));
         }
-        self.pos = pos;
-        Ok(OwnedCommit { pages, db_pages, change: pos.change, salt: h.salt, frame: h.max_frame })
+        Ok(out)
+    }
+
+    /// The whole base as one commit (every page in memory: for small databases and tests).
+    pub fn base_commit(&self, b: &Base) -> Result<OwnedCommit, SourceError> {
+        Ok(OwnedCommit { pages: self.base_pages(b, 1..=b.db_pages)?, db_pages: b.db_pages, change: b.change, salt: b.salt, frame: b.frame })
     }
 
     /// The commits published since the last read, in order; none when nothing changed. Proves

@@ -203,15 +203,46 @@ fn with_mirror<T>(root: &Path, rel: &[u8], page_size: u32, f: impl FnOnce(&mut M
     })
 }
 
+/// Page images an apply holds at once: a longer run (a base of a large database) is read and
+/// written in parts of about this size, within its one transaction.
+const APPLY_BYTES: usize = 64 << 20;
+
 /// Applies commits of the database at `rel` to the mirror, as one SQLite transaction.
 pub fn apply_pages(root: &Path, rel: &[u8], page_size: u32, commits: &[(u32, &[(u32, Id)])], chunks: &dyn Chunks) -> Result<(), ShadowError> {
-    let mut plain: Vec<Vec<(u32, Vec<u8>)>> = Vec::with_capacity(commits.len());
-    for (_, pages) in commits {
-        plain.push(pages.iter().map(|(p, id)| chunks.chunk(id).map(|b| (*p, b))).collect::<Result<_, _>>()?);
+    let mut begun = false;
+    let r = (|| {
+        let mut start = 0;
+        while start < commits.len() {
+            let (mut end, mut bytes) = (start, 0usize);
+            while end < commits.len() && (end == start || bytes + commits[end].1.len() * page_size as usize <= APPLY_BYTES) {
+                bytes += commits[end].1.len() * page_size as usize;
+                end += 1;
+            }
+            let mut plain: Vec<Vec<(u32, Vec<u8>)>> = Vec::with_capacity(end - start);
+            for (_, pages) in &commits[start..end] {
+                plain.push(pages.iter().map(|(p, id)| chunks.chunk(id).map(|b| (*p, b))).collect::<Result<_, _>>()?);
+            }
+            let refs: Vec<Vec<(u32, &[u8])>> = plain.iter().map(|c| c.iter().map(|(p, b)| (*p, b.as_slice())).collect()).collect();
+            let batch: Vec<PageCommit<'_>> = commits[start..end].iter().zip(&refs).map(|((db_pages, _), pages)| PageCommit { pages, db_pages: *db_pages }).collect();
+            with_mirror(root, rel, page_size, |m| {
+                if !begun {
+                    m.begin()?;
+                }
+                m.write(&batch)
+            })?;
+            begun = true;
+            start = end;
+        }
+        with_mirror(root, rel, page_size, |m| m.commit())
+    })();
+    if r.is_err() && begun {
+        // A chunk that could not be read leaves the transaction open: nothing of it stays.
+        let _ = with_mirror(root, rel, page_size, |m| {
+            m.rollback();
+            Ok(())
+        });
     }
-    let refs: Vec<Vec<(u32, &[u8])>> = plain.iter().map(|c| c.iter().map(|(p, b)| (*p, b.as_slice())).collect()).collect();
-    let batch: Vec<PageCommit<'_>> = commits.iter().zip(&refs).map(|((db_pages, _), pages)| PageCommit { pages, db_pages: *db_pages }).collect();
-    with_mirror(root, rel, page_size, |m| m.apply(&batch))
+    r
 }
 
 /// Page 1 of a mirror as the primary wrote it: SQLite's pager sets the header's change counter

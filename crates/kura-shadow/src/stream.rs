@@ -457,7 +457,22 @@ impl Stream {
 
     fn spawn_applier(self: &Arc<Self>) -> Result<(), ShadowError> {
         let me = self.clone();
-        std::thread::Builder::new().name(format!("kura-apply-{}", self.name)).spawn(move || me.apply_loop()).map(drop).map_err(|e| ShadowError::io(&self.mirror, e))
+        let run = move || {
+            while !me.stop.load(Ordering::SeqCst) {
+                let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.clone().apply_loop())) else { break };
+                // A bug costs the stream a restart of its applier (from the applied record,
+                // reconciling first), never the applying for good behind a healthy status.
+                let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+                tracing::error!(stream = %me.name, "the applier failed ({what}); restarting it");
+                if let Ok(mut a) = me.apply_error.lock() {
+                    *a = Some(format!("the applier failed ({what}); restarting it"));
+                }
+                crate::sqlite_stream::forget_mirrors();
+                me.reconciled.store(false, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        };
+        std::thread::Builder::new().name(format!("kura-apply-{}", self.name)).spawn(run).map(drop).map_err(|e| ShadowError::io(&self.mirror, e))
     }
 
     fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -999,8 +1014,11 @@ impl Stream {
                         due = Some(e.recv_ns.saturating_add(delay));
                         break;
                     }
+                    // A base's records before its last are no state of the database: the batch
+                    // goes on to its last, which the run waits for (below).
+                    let partial = matches!(e.op, Op::Pages { frame, .. } if frame == crate::sqlite_push::PARTIAL);
                     out.push((e.seq, e.recv_ns, e.op.clone()));
-                    if out.len() >= 256 {
+                    if out.len() >= 256 && !partial {
                         break;
                     }
                 }
@@ -1061,6 +1079,7 @@ impl Stream {
             }
             let mut done = applied;
             let mut failed = None;
+            let mut incomplete = false;
             // A backup of the mirror holding the lock shared waits for this run to end, and
             // this run for the backup (the journal keeps receiving meanwhile).
             if let Err(e) = self.apply_lock.lock() {
@@ -1092,6 +1111,12 @@ impl Stream {
                     // A database's consecutive commits go in as one SQLite transaction (never
                     // destructive: nothing in the run is held or discarded).
                     let run = batch[i - 1..].iter().take_while(|(_, _, o)| matches!(o, Op::Pages { path: p, page_size: ps, .. } if p == path && ps == page_size)).count();
+                    if i - 1 + run == batch.len() && matches!(batch[i + run - 2].2, Op::Pages { frame, .. } if frame == crate::sqlite_push::PARTIAL) {
+                        // The rest of a base is on its way: applied with it as one transaction,
+                        // so no reader ever sees half a base.
+                        incomplete = true;
+                        break;
+                    }
                     let commits: Vec<(u32, &[(u32, Id)])> = batch[i - 1..i - 1 + run]
                         .iter()
                         .filter_map(|(_, _, o)| match o {
@@ -1150,6 +1175,13 @@ impl Stream {
             if done > applied {
                 let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                 self.changed.notify_all();
+            }
+            if incomplete && failed.is_none() {
+                // Until the journal grows (or a second: a stop).
+                let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                if self.lock_inner().journal.head() <= batch.last().map_or(applied, |b| b.0) {
+                    let _ = self.changed.wait_timeout(g, Duration::from_secs(1));
+                }
             }
             match failed {
                 Some(e) => {

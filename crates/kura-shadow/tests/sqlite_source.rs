@@ -48,8 +48,8 @@ fn digest(path: &Path) -> (i64, i64, i64, i64) {
 /// Attaches to the database and gives the mirror its base.
 fn follow(db: &Path, mirror_path: &Path) -> (Source, Mirror) {
     let (src, base) = Source::attach(db).unwrap();
-    let mut mirror = Mirror::open(mirror_path, base.pages[0].1.len()).unwrap();
-    apply(&mut mirror, std::slice::from_ref(&base));
+    let mut mirror = Mirror::open(mirror_path, base.page_size).unwrap();
+    apply(&mut mirror, std::slice::from_ref(&src.base_commit(&base).unwrap()));
     (src, mirror)
 }
 
@@ -196,7 +196,7 @@ fn checkpoints_the_application_forces_and_a_replaced_database_are_followed() {
     assert!(matches!(e, SourceError::Resync { .. }) && e.to_string().contains("replaced"), "{e}");
     drop(src);
     let (mut src, base) = Source::attach(&db).unwrap();
-    apply(&mut mirror, std::slice::from_ref(&base));
+    apply(&mut mirror, std::slice::from_ref(&src.base_commit(&base).unwrap()));
     apply(&mut mirror, &src.poll().unwrap());
     integrity_check(&mirror_path).unwrap();
     assert_eq!(digest(&mirror_path), digest(&db));

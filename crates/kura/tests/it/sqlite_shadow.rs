@@ -420,3 +420,45 @@ fn a_copy_damaged_while_the_standby_was_down_is_rebuilt_from_the_journal() {
     converge(&sb, &db, &copy, &log);
     assert!(sb.status()["apply_error"].is_null(), "{}", sb.status());
 }
+
+/// A database over 1 GiB (SQLite's lock-byte page lies inside it; its base goes in 18
+/// records): the pusher's memory stays bounded by a record's, not the database's size; the
+/// application's commits, written past the lock-byte page, reach the copy; the head restores
+/// and passes `integrity_check`. The primary's files live in /dev/shm where there is one.
+#[test]
+fn a_database_over_1_gib_is_shadowed_in_bounded_memory_and_restores() {
+    let sb = Standby::start();
+    let ram = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" }).unwrap();
+    let log = ram.path().join("push.log");
+    let db = ram.path().join("big.db");
+    // 1,100 rows of 1 MiB: overflow pages of zeros, each distinct by its next-page pointer.
+    let made = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3, sys\ndb = sqlite3.connect(sys.argv[1], isolation_level=None)\ndb.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB)')\ndb.execute('BEGIN')\nfor i in range(1100):\n    db.execute('INSERT INTO big (b) VALUES (zeroblob(1048576))')\ndb.execute('COMMIT')\ndb.execute('PRAGMA wal_checkpoint(TRUNCATE)')")
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert!(std::fs::metadata(&db).unwrap().len() > 1 << 30);
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    let copy = sb.mirror().join("big.db");
+    let count = |p: &Path| -> Option<i64> { Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?.query_row("SELECT count(*) FROM big", [], |r| r.get(0)).ok() };
+    converge_by(&sb, &db, &copy, &log, count);
+    // The application's tables and rows go after the 1,100 MiB: past the lock-byte page.
+    App::start(&db, 300, "0.001").finish();
+    converge(&sb, &db, &copy, &log);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", push.id())).unwrap();
+    let peak_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap();
+    eprintln!("pusher of a 1.1 GiB database: peak RSS {} MiB", peak_kib >> 10);
+    assert!(peak_kib < 512 << 10, "the pusher of a 1.1 GiB database peaked at {peak_kib} KiB");
+    kill9(&mut push);
+    assert_eq!(integrity(&copy), "ok");
+    let target = ram.path().join("restored.db");
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--target", target.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(integrity(&target), "ok");
+    assert!(std::fs::metadata(&target).unwrap().len() > 1 << 30);
+    assert_eq!((rows(&target), count(&target)), (rows(&db), Some(1100)));
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+}
