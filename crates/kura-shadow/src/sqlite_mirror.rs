@@ -90,6 +90,11 @@ impl Mirror {
         self.db_pages
     }
 
+    /// Its size in pages as the open transaction leaves it so far (else [`Mirror::db_pages`]).
+    pub fn size(&self) -> u32 {
+        self.tx.as_ref().map_or(self.db_pages, |t| t.size)
+    }
+
     /// Its page size.
     pub fn page_size(&self) -> usize {
         self.page_size

@@ -209,26 +209,57 @@ const APPLY_BYTES: usize = 64 << 20;
 
 /// Applies commits of the database at `rel` to the mirror, as one SQLite transaction.
 pub fn apply_pages(root: &Path, rel: &[u8], page_size: u32, commits: &[(u32, &[(u32, Id)])], chunks: &dyn Chunks) -> Result<(), ShadowError> {
+    apply_pages_in(root, rel, page_size, commits, chunks, APPLY_BYTES)
+}
+
+/// A commit's size (0: worked out when written) and pages, or part of them.
+type Piece<'a> = (u32, std::borrow::Cow<'a, [(u32, Id)]>);
+
+/// [`apply_pages`] holding at most `part_bytes` of page images at once.
+fn apply_pages_in(root: &Path, rel: &[u8], page_size: u32, commits: &[(u32, &[(u32, Id)])], chunks: &dyn Chunks, part_bytes: usize) -> Result<(), ShadowError> {
+    // A commit larger than a part (a base, a reconcile of a whole database) goes in pieces in
+    // page order; the pieces before its last leave the database at least as large as the
+    // pages they wrote (size 0 below: worked out against the mirror's size when written).
+    let per = (part_bytes / page_size.max(1) as usize).max(1);
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    for (db_pages, pages) in commits {
+        if pages.len() <= per {
+            pieces.push((*db_pages, std::borrow::Cow::Borrowed(*pages)));
+            continue;
+        }
+        let mut sorted = pages.to_vec();
+        sorted.sort_by_key(|(p, _)| *p);
+        let n = sorted.len().div_ceil(per);
+        for (k, part) in sorted.chunks(per).enumerate() {
+            pieces.push((if k + 1 == n { *db_pages } else { 0 }, std::borrow::Cow::Owned(part.to_vec())));
+        }
+    }
     let mut begun = false;
     let r = (|| {
         let mut start = 0;
-        while start < commits.len() {
+        while start < pieces.len() {
             let (mut end, mut bytes) = (start, 0usize);
-            while end < commits.len() && (end == start || bytes + commits[end].1.len() * page_size as usize <= APPLY_BYTES) {
-                bytes += commits[end].1.len() * page_size as usize;
+            while end < pieces.len() && (end == start || bytes + pieces[end].1.len() * page_size as usize <= part_bytes) {
+                bytes += pieces[end].1.len() * page_size as usize;
                 end += 1;
             }
             let mut plain: Vec<Vec<(u32, Vec<u8>)>> = Vec::with_capacity(end - start);
-            for (_, pages) in &commits[start..end] {
+            for (_, pages) in &pieces[start..end] {
                 plain.push(pages.iter().map(|(p, id)| chunks.chunk(id).map(|b| (*p, b))).collect::<Result<_, _>>()?);
             }
             let refs: Vec<Vec<(u32, &[u8])>> = plain.iter().map(|c| c.iter().map(|(p, b)| (*p, b.as_slice())).collect()).collect();
-            let batch: Vec<PageCommit<'_>> = commits[start..end].iter().zip(&refs).map(|((db_pages, _), pages)| PageCommit { pages, db_pages: *db_pages }).collect();
             with_mirror(root, rel, page_size, |m| {
                 if !begun {
                     m.begin()?;
                 }
-                m.write(&batch)
+                for ((db_pages, _), pages) in pieces[start..end].iter().zip(&refs) {
+                    let db_pages = match db_pages {
+                        0 => pages.iter().map(|(p, _)| *p).max().unwrap_or(0).max(m.size()),
+                        n => *n,
+                    };
+                    m.write(&[PageCommit { pages, db_pages }])?;
+                }
+                Ok(())
             })?;
             begun = true;
             start = end;
@@ -397,5 +428,52 @@ mod tests {
         assert_eq!((m.get(b"d/db").unwrap().content.len(), m.totals()), (2, (1, 2 * 4096)));
         assert!(is_side_file(&m, b"d/db-wal") && !is_side_file(&m, b"d/dbx-wal"));
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    struct Pages(std::collections::HashMap<Id, Vec<u8>>);
+    impl Chunks for Pages {
+        fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
+            self.0.get(id).cloned().ok_or_else(|| ShadowError::Corrupt { what: "test".into(), detail: "no chunk".into() })
+        }
+    }
+
+    /// A whole database in one commit, and then two pages far apart, each applied in parts of
+    /// 7 pages within one transaction: the copy is the database both times (no page of the
+    /// second commit's range zeroed, page 1 consistent with the size).
+    #[test]
+    fn a_commit_larger_than_a_part_goes_in_pieces_and_leaves_the_database_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src.db");
+        let c = rusqlite::Connection::open(&src).unwrap();
+        c.execute_batch("PRAGMA page_size=512; CREATE TABLE t (n INTEGER PRIMARY KEY, v TEXT); WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 400) INSERT INTO t SELECT n, printf('%.60c', 'x') FROM s;").unwrap();
+        let read = |c: &Pages| {
+            let mut out = Vec::new();
+            let mut map = c.0.clone();
+            Mirror::read_pages(&src, |p, img| {
+                let id = Id(*blake3::hash(img).as_bytes());
+                map.insert(id, img.to_vec());
+                out.push((p, id));
+            })
+            .unwrap();
+            (out, Pages(map))
+        };
+        let (all, chunks) = read(&Pages(Default::default()));
+        assert!(all.len() > 30, "{}", all.len());
+        let root = d.path().join("mirror");
+        std::fs::create_dir_all(&root).unwrap();
+        apply_pages_in(&root, b"app.db", 512, &[(all.len() as u32, &all)], &chunks, 7 * 512).unwrap();
+        let sum = |p: &Path| -> (i64, String) {
+            let c = rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let q: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+            (c.query_row("SELECT sum(n) + sum(length(v)) FROM t", [], |r| r.get(0)).unwrap(), q)
+        };
+        assert_eq!(sum(&root.join("app.db")), sum(&src));
+        c.execute_batch("UPDATE t SET v = 'changed' WHERE n IN (3, 398)").unwrap();
+        let (now, chunks) = read(&chunks);
+        let changed: Vec<(u32, Id)> = now.iter().filter(|x| !all.contains(x)).copied().collect();
+        assert!(changed.len() >= 2, "{changed:?}");
+        apply_pages_in(&root, b"app.db", 512, &[(now.len() as u32, &changed)], &chunks, 512).unwrap();
+        assert_eq!(sum(&root.join("app.db")), sum(&src));
+        forget_mirrors();
     }
 }
