@@ -86,6 +86,7 @@ async fn access_log(
     // to the debug level (the metrics count them), or the log would grow by gigabytes a day.
     let routine = resp.status().is_success()
         && path.starts_with("/v1/shadow/")
+        && !path.contains("/branch/")
         && (path.ends_with("/append") || path.ends_with("/wait"));
     let (status, ms) = (resp.status().as_u16(), start.elapsed().as_millis() as u64);
     if routine {

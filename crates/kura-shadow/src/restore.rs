@@ -4,6 +4,7 @@
 
 use crate::apply::{self, Chunks};
 use crate::journal::{Entry, Journal, StreamFile};
+use crate::record::Op;
 use crate::{ShadowError, path};
 use kura_repo::{Id, NodeKind};
 use std::path::Path;
@@ -82,6 +83,26 @@ pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &P
         Moment::Txid(n) if n > j.head() => return Err(ShadowError::Usage(format!("transaction {n} is past the newest the standby received ({})", j.head()))),
         Moment::Txid(n) if n < j.base().seq => return Err(ShadowError::Usage(format!("transaction {n} is older than the journal's window (it starts at {})", j.base().seq))),
         Moment::Txid(n) => n,
+    };
+    // A base's parts before its last are no state of the database: a moment within a base
+    // restores the state before it; a transaction number of one is refused.
+    let e = j.entries();
+    let is_part = |s: u64| e.get(e.partition_point(|x| x.seq < s)).is_some_and(|x| x.seq == s && matches!(x.op, Op::Pages { frame, .. } if frame == crate::sqlite_push::PARTIAL));
+    let seq = match when {
+        Moment::Txid(n) if is_part(n) => {
+            let whole = e.iter().find(|x| x.seq > n && !is_part(x.seq)).map(|x| x.seq);
+            return Err(ShadowError::Usage(format!(
+                "record {n} is a part of a database copy sent in several records, not a transaction{}",
+                whole.map(|w| format!(": the copy is whole at record {w}")).unwrap_or_default()
+            )));
+        }
+        _ => {
+            let mut s = seq;
+            while s > j.base().seq && is_part(s) {
+                s -= 1;
+            }
+            s
+        }
     };
     let m = j.manifest_at(seq);
     let dbs: Vec<&Vec<u8>> = m.iter().filter(|(_, n)| crate::sqlite_stream::page_size_of(n).is_some()).map(|(k, _)| k).collect();

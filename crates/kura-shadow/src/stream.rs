@@ -122,6 +122,11 @@ pub struct StreamStatus {
     pub sqlite_position: Option<SqlitePosition>,
 }
 
+/// Whether `op` is a part of a base before its last (no state of the database).
+fn is_partial(op: &Op) -> bool {
+    matches!(op, Op::Pages { frame, .. } if *frame == crate::sqlite_push::PARTIAL)
+}
+
 /// A SQLite primary's position after a commit (FORMAT.md §15, op `Pages`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SqlitePosition {
@@ -1016,7 +1021,7 @@ impl Stream {
                     }
                     // A base's records before its last are no state of the database: the batch
                     // goes on to its last, which the run waits for (below).
-                    let partial = matches!(e.op, Op::Pages { frame, .. } if frame == crate::sqlite_push::PARTIAL);
+                    let partial = is_partial(&e.op);
                     out.push((e.seq, e.recv_ns, e.op.clone()));
                     if out.len() >= 256 && !partial {
                         break;
@@ -1111,11 +1116,23 @@ impl Stream {
                     // A database's consecutive commits go in as one SQLite transaction (never
                     // destructive: nothing in the run is held or discarded).
                     let run = batch[i - 1..].iter().take_while(|(_, _, o)| matches!(o, Op::Pages { path: p, page_size: ps, .. } if p == path && ps == page_size)).count();
-                    if i - 1 + run == batch.len() && matches!(batch[i + run - 2].2, Op::Pages { frame, .. } if frame == crate::sqlite_push::PARTIAL) {
-                        // The rest of a base is on its way: applied with it as one transaction,
-                        // so no reader ever sees half a base.
-                        incomplete = true;
-                        break;
+                    if is_partial(&batch[i + run - 2].2) {
+                        if i - 1 + run == batch.len() {
+                            // The rest of a base is on its way: applied with it as one
+                            // transaction, so no reader ever sees half a base.
+                            incomplete = true;
+                            break;
+                        }
+                        if matches!(&batch[i - 1 + run].2, Op::Pages { path: p, .. } if p == path) {
+                            // A base cut off and followed by one of another page size, which
+                            // replaces the whole copy: its parts are never written.
+                            for (s, _, o) in &batch[i - 1..i - 1 + run] {
+                                tree.apply(o);
+                                done = *s;
+                            }
+                            i += run - 1;
+                            continue;
+                        }
                     }
                     let commits: Vec<(u32, &[(u32, Id)])> = batch[i - 1..i - 1 + run]
                         .iter()
@@ -1177,10 +1194,22 @@ impl Stream {
                 self.changed.notify_all();
             }
             if incomplete && failed.is_none() {
-                // Until the journal grows (or a second: a stop).
-                let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-                if self.lock_inner().journal.head() <= batch.last().map_or(applied, |b| b.0) {
-                    let _ = self.changed.wait_timeout(g, Duration::from_secs(1));
+                // Until the base's last record is in (or due), not at every append of its
+                // parts: each new batch copies the page lists of every part so far.
+                loop {
+                    let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let wait = match next_due {
+                        Some(d) => Duration::from_nanos(d.saturating_sub(crate::now_ns()).max(0) as u64),
+                        None if self.lock_inner().journal.entries().last().is_some_and(|e| is_partial(&e.op)) => Duration::from_secs(1),
+                        None => Duration::ZERO,
+                    };
+                    if wait.is_zero() || self.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let _ = self.changed.wait_timeout(g, wait.min(Duration::from_secs(1)));
+                    if next_due.is_some() {
+                        break;
+                    }
                 }
             }
             match failed {

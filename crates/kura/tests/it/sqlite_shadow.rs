@@ -422,9 +422,11 @@ fn a_copy_damaged_while_the_standby_was_down_is_rebuilt_from_the_journal() {
 }
 
 /// A database over 1 GiB (SQLite's lock-byte page lies inside it; its base goes in 18
-/// records): the pusher's memory stays bounded by a record's, not the database's size; the
-/// application's commits, written past the lock-byte page, reach the copy; the head restores
-/// and passes `integrity_check`. The primary's files live in /dev/shm where there is one.
+/// records): a pusher killed halfway through the base leaves the copy untouched and the next
+/// one finishes it; the pusher's memory stays bounded by a record's, not the database's size;
+/// the application's commits, written past the lock-byte page, reach the copy; the head
+/// restores and passes `integrity_check`. The primary's files live in /dev/shm where there is
+/// one.
 #[test]
 fn a_database_over_1_gib_is_shadowed_in_bounded_memory_and_restores() {
     let sb = Standby::start();
@@ -440,9 +442,26 @@ fn a_database_over_1_gib_is_shadowed_in_bounded_memory_and_restores() {
         .unwrap();
     assert!(made.success());
     assert!(std::fs::metadata(&db).unwrap().len() > 1 << 30);
-    let mut push = pusher(&sb, &db, &sb.url(), &log);
     let copy = sb.mirror().join("big.db");
     let count = |p: &Path| -> Option<i64> { Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?.query_row("SELECT count(*) FROM big", [], |r| r.get(0)).ok() };
+    // The pusher killed while the base is on its way (64 MiB of pages a record): the standby
+    // applies none of it, and the next pusher finishes it.
+    let parts = std::fs::metadata(&db).unwrap().len().div_ceil(64 << 20);
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    let t = Instant::now();
+    while sb.status()["head"].as_u64().unwrap_or(0) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no part of the base arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(&mut push);
+    let head = sb.status()["head"].as_u64().unwrap();
+    assert!(head < parts, "the base was whole ({head} records) before the pusher was killed");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!((sb.status()["applied"].as_u64(), count(&copy)), (Some(0), None), "half a base reached the copy");
+    let part = ram.path().join("part.db");
+    let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--txid", "1", "--target", part.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("not a transaction") && !part.exists(), "{}", stderr(&o));
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
     converge_by(&sb, &db, &copy, &log, count);
     // The application's tables and rows go after the 1,100 MiB: past the lock-byte page.
     App::start(&db, 300, "0.001").finish();
