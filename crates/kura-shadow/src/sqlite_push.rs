@@ -6,7 +6,8 @@
 //! restart of either side loses is ever missing from the standby for longer than a reconnect.
 
 use crate::capture::Pending;
-use crate::push::{Outbox, Sent, Target, checked_epoch, id_key};
+use crate::push::{Link, Outbox, Sent, Target, checked_epoch, id_key};
+use crate::verify::Verified;
 use crate::record::{ChunkMeta, Op};
 use crate::sqlite_source::{OwnedCommit, Source, SourceError};
 use crate::sqlite_stream::page_size_of;
@@ -254,6 +255,62 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
         last_contact = Instant::now();
     }
     Ok(())
+}
+
+/// How far back from the standby's head the record of a verified commit is looked for.
+const VERIFY_LOOKBACK: u64 = 1_000;
+
+/// On the primary: the database's pages as of one commit, hashed, compared with the standby's
+/// entry as of its record of that same commit (found once the standby has applied it, within
+/// `timeout`), so a database written meanwhile is compared at one moment on both sides. With
+/// `repair`, an attachment then sends what differs from the standby's newest tree.
+pub fn verify_sqlite(link: &Link, db: &Path, name: &[u8], state_dir: &Path, repair: bool, timeout: Duration) -> Result<(Verified, Sent), ShadowError> {
+    let st = link.status()?;
+    let key = id_key(&st)?;
+    let (src, base) = Source::attach(db).map_err(source_err)?;
+    let mut mine: Vec<Id> = Vec::with_capacity(base.db_pages as usize);
+    let per = (BASE_BYTES / base.page_size.max(1)).max(1) as u32;
+    let mut from = 1u32;
+    while from <= base.db_pages {
+        let to = from.saturating_add(per - 1).min(base.db_pages);
+        mine.extend(src.base_pages(&base, from..=to).map_err(source_err)?.iter().map(|(_, img)| Id(*blake3::keyed_hash(&key, img).as_bytes())));
+        from = to + 1;
+    }
+    let (change, salt, frame, page_size) = (base.change, base.salt, base.frame, base.page_size as u32);
+    // The read transaction ends here: the application's checkpoints go on.
+    drop((src, base));
+    let same = |op: &Op| matches!(op, Op::Pages { path, change: c, salt: s, frame: f, .. } if path.as_slice() == name && *f != PARTIAL && if frame == 0 { *c == change } else { *s == salt && *f == frame });
+    let deadline = Instant::now() + timeout;
+    let head = loop {
+        let now = link.status()?;
+        if now.sqlite_position.is_some_and(|p| p.holds(change, salt, frame)) {
+            break now.head;
+        }
+        if Instant::now() >= deadline {
+            return Err(ShadowError::Remote(format!("the standby did not apply the database's commit at log frame {frame} within {timeout:?}: is its pusher running?")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (mut after, mut at) = (st.head.min(head).saturating_sub(VERIFY_LOOKBACK), None);
+    while after < head {
+        let Some(r) = link.records(after, Duration::ZERO)? else {
+            return Err(ShadowError::Remote(format!("record {after} is no longer in the standby's journal")));
+        };
+        let Some(last) = r.records.last().map(|r| r.seq) else { break };
+        at = r.records.iter().filter(|r| r.seq <= head && same(&r.op)).map(|r| r.seq).next_back().or(at);
+        after = last;
+    }
+    let at = at.ok_or_else(|| ShadowError::Remote(format!("the standby has no record of the database's commit at log frame {frame} among its newest {VERIFY_LOOKBACK}")))?;
+    let theirs = link.manifest_at(at)?.ok_or_else(|| ShadowError::Remote(format!("the standby has no tree for record {at}")))?;
+    let ids: &[Id] = theirs.get(name).filter(|n| page_size_of(n) == Some(page_size)).map(|n| n.content.as_slice()).unwrap_or_default();
+    let drift: Vec<Vec<u8>> = (0..mine.len().max(ids.len())).filter(|i| mine.get(*i) != ids.get(*i)).map(|i| [name, format!(" page {}", i + 1).as_bytes()].concat()).collect();
+    let mut v = Verified::new(mine.len().max(ids.len()), &drift, at);
+    let mut sent = Sent { head, ..Sent::default() };
+    if repair && !drift.is_empty() {
+        sent = sync_once(link, db, name, Some(state_dir))?;
+        v.repaired = true;
+    }
+    Ok((v, sent))
 }
 
 #[cfg(test)]

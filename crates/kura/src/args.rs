@@ -240,8 +240,15 @@ pub enum ShadowCommand {
     /// its journal (every file hashed). Exit 3 when something differs.
     Verify {
         /// This host's directory (the one it pushes).
+        #[arg(long, required_unless_present = "sqlite", conflicts_with = "sqlite")]
+        source: Option<PathBuf>,
+        /// This host's SQLite database (the one it pushes with `push --sqlite`): its pages as
+        /// of one commit against the standby's record of that commit.
         #[arg(long)]
-        source: PathBuf,
+        sqlite: Option<PathBuf>,
+        /// How long to wait for the standby to apply the database's commit (--sqlite).
+        #[arg(long, default_value = "60s")]
+        timeout: String,
         /// The standby's stream: kura://HOST:PORT/STREAM.
         #[arg(long)]
         to: String,

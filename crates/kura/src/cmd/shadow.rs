@@ -257,15 +257,25 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Verify { source, to, repair, state_dir: sd } => {
-            let source = std::fs::canonicalize(source).with_context(|| format!("source {}", source.display()))?;
+        ShadowCommand::Verify { source, sqlite, timeout, to, repair, state_dir: sd } => {
             let (l, ..) = link(cli, to)?;
-            let (primary, sent) = kura_shadow::verify::verify_primary(&l, &source, &state_dir(sd)?, *repair)?;
+            let (primary, sent) = match (source, sqlite) {
+                (_, Some(db)) => {
+                    let db = std::fs::canonicalize(db).with_context(|| format!("database {}", db.display()))?;
+                    let name = db.file_name().map(|n| n.as_encoded_bytes().to_vec()).context("a database file has a name")?;
+                    kura_shadow::sqlite_push::verify_sqlite(&l, &db, &name, &state_dir(sd)?, *repair, duration("--timeout", timeout)?)?
+                }
+                (Some(source), None) => {
+                    let source = std::fs::canonicalize(source).with_context(|| format!("source {}", source.display()))?;
+                    kura_shadow::verify::verify_primary(&l, &source, &state_dir(sd)?, *repair)?
+                }
+                (None, None) => anyhow::bail!("give --source DIR or --sqlite DB"),
+            };
             let standby = l.verify(*repair)?;
             if cli.json {
                 outln!("{}", serde_json::json!({"primary": primary, "standby": standby, "sent_records": sent.records}));
             } else {
-                for (what, v) in [("this host vs the standby's tree", &primary), ("the standby's mirror vs its journal", &standby)] {
+                for (what, v) in [("this host vs the standby's record of it", &primary), ("the standby's mirror vs its journal", &standby)] {
                     let fixed = if v.repaired { " (repaired)" } else { "" };
                     outln!("{what}: {} entries at record {}, {} differ{fixed}", v.entries, v.record, v.drifted);
                     for p in &v.drift {

@@ -203,10 +203,16 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--txid", &(head + 10).to_string(), "--target", past.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("past the newest"), "{}", stderr(&o));
     assert!(!past.exists());
-    // The standby's own check: its copy, read through SQLite, is its journal's head.
-    let o = sb.run(&["--json", "shadow", "verify", "--source", work.path().to_str().unwrap(), "--to", &sb.url()]);
+    // Verification while the application writes: the database's pages at one commit against
+    // the standby's record of that commit, and the standby's copy, read through SQLite,
+    // against its journal.
+    let app = App::start(&db, 300, "0.002");
+    let o = sb.run(&["--json", "shadow", "verify", "--sqlite", db.to_str().unwrap(), "--to", &sb.url()]);
+    app.finish();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    assert_eq!(v["standby"]["drifted"], 0, "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert!(o.status.success() && v["primary"]["drifted"] == 0 && v["primary"]["record"].as_u64() > Some(head) && v["standby"]["drifted"] == 0, "{} {}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    converge(&sb, &db, &copy, &log);
+    let head = sb.status()["head"].as_u64().unwrap();
     // Failover of a database stream is refused, with what to do instead.
     let o = sb.kura(&sb.token("admin"), &["shadow", "promote", "--to", &sb.url()]).output().unwrap();
     assert!(!o.status.success() && stderr(&o).contains("SQLite database app.db"), "{}", stderr(&o));
@@ -222,7 +228,34 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     let gen_db = crate::util::restored(&back, &sb.mirror()).join("app.db");
     assert_eq!(integrity(&gen_db), "ok");
     assert_eq!(rows(&gen_db), rows(&db));
+    // A page changed behind SQLite's back (bit rot on the primary, no commit): verify names
+    // it, --repair sends it, and the next verify finds nothing. The log restarted and one
+    // commit in it, so the page is read from the file.
+    let o = Command::new("python3").arg("-c").arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()").arg(&db).output().unwrap();
+    assert!(o.status.success());
+    App::start(&db, 1, "0").finish();
+    converge(&sb, &db, &copy, &log);
     kill9(&mut push);
+    let mut bytes = std::fs::read(&db).unwrap();
+    let rot = bytes.len() / 4096 / 2;
+    bytes[rot * 4096 + 2048] ^= 0x20;
+    std::fs::write(&db, &bytes).unwrap();
+    let url = sb.url();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["--json", "shadow", "verify", "--sqlite", db.to_str().unwrap(), "--to", &url];
+        args.extend_from_slice(extra);
+        let o = sb.run(&args);
+        (o.status.code(), serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default(), stderr(&o))
+    };
+    let (code, v, err) = verify(&[]);
+    assert_eq!((code, &v["primary"]["drift"]), (Some(3), &serde_json::json!([format!("app.db page {}", rot + 1)])), "{v} {err}");
+    let (code, v, err) = verify(&["--repair"]);
+    assert!(code == Some(0) && v["primary"]["repaired"] == true, "{v} {err}");
+    let t = Instant::now();
+    while verify(&[]).0 != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the repaired page never reached the standby: {:?}", verify(&[]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(!log.contains("panicked"), "{log}");
     // Thousands of appends, none in the server's log (it would grow by gigabytes a day); the
