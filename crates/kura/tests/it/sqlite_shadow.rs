@@ -404,6 +404,25 @@ fn killed_transactions_forced_checkpoints_and_a_replaced_database_all_reach_the_
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "busy 0", "the application's checkpoints were blocked");
     converge(&sb, &db, &copy, &log);
+
+    // A table of 1 MB dropped and the database VACUUMed: one commit rewriting every page and
+    // shrinking the file; the copy follows and stays whole.
+    let pages = |p: &Path| -> i64 { Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap().query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap() };
+    let o = Command::new("python3").arg("-c").arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('CREATE TABLE junk (b)'); c.execute('INSERT INTO junk SELECT randomblob(500) FROM t LIMIT 2000'); c.close()").arg(&db).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shape = |p: &Path| -> Option<(i64, i64)> {
+        let c = Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+        let junk: i64 = c.query_row("SELECT count(*) FROM sqlite_schema WHERE name = 'junk'", [], |r| r.get(0)).ok()?;
+        Some((junk, c.query_row("PRAGMA page_count", [], |r| r.get(0)).ok()?))
+    };
+    converge_by(&sb, &db, &copy, &log, shape);
+    let before = pages(&db);
+    let o = Command::new("python3").arg("-c").arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('DROP TABLE junk'); c.execute('VACUUM'); c.close()").arg(&db).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(pages(&db) < before, "VACUUM did not shrink the database");
+    converge_by(&sb, &db, &copy, &log, shape);
+    converge(&sb, &db, &copy, &log);
+    assert_eq!((integrity(&copy), pages(&copy)), ("ok".to_string(), pages(&db)));
     let before_replace = sb.status()["head"].as_u64().unwrap();
 
     // Another database moved over the file (the application stopped, as it must be): the
