@@ -453,19 +453,26 @@ mount -o remount,size=200m tmpfs "$M" || exit 94
     assert_same_tree(&src, &restored(&out, &src));
 }
 
+/// Writes `name` into `src`, backs it up, and flips a bit at byte `at` of the new pack larger
+/// than `min` bytes; returns the snapshot and that pack.
+fn back_up_and_rot(e: &Env, src: &std::path::Path, name: &str, content: &[u8], min: u64, at: usize) -> (String, std::path::PathBuf) {
+    let before: BTreeSet<_> = walk(&e.repo.join("data")).into_iter().collect();
+    fs::write(src.join(name), content).unwrap();
+    let snap = e.json(&["backup", src.to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
+    let pack = walk(&e.repo.join("data")).into_iter().find(|p| !before.contains(p) && fs::metadata(p).unwrap().len() > min).unwrap();
+    let mut b = fs::read(&pack).unwrap();
+    b[at] ^= 0x04;
+    fs::write(&pack, &b).unwrap();
+    (snap, pack)
+}
+
 #[test]
 fn bit_rot_is_repaired_healed_by_the_next_backup_and_pruned_away() {
     let e = Env::new();
     let src = small_safe_source(&e);
     let s = src.to_str().unwrap();
-    let before: BTreeSet<_> = walk(&e.repo.join("data")).into_iter().collect();
     let big = bytes(3_000_000, 77);
-    fs::write(src.join("big.bin"), &big).unwrap();
-    let damaged_snap = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
-    let pack = walk(&e.repo.join("data")).into_iter().find(|p| !before.contains(p) && fs::metadata(p).unwrap().len() > 1_000_000).unwrap();
-    let mut b = fs::read(&pack).unwrap();
-    b[1_500_000] ^= 0x04;
-    fs::write(&pack, &b).unwrap();
+    let (damaged_snap, pack) = back_up_and_rot(&e, &src, "big.bin", &big, 1_000_000, 1_500_000);
     // Found, and named.
     let o = e.run(&["check", "--read-data"]);
     assert_eq!(o.status.code(), Some(1));
@@ -501,14 +508,8 @@ fn a_pack_whose_every_blob_is_damaged_stays_out_of_the_index_until_prune_deletes
     let e = Env::new();
     let src = small_safe_source(&e);
     let s = src.to_str().unwrap();
-    let before: BTreeSet<_> = walk(&e.repo.join("data")).into_iter().collect();
     let lone = bytes(400_000, 78);
-    fs::write(src.join("lone.bin"), &lone).unwrap();
-    let damaged_snap = e.json(&["backup", s])["snapshot"].as_str().unwrap().to_string();
-    let pack = walk(&e.repo.join("data")).into_iter().find(|p| !before.contains(p) && fs::metadata(p).unwrap().len() > 300_000).unwrap();
-    let mut b = fs::read(&pack).unwrap();
-    b[200_000] ^= 0x10;
-    fs::write(&pack, &b).unwrap();
+    let (damaged_snap, pack) = back_up_and_rot(&e, &src, "lone.bin", &lone, 300_000, 200_000);
     let r = e.json(&["repair", "index", "--read-data"]);
     assert_eq!(r["damaged_blobs"].as_u64(), Some(1), "{r}");
     let r = e.json(&["repair", "snapshots"]);
