@@ -63,13 +63,26 @@ struct Pack {
     ids: Vec<Id>,
 }
 
+/// Where a chunk is (the map's key is its id: not repeated here, the map is the largest part
+/// of a standby's memory).
 #[derive(Clone)]
 struct Loc {
     file: Arc<File>,
     off: u64,
-    meta: ChunkMeta,
+    raw_len: u32,
+    zlen: u32,
     /// Newest record naming the chunk (0 when none within the window).
     last_ref: u64,
+}
+
+impl Loc {
+    fn new(file: Arc<File>, off: u64, c: &ChunkMeta, last_ref: u64) -> Loc {
+        Loc { file, off, raw_len: c.raw_len, zlen: c.zlen, last_ref }
+    }
+
+    fn handle(&self, id: Id) -> ChunkHandle {
+        ChunkHandle { file: self.file.clone(), off: self.off, meta: ChunkMeta { id, raw_len: self.raw_len, zlen: self.zlen } }
+    }
 }
 
 /// The tree before the first kept record: every pruned record folded in.
@@ -294,7 +307,7 @@ impl Journal {
         let mut off = (24 + len) as u64;
         let mut ids = Vec::with_capacity(list.len());
         for c in list {
-            self.chunks.entry(c.id).or_insert(Loc { file: file.clone(), off, meta: c, last_ref: 0 });
+            self.chunks.entry(c.id).or_insert_with(|| Loc::new(file.clone(), off, &c, 0));
             ids.push(c.id);
             off += u64::from(c.zlen);
         }
@@ -362,7 +375,7 @@ impl Journal {
         let mut off = data_off;
         for c in &meta.chunks {
             if let std::collections::hash_map::Entry::Vacant(v) = self.chunks.entry(c.id) {
-                v.insert(Loc { file: seg.file.clone(), off, meta: *c, last_ref: 0 });
+                v.insert(Loc::new(seg.file.clone(), off, c, 0));
                 seg.ids.push(c.id);
             }
             off += u64::from(c.zlen);
@@ -424,7 +437,7 @@ impl Journal {
 
     /// Where a chunk is, to read it without holding the journal.
     pub fn chunk(&self, id: &Id) -> Option<ChunkHandle> {
-        self.chunks.get(id).map(|l| ChunkHandle { file: l.file.clone(), off: l.off, meta: l.meta })
+        self.chunks.get(id).map(|l| l.handle(*id))
     }
 
     /// Appends a checked batch (`body` as received, `meta` decoded from it). It is written but
@@ -542,7 +555,7 @@ impl Journal {
         let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
         let fold: Vec<Entry> = self.entries.iter().take_while(|e| e.seq <= seq).cloned().collect();
         let recv_ns = fold.last().map(|e| e.recv_ns).unwrap_or(self.base.recv_ns);
-        let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, ChunkHandle { file: l.file.clone(), off: l.off, meta: l.meta }, l.last_ref));
+        let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, l.handle(*id), l.last_ref));
         let mut candidates = Vec::new();
         for s in &self.segments[..drop] {
             candidates.extend(s.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &s.file))).filter_map(handle));
@@ -625,7 +638,7 @@ impl Journal {
         for c in list {
             // The chunk now lives in the pack (the segment or pack it came from is going).
             let last_ref = self.chunks.get(&c.id).map(|l| l.last_ref).unwrap_or(0);
-            self.chunks.insert(c.id, Loc { file: file.clone(), off, meta: c, last_ref });
+            self.chunks.insert(c.id, Loc::new(file.clone(), off, &c, last_ref));
             ids.push(c.id);
             off += u64::from(c.zlen);
         }
