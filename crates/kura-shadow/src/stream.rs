@@ -240,6 +240,9 @@ pub struct Stream {
     /// The mirror was made equal to the journal at `applied` (at open, or since a failure that
     /// left it in doubt): the applier waits for that before it applies anything.
     reconciled: AtomicBool,
+    /// The deletions the applier made within the breaker's window (kept across a restart of
+    /// the applier: a burst split around it is still judged whole).
+    burst: Mutex<BurstWindow>,
     /// The burst the breaker holds, if any.
     held: Mutex<Option<Held>>,
     /// Records up to this one pass the breaker (released by an operator).
@@ -394,6 +397,7 @@ impl Stream {
             breaker: opts.breaker,
             max_database: opts.max_database,
             reconciled: AtomicBool::new(true),
+            burst: Mutex::new(BurstWindow::default()),
             held: Mutex::new(None),
             release_upto: AtomicU64::new(0),
             discard_upto: AtomicU64::new(0),
@@ -942,7 +946,8 @@ impl Stream {
     /// a burst of deletions before it reaches the mirror.
     fn apply_loop(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
-        let mut window = BurstWindow::default();
+        // Only this thread uses it; a panic leaves it as it was (poisoned, taken as it is).
+        let mut window = self.burst.lock().unwrap_or_else(|p| p.into_inner());
         // The newest applied record noted in `applied`, and when. Noting it renames a file,
         // which ext4 turns into a writeback: at hundreds of small runs a second (a database's
         // commits) that was most of a standby's CPU. A start from an older note reconciles the
