@@ -207,6 +207,11 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
     // the standby's record of that commit, and the standby's copy, read through SQLite,
     // against its journal.
     let app = App::start(&db, 300, "0.002");
+    let t = Instant::now();
+    while sb.status()["head"].as_u64().unwrap() < head + 10 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the application's commits never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let o = sb.run(&["--json", "shadow", "verify", "--sqlite", db.to_str().unwrap(), "--to", &sb.url()]);
     app.finish();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
