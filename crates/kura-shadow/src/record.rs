@@ -74,6 +74,12 @@ impl Op {
         }
     }
 
+    /// Whether this is a part of a database's base before its last: at no position of the
+    /// primary's log, no state of the database (FORMAT.md §15).
+    pub fn is_base_part(&self) -> bool {
+        matches!(self, Op::Pages { frame, .. } if *frame == crate::sqlite_push::PARTIAL)
+    }
+
     /// The chunks the record's content names (a file's, a database commit's pages).
     pub fn chunk_ids(&self) -> Box<dyn Iterator<Item = &Id> + '_> {
         match self {

@@ -4,7 +4,6 @@
 
 use crate::apply::{self, Chunks};
 use crate::journal::{Entry, Journal, StreamFile};
-use crate::record::Op;
 use crate::{ShadowError, path};
 use kura_repo::{Id, NodeKind};
 use std::path::Path;
@@ -87,7 +86,7 @@ pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &P
     // A base's parts before its last are no state of the database: a moment within a base
     // restores the state before it; a transaction number of one is refused.
     let e = j.entries();
-    let is_part = |s: u64| e.get(e.partition_point(|x| x.seq < s)).is_some_and(|x| x.seq == s && matches!(x.op, Op::Pages { frame, .. } if frame == crate::sqlite_push::PARTIAL));
+    let is_part = |s: u64| e.get(e.partition_point(|x| x.seq < s)).is_some_and(|x| x.seq == s && x.op.is_base_part());
     let seq = match when {
         Moment::Txid(n) if is_part(n) => {
             let whole = e.iter().find(|x| x.seq > n && !is_part(x.seq)).map(|x| x.seq);

@@ -38,6 +38,14 @@ const APPEND_EVERY: Duration = Duration::from_millis(4);
 /// With nothing to send, the standby hears from the primary this often.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// The page ranges a base of `db_pages` pages is read and sent in: at most [`BASE_BYTES`] of
+/// images and `cap` pages each; always one at least (empty, 1..=0, for a database of none).
+fn parts(db_pages: u32, page_size: u32, cap: usize) -> impl Iterator<Item = (u32, u32)> {
+    let per = (BASE_BYTES / page_size.max(1) as usize).clamp(1, cap.max(1)) as u64;
+    let n = u64::from(db_pages).div_ceil(per).max(1);
+    (0..n).map(move |k| ((k * per + 1) as u32, ((k + 1) * per).min(u64::from(db_pages)) as u32))
+}
+
 /// Reads pages `a..=b` of a base.
 type Reader<'a> = &'a mut dyn FnMut(u32, u32) -> Result<Vec<(u32, Vec<u8>)>, ShadowError>;
 /// Sends what is pending.
@@ -72,13 +80,10 @@ impl Copy {
     /// restore; those that change nothing are left out, but for the last. `at` is the base's
     /// size and position (its pages empty); `read(a, b)` reads pages a..=b.
     fn base(&mut self, at: &OwnedCommit, read: Reader<'_>, p: &mut Pending, send: Sender<'_>) -> Result<(), ShadowError> {
-        let per = (BASE_BYTES / self.page_size.max(1) as usize).clamp(1, self.base_pages.max(1)) as u32;
         // The parts before the last are at no position of the primary's log (frame u32::MAX):
         // `wait --sqlite` must not take one for the base.
         let partial = OwnedCommit { frame: PARTIAL, ..at.clone() };
-        let mut from = 1u32;
-        loop {
-            let to = from.saturating_add(per - 1).min(at.db_pages);
+        for (from, to) in parts(at.db_pages, self.page_size, self.base_pages) {
             let part = if from <= to { read(from, to)? } else { Vec::new() };
             let last = to >= at.db_pages;
             if last {
@@ -96,11 +101,8 @@ impl Copy {
             if !p.is_empty() {
                 send(p)?;
             }
-            if last {
-                return Ok(());
-            }
-            from = to + 1;
         }
+        Ok(())
     }
 
     /// One record: `written` (those that differ) in a database of `db_pages` pages, at the
@@ -269,17 +271,13 @@ pub fn verify_sqlite(link: &Link, db: &Path, name: &[u8], state_dir: &Path, repa
     let key = id_key(&st)?;
     let (src, base) = Source::attach(db).map_err(source_err)?;
     let mut mine: Vec<Id> = Vec::with_capacity(base.db_pages as usize);
-    let per = (BASE_BYTES / base.page_size.max(1)).max(1) as u32;
-    let mut from = 1u32;
-    while from <= base.db_pages {
-        let to = from.saturating_add(per - 1).min(base.db_pages);
+    for (from, to) in parts(base.db_pages, base.page_size as u32, BASE_PAGES) {
         mine.extend(src.base_pages(&base, from..=to).map_err(source_err)?.iter().map(|(_, img)| Id(*blake3::keyed_hash(&key, img).as_bytes())));
-        from = to + 1;
     }
     let (change, salt, frame, page_size) = (base.change, base.salt, base.frame, base.page_size as u32);
     // The read transaction ends here: the application's checkpoints go on.
     drop((src, base));
-    let same = |op: &Op| matches!(op, Op::Pages { path, change: c, salt: s, frame: f, .. } if path.as_slice() == name && *f != PARTIAL && if frame == 0 { *c == change } else { *s == salt && *f == frame });
+    let same = |op: &Op| !op.is_base_part() && matches!(op, Op::Pages { path, change: c, salt: s, frame: f, .. } if path.as_slice() == name && if frame == 0 { *c == change } else { *s == salt && *f == frame });
     let deadline = Instant::now() + timeout;
     let head = loop {
         let now = link.status()?;

@@ -122,11 +122,6 @@ pub struct StreamStatus {
     pub sqlite_position: Option<SqlitePosition>,
 }
 
-/// Whether `op` is a part of a base before its last (no state of the database).
-fn is_partial(op: &Op) -> bool {
-    matches!(op, Op::Pages { frame, .. } if *frame == crate::sqlite_push::PARTIAL)
-}
-
 /// A SQLite primary's position after a commit (FORMAT.md §15, op `Pages`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SqlitePosition {
@@ -875,7 +870,7 @@ impl Stream {
                 let upto = applied.min(self.durable.load(Ordering::SeqCst));
                 // The newest database commit at or before it (a look back of bounded length).
                 e[..e.partition_point(|e| e.seq <= upto)].iter().rev().take(4096).find_map(|e| match e.op {
-                    Op::Pages { change, salt, frame, .. } if frame != crate::sqlite_push::PARTIAL => Some(SqlitePosition { change, salt, frame }),
+                    Op::Pages { change, salt, frame, .. } if !e.op.is_base_part() => Some(SqlitePosition { change, salt, frame }),
                     _ => None,
                 })
             },
@@ -1005,7 +1000,7 @@ impl Stream {
                     }
                     // A base's records before its last are no state of the database: the batch
                     // goes on to its last, which the run waits for (below).
-                    let partial = is_partial(&e.op);
+                    let partial = e.op.is_base_part();
                     out.push((e.seq, e.recv_ns, e.op.clone()));
                     if out.len() >= 256 && !partial {
                         break;
@@ -1100,7 +1095,7 @@ impl Stream {
                     // A database's consecutive commits go in as one SQLite transaction (never
                     // destructive: nothing in the run is held or discarded).
                     let run = batch[i - 1..].iter().take_while(|(_, _, o)| matches!(o, Op::Pages { path: p, page_size: ps, .. } if p == path && ps == page_size)).count();
-                    if is_partial(&batch[i + run - 2].2) {
+                    if batch[i + run - 2].2.is_base_part() {
                         if i - 1 + run == batch.len() {
                             // The rest of a base is on its way: applied with it as one
                             // transaction, so no reader ever sees half a base.
@@ -1184,7 +1179,7 @@ impl Stream {
                     let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                     let wait = match next_due {
                         Some(d) => Duration::from_nanos(d.saturating_sub(crate::now_ns()).max(0) as u64),
-                        None if self.lock_inner().journal.entries().last().is_some_and(|e| is_partial(&e.op)) => Duration::from_secs(1),
+                        None if self.lock_inner().journal.entries().last().is_some_and(|e| e.op.is_base_part()) => Duration::from_secs(1),
                         None => Duration::ZERO,
                     };
                     if wait.is_zero() || self.stop.load(Ordering::SeqCst) {
