@@ -11,13 +11,16 @@
 # Then Litestream 0.5.17 on the same load through ../shared/bench/shadow-peers.sh (its default,
 # 100 ms and 1 ms intervals; LITESTREAM=0 skips it). Not part of CI.
 #   ROUNDS=3 RATE=1000 SECONDS_LOAD=60 bench/sqlite-shadow.sh
+# PERF=1 also records the server's profile over the load (perf report -i ROUND/serve.perf); the
+# sampling costs CPU, so its figures are not comparable with a run without it.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 ROUNDS=${ROUNDS:-3}
 RATE=${RATE:-1000}
 LOAD=${SECONDS_LOAD:-60}
-(cd "$ROOT" && cargo build --release --quiet -p kura)
-KURA=$ROOT/target/release/kura
+# KURA=path runs another build (an A/B comparison: run each in turn, several times).
+if [ -z "${KURA:-}" ]; then (cd "$ROOT" && cargo build --release --quiet -p kura); fi
+KURA=${KURA:-$ROOT/target/release/kura}
 W="$BENCH_DIR/sqlite-shadow"; rm -rf "$W"; mkdir -p "$W"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
@@ -61,14 +64,19 @@ print("rows %d lag_ms p50 %.2f p99 %.2f max %.2f" % (len(lags), q(0.5), q(0.99),
 PY
   OBS=$!
   sleep 1
-  J0=$(du -sb "$R/state/shadow/db/journal" | cut -f1)
+  # The journal's bytes as the standby counts them (its frames: du would count zeros written ahead).
+  jbytes() { "$KURA" --json shadow status --to "kura://$ADDR/db" | python3 -c 'import json,sys; print(json.load(sys.stdin)["journal_bytes"])'; }
+  J0=$(jbytes)
   P0=$(ticks $PUSH); S0=$(ticks $SERVE); T0=$(date +%s.%N)
   M0=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
+  if [ -n "${PERF:-}" ]; then perf record -q ${PERF_EVENT:+-e $PERF_EVENT} -F 499 ${PERF_CG:--g} -p "$SERVE" -o "$R/serve.perf" 2>/dev/null & PERFPID=$!; fi
+  if [ -n "${STRACE:-}" ]; then strace -c -f -p "$SERVE" -o "$R/serve.strace" & PERFPID=$!; fi
   python3 "$HERE/sqlite_writer.py" write "$R/app.db" "$RATE" "$LOAD" >"$R/writer.log"
+  if [ -n "${PERF:-}${STRACE:-}" ]; then kill -INT $PERFPID; wait $PERFPID || true; fi
   P1=$(ticks $PUSH); S1=$(ticks $SERVE); T1=$(date +%s.%N)
   M1=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
   wait $OBS
-  J1=$(du -sb "$R/state/shadow/db/journal" | cut -f1)
+  J1=$(jbytes)
   HEAD=$("$KURA" --json shadow status --to "kura://$ADDR/db" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')
   kill $PUSH $SERVE; wait $PUSH $SERVE 2>/dev/null || true
   RS=$(date +%s.%N)

@@ -237,10 +237,7 @@ pub async fn append(State(state): Shared, ConnectInfo(peer): ConnectInfo<SocketA
         Err(r) => return r,
     };
     s.touch();
-    match tokio::task::spawn_blocking(move || s.append(&body)).await {
-        Ok(r) => appended(&stream, r),
-        Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
-    }
+    appended(&stream, tokio::task::block_in_place(|| s.append(&body)))
 }
 
 /// The answer to an append: `{"head": N}`, or the refusal with its status.
