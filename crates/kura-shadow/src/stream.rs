@@ -224,6 +224,8 @@ pub struct Stream {
     applied_file: Mutex<Option<std::fs::File>>,
     /// Newest record synced to disk (an append is answered once it is).
     durable: AtomicU64,
+    /// How long the newest append's sync took (µs).
+    last_sync_us: AtomicU64,
     /// A failed sync: the journal's tail is in doubt until the standby restarts (and cuts it).
     sync_failed: Mutex<Option<String>>,
     /// Woken on appends (for the applier) and on applies (for waiters).
@@ -392,6 +394,7 @@ impl Stream {
             changed: Condvar::new(),
             lock: Mutex::new(()),
             sleepers: std::sync::atomic::AtomicUsize::new(0),
+            last_sync_us: AtomicU64::new(0),
             apply_error: Mutex::new(None),
             stop: AtomicBool::new(false),
             dir: dir.to_path_buf(),
@@ -523,6 +526,12 @@ impl Stream {
         g
     }
 
+    /// Whether appends are quick enough to run on an async worker: the newest one's sync took
+    /// under a millisecond (a server hands a slow disk's appends to a thread of their own).
+    pub fn syncs_fast(&self) -> bool {
+        self.last_sync_us.load(Ordering::Relaxed) < 1_000
+    }
+
     /// Checks and appends a batch; returns the new head once it is durable.
     pub fn append(&self, body: &[u8]) -> Result<u64, AppendError> {
         self.append_from(body, false)
@@ -597,9 +606,10 @@ impl Stream {
         // segment covers every frame written before it, so concurrent appends share their
         // work). A thread of its own for it cost two more context switches an append: a tenth
         // of a standby's CPU at 250 appends a second.
-        if let Some((file, path)) = seg
-            && let Err(e) = file.sync_data()
-        {
+        let t = std::time::Instant::now();
+        let synced = seg.map(|(file, path)| (file.sync_data(), path));
+        self.last_sync_us.store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if let Some((Err(e), path)) = synced {
             let why = format!("journal {} could not be synced: {e}", path.display());
             tracing::error!(stream = %self.name, "{why}");
             if let Ok(mut f) = self.sync_failed.lock() {
