@@ -10,7 +10,7 @@
 # The same machine runs all of it on 2 shared cores: the figures include that contention.
 # Then Litestream 0.5.17 on the same load through ../shared/bench/shadow-peers.sh (its default,
 # 100 ms and 1 ms intervals; LITESTREAM=0 skips it). Not part of CI.
-#   ROUNDS=3 RATE=1000 SECONDS_LOAD=60 bench/sqlite-shadow.sh
+#   ROUNDS=3 RATE=1000 SECONDS_LOAD=60 [INTERVAL=5ms] bench/sqlite-shadow.sh
 # PERF=1 also records the server's profile over the load (perf report -i ROUND/serve.perf); the
 # sampling costs CPU, so its figures are not comparable with a run without it.
 set -euo pipefail
@@ -41,7 +41,7 @@ TOML
   for _ in $(seq 100); do grep -q fingerprint "$R/serve.out" 2>/dev/null && break; sleep 0.05; done
   ADDR=$(grep -o 'https://[^ ]*' "$R/serve.out" | head -1 | sed 's|https://||')
   export KURA_TOKEN=$TOKEN KURA_FINGERPRINT=$(grep -o 'sha256:[0-9a-f]*' "$R/serve.out" | head -1) KURA_STATE_DIR="$R/push-state"
-  "$KURA" shadow push --sqlite "$R/app.db" --to "kura://$ADDR/db" 2>"$R/push.log" &
+  "$KURA" shadow push --sqlite "$R/app.db" --to "kura://$ADDR/db" ${INTERVAL:+--interval "$INTERVAL"} 2>"$R/push.log" &
   PUSH=$!
   for _ in $(seq 200); do [ -f "$R/mirror/app.db" ] && break; sleep 0.05; done
   python3 - "$R/mirror/app.db" "$((LOAD + 5))" >"$R/observer.txt" <<'PY' &

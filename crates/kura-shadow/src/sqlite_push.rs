@@ -30,11 +30,12 @@ const POLL_BUSY: Duration = Duration::from_millis(1);
 /// ...and this often once nothing came for [`BUSY_FOR`].
 const POLL_IDLE: Duration = Duration::from_millis(10);
 const BUSY_FOR: Duration = Duration::from_millis(200);
-/// Appends are at least this far apart under load: commits read meanwhile travel together
-/// (one request and one journal write for several), which costs at most this much lag.
-/// Measured at 1,000 commits/s (bench/sqlite-shadow.sh): 1 ms gave lag p99 2.6 ms for 14% of a
-/// core on the pusher and 32% on the standby, 4 ms p99 5.4 ms for 5.5% and 9%.
-const APPEND_EVERY: Duration = Duration::from_millis(4);
+/// Appends are at least this far apart under load (`kura shadow push --interval`): commits
+/// read meanwhile travel together (one request and one journal write for several), which costs
+/// at most this much lag. Measured at 1,000 commits/s (bench/sqlite-shadow.sh, after the
+/// standby's appends ran in place): 4 ms gave lag p99 5.5 ms for 250 appends a second, 5 ms
+/// 7.0 ms for 200, 6 ms 7.9 ms, 8 ms 10.1 ms for 125 (half the standby's system calls of 4 ms).
+pub const APPEND_EVERY: Duration = Duration::from_millis(5);
 /// With nothing to send, the standby hears from the primary this often.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -163,18 +164,18 @@ fn source_err(e: SourceError) -> ShadowError {
 /// Brings the standby's copy of the database at `db` (entry `name`) up to date once.
 pub fn sync_once(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>) -> Result<Sent, ShadowError> {
     let mut total = Sent::default();
-    session(link, db, name, state_dir, &mut total, &|| true)?;
+    session(link, db, name, state_dir, APPEND_EVERY, &mut total, &|| true)?;
     Ok(total)
 }
 
 /// Follows the database at `db` and sends its commits to `target` as entry `name` until
 /// `stop` says so or an unrecoverable error; reconnects with backoff after anything else.
-pub fn follow(target: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, stop: &dyn Fn() -> bool) -> Result<Sent, ShadowError> {
+pub fn follow(target: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, every: Duration, stop: &dyn Fn() -> bool) -> Result<Sent, ShadowError> {
     let mut backoff = Duration::from_millis(200);
     let mut total = Sent::default();
     while !stop() {
         // A database missing for a moment (moved away, about to be replaced) is waited for.
-        match session(target, db, name, state_dir, &mut total, stop) {
+        match session(target, db, name, state_dir, every, &mut total, stop) {
             Err(e) if fatal(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!("shadow push {}: {e}; attaching again in {backoff:?}", db.display());
@@ -188,7 +189,7 @@ pub fn follow(target: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Pa
 }
 
 /// One attachment: the standby's copy compared and brought up to date, then every commit.
-fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, total: &mut Sent, stop: &dyn Fn() -> bool) -> Result<(), ShadowError> {
+fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, every: Duration, total: &mut Sent, stop: &dyn Fn() -> bool) -> Result<(), ShadowError> {
     let st = link.status()?;
     let key = id_key(&st)?;
     let epoch = match state_dir {
@@ -218,7 +219,6 @@ fn session(link: &dyn Target, db: &Path, name: &[u8], state_dir: Option<&Path>, 
     drop(base);
     tracing::info!(head = total.head, "shadow push {}: the standby's copy is the database's", db.display());
     let (mut last_ckpt, mut last_contact, mut last_commit) = (Instant::now(), Instant::now(), Instant::now());
-    let every = APPEND_EVERY;
     let mut last_append = Instant::now() - every;
     while !stop() {
         if last_contact.elapsed() >= HEARTBEAT {

@@ -231,6 +231,11 @@ pub enum ShadowCommand {
         /// Bring the standby up to date once and exit (no watching).
         #[arg(long)]
         once: bool,
+        /// With --sqlite: send at most this often while commits arrive (default 5ms); commits
+        /// made meanwhile travel together. Lower for less lag, higher for less CPU on both
+        /// hosts.
+        #[arg(long)]
+        interval: Option<String>,
         /// Where this host remembers the epoch it pushes at (default $KURA_STATE_DIR, else
         /// $XDG_STATE_HOME/kura, else ~/.local/state/kura).
         #[arg(long)]

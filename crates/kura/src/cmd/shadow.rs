@@ -57,7 +57,12 @@ fn describe(op: &Op) -> String {
 /// Runs a `kura shadow` subcommand.
 pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
     match c {
-        ShadowCommand::Push { sqlite: Some(db), to, once, state_dir: sd, .. } => {
+        ShadowCommand::Push { sqlite: Some(db), to, once, state_dir: sd, interval, .. } => {
+            let every = match interval {
+                Some(i) => duration("--interval", i)?,
+                None => kura_shadow::sqlite_push::APPEND_EVERY,
+            };
+            anyhow::ensure!(every <= Duration::from_secs(10), "--interval {}: at most 10s (the standby's lag grows with it)", interval.as_deref().unwrap_or_default());
             let to = to.as_deref().context("no standby (--to)")?;
             let meta = std::fs::metadata(db).with_context(|| format!("database {}", db.display()))?;
             anyhow::ensure!(meta.is_file(), "database {} is not a file", db.display());
@@ -69,7 +74,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 kura_shadow::sqlite_push::sync_once(&l, &db, &name, Some(&sd))?
             } else {
                 kura_server::init_logging(false);
-                kura_shadow::sqlite_push::follow(&l, &db, &name, Some(&sd), &|| false)?
+                kura_shadow::sqlite_push::follow(&l, &db, &name, Some(&sd), every, &|| false)?
             };
             if cli.json {
                 outln!("{}", serde_json::json!({"records": sent.records, "bytes": sent.bytes, "head": sent.head}));
@@ -78,7 +83,8 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        ShadowCommand::Push { config, source, to, rescan_every, once, state_dir: sd, .. } => {
+        ShadowCommand::Push { config, source, to, rescan_every, once, state_dir: sd, interval, .. } => {
+            anyhow::ensure!(interval.is_none(), "--interval is for a database (--sqlite): a directory's changes are sent as they are found");
             let file: PushFile = match config {
                 Some(p) => {
                     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;

@@ -78,8 +78,13 @@ impl App {
 }
 
 fn pusher(sb: &Standby, db: &Path, url: &str, log: &Path) -> Child {
+    pusher_with(sb, db, url, log, &[])
+}
+
+fn pusher_with(sb: &Standby, db: &Path, url: &str, log: &Path, extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    sb.kura(&sb.token, &["shadow", "push", "--sqlite", db.to_str().unwrap(), "--to", url]).env("KURA_LOG", "debug").stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    let args = [&["shadow", "push", "--sqlite", db.to_str().unwrap(), "--to", url], extra].concat();
+    sb.kura(&sb.token, &args).env("KURA_LOG", "debug").stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
 /// Waits until the standby's copy holds exactly the application's rows.
@@ -281,7 +286,8 @@ fn the_copy_converges_after_the_network_is_cut_during_a_write_storm() {
     let copy = sb.mirror().join("app.db");
     let url = format!("kura://127.0.0.1:{}/www", cable.port);
     let app = App::start(&db, 3000, "0.0005");
-    let mut push = pusher(&sb, &db, &url, &log);
+    // Commits travel in groups of up to 20 ms here (the default is 5 ms).
+    let mut push = pusher_with(&sb, &db, &url, &log, &["--interval", "20ms"]);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(500));
         cable.pull();
@@ -295,6 +301,13 @@ fn the_copy_converges_after_the_network_is_cut_during_a_write_storm() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("attaching again"), "the cuts were never felt: {text}");
     assert_eq!(integrity(&copy), "ok");
+    // An interval that is no duration, or an absurd one, is refused before anything is sent.
+    for (bad, why) in [("soon", "--interval = \"soon\""), ("1h", "at most 10s")] {
+        let o = sb.kura(&sb.token, &["shadow", "push", "--sqlite", db.to_str().unwrap(), "--to", &url, "--interval", bad]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(why) && err.lines().count() == 1, "{err}");
+    }
 }
 
 /// Like APP, with a 16 KiB incompressible blob per transaction: a few MiB fill a small disk.
