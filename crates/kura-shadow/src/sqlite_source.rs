@@ -82,10 +82,15 @@ pub struct Base {
     pub salt: [u32; 2],
     /// Its commit frame (0: the log held no frames).
     pub frame: u32,
-    /// The newest image of each page the log holds, in `wal`.
-    newest: HashMap<u32, std::ops::Range<usize>>,
-    wal: Option<Vec<u8>>,
+    /// Where the newest image of each page the log holds starts in the log (the read
+    /// transaction keeps those frames from being overwritten).
+    newest: HashMap<u32, u64>,
 }
+
+/// Bytes of the log read at a time while a base is read: a log is as large as the application
+/// let it grow (a long transaction, checkpoints starved while the pusher was away), and the
+/// base needs only where each page's newest image is.
+const BASE_LOG_BYTES: u64 = 64 << 20;
 
 /// Where reading stands: the last commit read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,17 +281,39 @@ impl Source {
     /// Every page as of the commit `h` names: the newest frame of it up to there, else the
     /// database file (which no checkpoint can change past that commit while it is pinned).
     fn base(&mut self, h: &ShmHeader) -> Result<Base, SourceError> {
-        let mut newest: HashMap<u32, std::ops::Range<usize>> = HashMap::new();
+        let mut newest: HashMap<u32, u64> = HashMap::new();
         let mut pos = Position { salt: h.salt, frame: 0, checksum: [0, 0], change: h.change };
-        let mut wal = None;
         if h.max_frame > 0 {
-            let (upto, b) = self.read_commits(h, 0, None)?;
-            for (p, r) in upto.iter().flat_map(|c| &c.pages) {
-                newest.insert(*p, r.clone());
+            // The log in pieces, its checksum chain walked on from one to the next (the pages
+            // of a commit a piece cuts carried over), ending where the wal-index says.
+            let flen = (FRAME_HEADER_LEN + self.page_size) as u64;
+            let per = u32::try_from((BASE_LOG_BYTES / flen).max(1)).unwrap_or(u32::MAX);
+            let (mut from, mut sum, mut last) = (0u32, None, None);
+            let mut carried: Vec<(u32, u64)> = Vec::new();
+            while from < h.max_frame {
+                let (wh, b) = self.wal_frames(from, h.max_frame.min(from.saturating_add(per)))?;
+                if wh.salt != h.salt {
+                    return Err(SourceError::Resync { path: self.path.clone(), why: "the log's salts are not the wal-index's".into() });
+                }
+                let w = sqlite_wal::walk(&wh, &b, from, sum.unwrap_or(wh.checksum));
+                let at = HEADER_LEN as u64 + u64::from(from) * flen;
+                for c in &w.commits {
+                    newest.extend(carried.drain(..));
+                    newest.extend(c.pages.iter().map(|(p, r)| (*p, at + r.start as u64)));
+                    last = Some((c.last_frame, c.checksum));
+                }
+                carried.extend(w.pending.iter().map(|(p, r)| (*p, at + r.start as u64)));
+                if w.frame == from {
+                    // A frame that is not the next of the chain: the check below fails.
+                    break;
+                }
+                (from, sum) = (w.frame, Some(w.sum));
+            }
+            if last != Some((h.max_frame, h.frame_checksum)) {
+                return Err(SourceError::Resync { path: self.path.clone(), why: format!("frames 1..{} do not end where the wal-index says", h.max_frame) });
             }
             pos.frame = h.max_frame;
             pos.checksum = h.frame_checksum;
-            wal = Some(b);
         }
         // With an empty log the wal-index's size is not set: the file is the database.
         let db_pages = match h.max_frame {
@@ -297,7 +324,7 @@ impl Source {
             _ => h.db_pages,
         };
         self.pos = pos;
-        Ok(Base { db_pages, page_size: self.page_size, change: pos.change, salt: h.salt, frame: h.max_frame, newest, wal })
+        Ok(Base { db_pages, page_size: self.page_size, change: pos.change, salt: h.salt, frame: h.max_frame, newest })
     }
 
     /// Pages `pages` (clamped to the database's size) of the base `b`, as of its commit: from
@@ -307,17 +334,16 @@ impl Source {
         let (from, to) = ((*pages.start()).max(1), (*pages.end()).min(b.db_pages));
         let mut out = Vec::with_capacity(to.saturating_sub(from).saturating_add(1) as usize);
         for p in from..=to {
-            let img = match (b.newest.get(&p), &b.wal) {
-                (Some(r), Some(w)) => w[r.clone()].to_vec(),
-                _ => {
-                    let mut img = vec![0u8; self.page_size];
+            let mut img = vec![0u8; self.page_size];
+            match b.newest.get(&p) {
+                Some(&at) => self.wal.read_exact_at(&mut img, at).map_err(|e| self.io("-wal", e))?,
+                None => {
                     let at = (p as u64 - 1) * self.page_size as u64;
                     // Pages past the file's end (a commit grew the db without writing them) are zeros.
                     let n = read_full_at(&self.db, &mut img, at).map_err(|e| self.io("", e))?;
                     img[n..].fill(0);
-                    img
                 }
-            };
+            }
             out.push((p, img));
         }
         Ok(out)

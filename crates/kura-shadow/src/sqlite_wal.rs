@@ -123,6 +123,28 @@ pub fn commits(wal: &[u8], from: Option<(u32, [u32; 2])>) -> Result<(WalHeader, 
 /// holds the frames before need not read them again); `sum` is the checksum chain at frame
 /// `first`. Page ranges index `frames`.
 pub fn commits_in(h: &WalHeader, frames: &[u8], first: u32, sum: [u32; 2]) -> Vec<Commit> {
+    walk(h, frames, first, sum).commits
+}
+
+/// Where [`walk`] stopped: the commits it found, the last valid frame and the checksum chain
+/// at it, and the pages of frames after the last commit (a commit that goes on past `frames`,
+/// or was never finished).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Walk {
+    /// Whole commits, in order.
+    pub commits: Vec<Commit>,
+    /// The last valid frame (`first` when none was).
+    pub frame: u32,
+    /// The checksum chain at `frame`.
+    pub sum: [u32; 2],
+    /// Pages of the valid frames after the last commit, as in [`Commit::pages`].
+    pub pending: Vec<(u32, Range<usize>)>,
+}
+
+/// [`commits_in`], also telling where the valid frames end, so that a log read in pieces is
+/// walked on from there (`frame`, `sum`) with the pages of a commit cut by a piece's end
+/// (`pending`) carried over.
+pub fn walk(h: &WalHeader, frames: &[u8], first: u32, sum: [u32; 2]) -> Walk {
     let frame_len = FRAME_HEADER_LEN + h.page_size;
     let (mut frame, mut sum) = (first, sum);
     let mut out = Vec::new();
@@ -134,22 +156,19 @@ pub fn commits_in(h: &WalHeader, frames: &[u8], first: u32, sum: [u32; 2]) -> Ve
             break;
         }
         let s = checksum(h.big_endian, &f[FRAME_HEADER_LEN..], checksum(h.big_endian, &f[..8], sum));
-        if s != [be32(f, 16), be32(f, 20)] {
+        let page = be32(f, 0);
+        if s != [be32(f, 16), be32(f, 20)] || page == 0 {
             break;
         }
         sum = s;
         frame += 1;
-        let page = be32(f, 0);
-        if page == 0 {
-            break;
-        }
         pending.push((page, at + FRAME_HEADER_LEN..at + frame_len));
         let db_pages = be32(f, 4);
         if db_pages != 0 {
             out.push(Commit { pages: std::mem::take(&mut pending), db_pages, last_frame: frame, checksum: sum });
         }
     }
-    out
+    Walk { commits: out, frame, sum, pending }
 }
 
 /// Applies a commit to a database image: its page images in frame order, then the size after
@@ -393,6 +412,46 @@ mod tests {
                 }
             }
             prop_assert_eq!(suffix, all[k..].to_vec());
+        }
+
+        /// A log walked in pieces of any number of frames, each from where the last stopped,
+        /// the pages of a commit a piece cuts carried over (as a base is read), finds the
+        /// commits of the whole log, with its ranges, and stops at the same frame.
+        #[test]
+        fn walking_a_log_in_pieces_finds_the_commits_of_the_whole(
+            frames in proptest::collection::vec((1u32..6, prop_oneof![Just(0u32), 1u32..6], any::<u8>()), 0..24),
+            be in any::<bool>(),
+            per in 1usize..8,
+            torn in any::<bool>(),
+        ) {
+            let mut w = wal(be, 512, [5, 6], &frames);
+            let flen = FRAME_HEADER_LEN + 512;
+            if torn && !frames.is_empty() {
+                // A frame of another chain in the middle: both walks stop before it.
+                let i = HEADER_LEN + frames.len() / 2 * flen + FRAME_HEADER_LEN;
+                w[i] ^= 1;
+            }
+            let h = parse_header(&w).unwrap();
+            let whole = walk(&h, &w[HEADER_LEN..], 0, h.checksum);
+            let (mut from, mut sum, mut carried, mut found) = (0u32, h.checksum, Vec::new(), Vec::new());
+            loop {
+                let at = HEADER_LEN + from as usize * flen;
+                let piece = &w[at..w.len().min(at + per * flen)];
+                let p = walk(&h, piece, from, sum);
+                let shift = |r: &Range<usize>| r.start + at - HEADER_LEN..r.end + at - HEADER_LEN;
+                for c in &p.commits {
+                    let mut pages: Vec<(u32, Range<usize>)> = std::mem::take(&mut carried);
+                    pages.extend(c.pages.iter().map(|(n, r)| (*n, shift(r))));
+                    found.push(Commit { pages, ..c.clone() });
+                }
+                carried.extend(p.pending.iter().map(|(n, r)| (*n, shift(r))));
+                if p.frame == from {
+                    break;
+                }
+                (from, sum) = (p.frame, p.sum);
+            }
+            prop_assert_eq!(found, whole.commits);
+            prop_assert_eq!((from, sum, carried), (whole.frame, whole.sum, whole.pending));
         }
     }
 }

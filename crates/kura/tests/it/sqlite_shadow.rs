@@ -492,31 +492,38 @@ fn a_copy_damaged_while_the_standby_was_down_is_rebuilt_from_the_journal() {
 }
 
 /// A database over 1 GiB (SQLite's lock-byte page lies inside it; its base goes in 18
-/// records): a pusher killed halfway through the base leaves the copy untouched and the next
-/// one finishes it; the pusher's memory stays bounded by a record's, not the database's size;
-/// the application's commits, written past the lock-byte page, reach the copy; the head
-/// restores and passes `integrity_check`. The primary's files live in /dev/shm where there is
-/// one.
+/// records), 500 MiB of it in a log the application keeps from being checkpointed: a pusher
+/// killed halfway through the base leaves the copy untouched and the next one finishes it; the
+/// pusher's memory stays bounded by a record's, not the database's or the log's size; the
+/// application's commits, written past the lock-byte page, reach the copy; the head restores
+/// and passes `integrity_check`. The primary's files live in /dev/shm where there is one.
 #[test]
 fn a_database_over_1_gib_is_shadowed_in_bounded_memory_and_restores() {
     let sb = Standby::start();
     let ram = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" }).unwrap();
     let log = ram.path().join("push.log");
     let db = ram.path().join("big.db");
-    // 1,100 rows of 1 MiB: overflow pages of zeros, each distinct by its next-page pointer.
-    let made = Command::new("python3")
+    // 1,100 rows of 1 MiB: overflow pages of zeros, each distinct by its next-page pointer;
+    // the first 600 in the file, the last 500 in the log, which stays while the connection
+    // that wrote it is open (closing the last one would checkpoint it).
+    let mut holder = Command::new("python3")
         .arg("-c")
-        .arg("import sqlite3, sys\ndb = sqlite3.connect(sys.argv[1], isolation_level=None)\ndb.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB)')\ndb.execute('BEGIN')\nfor i in range(1100):\n    db.execute('INSERT INTO big (b) VALUES (zeroblob(1048576))')\ndb.execute('COMMIT')\ndb.execute('PRAGMA wal_checkpoint(TRUNCATE)')")
+        .arg("import sqlite3, sys\ndb = sqlite3.connect(sys.argv[1], isolation_level=None)\ndb.execute('PRAGMA journal_mode=WAL')\ndb.execute('PRAGMA wal_autocheckpoint=0')\ndb.execute('CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB)')\nfor n in (600, 500):\n    db.execute('BEGIN')\n    for i in range(n):\n        db.execute('INSERT INTO big (b) VALUES (zeroblob(1048576))')\n    db.execute('COMMIT')\n    if n == 600: db.execute('PRAGMA wal_checkpoint(TRUNCATE)')\nprint('ready', flush=True)\nsys.stdin.read()")
         .arg(&db)
-        .status()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(made.success());
-    assert!(std::fs::metadata(&db).unwrap().len() > 1 << 30);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let wal = ram.path().join("big.db-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 500 << 20 && std::fs::metadata(&db).unwrap().len() < 700 << 20);
     let copy = sb.mirror().join("big.db");
     let count = |p: &Path| -> Option<i64> { Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?.query_row("SELECT count(*) FROM big", [], |r| r.get(0)).ok() };
     // The pusher killed while the base is on its way (64 MiB of pages a record): the standby
     // applies none of it, and the next pusher finishes it.
-    let parts = std::fs::metadata(&db).unwrap().len().div_ceil(64 << 20);
+    let parts = (1100u64 << 20).div_ceil(64 << 20);
     let mut push = pusher(&sb, &db, &sb.url(), &log);
     let t = Instant::now();
     while sb.status()["head"].as_u64().unwrap_or(0) < 2 {
@@ -541,6 +548,8 @@ fn a_database_over_1_gib_is_shadowed_in_bounded_memory_and_restores() {
     eprintln!("pusher of a 1.1 GiB database: peak RSS {} MiB", peak_kib >> 10);
     assert!(peak_kib < 512 << 10, "the pusher of a 1.1 GiB database peaked at {peak_kib} KiB");
     kill9(&mut push);
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
     assert_eq!(integrity(&copy), "ok");
     let target = ram.path().join("restored.db");
     let o = sb.run(&["shadow", "restore", "--journal", sb.journal().to_str().unwrap(), "--sqlite", "--target", target.to_str().unwrap()]);
