@@ -131,7 +131,15 @@ pub struct Source {
     page_size: usize,
     pos: Position,
     stats: SourceStats,
+    /// The last poll left published commits unread ([`POLL_BYTES`]): no checkpoint until
+    /// they are read.
+    behind: bool,
 }
+
+/// Bytes of the log one poll reads when more is published (commits made while a base was sent,
+/// or while the pusher was away): the rest waits for the next poll, so the pusher's memory is
+/// bounded by this, or by the largest commit.
+const POLL_BYTES: u64 = 64 << 20;
 
 fn open_conn(path: &Path) -> Result<Connection, SourceError> {
     let err = |source| SourceError::Sqlite { path: path.to_path_buf(), source };
@@ -169,7 +177,7 @@ impl Source {
         ckpt.busy_timeout(Duration::ZERO).map_err(err)?;
         let file = |p: PathBuf| File::open(&p).map_err(|source| SourceError::Io { path: p, source });
         let (db, wal, shm) = (file(path.to_path_buf())?, file(side(path, "-wal"))?, file(side(path, "-shm"))?);
-        let mut s = Source { read, fence, ckpt, path: path.into(), db, wal, shm, page_size: 0, pos: Position { salt: [0, 0], frame: 0, checksum: [0, 0], change: 0 }, stats: SourceStats::default() };
+        let mut s = Source { read, fence, ckpt, path: path.into(), db, wal, shm, page_size: 0, pos: Position { salt: [0, 0], frame: 0, checksum: [0, 0], change: 0 }, stats: SourceStats::default(), behind: false };
         // Under the writer lock nothing commits: the read transaction begun there sees exactly
         // the commit the wal-index names.
         let h = s.fenced(Duration::from_secs(30), |s| {
@@ -232,10 +240,9 @@ impl Source {
     fn wal_frames(&self, from: u32, to: u32) -> Result<(WalHeader, Vec<u8>), SourceError> {
         let flen = (FRAME_HEADER_LEN + self.page_size) as u64;
         let (start, end) = (HEADER_LEN as u64 + u64::from(from) * flen, HEADER_LEN as u64 + u64::from(to) * flen);
-        // A damaged wal-index may name frames the log never had: check before allocating.
-        let have = self.wal.metadata().map_err(|e| self.io("-wal", e))?.len();
-        if end > have || start > end {
-            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the wal-index names frame {to}, the log holds {} bytes", have) });
+        self.log_holds(to)?;
+        if start > end {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("frames {}..{to} asked of the log", from + 1) });
         }
         let mut hb = [0u8; HEADER_LEN];
         self.wal.read_exact_at(&mut hb, 0).map_err(|e| self.io("-wal", e))?;
@@ -246,6 +253,16 @@ impl Source {
         let mut b = vec![0u8; (end - start) as usize];
         self.wal.read_exact_at(&mut b, start).map_err(|e| self.io("-wal", e))?;
         Ok((h, b))
+    }
+
+    /// A damaged wal-index may name frames the log never had: checked before allocating.
+    fn log_holds(&self, frame: u32) -> Result<(), SourceError> {
+        let end = HEADER_LEN as u64 + u64::from(frame) * (FRAME_HEADER_LEN + self.page_size) as u64;
+        let have = self.wal.metadata().map_err(|e| self.io("-wal", e))?.len();
+        if end > have {
+            return Err(SourceError::Resync { path: self.path.clone(), why: format!("the wal-index names frame {frame}, the log holds {have} bytes") });
+        }
+        Ok(())
     }
 
     /// The commits in frames `from + 1 ..= h.max_frame`, which must end exactly where the
@@ -369,31 +386,45 @@ impl Source {
             self.yield_to_checkpointer()?;
             return Ok(Vec::new());
         }
-        let (cs, b) = self.read_commits(&h, from, (!restarted).then_some(self.pos.checksum))?;
-        self.check_count(&h, cs.len())?;
-        let n = cs.len();
+        let sum = (!restarted).then_some(self.pos.checksum);
+        let per = u32::try_from((POLL_BYTES / (FRAME_HEADER_LEN + self.page_size) as u64).max(1)).unwrap_or(u32::MAX);
+        // A part of what is published when that is much: its continuity is the checksum chain
+        // from the last read; the counter is checked once all is read. A first part holding no
+        // whole commit (one larger than a part) is read whole below.
+        let part = if h.max_frame - from > per {
+            self.log_holds(h.max_frame)?;
+            let (wh, b) = self.wal_frames(from, from + per)?;
+            (wh.salt == h.salt).then(|| (sqlite_wal::commits_in(&wh, &b, from, sum.unwrap_or(wh.checksum)), b))
+        } else {
+            None
+        };
+        let (cs, b, behind) = match part {
+            Some((cs, b)) if !cs.is_empty() => (cs, b, true),
+            _ => {
+                let (cs, b) = self.read_commits(&h, from, sum)?;
+                self.check_count(&h, cs.len())?;
+                (cs, b, false)
+            }
+        };
+        let first_change = self.pos.change.wrapping_add(1);
         let out: Vec<OwnedCommit> = cs
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
+            .zip(0u32..)
+            .map(|(c, i)| {
                 let mut last: std::collections::BTreeMap<u32, &[u8]> = std::collections::BTreeMap::new();
                 for (p, r) in &c.pages {
                     last.insert(*p, &b[r.clone()]);
                 }
-                OwnedCommit {
-                    pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(),
-                    db_pages: c.db_pages,
-                    change: h.change.wrapping_sub((n - 1 - i) as u32),
-                    salt: h.salt,
-                    frame: c.last_frame,
-                }
+                OwnedCommit { pages: last.into_iter().map(|(p, img)| (p, img.to_vec())).collect(), db_pages: c.db_pages, change: first_change.wrapping_add(i), salt: h.salt, frame: c.last_frame }
             })
             .collect();
         if restarted {
             self.stats.restarts += 1;
         }
         self.stats.commits += out.len() as u64;
-        self.pos = Position { salt: h.salt, frame: h.max_frame, checksum: h.frame_checksum, change: h.change };
+        let end = cs.last().map(|c| (c.last_frame, c.checksum)).unwrap_or((h.max_frame, h.frame_checksum));
+        self.pos = Position { salt: h.salt, frame: end.0, checksum: end.1, change: self.pos.change.wrapping_add(out.len() as u32) };
+        self.behind = behind;
         Ok(out)
     }
 
@@ -472,6 +503,10 @@ impl Source {
         }
         let r = (|| {
             let out = self.poll()?;
+            if self.behind {
+                // Frames not read yet must stay in the log.
+                return Ok(Some(out));
+            }
             self.read.execute_batch("COMMIT").map_err(|e| self.sqlite(e))?;
             // PASSIVE never waits on readers: what they still need stays in the log.
             let ck = self.ckpt.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));

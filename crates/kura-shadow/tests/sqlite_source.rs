@@ -227,3 +227,55 @@ fn a_wal_index_naming_frames_the_log_lacks_is_a_resync() {
     let e = src.poll().unwrap_err();
     assert!(matches!(e, SourceError::Resync { .. }) && e.to_string().contains("4000000000"), "{e}");
 }
+
+/// 100 commits of 1 MiB published at once (written while the source was not looking): each
+/// poll reads at most 64 MiB of them, a checkpoint meanwhile leaves the unread ones in the log,
+/// and the polls together give every commit once, counted, in order, to a mirror equal to the
+/// database.
+#[test]
+fn a_large_backlog_is_read_in_bounded_parts_and_nothing_is_checkpointed_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("app.db");
+    let mirror_path = tmp.path().join("mirror.db");
+    let make = "import sqlite3, sys\ndb = sqlite3.connect(sys.argv[1], isolation_level=None)\ndb.execute('PRAGMA journal_mode=WAL')\ndb.execute('CREATE TABLE t (id INTEGER PRIMARY KEY, b BLOB)')\nprint('ready', flush=True)\nsys.stdin.readline()\ndb.execute('PRAGMA wal_autocheckpoint=0')\nfor i in range(100):\n    db.execute('INSERT INTO t (b) VALUES (randomblob(1048576))')\nprint('done', flush=True)\nsys.stdin.read()";
+    let mut app = Command::new("python3").arg("-c").arg(make).arg(&db).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(app.stdout.take().unwrap()));
+    assert_eq!(out.next().unwrap().unwrap(), "ready");
+    let (mut src, mut mirror) = follow(&db, &mirror_path);
+    let first_change = src.poll().unwrap().first().map(|c| c.change);
+    assert_eq!(first_change, None);
+    std::io::Write::write_all(app.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    assert_eq!(out.next().unwrap().unwrap(), "done");
+    let (mut parts, mut seen, mut last_change) = (Vec::new(), 0usize, None);
+    loop {
+        // Every other read is a checkpoint, the first one too: with commits still unread it
+        // must not run (the application's next commit would start the log over them).
+        let before = src.stats().checkpoints;
+        let commits = if parts.len() % 2 == 0 { src.checkpoint().unwrap().unwrap_or_default() } else { src.poll().unwrap() };
+        if commits.is_empty() {
+            break;
+        }
+        if seen + commits.len() < 100 {
+            assert_eq!(src.stats().checkpoints, before, "a checkpoint ran with commits unread");
+        }
+        let bytes: usize = commits.iter().flat_map(|c| &c.pages).map(|(_, img)| img.len()).sum();
+        for c in &commits {
+            if let Some(l) = last_change {
+                assert_eq!(c.change, u32::wrapping_add(l, 1), "commits counted one by one");
+            }
+            last_change = Some(c.change);
+        }
+        seen += commits.len();
+        parts.push((commits.len(), bytes));
+        apply(&mut mirror, &commits);
+    }
+    assert_eq!(seen, 100, "parts {parts:?}");
+    assert!(parts.len() >= 2 && parts.iter().all(|(_, b)| *b <= 66 << 20), "parts {parts:?}");
+    assert!(src.stats().checkpoints >= 1, "no checkpoint once everything was read");
+    drop(app.stdin.take());
+    assert!(app.wait().unwrap().success());
+    drop(mirror);
+    let count = |p: &Path| -> (i64, i64) { Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap().query_row("SELECT count(*), sum(length(b)) FROM t", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap() };
+    assert_eq!(count(&mirror_path), (100, 100 << 20));
+    integrity_check(&mirror_path).unwrap();
+}
