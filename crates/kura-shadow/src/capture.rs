@@ -243,14 +243,16 @@ impl Capture {
         for _ in 0..3 {
             let f = fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(p).map_err(|e| ShadowError::io(p, e))?;
             let mut ids = Vec::new();
-            let mut fresh: Vec<(Id, Vec<u8>)> = Vec::new();
-            let mut fresh_ids: HashSet<Id> = HashSet::new();
             let mut buf = std::mem::take(&mut self.buf);
-            let (key, known) = (&self.id_key, &self.known);
+            let (key, known) = (&self.id_key, &mut self.known);
+            // Chunks the standby lacks go to `out` as they are cut (those of a read that
+            // turns out torn too: their ids are real content, and sent once).
+            let chunks_before = out.chunks.len();
             let r = self.chunker.for_each_chunk(&f, &mut buf, |c: &[u8]| -> Result<(), std::io::Error> {
                 let id = Id(*blake3::keyed_hash(key, c).as_bytes());
-                if !known.contains(&id) && fresh_ids.insert(id) {
-                    fresh.push((id, c.to_vec()));
+                if known.insert(id) {
+                    out.chunks.push(ChunkMeta { id, raw_len: c.len() as u32, zlen: c.len() as u32 });
+                    out.data.extend_from_slice(c);
                 }
                 ids.push(id);
                 Ok(())
@@ -261,24 +263,11 @@ impl Capture {
             let now = node_from_meta(b"", &after);
             let stable = now.size == size && now.mtime_ns == node.mtime_ns && now.size == node.size;
             *node = Node { content: ids, ..now };
-            if stable || fresh.is_empty() {
-                self.add_chunks(fresh, out);
+            if stable || out.chunks.len() == chunks_before {
                 return Ok(());
             }
-            self.add_chunks(fresh, out);
         }
         Ok(())
-    }
-
-    fn add_chunks(&mut self, fresh: Vec<(Id, Vec<u8>)>, out: &mut Pending) {
-        for (id, plain) in fresh {
-            if !self.known.insert(id) {
-                continue;
-            }
-            let n = plain.len() as u32;
-            out.chunks.push(ChunkMeta { id, raw_len: n, zlen: n });
-            out.data.extend_from_slice(&plain);
-        }
     }
 
     /// Forgets what the standby has at `p` when it is a file, so the next scan reads and sends

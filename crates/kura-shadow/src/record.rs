@@ -156,29 +156,32 @@ pub struct ChunkMeta {
 /// the first sync from 5.3 to 4.9 s on loopback, where compression was half the pusher's CPU.
 pub const ZSTD_LEVEL: i32 = -3;
 
-/// Compresses chunks for a batch with one context (making one per chunk is costly).
+/// Compresses chunks for a batch with one context (making one per chunk is costly), into one
+/// buffer it keeps (a new one per chunk cost an allocation and a copy of each).
 #[derive(Default)]
-pub struct Packer(Option<zstd::bulk::Compressor<'static>>);
+pub struct Packer {
+    cx: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
 
 impl Packer {
     /// Appends `plain`'s stored form to `out`: its zstd frame when smaller, else the bytes
     /// themselves. Returns the stored length.
     pub fn pack(&mut self, plain: &[u8], out: &mut Vec<u8>) -> u32 {
-        if self.0.is_none() {
-            self.0 = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        if self.cx.is_none() {
+            self.cx = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
         }
-        let z = match self.0.as_mut().map(|c| c.compress(plain)) {
-            Some(Ok(z)) => Some(z),
-            // A context that failed (out of memory) is not trusted twice.
-            _ => {
-                self.0 = None;
-                zstd::bulk::compress(plain, ZSTD_LEVEL).ok()
-            }
+        // Room for a frame smaller than the plain bytes only: a larger one is not wanted.
+        self.scratch.clear();
+        self.scratch.reserve(plain.len());
+        let z = match self.cx.as_mut().map(|c| c.compress_to_buffer(plain, &mut self.scratch)) {
+            Some(r) => r.ok(),
+            None => zstd::bulk::compress_to_buffer(plain, &mut self.scratch, ZSTD_LEVEL).ok(),
         };
         match z {
-            Some(z) if z.len() < plain.len() => {
-                out.extend_from_slice(&z);
-                z.len() as u32
+            Some(n) if n < plain.len() => {
+                out.extend_from_slice(&self.scratch[..n]);
+                n as u32
             }
             _ => {
                 out.extend_from_slice(plain);

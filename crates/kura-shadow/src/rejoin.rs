@@ -195,8 +195,9 @@ pub fn follow(link: &Link, source: &Path, state_dir: &Path, stop: &dyn Fn() -> b
             Err(e) => return Err(e),
         };
         backoff = Duration::from_millis(200);
+        let mut w = apply::Writer::new(source);
         for rec in &r.records {
-            apply::apply(source, &rec.op, &remote)?;
+            w.apply(&rec.op, &remote)?;
             t.apply(&rec.op);
         }
         apply::set_dir_times(source, apply::touched_dirs(t, r.records.iter().map(|r| &r.op)).into_iter());

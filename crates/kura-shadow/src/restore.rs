@@ -173,11 +173,12 @@ pub fn restore_branch(dir: &Path, name: &str, only: Option<&[u8]>, target: &Path
 fn write_tree(m: &crate::Manifest, only: Option<&[u8]>, target: &Path, chunks: &dyn Chunks, mut done: Restored) -> Result<Restored, ShadowError> {
     let seq = done.seq;
     let mut dirs = Vec::new();
+    let mut w = apply::Writer::new(target);
     for (rel, n) in m.iter() {
         if only.is_some_and(|p| !path::within(rel, p)) {
             continue;
         }
-        apply::put(target, rel, n, chunks)?;
+        w.put(rel, n, chunks)?;
         if n.kind == NodeKind::File {
             done.files += 1;
             done.bytes += n.size;

@@ -281,33 +281,27 @@ const FRESH_BYTES: usize = 64 << 20;
 
 /// Chunks just received, plain and checked against their ids, kept for the applier: a mirror
 /// that keeps up then writes them without reading, decompressing and hashing each one again
-/// from the journal (that was a fifth of a standby's CPU in a first sync). The oldest go first.
+/// from the journal (that was a fifth of a standby's CPU in a first sync). The applier takes
+/// them in the order they came, so when it falls behind by more than the bound the newest are
+/// not kept (dropping the oldest would drop the very ones it needs next, and it would miss
+/// them all); chunks it has gone past without taking them (a record superseded, a chunk used
+/// twice) are dropped as it goes.
 #[derive(Default)]
 struct Fresh {
     map: std::collections::HashMap<Id, Vec<u8>>,
-    order: std::collections::VecDeque<Id>,
+    /// Ids in the order they came, with the journal's head once they were in.
+    order: std::collections::VecDeque<(Id, u64)>,
     bytes: usize,
 }
 
 impl Fresh {
-    fn put(&mut self, id: Id, plain: Vec<u8>) {
-        if plain.len() > FRESH_BYTES / 4 || self.map.contains_key(&id) {
+    /// Keeps the chunks of a batch appended up to record `head` (unless the bound is reached).
+    fn put(&mut self, id: Id, plain: Vec<u8>, head: u64) {
+        if self.bytes + plain.len() > FRESH_BYTES || self.map.contains_key(&id) {
             return;
         }
-        while self.bytes + plain.len() > FRESH_BYTES {
-            let Some(old) = self.order.pop_front() else { break };
-            if let Some(v) = self.map.remove(&old) {
-                self.bytes -= v.len();
-            }
-        }
-        // Ids taken by the applier stay in `order` until they come up: dropped in bulk now
-        // and then, so the queue stays about as long as the map.
-        if self.order.len() > 2 * self.map.len() + 1024 {
-            let map = &self.map;
-            self.order.retain(|i| map.contains_key(i));
-        }
         self.bytes += plain.len();
-        self.order.push_back(id);
+        self.order.push_back((id, head));
         self.map.insert(id, plain);
     }
 
@@ -315,6 +309,18 @@ impl Fresh {
         let v = self.map.remove(id)?;
         self.bytes -= v.len();
         Some(v)
+    }
+
+    /// Drops what came with records before `applied` (a batch of chunks alone carries a large
+    /// file's data ahead of its record: the next record, so one more is kept).
+    fn retire(&mut self, applied: u64) {
+        while let Some(&(id, head)) = self.order.front() {
+            if head + 1 >= applied {
+                break;
+            }
+            self.order.pop_front();
+            self.take(&id);
+        }
     }
 }
 
@@ -590,12 +596,12 @@ impl Stream {
         for r in &meta.records {
             inner.head.apply(&r.op);
         }
+        let head = inner.journal.head();
         if let Ok(mut f) = self.fresh.lock() {
             for (id, plain) in plains {
-                f.put(id, plain);
+                f.put(id, plain, head);
             }
         }
-        let head = inner.journal.head();
         if self.primary.load(Ordering::SeqCst) && self.applied.load(Ordering::SeqCst) >= self.promoted_seq.load(Ordering::SeqCst) {
             // Records of a promoted stream came from its mirror: nothing to apply.
             self.applied.store(head, Ordering::SeqCst);
@@ -1107,6 +1113,7 @@ impl Stream {
             if let Err(e) = self.apply_lock.lock() {
                 tracing::warn!(stream = %self.name, "cannot lock {APPLY_LOCK}: {e}");
             }
+            let mut w = apply::Writer::new(&self.mirror);
             let mut i = 0;
             while let Some((seq, recv_ns, op)) = batch.get(i) {
                 i += 1;
@@ -1130,6 +1137,7 @@ impl Stream {
                     continue;
                 }
                 if let Op::Pages { path, page_size, .. } = op {
+                    w.forget();
                     // A database's consecutive commits go in as one SQLite transaction (never
                     // destructive: nothing in the run is held or discarded).
                     let run = batch[i - 1..].iter().take_while(|(_, _, o)| matches!(o, Op::Pages { path: p, page_size: ps, .. } if p == path && ps == page_size)).count();
@@ -1177,7 +1185,7 @@ impl Stream {
                         }
                     }
                 }
-                match apply::apply(&self.mirror, op, &JournalChunks(&self)) {
+                match w.apply(op, &JournalChunks(&self)) {
                     Ok(()) => {
                         window.truncated(*recv_ns, truncates(&tree, op));
                         tree.apply(op);
@@ -1191,6 +1199,9 @@ impl Stream {
             }
             if done > applied {
                 self.applied.store(done, Ordering::SeqCst);
+                if let Ok(mut f) = self.fresh.lock() {
+                    f.retire(done);
+                }
                 // The exact record, for a backup of the mirror that takes the lock next: a
                 // write in place, no rename (`applied` itself is noted less often).
                 let _ = std::os::unix::fs::FileExt::write_at(&self.apply_lock, format!("{done:020}\n").as_bytes(), 0);
@@ -1525,27 +1536,37 @@ mod tests {
     }
 
     #[test]
-    fn fresh_chunks_stay_within_their_bound_and_go_oldest_first() {
+    fn fresh_chunks_stay_within_their_bound_and_the_oldest_stay_until_the_applier_passes() {
         let mut f = Fresh::default();
         let chunk = FRESH_BYTES / 8;
         for i in 0..20u8 {
-            f.put(Id([i; 32]), vec![i; chunk]);
+            f.put(Id([i; 32]), vec![i; chunk], u64::from(i) + 1);
             assert!(f.bytes <= FRESH_BYTES && f.bytes == f.map.values().map(Vec::len).sum::<usize>());
         }
         assert_eq!(f.map.len(), 8);
-        assert!(f.take(&Id([11; 32])).is_none(), "an old chunk was kept over a newer one");
-        assert_eq!(f.take(&Id([19; 32])), Some(vec![19; chunk]));
-        assert!(f.take(&Id([19; 32])).is_none(), "taken twice");
+        assert!(f.take(&Id([11; 32])).is_none(), "a newer chunk was kept over an older one the applier needs first");
+        assert_eq!(f.take(&Id([0; 32])), Some(vec![0; chunk]));
+        assert!(f.take(&Id([0; 32])).is_none(), "taken twice");
+        // Room again: the next batch is kept.
+        f.put(Id([20; 32]), vec![20; chunk], 21);
+        assert_eq!(f.map.len(), 8);
         // Too large to keep: the applier reads it from the journal.
-        f.put(Id([99; 32]), vec![0; FRESH_BYTES / 2]);
+        f.put(Id([99; 32]), vec![0; FRESH_BYTES / 2], 22);
         assert!(f.take(&Id([99; 32])).is_none());
+        // The applier went past records 1-5 without taking their chunks (superseded records):
+        // dropped, all but those of the record before the next.
+        f.retire(6);
+        assert!(f.take(&Id([3; 32])).is_none() && f.map.contains_key(&Id([5; 32])));
+        assert_eq!(f.bytes, f.map.values().map(Vec::len).sum::<usize>());
         // Taken ids do not pile up in the queue.
         for i in 0..100_000u32 {
             let mut id = [0u8; 32];
             id[..4].copy_from_slice(&i.to_le_bytes());
-            f.put(Id(id), vec![1]);
+            f.put(Id(id), vec![1], 100 + u64::from(i));
             f.take(&Id(id));
+            f.retire(100 + u64::from(i));
         }
-        assert!(f.order.len() < 2 * f.map.len() + 1100, "{}", f.order.len());
+        assert!(f.order.len() < 10, "{}", f.order.len());
+        assert!(f.map.len() <= 8, "{}", f.map.len());
     }
 }
