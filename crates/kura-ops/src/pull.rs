@@ -280,12 +280,15 @@ fn needed(packs: &[Id], src_packs: &HashMap<Id, u64>, dst_packs: &IdSet, edges: 
     Ok((need, present))
 }
 
-/// Fetches packs with `workers` requests in flight; returns the first mismatch, if any.
-fn fetch_packs(src: &dyn Store, dst: &dyn Store, packs: &[Id], workers: usize, report: &mut PullReport) -> Result<Option<String>, OpsError> {
+/// Fetches packs with `workers` requests in flight. A pack whose bytes do not match its name
+/// is not kept and the others go on: returns those with the reason. A store failure stops them
+/// all.
+fn fetch_packs(src: &dyn Store, dst: &dyn Store, packs: &[Id], workers: usize, report: &mut PullReport) -> Result<HashMap<Id, String>, OpsError> {
     let next = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let (fetched, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-    let failure: Mutex<Option<Result<String, StoreError>>> = Mutex::new(None);
+    let bad: Mutex<HashMap<Id, String>> = Mutex::new(HashMap::new());
+    let failure: Mutex<Option<StoreError>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..workers.clamp(1, packs.len().max(1)) {
             s.spawn(|| {
@@ -294,20 +297,18 @@ fn fetch_packs(src: &dyn Store, dst: &dyn Store, packs: &[Id], workers: usize, r
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(p) = packs.get(i) else { break };
-                    let outcome = match copy_object(src, dst, Kind::Pack, &p.to_hex(), &mut buf) {
+                    match copy_object(src, dst, Kind::Pack, &p.to_hex(), &mut buf) {
                         Ok(Ok(n)) => {
                             fetched.fetch_add(1, Ordering::Relaxed);
                             bytes.fetch_add(n, Ordering::Relaxed);
-                            continue;
                         }
-                        Ok(Err(reason)) => Ok(reason),
-                        Err(e) => Err(e),
-                    };
-                    stop.store(true, Ordering::Relaxed);
-                    let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
-                    // A store failure outranks a mismatch: the run must stop.
-                    if f.as_ref().is_none_or(|old| old.is_ok() && outcome.is_err()) {
-                        *f = Some(outcome);
+                        Ok(Err(reason)) => {
+                            bad.lock().unwrap_or_else(|e| e.into_inner()).insert(*p, reason);
+                        }
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        }
                     }
                 }
             });
@@ -316,9 +317,8 @@ fn fetch_packs(src: &dyn Store, dst: &dyn Store, packs: &[Id], workers: usize, r
     report.packs_fetched += fetched.into_inner();
     report.bytes_fetched += bytes.into_inner();
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        None => Ok(None),
-        Some(Ok(reason)) => Ok(Some(reason)),
-        Some(Err(e)) => Err(e.into()),
+        Some(e) => Err(e.into()),
+        None => Ok(bad.into_inner().unwrap_or_else(|e| e.into_inner())),
     }
 }
 
@@ -357,28 +357,45 @@ fn pull_in_session(
         return Err(OpsError::Unsafe(format!("{p}; a pull cannot know where the source's prunes moved data")));
     }
     let src_packs: HashMap<Id, u64> = src.list(Kind::Pack)?.iter().filter_map(|l| Some((Id::from_hex(&l.name)?, l.size))).collect();
-    let mut dst_packs: IdSet = dst.list(Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
+    let dst_packs: IdSet = dst.list(Kind::Pack)?.iter().filter_map(|l| Id::from_hex(&l.name)).collect();
     let had = dst_packs.clone();
     let mut reused = IdSet::default();
     let dst_lineage: HashSet<String> = dst.list(Kind::Lineage)?.into_iter().map(|l| l.name).collect();
     let mut lineage_done = false;
     let workers = if src.is_remote() { 8 } else { crate::cores() };
-    for Chosen { id, public, bytes, floor } in chosen {
+    // Every pack the chosen snapshots need is fetched in one go, in their order, before any of
+    // them is written: one snapshot at a time left the workers idle at each snapshot's end
+    // (an incremental snapshot needs a pack or two).
+    let mut planned = dst_packs;
+    let mut all_need = Vec::new();
+    let plans: Vec<_> = chosen
+        .into_iter()
+        .map(|c| {
+            let n = needed(&c.public.packs, &src_packs, &planned, &records.edges);
+            if let Ok((need, _)) = &n {
+                planned.extend(need.iter().copied());
+                all_need.extend(need.iter().copied());
+            }
+            (c, n)
+        })
+        .collect();
+    let bad = fetch_packs(src, dst, &all_need, workers, &mut report)?;
+    for (Chosen { id, public: _, bytes, floor }, n) in plans {
         let refuse = |reason: String| Refused { snapshot: id.to_hex(), reason };
-        let (need, present) = match needed(&public.packs, &src_packs, &dst_packs, &records.edges) {
+        let (need, present) = match n {
             Ok(n) => n,
             Err(p) => {
                 report.refused.push(refuse(format!("it names pack {} which the source no longer has, with no record of where its data went", p.short())));
                 continue;
             }
         };
-        if let Some(reason) = fetch_packs(src, dst, &need, workers, &mut report)? {
-            report.refused.push(refuse(reason));
+        // A pack that did not match its name, fetched for this snapshot or an earlier one.
+        if let Some(reason) = need.iter().chain(&present).find_map(|p| bad.get(p)) {
+            report.refused.push(refuse(reason.clone()));
             continue;
         }
         reused.extend(present.into_iter().filter(|p| had.contains(p)));
         report.packs_present = reused.len() as u64;
-        dst_packs.extend(need);
         // The destination's prune must know the moves its snapshots rely on before it sees them.
         if !lineage_done {
             for l in records.ids.iter().map(|i| i.to_hex()).filter(|n| !dst_lineage.contains(n)) {

@@ -337,45 +337,66 @@ async fn whole_file(local: &LocalStore, kind: Kind, name: &str) -> Result<(u64, 
     .await?;
     let body = match (file, small) {
         (_, Some(buf)) => Body::from(buf),
-        (Some(f), None) => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), 256 << 10)),
+        (Some(f), None) => {
+            // Read straight into each piece (no zeroing, no second buffer), in order: the
+            // pieces come one after the other from the file's own position.
+            let f = Arc::new(f);
+            pieces_body(len, move |_, take| {
+                let mut buf = Vec::with_capacity(take as usize);
+                std::io::Read::read_to_end(&mut std::io::Read::take(&*f, take), &mut buf).map_err(|e| e.to_string())?;
+                if buf.len() as u64 != take {
+                    return Err(format!("the file ended {} bytes early", take - buf.len() as u64));
+                }
+                Ok(buf)
+            })
+        }
         (None, None) => Body::empty(),
     };
     Ok((len, body))
 }
 
-/// A whole object of any other store (a bucket): its size first, then ranges of a few MiB
-/// read one after the other as the client takes them.
-async fn whole_object(store: Arc<dyn Store>, kind: Kind, name: String) -> Result<(u64, Body), ApiError> {
-    const PIECE: u64 = 4 << 20;
-    let (st, n) = (store.clone(), name.clone());
-    let len = blocking(move || st.size(kind, &n)).await?;
-    if len <= READ_WHOLE {
-        let data = blocking(move || store.get(kind, &name)).await?;
-        return Ok((data.len() as u64, Body::from(data)));
-    }
+/// Pieces a large object is streamed in: each is one blocking read (a hand-off to the
+/// blocking pool and back), so fewer, larger ones cost less; memory per answer stays bounded.
+const PIECE: u64 = 4 << 20;
+
+/// A body of `len` bytes in pieces of [`PIECE`] that `read(offset, length)` gives, on the
+/// blocking pool, one after the other, as the client takes them. A failure ends the body
+/// early: the client sees a short object and retries or fails.
+fn pieces_body(len: u64, read: impl Fn(u64, u64) -> Result<Vec<u8>, String> + Send + Sync + 'static) -> Body {
+    let read = Arc::new(read);
     let pieces = futures_util::stream::unfold(0u64, move |off| {
-        let (store, name) = (store.clone(), name.clone());
+        let read = read.clone();
         async move {
             if off >= len {
                 return None;
             }
             let take = PIECE.min(len - off);
-            let r = tokio::task::spawn_blocking(move || store.get_range(kind, &name, off, take)).await;
-            let piece = match r {
+            let piece = match tokio::task::spawn_blocking(move || read(off, take)).await {
                 Ok(Ok(d)) => Ok(axum::body::Bytes::from(d)),
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => Err(e),
                 Err(e) => Err(e.to_string()),
             };
             let piece = piece.map_err(|e| {
                 tracing::error!(error = %e, "storage failure while streaming an object");
                 std::io::Error::other(e)
             });
-            // An error ends the body early: the client sees a short object and retries or fails.
             let next = if piece.is_ok() { off + take } else { len };
             Some((piece, next))
         }
     });
-    Ok((len, Body::from_stream(pieces)))
+    Body::from_stream(pieces)
+}
+
+/// A whole object of any other store (a bucket): its size first, then ranges of a few MiB
+/// read one after the other as the client takes them.
+async fn whole_object(store: Arc<dyn Store>, kind: Kind, name: String) -> Result<(u64, Body), ApiError> {
+    let (st, n) = (store.clone(), name.clone());
+    let len = blocking(move || st.size(kind, &n)).await?;
+    if len <= READ_WHOLE {
+        let data = blocking(move || store.get(kind, &name)).await?;
+        return Ok((data.len() as u64, Body::from(data)));
+    }
+    Ok((len, pieces_body(len, move |off, take| store.get_range(kind, &name, off, take).map_err(|e| e.to_string()))))
 }
 
 /// `GET /v1/<repo>/<kind>/<name>`, whole (streamed from the file) or `Range: bytes=A-B` (at
