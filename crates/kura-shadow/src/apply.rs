@@ -141,12 +141,16 @@ impl<'a> Writer<'a> {
         self.comps.truncate(keep);
         self.dirs.truncate(keep + 1);
         for (i, c) in want.iter().enumerate().skip(keep) {
-            let last = self.dirs.last().expect("the root is open");
-            let fd = open_dir_at(last, c).map_err(|e| ShadowError::io(path::join(self.root, &want[..=i].join(&b'/')), e))?;
+            let fd = open_dir_at(self.current()?, c).map_err(|e| ShadowError::io(path::join(self.root, &want[..=i].join(&b'/')), e))?;
             self.dirs.push(fd);
             self.comps.push(c.to_vec());
         }
-        Ok(self.dirs.last().expect("the root is open"))
+        self.current()
+    }
+
+    /// The directory opened last (the root at least, once [`Writer::parent`] ran).
+    fn current(&self) -> Result<&OwnedFd, ShadowError> {
+        self.dirs.last().ok_or_else(|| ShadowError::io(self.root, std::io::Error::other("the mirror's root is not open")))
     }
 
     /// A name for a temporary (one a crashed run left may be taken: the caller tries the next).
@@ -194,7 +198,7 @@ impl<'a> Writer<'a> {
             NodeKind::File => {
                 let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
                 let (tmp, fd) = self.temp_beside(rel, |dir, t| rfs::openat(dir, t, flags, Mode::from_raw_mode(0o600)))?;
-                let dir = self.dirs.last().expect("the temporary's directory is open");
+                let dir = self.current()?;
                 let r = (|| {
                     let mut f = File::from(fd);
                     for id in &node.content {
@@ -211,7 +215,7 @@ impl<'a> Writer<'a> {
             }
             NodeKind::Symlink => {
                 let (tmp, ()) = self.temp_beside(rel, |dir, t| rfs::symlinkat(node.target.as_slice(), dir, t))?;
-                let dir = self.dirs.last().expect("the temporary's directory is open");
+                let dir = self.current()?;
                 meta(MetaTarget::Path, &p.with_file_name(std::ffi::OsStr::from_bytes(&tmp)), node);
                 let r = rename_over(dir, &tmp, name, &p);
                 if r.is_err() {
