@@ -250,14 +250,13 @@ impl<'a> Writer<'a> {
             crate::sqlite_stream::forget_mirrors();
         }
         let root = self.root;
-        if let Op::Put { path: rel, node } = op {
-            return self.put(rel, node, chunks);
+        if !matches!(op, Op::Put { .. }) {
+            // The rest may move or remove a directory kept open.
+            self.forget();
         }
-        // The rest may move or remove a directory kept open.
-        self.forget();
         match op {
+            Op::Put { path: rel, node } => self.put(rel, node, chunks),
             Op::Pages { path: rel, page_size, db_pages, pages, .. } => crate::sqlite_stream::apply_pages(root, rel, *page_size, &[(*db_pages, pages)], chunks),
-            Op::Put { .. } => unreachable!("handled above"),
             // Below an entry that is not a real directory nothing exists (the tree's meaning), and
             // a path through a symlink must never be followed out of the mirror.
             Op::Delete { path: rel } if parents_are_dirs(root, rel) => remove(&path::join(root, rel)),

@@ -1550,7 +1550,7 @@ mod tests {
         // Room again: the next batch is kept.
         f.put(Id([20; 32]), vec![20; chunk], 21);
         assert_eq!(f.map.len(), 8);
-        // Too large to keep: the applier reads it from the journal.
+        // Beyond the bound: not kept, the applier reads it from the journal.
         f.put(Id([99; 32]), vec![0; FRESH_BYTES / 2], 22);
         assert!(f.take(&Id([99; 32])).is_none());
         // The applier went past records 1-5 without taking their chunks (superseded records):
