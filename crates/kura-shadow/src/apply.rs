@@ -225,8 +225,8 @@ impl<'a> Writer<'a> {
             }
             _ => {
                 // Fifos, sockets and devices: made where the standby may (devices need root).
-                self.parent(rel)?;
-                remove(&p)?;
+                let dir = self.parent(rel)?;
+                remove_in(dir, name, &p)?;
                 let ft = match node.kind {
                     NodeKind::Fifo => FileType::Fifo,
                     NodeKind::CharDev => FileType::CharacterDevice,
@@ -234,7 +234,7 @@ impl<'a> Writer<'a> {
                     _ => FileType::Socket,
                 };
                 let mode = Mode::from_raw_mode(node.mode & 0o7777);
-                if let Err(e) = rfs::mknodat(self.parent(rel)?, name, ft, mode, node.rdev) {
+                if let Err(e) = rfs::mknodat(dir, name, ft, mode, node.rdev) {
                     tracing::warn!(path = %p.display(), "cannot make special file: {e}");
                     return Ok(());
                 }
@@ -279,10 +279,28 @@ fn rename_over(dir: &OwnedFd, tmp: &[u8], name: &[u8], p: &Path) -> Result<(), S
     match rfs::renameat(dir, tmp, dir, name) {
         Ok(()) => Ok(()),
         Err(Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST) => {
-            fs::remove_dir_all(p).map_err(io(p))?;
+            remove_in(dir, name, p)?;
             rfs::renameat(dir, tmp, dir, name).map_err(|e| ShadowError::io(p, e.into()))
         }
         Err(e) => Err(ShadowError::io(p, e.into())),
+    }
+}
+
+/// Removes whatever `name` in `dir` is (a directory with all it holds), never following a
+/// link, and through the descriptor: a directory on the way swapped for a link meanwhile
+/// cannot lead the removal out of the mirror (`p` names it in messages).
+fn remove_in(dir: &OwnedFd, name: &[u8], p: &Path) -> Result<(), ShadowError> {
+    use std::os::fd::AsRawFd;
+    match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(ShadowError::io(p, e.into())),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+            // std's remove_dir_all opens what it is given without following a final link and
+            // works through descriptors below it; this path reaches `name` through `dir`.
+            let at = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string()).join(std::ffi::OsStr::from_bytes(name));
+            fs::remove_dir_all(at).map_err(io(p))
+        }
+        Ok(_) => rfs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| ShadowError::io(p, e.into())),
     }
 }
 
@@ -495,6 +513,14 @@ mod tests {
         w.put(b"d/a/g", &file(1, 3), &chunks).unwrap();
         assert!(fs::read_dir(&outside).unwrap().next().is_none(), "wrote through the swapped link");
         assert_eq!(fs::read(root.join("moved/a/g")).unwrap(), b"one");
+        // A file put over a directory the writer reaches through its open one: the directory
+        // removed is the one inside the mirror, not the one of that name behind the link.
+        fs::create_dir(outside.join("a")).unwrap();
+        fs::write(outside.join("a/keep"), b"keep").unwrap();
+        w.put(b"d/a", &file(1, 3), &chunks).unwrap();
+        assert_eq!(fs::read(outside.join("a/keep")).unwrap(), b"keep", "removed through the swapped link");
+        assert_eq!(fs::read(root.join("moved/a")).unwrap(), b"one");
+        fs::remove_dir_all(outside.join("a")).unwrap();
         // A fresh writer replaces the link with a directory.
         let mut w = Writer::new(&root);
         w.put(b"d/a/h", &file(1, 3), &chunks).unwrap();
