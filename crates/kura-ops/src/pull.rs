@@ -102,21 +102,40 @@ pub fn put_plain(dst: &dyn Store) -> impl Fn(&str, &[u8], Option<Timestamp>) -> 
     }
 }
 
-/// Copies `kind/name` when the destination lacks it, after checking the bytes against the
-/// name. Returns the bytes written (0 when it was there), or `Err(Ok(reason))` for bytes
-/// that do not match their name.
-fn copy_object(src: &dyn Store, dst: &dyn Store, kind: Kind, name: &str, bytes: &mut Vec<u8>) -> Result<Result<u64, String>, StoreError> {
-    src.get_into(kind, name, bytes)?;
-    if Id::of_stored(bytes).to_hex() != name {
-        return Ok(Err(format!(
-            "{} from {} does not match its name ({} bytes); refused",
-            ObjectName::new(kind, name),
-            src.location(),
-            bytes.len()
-        )));
+/// How much of an object a copy holds in memory at a time.
+const COPY_PIECE: usize = 1 << 20;
+
+/// Copies `kind/name` when the destination lacks it, checking the bytes against the name as
+/// they stream through `piece` (one buffer a worker keeps for every object it copies: a whole
+/// pack held in memory costs fresh pages and cache misses at every step). Returns the bytes
+/// written (0 when it was there), or `Ok(Err(reason))` for bytes that do not match their name;
+/// nothing of those is visible in `dst`.
+fn copy_object(src: &dyn Store, dst: &dyn Store, kind: Kind, name: &str, piece: &mut Vec<u8>) -> Result<Result<u64, String>, StoreError> {
+    if piece.len() < COPY_PIECE {
+        piece.resize(COPY_PIECE, 0);
     }
-    match dst.put_new(kind, name, bytes) {
-        Ok(()) => Ok(Ok(bytes.len() as u64)),
+    let mut from = src.reader(kind, name)?;
+    let mut to = dst.stage(kind)?;
+    let mut hash = blake3::Hasher::new();
+    let mut len = 0u64;
+    loop {
+        let n = from.fill(piece)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&piece[..n]);
+        std::io::Write::write_all(&mut to, &piece[..n]).map_err(|e| StoreError::Io {
+            verb: kura_store::Verb::Write,
+            target: format!("{} in {}", ObjectName::new(kind, name), dst.location()),
+            source: e,
+        })?;
+        len += n as u64;
+    }
+    if Id(*hash.finalize().as_bytes()).to_hex() != name {
+        return Ok(Err(format!("{} from {} does not match its name ({len} bytes); refused", ObjectName::new(kind, name), src.location())));
+    }
+    match to.commit(name) {
+        Ok(()) => Ok(Ok(len)),
         Err(StoreError::Exists(_)) => Ok(Ok(0)),
         Err(e) => Err(e),
     }
@@ -292,12 +311,11 @@ fn fetch_packs(src: &dyn Store, dst: &dyn Store, packs: &[Id], workers: usize, r
     std::thread::scope(|s| {
         for _ in 0..workers.clamp(1, packs.len().max(1)) {
             s.spawn(|| {
-                // One buffer per worker for every pack it copies.
-                let mut buf = Vec::new();
+                let mut piece = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(p) = packs.get(i) else { break };
-                    match copy_object(src, dst, Kind::Pack, &p.to_hex(), &mut buf) {
+                    match copy_object(src, dst, Kind::Pack, &p.to_hex(), &mut piece) {
                         Ok(Ok(n)) => {
                             fetched.fetch_add(1, Ordering::Relaxed);
                             bytes.fetch_add(n, Ordering::Relaxed);
@@ -444,6 +462,44 @@ mod tests {
         assert_eq!(needed(&[id(1), id(2), id(3)], &src, &dst, &edges), Ok((vec![id(2), id(4), id(5)], vec![id(1)])));
         // A pack nobody has and no move explains.
         assert_eq!(needed(&[id(2), id(7)], &src, &dst, &edges), Err(id(7)));
+    }
+
+    #[test]
+    fn objects_stream_across_in_pieces_and_a_mismatch_leaves_nothing_behind() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (kura_store::LocalStore::create(a.path()).unwrap(), kura_store::LocalStore::create(b.path()).unwrap());
+        // Three and a half pieces, so the copy loops and ends on a short one.
+        let big: Vec<u8> = (0..COPY_PIECE * 7 / 2).map(|i| (i * 31 % 251) as u8).collect();
+        let name = Id::of_stored(&big).to_hex();
+        src.put_new(Kind::Pack, &name, &big).unwrap();
+        let wrong = Id::of_stored(b"other bytes").to_hex();
+        src.put_new(Kind::Pack, &wrong, &big[..1000]).unwrap();
+        let mut piece = Vec::new();
+        assert_eq!(copy_object(&src, &dst, Kind::Pack, &name, &mut piece).unwrap(), Ok(big.len() as u64));
+        assert_eq!(dst.get(Kind::Pack, &name).unwrap(), big);
+        // Already there: nothing written.
+        assert_eq!(copy_object(&src, &dst, Kind::Pack, &name, &mut piece).unwrap(), Ok(0));
+        let refused = copy_object(&src, &dst, Kind::Pack, &wrong, &mut piece).unwrap().unwrap_err();
+        assert!(refused.contains("does not match its name (1000 bytes)"), "{refused}");
+        assert!(matches!(dst.get(Kind::Pack, &wrong), Err(StoreError::NotFound(_))));
+        let leftovers: Vec<_> = walk(b.path()).into_iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".tmp")).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // A missing source object is the store's error, not a refusal.
+        let missing = Id::of_stored(b"nowhere").to_hex();
+        assert!(matches!(copy_object(&src, &dst, Kind::Pack, &missing, &mut piece), Err(StoreError::NotFound(_))));
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 
     #[test]

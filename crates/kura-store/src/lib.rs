@@ -334,11 +334,12 @@ pub trait Store: Send + Sync {
     /// Reads a whole object.
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError>;
 
-    /// Reads a whole object into `buf` (replacing what it held): a caller reading many large
-    /// objects reuses one buffer instead of faulting in fresh pages for each.
-    fn get_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> Result<(), StoreError> {
-        *buf = self.get(kind, name)?;
-        Ok(())
+    /// Reads a whole object as a stream: a copy between stores writes it out as it arrives,
+    /// through one small buffer, instead of holding all of it. Stores that cannot stream read
+    /// it whole first.
+    fn reader(&self, kind: Kind, name: &str) -> Result<ObjectReader<'_>, StoreError> {
+        let data = self.get(kind, name)?;
+        Ok(ObjectReader::new(ObjectName::new(kind, name), Box::new(std::io::Cursor::new(data))))
     }
 
     /// Reads `len` bytes at `offset`; fails with [`StoreError::Short`] past the end.
@@ -428,6 +429,53 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// A whole object being read as a stream; see [`Store::reader`].
+pub struct ObjectReader<'a> {
+    name: ObjectName,
+    inner: Box<dyn std::io::Read + Send + 'a>,
+}
+
+impl<'a> ObjectReader<'a> {
+    /// Wraps a stream of the object's bytes. An error the stream yields that carries a
+    /// [`StoreError`] (`io::Error::other(StoreError)`, how a store says what went wrong) comes
+    /// out as that error; any other as a read error of the object.
+    pub fn new(name: ObjectName, inner: Box<dyn std::io::Read + Send + 'a>) -> Self {
+        ObjectReader { name, inner }
+    }
+
+    /// Reads until `buf` is full or the object has ended: the count (0 once it has ended).
+    pub fn fill(&mut self, buf: &mut [u8]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.inner.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Reads the rest of the object into `out` (replacing what it held), with `hint` bytes
+    /// reserved up front.
+    pub fn read_all(mut self, out: &mut Vec<u8>, hint: usize) -> Result<(), StoreError> {
+        out.clear();
+        out.reserve(hint);
+        match self.inner.read_to_end(out) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn error(&self, e: std::io::Error) -> StoreError {
+        match e.downcast::<StoreError>() {
+            Ok(store) => store,
+            Err(e) => StoreError::Io { verb: Verb::Read, target: self.name.to_string(), source: e },
+        }
+    }
+}
+
 /// An object being written; see [`Store::stage`].
 pub trait Staged: std::io::Write + Send {
     /// Makes the bytes written so far durable and visible as `kind/name`, with the guarantees
@@ -478,6 +526,44 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Yields its pieces one per read, then its error.
+    struct Pieces(Vec<Vec<u8>>, Option<std::io::Error>);
+
+    impl std::io::Read for Pieces {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return self.1.take().map_or(Ok(0), Err);
+            }
+            let mut p = self.0.remove(0);
+            let n = p.len().min(buf.len());
+            buf[..n].copy_from_slice(&p[..n]);
+            if n < p.len() {
+                self.0.insert(0, p.split_off(n));
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn object_readers_fill_across_short_reads_and_keep_the_stores_error() {
+        let name = ObjectName::new(Kind::Pack, "ab12");
+        let mut r = ObjectReader::new(name.clone(), Box::new(Pieces(vec![b"abc".to_vec(), b"de".to_vec(), b"fgh".to_vec()], None)));
+        let mut buf = [0u8; 4];
+        assert_eq!(r.fill(&mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"abcd");
+        assert_eq!(r.fill(&mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"efgh");
+        assert_eq!(r.fill(&mut buf).unwrap(), 0);
+        // A store's own error comes out as it is; any other names the object.
+        let broke = StoreError::Network { verb: Verb::Read, target: name.to_string(), detail: "the answer broke off".into() };
+        let r = ObjectReader::new(name.clone(), Box::new(Pieces(vec![b"abc".to_vec()], Some(std::io::Error::other(broke)))));
+        let mut out = Vec::new();
+        assert!(matches!(r.read_all(&mut out, 0), Err(StoreError::Network { detail, .. }) if detail == "the answer broke off"));
+        let mut r = ObjectReader::new(name, Box::new(Pieces(Vec::new(), Some(std::io::Error::from_raw_os_error(5)))));
+        let err = r.fill(&mut buf).unwrap_err();
+        assert!(matches!(&err, StoreError::Io { verb: Verb::Read, target, .. } if target.contains("ab12")), "{err}");
+    }
 
     #[test]
     fn names_with_separators_or_dots_are_refused() {

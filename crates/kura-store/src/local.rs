@@ -1,7 +1,7 @@
 //! The local directory backend: one file per object, written to a temporary name, fsynced,
 //! then hard-linked into place (so an existing name is never replaced) and the directory fsynced.
 
-use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
+use crate::{Kind, Listed, ObjectName, ObjectReader, Staged, Store, StoreError, Verb, check_name};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
@@ -15,6 +15,14 @@ pub struct LocalStore {
 
 fn io(verb: Verb, target: impl std::fmt::Display, source: std::io::Error) -> StoreError {
     StoreError::Io { verb, target: target.to_string(), source }
+}
+
+/// A failed open or read of an object: [`StoreError::NotFound`] when it does not exist.
+fn read_error(kind: Kind, name: &str, e: std::io::Error) -> StoreError {
+    match e.kind() {
+        ErrorKind::NotFound => StoreError::NotFound(ObjectName::new(kind, name)),
+        _ => io(Verb::Read, ObjectName::new(kind, name), e),
+    }
 }
 
 impl LocalStore {
@@ -153,10 +161,13 @@ impl Store for LocalStore {
 
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
         let path = self.path_of(kind, name)?;
-        fs::read(&path).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => StoreError::NotFound(ObjectName::new(kind, name)),
-            _ => io(Verb::Read, ObjectName::new(kind, name), e),
-        })
+        fs::read(&path).map_err(|e| read_error(kind, name, e))
+    }
+
+    fn reader(&self, kind: Kind, name: &str) -> Result<ObjectReader<'_>, StoreError> {
+        let path = self.path_of(kind, name)?;
+        let file = File::open(&path).map_err(|e| read_error(kind, name, e))?;
+        Ok(ObjectReader::new(ObjectName::new(kind, name), Box::new(file)))
     }
 
     fn get_range(
@@ -168,10 +179,7 @@ impl Store for LocalStore {
     ) -> Result<Vec<u8>, StoreError> {
         let path = self.path_of(kind, name)?;
         let obj = || ObjectName::new(kind, name);
-        let f = cached_handle(&path).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => StoreError::NotFound(obj()),
-            _ => io(Verb::Read, obj(), e),
-        })?;
+        let f = cached_handle(&path).map_err(|e| read_error(kind, name, e))?;
         let end = offset.saturating_add(len);
         let size = f.metadata().map_err(|e| io(Verb::Read, obj(), e))?.len();
         let short = |size: u64| StoreError::Short { name: obj(), offset, end, len: size };
@@ -304,6 +312,7 @@ impl Store for LocalStore {
             Kind::Config => self.root.clone(),
             k => self.root.join(k.dir()),
         };
+        ensure_dir(kind, &dir)?;
         let tmp = dir.join(format!(".tmp-{}", random_suffix()));
         let file = OpenOptions::new()
             .write(true)

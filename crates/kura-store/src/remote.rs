@@ -4,7 +4,7 @@
 //! The wire protocol is specified in `docs/FORMAT.md` §14. Every call is blocking; the HTTP
 //! client keeps a pool of connections, so the threads of a backup upload in parallel.
 
-use crate::{Kind, Listed, ObjectName, Staged, Store, StoreError, Verb, check_name};
+use crate::{Kind, Listed, ObjectName, ObjectReader, Staged, Store, StoreError, Verb, check_name};
 use crate::blocks::{Block, Blocks, FetchBlock};
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, RequestBuilder, Response};
@@ -377,28 +377,15 @@ impl RemoteStore {
         }
     }
 
-    fn read_body(&self, verb: Verb, kind: Kind, name: &str, mut resp: Response, out: &mut Vec<u8>) -> Result<(), StoreError> {
-        // Sized once from Content-Length: a 16 MiB pack read by growing a buffer and copying
-        // it out again costs more than the network on loopback.
-        // A hostile or broken server could stream without end: never read past the largest
-        // object of this kind a repository can hold.
-        let cap = max_body(kind);
-        out.clear();
-        out.reserve(resp.content_length().unwrap_or(0).min(cap) as usize);
-        match std::io::Read::read_to_end(&mut std::io::Read::take(&mut resp, cap + 1), out) {
-            Ok(n) if n as u64 > cap => Err(StoreError::Server {
-                verb,
-                target: ObjectName::new(kind, name).to_string(),
-                status: 200,
-                message: format!("the answer is longer than the largest {kind:?} object ({cap} bytes)"),
-            }),
-            Ok(_) => Ok(()),
-            Err(e) => Err(StoreError::Network {
-                verb,
-                target: ObjectName::new(kind, name).to_string(),
-                detail: format!("the answer broke off: {e}"),
-            }),
-        }
+    /// The answer's body as the object's bytes. A hostile or broken server could stream
+    /// without end: it never reads past the largest object of this kind a repository can hold.
+    fn body(kind: Kind, name: &str, resp: Response) -> (ObjectReader<'static>, usize) {
+        let left = max_body(kind);
+        // Sized once from Content-Length by whoever reads it whole: a 16 MiB pack read by
+        // growing a buffer and copying it out again costs more than the network on loopback.
+        let hint = resp.content_length().unwrap_or(0).min(left) as usize;
+        let target = ObjectName::new(kind, name);
+        (ObjectReader::new(target.clone(), Box::new(Body { resp, left, target })), hint)
     }
 
     fn upload(&self, kind: Kind, name: &str, data: bytes::Bytes, replace: bool) -> Result<(), StoreError> {
@@ -428,6 +415,38 @@ fn max_body(kind: Kind) -> u64 {
     match kind {
         Kind::Session | Kind::Config | Kind::Key | Kind::Protection | Kind::Drill | Kind::Receipt => 1 << 20,
         _ => (1 << 30) + (64 << 20),
+    }
+}
+
+/// An answer's body read as an object, at most `left` more bytes.
+struct Body {
+    resp: Response,
+    left: u64,
+    target: ObjectName,
+}
+
+impl std::io::Read for Body {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // One byte past the limit is asked for, so an answer that is too long is seen.
+        let want = buf.len().min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        match std::io::Read::read(&mut self.resp, &mut buf[..want]) {
+            Ok(n) if n as u64 > self.left => Err(std::io::Error::other(StoreError::Server {
+                verb: Verb::Read,
+                target: self.target.to_string(),
+                status: 200,
+                message: format!("the answer is longer than the largest {:?} object ({} bytes)", self.target.kind, max_body(self.target.kind)),
+            })),
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(e),
+            Err(e) => Err(std::io::Error::other(StoreError::Network {
+                verb: Verb::Read,
+                target: self.target.to_string(),
+                detail: format!("the answer broke off: {e}"),
+            })),
+        }
     }
 }
 
@@ -479,15 +498,18 @@ impl Store for RemoteStore {
     }
 
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, StoreError> {
+        let url = self.url(kind, name);
+        let resp = self.object(Verb::Read, kind, name, || self.client.get(&url))?;
+        let (body, hint) = Self::body(kind, name, resp);
         let mut out = Vec::new();
-        self.get_into(kind, name, &mut out)?;
+        body.read_all(&mut out, hint)?;
         Ok(out)
     }
 
-    fn get_into(&self, kind: Kind, name: &str, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+    fn reader(&self, kind: Kind, name: &str) -> Result<ObjectReader<'_>, StoreError> {
         let url = self.url(kind, name);
         let resp = self.object(Verb::Read, kind, name, || self.client.get(&url))?;
-        self.read_body(Verb::Read, kind, name, resp, buf)
+        Ok(Self::body(kind, name, resp).0)
     }
 
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
@@ -592,8 +614,9 @@ impl RemoteStore {
                 message: format!("the answer is not the range {range} (is a proxy ignoring Range?)"),
             });
         }
+        let (reader, hint) = Self::body(kind, name, resp);
         let mut body = Vec::new();
-        self.read_body(Verb::Read, kind, name, resp, &mut body)?;
+        reader.read_all(&mut body, hint)?;
         if body.len() as u64 > len {
             return Err(StoreError::Server {
                 verb: Verb::Read,
