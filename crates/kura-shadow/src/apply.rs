@@ -45,11 +45,6 @@ pub(crate) fn remove(p: &Path) -> Result<(), ShadowError> {
     }
 }
 
-/// Whether every ancestor of `rel` under `root` is a real directory (no symlink on the way).
-fn parents_are_dirs(root: &Path, rel: &[u8]) -> bool {
-    path::ancestors(rel).all(|a| fs::symlink_metadata(path::join(root, a)).is_ok_and(|m| m.is_dir()))
-}
-
 /// Makes every ancestor of `rel` under `root` a real directory (replacing files and links).
 pub(crate) fn make_parents(root: &Path, rel: &[u8]) -> Result<(), ShadowError> {
     for a in path::ancestors(rel) {
@@ -81,8 +76,7 @@ fn meta(target: MetaTarget<'_>, p: &Path, n: &Node) {
 /// Opens the directory `name` in `dir`, never through a link: a file or link in its place is
 /// replaced by a new directory, as is a missing one.
 fn open_dir_at(dir: &OwnedFd, name: &[u8]) -> std::io::Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match rfs::openat(dir, name, flags, Mode::empty()) {
+    match rfs::openat(dir, name, SUBDIR, Mode::empty()) {
         Ok(fd) => return Ok(fd),
         Err(Errno::NOENT) => {}
         Err(Errno::NOTDIR | Errno::LOOP) => rfs::unlinkat(dir, name, AtFlags::empty())?,
@@ -92,8 +86,11 @@ fn open_dir_at(dir: &OwnedFd, name: &[u8]) -> std::io::Result<OwnedFd> {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(rfs::openat(dir, name, flags, Mode::empty())?)
+    Ok(rfs::openat(dir, name, SUBDIR, Mode::empty())?)
 }
+
+/// How a directory below the mirror's root is opened: never through a link.
+const SUBDIR: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
 /// The last component of a relative path.
 fn name_of(rel: &[u8]) -> &[u8] {
@@ -133,7 +130,7 @@ impl<'a> Writer<'a> {
     /// way) from the root down, or kept open from the previous write.
     fn parent(&mut self, rel: &[u8]) -> Result<&OwnedFd, ShadowError> {
         if self.dirs.is_empty() {
-            let fd = rfs::open(self.root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| ShadowError::io(self.root, e.into()))?;
+            let fd = self.open_root()?;
             self.dirs.push(fd);
         }
         let want: Vec<&[u8]> = path::parent(rel).map(|p| p.split(|&b| b == b'/').collect()).unwrap_or_default();
@@ -146,6 +143,27 @@ impl<'a> Writer<'a> {
             self.comps.push(c.to_vec());
         }
         self.current()
+    }
+
+    /// The mirror's root (itself may be a link an operator configured).
+    fn open_root(&self) -> Result<OwnedFd, ShadowError> {
+        rfs::open(self.root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| ShadowError::io(self.root, e.into()))
+    }
+
+    /// The directory that holds `rel` when every ancestor is a real directory, opened from the
+    /// root without following links; `None` when one is missing or is not a directory (below
+    /// it nothing exists). Nothing is made or kept open.
+    fn existing_parent(&self, rel: &[u8]) -> Result<Option<OwnedFd>, ShadowError> {
+        let mut dir = self.open_root()?;
+        let Some(parent) = path::parent(rel) else { return Ok(Some(dir)) };
+        for c in parent.split(|&b| b == b'/') {
+            dir = match rfs::openat(&dir, c, SUBDIR, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+                Err(e) => return Err(ShadowError::io(path::join(self.root, parent), e.into())),
+            };
+        }
+        Ok(Some(dir))
     }
 
     /// The directory opened last (the root at least, once [`Writer::parent`] ran).
@@ -258,17 +276,27 @@ impl<'a> Writer<'a> {
             Op::Put { path: rel, node } => self.put(rel, node, chunks),
             Op::Pages { path: rel, page_size, db_pages, pages, .. } => crate::sqlite_stream::apply_pages(root, rel, *page_size, &[(*db_pages, pages)], chunks),
             // Below an entry that is not a real directory nothing exists (the tree's meaning), and
-            // a path through a symlink must never be followed out of the mirror.
-            Op::Delete { path: rel } if parents_are_dirs(root, rel) => remove(&path::join(root, rel)),
-            Op::Delete { .. } => Ok(()),
+            // a path through a symlink must never be followed out of the mirror: both ends are
+            // reached through directories opened one by one without following links.
+            Op::Delete { path: rel } => match self.existing_parent(rel)? {
+                Some(dir) => remove_in(&dir, name_of(rel), &path::join(root, rel)),
+                None => Ok(()),
+            },
             Op::Rename { from, to } => {
-                let (f, t) = (path::join(root, from), path::join(root, to));
-                if from == to || path::within(to, from) || path::within(from, to) || !parents_are_dirs(root, from) || fs::symlink_metadata(&f).is_err() {
+                if from == to || path::within(to, from) || path::within(from, to) {
                     return Ok(());
                 }
-                make_parents(root, to)?;
-                remove(&t)?;
-                fs::rename(&f, &t).map_err(io(&t))
+                let Some(src) = self.existing_parent(from)? else { return Ok(()) };
+                match rfs::statat(&src, name_of(from), AtFlags::SYMLINK_NOFOLLOW) {
+                    Err(Errno::NOENT) => return Ok(()),
+                    Err(e) => return Err(ShadowError::io(path::join(root, from), e.into())),
+                    Ok(_) => {}
+                }
+                let t = path::join(root, to);
+                let dst = self.parent(to)?;
+                remove_in(dst, name_of(to), &t)?;
+                // The directories kept open are now those above `to`, none of which moved.
+                rfs::renameat(&src, name_of(from), dst, name_of(to)).map_err(|e| ShadowError::io(&t, e.into()))
             }
         }
     }
@@ -535,5 +563,15 @@ mod tests {
         w.put(b"e", &sym, &chunks).unwrap();
         assert_eq!(fs::read_link(root.join("e")).unwrap(), Path::new("nowhere"));
         assert!(fs::read_dir(&root).unwrap().all(|e| !e.unwrap().file_name().as_bytes().starts_with(TEMP_PREFIX.as_bytes())), "a temporary was left");
+        // A directory the writer holds open is renamed: later writes to its old name make a
+        // new directory rather than landing in the moved one.
+        w.put(b"r/a/f", &file(1, 3), &chunks).unwrap();
+        w.apply(&Op::Rename { from: b"r".to_vec(), to: b"s/t".to_vec() }, &chunks).unwrap();
+        w.put(b"r/a/g", &file(1, 3), &chunks).unwrap();
+        assert_eq!(fs::read(root.join("s/t/a/f")).unwrap(), b"one");
+        assert!(!root.join("s/t/a/g").exists(), "wrote into the moved directory");
+        assert_eq!(fs::read(root.join("r/a/g")).unwrap(), b"one");
+        w.apply(&Op::Delete { path: b"s".to_vec() }, &chunks).unwrap();
+        assert!(!root.join("s").exists());
     }
 }
