@@ -68,13 +68,17 @@ pub async fn manifest(
         return err(StatusCode::FORBIDDEN, "only a shadow token of the stream reads its tree").into_response();
     }
     match tokio::task::spawn_blocking(move || match q.seq {
-        None => Some(s.manifest()),
+        None => Ok(Some(s.manifest())),
         Some(seq) => s.manifest_at(seq),
     })
     .await
     {
-        Ok(Some(b)) => b.into_response(),
-        Ok(None) => err(StatusCode::NOT_FOUND, "that record is outside the journal's window").into_response(),
+        Ok(Ok(Some(b))) => b.into_response(),
+        Ok(Ok(None)) => err(StatusCode::NOT_FOUND, "that record is outside the journal's window").into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(stream = %stream, "reading the journal failed: {e}");
+            err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
         Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
 }
@@ -152,8 +156,12 @@ pub async fn records(State(state): Shared, ConnectInfo(peer): ConnectInfo<Socket
     }
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(25_000).min(60_000));
     match tokio::task::spawn_blocking(move || s.records_after(q.after, timeout)).await {
-        Ok(Ok(r)) => r.encode().into_response(),
-        Ok(Err(base)) => err(StatusCode::GONE, format!("record {} was pruned from the journal (it starts after {base})", q.after + 1)).into_response(),
+        Ok(Ok(Ok(r))) => r.encode().into_response(),
+        Ok(Ok(Err(base))) => err(StatusCode::GONE, format!("record {} was pruned from the journal (it starts after {base})", q.after + 1)).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(stream = %stream, "reading the journal failed: {e}");
+            err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
         Err(_) => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response(),
     }
 }

@@ -1,7 +1,8 @@
 //! The standby's journal: append-only segment files of frames, each a batch exactly as the
 //! primary sent it, stamped with the standby's receive time and made durable before it is
-//! acknowledged. Opening it rebuilds the record list and the chunk index; a torn last frame (a
-//! crash mid-append, never acknowledged) is cut off. The window is kept by pruning: segments
+//! acknowledged. Opening it rebuilds the chunk index and a sparse index of the records (a mark
+//! every [`MARK_BYTES`] of frames); only the newest records stay in memory, older ones are read
+//! back from the segments. A torn last frame (a crash mid-append, never acknowledged) is cut off. The window is kept by pruning: segments
 //! older than it are folded into a base (the tree before the first kept record) and the chunks
 //! still needed move into packs.
 //!
@@ -34,6 +35,12 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 /// block map as well. Measured on ext4 (5 KB frames): 39 µs of CPU and 88 µs of wall time a
 /// sync instead of 71 and 170.
 const PREALLOC: u64 = 1 << 20;
+/// A segment is marked (offset, first record, receive time) once every this many bytes of
+/// frames: reading back a record reads at most this much before it.
+const MARK_BYTES: u64 = 1 << 20;
+/// The newest records kept in memory (what followers and the applier read while they keep
+/// up); the rest of the window is read from the segments, so memory does not grow with it.
+const TAIL_RECORDS: usize = 1 << 14;
 
 /// A record as the standby holds it.
 #[derive(Debug, Clone)]
@@ -61,6 +68,16 @@ struct Segment {
     first_recv: i64,
     /// Chunks first stored here.
     ids: Vec<Id>,
+    /// Where its frames can be read from, in order (the first at its first frame).
+    marks: Vec<Mark>,
+}
+
+/// A frame's place in a segment, the first record at or after it and its receive time.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    off: u64,
+    seq: u64,
+    recv_ns: i64,
 }
 
 /// Chunks moved out of pruned segments.
@@ -122,7 +139,14 @@ pub struct Journal {
     packs: Vec<Pack>,
     next_pack: u64,
     segments: Vec<Segment>,
-    entries: Vec<Entry>,
+    /// The newest records (at most [`TAIL_RECORDS`]), a run that ends at `head`.
+    tail: std::collections::VecDeque<Entry>,
+    head: u64,
+    /// The first run of records missing after the base (a damaged journal; found on open).
+    gap: Option<(u64, u64)>,
+    /// [`TAIL_RECORDS`] and [`MARK_BYTES`] (smaller in tests, to read from disk often).
+    tail_max: usize,
+    mark_bytes: u64,
     chunks: HashMap<Id, Loc>,
     last_recv: i64,
     read_only: bool,
@@ -187,7 +211,8 @@ pub struct PrunePlan {
     old: Arc<Base>,
     seq: u64,
     recv_ns: i64,
-    fold: Vec<Entry>,
+    /// The dropped segments' files and the length of their frames: their records are folded.
+    fold: Vec<(PathBuf, Arc<File>, u64)>,
     /// Segments dropped (their count from the front) and packs that may be merged.
     drop_segments: usize,
     segment_files: Vec<Arc<File>>,
@@ -229,6 +254,11 @@ impl Journal {
     /// Opens (or, when `create`, makes) the journal in `dir`. Read-only opens never cut a torn
     /// tail or remove anything; they just stop before a torn tail.
     pub fn open(dir: &Path, id_key: [u8; 32], read_only: bool) -> Result<Journal, ShadowError> {
+        Self::open_with(dir, id_key, read_only, (TAIL_RECORDS, MARK_BYTES))
+    }
+
+    /// [`Journal::open`] keeping `limits.0` records in memory, a mark every `limits.1` bytes.
+    fn open_with(dir: &Path, id_key: [u8; 32], read_only: bool, limits: (usize, u64)) -> Result<Journal, ShadowError> {
         if !read_only {
             std::fs::create_dir_all(dir).map_err(|e| ShadowError::io(dir, e))?;
         }
@@ -256,7 +286,11 @@ impl Journal {
             packs: Vec::new(),
             next_pack: packs.last().map(|(n, _)| n + 1).unwrap_or(1),
             segments: Vec::new(),
-            entries: Vec::new(),
+            tail: std::collections::VecDeque::new(),
+            head: 0,
+            gap: None,
+            tail_max: limits.0,
+            mark_bytes: limits.1,
             chunks: HashMap::new(),
             last_recv: 0,
             read_only,
@@ -264,6 +298,7 @@ impl Journal {
             next_index: names.iter().map(|((_, i), _)| i + 1).max().unwrap_or(0),
         };
         j.last_recv = j.base.recv_ns;
+        j.head = j.base.seq;
         for (_, p) in packs {
             j.load_pack(&p)?;
         }
@@ -271,10 +306,8 @@ impl Journal {
         for (i, ((first, _), p)) in names.into_iter().enumerate() {
             j.load_segment(&p, first, i + 1 == count)?;
         }
-        if let Some(e) = j.entries.first()
-            && e.seq != j.base.seq + 1
-        {
-            return Err(ShadowError::Corrupt { what: dir.display().to_string(), detail: format!("records {} to {} are missing", j.base.seq + 1, e.seq - 1) });
+        if let Some((from, to)) = j.gap {
+            return Err(ShadowError::Corrupt { what: dir.display().to_string(), detail: format!("records {from} to {to} are missing") });
         }
         if !read_only {
             // Segments a killed pruning round folded into the base but did not remove yet.
@@ -327,7 +360,7 @@ impl Journal {
         let mut bytes = Vec::new();
         (&file).read_to_end(&mut bytes).map_err(|e| ShadowError::io(p, e))?;
         let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
-        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, first_recv: 0, ids: Vec::new() };
+        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() };
         let mut pos = 0usize;
         let mut expect = first;
         // Zeros from a point on are the space written ahead of the frames.
@@ -367,8 +400,8 @@ impl Journal {
             if meta.records.first().is_some_and(|r| r.seq != expect) {
                 return Err(corrupt(format!("frame at byte {pos} starts at record {} where {expect} was due", meta.records[0].seq)));
             }
-            self.index(&mut seg, (pos + HEADER + data_off) as u64, &meta, recv);
             expect += meta.records.len() as u64;
+            self.index(&mut seg, pos as u64, (pos + HEADER + data_off) as u64, meta, recv);
             pos += HEADER + body.len();
         }
         if last && !self.read_only {
@@ -381,7 +414,10 @@ impl Journal {
         Ok(())
     }
 
-    fn index(&mut self, seg: &mut Segment, data_off: u64, meta: &BatchMeta, recv_ns: i64) {
+    fn index(&mut self, seg: &mut Segment, frame_off: u64, data_off: u64, meta: BatchMeta, recv_ns: i64) {
+        if seg.marks.last().is_none_or(|m| frame_off >= m.off + self.mark_bytes) {
+            seg.marks.push(Mark { off: frame_off, seq: seg.last_seq + 1, recv_ns });
+        }
         let mut off = data_off;
         for c in &meta.chunks {
             if let std::collections::hash_map::Entry::Vacant(v) = self.chunks.entry(c.id) {
@@ -395,7 +431,7 @@ impl Journal {
             seg.first_recv = recv_ns;
         }
         seg.max_recv = seg.max_recv.max(recv_ns);
-        for r in &meta.records {
+        for r in meta.records {
             seg.last_seq = r.seq;
             if r.seq <= self.base.seq {
                 continue;
@@ -405,18 +441,96 @@ impl Journal {
                     l.last_ref = r.seq;
                 }
             }
-            self.entries.push(Entry { seq: r.seq, at_ns: r.at_ns, recv_ns, op: r.op.clone() });
+            if r.seq != self.head + 1 && self.gap.is_none() {
+                self.gap = Some((self.head + 1, r.seq.saturating_sub(1)));
+            }
+            self.head = r.seq;
+            if self.tail.len() >= self.tail_max {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(Entry { seq: r.seq, at_ns: r.at_ns, recv_ns, op: r.op });
         }
     }
 
     /// Sequence number of the newest record (0 when empty).
     pub fn head(&self) -> u64 {
-        self.entries.last().map(|e| e.seq).unwrap_or(self.base.seq)
+        self.head
     }
 
-    /// The records kept, in order (those after the base).
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
+    /// Number of records kept (those after the base).
+    pub fn len(&self) -> u64 {
+        self.head - self.base.seq
+    }
+
+    /// Whether no record is kept after the base.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with each kept record after `after`, in order, while it returns true. Records
+    /// older than those in memory are read back from the segments (each frame checked again).
+    pub fn scan(&self, after: u64, mut f: impl FnMut(&Entry) -> bool) -> Result<(), ShadowError> {
+        let after = after.max(self.base.seq);
+        let in_memory = self.tail.front().map_or(self.head + 1, |e| e.seq);
+        if after + 1 < in_memory {
+            let start = after + 1;
+            let mut more = true;
+            for s in self.segments.iter().skip_while(|s| s.last_seq < start) {
+                let Some(mark) = s.marks.iter().take_while(|m| m.seq <= start).last().or(s.marks.first()) else { continue };
+                let mut pos = mark.off;
+                let mut body = Vec::new();
+                while more && pos < s.len {
+                    let (recv_ns, next) = read_frame(&s.file, pos, s.len, &mut body).map_err(|detail| ShadowError::Corrupt { what: s.path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") })?;
+                    let (meta, _) = BatchMeta::decode(&body).map_err(|detail| ShadowError::Corrupt { what: s.path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") })?;
+                    for r in meta.records {
+                        if r.seq < start {
+                            continue;
+                        }
+                        if r.seq >= in_memory {
+                            more = false;
+                            break;
+                        }
+                        if !f(&Entry { seq: r.seq, at_ns: r.at_ns, recv_ns, op: r.op }) {
+                            return Ok(());
+                        }
+                    }
+                    pos = next;
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+        let from = self.tail.partition_point(|e| e.seq <= after);
+        for e in self.tail.range(from..) {
+            if !f(e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// At most `max` records after `after` and at or before `upto`.
+    pub fn records(&self, after: u64, upto: u64, max: usize) -> Result<Vec<Entry>, ShadowError> {
+        let mut out = Vec::new();
+        self.scan(after, |e| {
+            if e.seq > upto || out.len() >= max {
+                return false;
+            }
+            out.push(e.clone());
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// The first record after `after`, if any.
+    pub fn next_after(&self, after: u64) -> Result<Option<Entry>, ShadowError> {
+        Ok(self.records(after, u64::MAX, 1)?.pop())
+    }
+
+    /// The newest record, when it is kept.
+    pub fn last(&self) -> Option<&Entry> {
+        self.tail.back()
     }
 
     /// The state before the first kept record.
@@ -426,7 +540,10 @@ impl Journal {
 
     /// The oldest moment the journal can restore (ns; 0 when it holds nothing).
     pub fn oldest_time(&self) -> i64 {
-        if self.base.seq > 0 { self.base.recv_ns } else { self.entries.first().map(|e| e.recv_ns).unwrap_or(0) }
+        if self.base.seq > 0 || self.is_empty() {
+            return self.base.recv_ns;
+        }
+        self.segments.iter().find(|s| s.last_seq > self.base.seq).map_or(0, |s| s.first_recv)
     }
 
     /// The stream's chunk id key.
@@ -474,7 +591,7 @@ impl Journal {
             self.next_index += 1;
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
-            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, first_recv: 0, ids: Vec::new() });
+            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() });
         }
         let mut seg = self.segments.pop().ok_or_else(|| ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "no segment".into() })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
@@ -505,7 +622,7 @@ impl Journal {
             };
         }
         seg.len = end;
-        self.index(&mut seg, at + (HEADER + data_off) as u64, meta, recv_ns);
+        self.index(&mut seg, at, at + (HEADER + data_off) as u64, meta.clone(), recv_ns);
         self.segments.push(seg);
         Ok(recv_ns)
     }
@@ -516,47 +633,72 @@ impl Journal {
     }
 
     /// The tree after every record up to and including `seq` (at least the base's).
-    pub fn manifest_at(&self, seq: u64) -> crate::Manifest {
+    pub fn manifest_at(&self, seq: u64) -> Result<crate::Manifest, ShadowError> {
         let mut m = self.base.tree.clone();
-        for e in self.entries.iter().take_while(|e| e.seq <= seq) {
+        self.scan(0, |e| {
+            if e.seq > seq {
+                return false;
+            }
             m.apply(&e.op);
-        }
-        m
+            true
+        })?;
+        Ok(m)
     }
 
     /// The mirror's tree: the same without the records in `skip` (deletions an operator
     /// discarded), from the base's mirror.
-    pub fn manifest_skipping(&self, seq: u64, skip: &std::collections::BTreeSet<u64>) -> crate::Manifest {
+    pub fn manifest_skipping(&self, seq: u64, skip: &std::collections::BTreeSet<u64>) -> Result<crate::Manifest, ShadowError> {
         let mut m = self.base.mirror.as_ref().unwrap_or(&self.base.tree).clone();
-        for e in self.entries.iter().take_while(|e| e.seq <= seq) {
+        self.scan(0, |e| {
+            if e.seq > seq {
+                return false;
+            }
             if !skip.contains(&e.seq) {
                 m.apply(&e.op);
             }
-        }
-        m
+            true
+        })?;
+        Ok(m)
     }
 
     /// The newest record received at or before `t_ns` (the base's when none is kept from then;
     /// 0 when nothing is).
-    pub fn seq_at(&self, t_ns: i64) -> u64 {
-        self.entries.iter().take_while(|e| e.recv_ns <= t_ns).last().map(|e| e.seq).unwrap_or(self.base.seq)
+    pub fn seq_at(&self, t_ns: i64) -> Result<u64, ShadowError> {
+        // Read from the newest mark at or before the time (receive times never decrease).
+        let from = self.segments.iter().flat_map(|s| s.marks.iter()).take_while(|m| m.recv_ns <= t_ns).last().map_or(0, |m| m.seq.saturating_sub(1));
+        let mut seq = self.base.seq.max(from);
+        self.scan(from, |e| {
+            if e.recv_ns > t_ns {
+                return false;
+            }
+            seq = e.seq;
+            true
+        })?;
+        Ok(seq)
     }
 
     /// Receive time of record `seq`, 0 when it is not kept.
-    pub fn time_of(&self, seq: u64) -> i64 {
+    pub fn time_of(&self, seq: u64) -> Result<i64, ShadowError> {
         if seq == self.base.seq {
-            return self.base.recv_ns;
+            return Ok(self.base.recv_ns);
         }
-        let i = self.entries.partition_point(|e| e.seq < seq);
-        self.entries.get(i).filter(|e| e.seq == seq).map(|e| e.recv_ns).unwrap_or(0)
+        if seq < self.base.seq || seq == 0 {
+            return Ok(0);
+        }
+        Ok(self.next_after(seq - 1)?.filter(|e| e.seq == seq).map_or(0, |e| e.recv_ns))
     }
 
-    /// Records touching `p` (or anything below it; a rename when either end does).
-    pub fn touching<'a>(&'a self, p: &'a [u8]) -> impl Iterator<Item = &'a Entry> + 'a {
-        self.entries.iter().filter(move |e| match &e.op {
-            Op::Put { path: q, .. } | Op::Delete { path: q } | Op::Pages { path: q, .. } => path::within(q, p) || path::within(p, q),
-            Op::Rename { from, to } => path::within(from, p) || path::within(to, p) || path::within(p, from) || path::within(p, to),
-        })
+    /// Records after `since_ns` touching `p` (or anything below it; a rename when either end
+    /// does), all of them when `p` is `None`.
+    pub fn touching(&self, p: Option<&[u8]>, since_ns: i64) -> Result<Vec<Entry>, ShadowError> {
+        let mut out = Vec::new();
+        self.scan(0, |e| {
+            if e.recv_ns >= since_ns && p.is_none_or(|p| touches(&e.op, p)) {
+                out.push(e.clone());
+            }
+            true
+        })?;
+        Ok(out)
     }
 
     fn forget_chunks_in<'a>(&mut self, files: &[Arc<File>], ids: impl Iterator<Item = &'a Id>) {
@@ -580,8 +722,7 @@ impl Journal {
             return None;
         }
         let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
-        let fold: Vec<Entry> = self.entries.iter().take_while(|e| e.seq <= seq).cloned().collect();
-        let recv_ns = fold.last().map(|e| e.recv_ns).unwrap_or(self.base.recv_ns);
+        let recv_ns = self.segments[..drop].iter().rev().find(|s| s.last_seq > self.base.seq).map_or(self.base.recv_ns, |s| s.max_recv);
         let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, l.handle(*id), l.last_ref));
         let mut candidates = Vec::new();
         for s in &self.segments[..drop] {
@@ -596,7 +737,7 @@ impl Journal {
             old: self.base.clone(),
             seq,
             recv_ns,
-            fold,
+            fold: self.segments[..drop].iter().map(|s| (s.path.clone(), s.file.clone(), s.len)).collect(),
             drop_segments: drop,
             segment_files: self.segments[..drop].iter().map(|s| s.file.clone()).collect(),
             packs,
@@ -651,10 +792,12 @@ impl Journal {
             }
         }
         self.packs = kept;
-        let before = self.entries.len();
-        self.entries.retain(|e| e.seq > b.base.seq);
+        let before = self.len();
+        while self.tail.front().is_some_and(|e| e.seq <= b.base.seq) {
+            self.tail.pop_front();
+        }
         self.base = b.base.clone();
-        Ok(Cleanup { base: b.base, remove, dir: self.dir.clone(), records: (before - self.entries.len()) as u64, bytes })
+        Ok(Cleanup { base: b.base, remove, dir: self.dir.clone(), records: before - self.len(), bytes })
     }
 
     fn adopt_pack(&mut self, path: &Path, list: Vec<ChunkMeta>) -> Result<(), ShadowError> {
@@ -681,15 +824,25 @@ impl PrunePlan {
     pub fn build(self, skip: &std::collections::BTreeSet<u64>, keep: &std::collections::HashSet<Id>) -> Result<BuiltPrune, ShadowError> {
         let mut tree = self.old.tree.clone();
         let mut mirror = self.old.mirror.clone();
-        if mirror.is_none() && self.fold.iter().any(|e| skip.contains(&e.seq)) {
+        if mirror.is_none() && skip.range(self.old.seq + 1..=self.seq).next().is_some() {
             mirror = Some(tree.clone());
         }
-        for e in &self.fold {
-            tree.apply(&e.op);
-            if let Some(m) = &mut mirror
-                && !skip.contains(&e.seq)
-            {
-                m.apply(&e.op);
+        let mut body = Vec::new();
+        for (path, file, len) in &self.fold {
+            let mut pos = 0;
+            while pos < *len {
+                let corrupt = |detail: String| ShadowError::Corrupt { what: path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") };
+                let (_, next) = read_frame(file, pos, *len, &mut body).map_err(corrupt)?;
+                let (meta, _) = BatchMeta::decode(&body).map_err(corrupt)?;
+                for r in meta.records.iter().filter(|r| r.seq > self.old.seq && r.seq <= self.seq) {
+                    tree.apply(&r.op);
+                    if let Some(m) = &mut mirror
+                        && !skip.contains(&r.seq)
+                    {
+                        m.apply(&r.op);
+                    }
+                }
+                pos = next;
             }
         }
         if mirror.as_ref() == Some(&tree) {
@@ -754,6 +907,39 @@ impl Cleanup {
         }
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))
     }
+}
+
+/// Whether `op` touches `p` or anything below it (a rename when either end does).
+fn touches(op: &Op, p: &[u8]) -> bool {
+    match op {
+        Op::Put { path: q, .. } | Op::Delete { path: q } | Op::Pages { path: q, .. } => path::within(q, p) || path::within(p, q),
+        Op::Rename { from, to } => path::within(from, p) || path::within(to, p) || path::within(p, from) || path::within(p, to),
+    }
+}
+
+/// Reads the frame at `off` of a segment whose frames end at `end` into `body`, checking it;
+/// returns its receive time and where the next frame starts.
+fn read_frame(file: &File, off: u64, end: u64, body: &mut Vec<u8>) -> Result<(i64, u64), String> {
+    let mut h = [0u8; HEADER];
+    if off + HEADER as u64 > end {
+        return Err("header beyond the frames".into());
+    }
+    file.read_exact_at(&mut h, off).map_err(|e| format!("header unreadable: {e}"))?;
+    if &h[..4] != MAGIC {
+        return Err("not a frame".into());
+    }
+    let recv = i64::from_le_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
+    let len = u64::from(u32::from_le_bytes([h[12], h[13], h[14], h[15]]));
+    let next = off + HEADER as u64 + len;
+    if next > end {
+        return Err("body beyond the frames".into());
+    }
+    body.resize(len as usize, 0);
+    file.read_exact_at(body, off + HEADER as u64).map_err(|e| format!("body unreadable: {e}"))?;
+    if blake3::hash(body).as_bytes()[..16] != h[16..32] {
+        return Err("checksum mismatch".into());
+    }
+    Ok((recv, next))
 }
 
 /// Writes `dir/name` whole or not at all (temporary file, sync, rename, directory sync).
@@ -920,6 +1106,97 @@ mod tests {
         (body, m, off)
     }
 
+    /// `n` records from `first`, each a file of its own content, in one batch.
+    fn several(key: &[u8; 32], first: u64, n: u64) -> (Vec<u8>, BatchMeta, usize) {
+        let mut records = Vec::new();
+        let (mut chunks, mut data) = (Vec::new(), Vec::new());
+        for seq in first..first + n {
+            let content: Vec<u8> = (0..200 + seq * 37 % 1300).map(|i| (i * seq) as u8).collect();
+            let id = Id(*blake3::keyed_hash(key, &content).as_bytes());
+            let z = zstd::bulk::compress(&content, 1).unwrap();
+            let mut node = Node::new(Vec::new(), NodeKind::File);
+            node.content = vec![id];
+            node.size = content.len() as u64;
+            records.push(Record { seq, at_ns: seq as i64, op: Op::Put { path: format!("f{seq}").into_bytes(), node: Box::new(node) } });
+            chunks.push(ChunkMeta { id, raw_len: content.len() as u32, zlen: z.len() as u32 });
+            data.extend_from_slice(&z);
+        }
+        let body = BatchMeta { version: BATCH_VERSION, epoch: 1, records, chunks }.encode(&data);
+        let (m, off) = BatchMeta::decode(&body).unwrap();
+        (body, m, off)
+    }
+
+    /// Every way of reading the records agrees with `want` (seq, receive time), whether they
+    /// come from memory or are read back from the segments.
+    fn reads_agree(j: &Journal, want: &[(u64, i64)]) {
+        let base = j.base().seq;
+        let kept: Vec<(u64, i64)> = want.iter().copied().filter(|w| w.0 > base).collect();
+        assert_eq!(j.len(), kept.len() as u64);
+        for after in base..=j.head() {
+            let got: Vec<(u64, i64)> = j.records(after, u64::MAX, usize::MAX).unwrap().iter().map(|e| (e.seq, e.recv_ns)).collect();
+            assert_eq!(got, kept.iter().copied().filter(|w| w.0 > after).collect::<Vec<_>>(), "records after {after}");
+            let two: Vec<u64> = j.records(after, after + 5, 2).unwrap().iter().map(|e| e.seq).collect();
+            assert_eq!(two, (after + 1..=(after + 2).min(j.head())).collect::<Vec<_>>());
+        }
+        for &(seq, recv) in &kept {
+            assert_eq!(j.time_of(seq).unwrap(), recv);
+            let newest = kept.iter().take_while(|w| w.1 <= recv).last().unwrap().0;
+            assert_eq!(j.seq_at(recv).unwrap(), newest);
+            let before = kept.iter().take_while(|w| w.1 < recv).last().map_or(base, |w| w.0);
+            assert_eq!(j.seq_at(recv - 1).unwrap(), before);
+        }
+        for seq in [base, (base + j.head()) / 2, j.head()] {
+            let m = j.manifest_at(seq).unwrap();
+            assert!((1..=seq).all(|s| m.get(format!("f{s}").as_bytes()).is_some()) && m.len() as u64 == seq, "tree at {seq}");
+        }
+    }
+
+    #[test]
+    fn records_beyond_the_memory_tail_are_read_back_from_the_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let key = [9u8; 32];
+        let limits = (7, 600);
+        let mut j = Journal::open_with(d.path(), key, false, limits).unwrap();
+        let mut want = Vec::new();
+        let mut seq = 1;
+        for i in 0..60u64 {
+            // A new segment every tenth batch; several frames (and marks) in each.
+            j.set_segment_age(if i % 10 == 0 { std::time::Duration::ZERO } else { std::time::Duration::from_secs(3600) });
+            if i % 10 == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let n = i % 4 + 1;
+            let (body, m, off) = several(&key, seq, n);
+            let recv = j.append(&body, &m, off).unwrap();
+            want.extend((seq..seq + n).map(|s| (s, recv)));
+            seq += n;
+        }
+        assert!(j.segments.len() >= 5 && j.tail.len() == 7 && j.segments.iter().map(|s| s.marks.len()).sum::<usize>() > 20);
+        reads_agree(&j, &want);
+        drop(j);
+        // Reopened, writable and read-only: the same records, rebuilt from the segments.
+        reads_agree(&Journal::open_with(d.path(), key, true, limits).unwrap(), &want);
+        let mut j = Journal::open_with(d.path(), key, false, (3, 2000)).unwrap();
+        reads_agree(&j, &want);
+        // Pruned: what is left reads the same, from the new base on.
+        let upto = want[want.len() / 2].0;
+        let plan = j.prune_plan(i64::MAX, upto).unwrap();
+        let c = j.prune_commit(plan.build(&std::collections::BTreeSet::new(), &Default::default()).unwrap()).unwrap();
+        c.finish().unwrap();
+        assert!(j.base().seq > 0 && j.base().seq <= upto);
+        assert_eq!(j.base().tree.len() as u64, j.base().seq, "the base folds every pruned record");
+        reads_agree(&j, &want);
+        // A byte of an old frame damaged after the open: reading it back is an error naming the
+        // segment, the records in memory still read.
+        let s = &j.segments[0];
+        let mut b = [0u8; 1];
+        s.file.read_exact_at(&mut b, HEADER as u64 + 5).unwrap();
+        OpenOptions::new().write(true).open(&s.path).unwrap().write_all_at(&[b[0] ^ 0x40], HEADER as u64 + 5).unwrap();
+        let e = j.manifest_at(j.head()).unwrap_err();
+        assert!(matches!(&e, ShadowError::Corrupt { what, detail } if what.ends_with(".ksj") && detail.contains("checksum mismatch")), "{e}");
+        assert_eq!(j.records(j.head() - 2, u64::MAX, 10).unwrap().len(), 2);
+    }
+
     #[test]
     fn appends_survive_reopen_and_a_torn_tail_is_cut() {
         let d = tempfile::tempdir().unwrap();
@@ -929,7 +1206,7 @@ mod tests {
             let (body, m, off) = batch(&key, i as u64 + 1, name, name.repeat(1000).as_bytes());
             j.append(&body, &m, off).unwrap();
         }
-        let id = match &j.entries()[1].op {
+        let id = match &j.next_after(1).unwrap().unwrap().op {
             Op::Put { node, .. } => node.content[0],
             _ => unreachable!(),
         };
@@ -948,7 +1225,7 @@ mod tests {
         let mut j = Journal::open(d.path(), key, false).unwrap();
         assert_eq!(j.head(), 3);
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), end as u64);
-        assert_eq!(j.manifest_at(2).len(), 2);
+        assert_eq!(j.manifest_at(2).unwrap().len(), 2);
         // Appends go on where the frames end, and a reopen over the zeros finds them all.
         let (body, m, off) = batch(&key, 4, "d", b"dddd");
         j.append(&body, &m, off).unwrap();
@@ -960,7 +1237,7 @@ mod tests {
         drop(j);
         let j = Journal::open(d.path(), key, false).unwrap();
         assert_eq!(j.head(), 5);
-        assert_eq!(j.manifest_at(5).len(), 5);
+        assert_eq!(j.manifest_at(5).unwrap().len(), 5);
         // A flipped byte in an acknowledged frame of an earlier segment is not silently dropped.
         drop(j);
         let mut b = std::fs::read(&seg).unwrap();
@@ -1035,30 +1312,30 @@ mod prune_tests {
         let key = [5u8; 32];
         let mut j = journal(d.path(), key);
         assert_eq!(segments(d.path()), 4);
-        let a_id = j.manifest_at(1).get(b"a").unwrap().content[0];
-        let before = j.time_of(4);
+        let a_id = j.manifest_at(1).unwrap().get(b"a").unwrap().content[0];
+        let before = j.time_of(4).unwrap();
         // Record 4 is not yet applied: only 1..=3 may go.
         let plan = j.prune_plan(before, 3).unwrap();
         let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
         let c = j.prune_commit(built).unwrap();
         assert_eq!(c.records, 3);
         c.finish().unwrap();
-        assert_eq!((j.base().seq, j.head(), j.entries().len()), (3, 4, 1));
+        assert_eq!((j.base().seq, j.head(), j.len() as usize), (3, 4, 1));
         assert!(!j.has_chunk(&a_id), "a chunk only a deleted file named stays");
-        let m = j.manifest_at(4);
+        let m = j.manifest_at(4).unwrap();
         assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
         assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
         assert!(m.get(b"a").is_none());
         assert_eq!(segments(d.path()), 1);
         assert!(d.path().join("pack-00000001.ksp").exists());
         // Moments before the base resolve to it; the oldest is its time.
-        assert_eq!(j.seq_at(0), 3);
+        assert_eq!(j.seq_at(0).unwrap(), 3);
         assert_eq!(j.oldest_time(), j.base().recv_ns);
         assert!(j.prune_plan(i64::MAX, 4).is_none(), "the segment appends go to is never dropped");
         drop(j);
         let j = Journal::open(d.path(), key, false).unwrap();
         assert_eq!((j.base().seq, j.head()), (3, 4));
-        let m = j.manifest_at(4);
+        let m = j.manifest_at(4).unwrap();
         assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
         assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
         // A damaged base is reported, not taken for an empty one.
@@ -1076,16 +1353,16 @@ mod prune_tests {
         let d = tempfile::tempdir().unwrap();
         let key = [6u8; 32];
         let mut j = journal(d.path(), key);
-        let plan = j.prune_plan(j.time_of(4), 3).unwrap();
+        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap();
         let skip: BTreeSet<u64> = [3].into();
         let c = j.prune_commit(plan.build(&skip, &Default::default()).unwrap()).unwrap();
         c.finish().unwrap();
-        let mirror = j.manifest_skipping(4, &skip);
+        let mirror = j.manifest_skipping(4, &skip).unwrap();
         assert_eq!(content_of(&j, &mirror, "a"), vec![b'a'; 3000]);
-        assert!(j.manifest_at(4).get(b"a").is_none());
+        assert!(j.manifest_at(4).unwrap().get(b"a").is_none());
         drop(j);
         let j = Journal::open(d.path(), key, false).unwrap();
-        assert_eq!(content_of(&j, &j.manifest_skipping(4, &skip), "a"), vec![b'a'; 3000]);
+        assert_eq!(content_of(&j, &j.manifest_skipping(4, &skip).unwrap(), "a"), vec![b'a'; 3000]);
     }
 
     #[test]
@@ -1095,14 +1372,14 @@ mod prune_tests {
         // still stand; the pack's copies are harmless.
         let d = tempfile::tempdir().unwrap();
         let j = journal(d.path(), key);
-        let plan = j.prune_plan(j.time_of(4), 3).unwrap();
+        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap();
         let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
         drop(built);
         drop(j);
         std::fs::write(d.path().join(".tmp-base.ksb"), b"half").unwrap();
         let j = Journal::open(d.path(), key, false).unwrap();
-        assert_eq!((j.base().seq, j.head(), j.entries().len()), (0, 4, 4));
-        assert_eq!(content_of(&j, &j.manifest_at(1), "a"), vec![b'a'; 3000]);
+        assert_eq!((j.base().seq, j.head(), j.len() as usize), (0, 4, 4));
+        assert_eq!(content_of(&j, &j.manifest_at(1).unwrap(), "a"), vec![b'a'; 3000]);
         assert!(!d.path().join(".tmp-base.ksb").exists());
         // Killed after the base was written, before the segments were removed: the next open
         // removes them.
@@ -1114,7 +1391,7 @@ mod prune_tests {
             .filter(|p| p.extension().is_some_and(|x| x == "ksj"))
             .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
             .collect();
-        let plan = j.prune_plan(j.time_of(4), 3).unwrap();
+        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap();
         j.prune_commit(plan.build(&BTreeSet::new(), &Default::default()).unwrap()).unwrap().finish().unwrap();
         drop(j);
         for (p, b) in &saved {
@@ -1122,9 +1399,9 @@ mod prune_tests {
         }
         assert_eq!(segments(d.path()), 4);
         let j = Journal::open(d.path(), key, false).unwrap();
-        assert_eq!((j.base().seq, j.head(), j.entries().len()), (3, 4, 1));
+        assert_eq!((j.base().seq, j.head(), j.len() as usize), (3, 4, 1));
         assert_eq!(segments(d.path()), 1);
-        let m = j.manifest_at(4);
+        let m = j.manifest_at(4).unwrap();
         assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
         assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
     }

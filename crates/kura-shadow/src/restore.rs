@@ -54,9 +54,9 @@ pub fn restore(j: &Journal, at_ns: i64, only: Option<&[u8]>, target: &Path) -> R
         )));
     }
     prepare_target(only, target)?;
-    let seq = j.seq_at(at_ns);
-    let m = j.manifest_at(seq);
-    write_tree(&m, only, target, &ReadOnly(j), Restored { seq, time_ns: j.time_of(seq), ..Restored::default() })
+    let seq = j.seq_at(at_ns)?;
+    let m = j.manifest_at(seq)?;
+    write_tree(&m, only, target, &ReadOnly(j), Restored { seq, time_ns: j.time_of(seq)?, ..Restored::default() })
 }
 
 /// Which commit of a shadowed SQLite database to restore.
@@ -77,7 +77,7 @@ pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &P
             if j.base().seq > 0 && t < j.base().recv_ns {
                 return Err(ShadowError::Usage(format!("that moment is older than the journal's window: the oldest it can restore is {}", crate::show_time(j.base().recv_ns))));
             }
-            j.seq_at(t)
+            j.seq_at(t)?
         }
         Moment::Txid(n) if n > j.head() => return Err(ShadowError::Usage(format!("transaction {n} is past the newest the standby received ({})", j.head()))),
         Moment::Txid(n) if n < j.base().seq => return Err(ShadowError::Usage(format!("transaction {n} is older than the journal's window (it starts at {})", j.base().seq))),
@@ -85,11 +85,17 @@ pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &P
     };
     // A base's parts before its last are no state of the database: a moment within a base
     // restores the state before it; a transaction number of one is refused.
-    let e = j.entries();
-    let is_part = |s: u64| e.get(e.partition_point(|x| x.seq < s)).is_some_and(|x| x.seq == s && x.op.is_base_part());
+    let is_part = |s: u64| -> Result<bool, ShadowError> { Ok(s > 0 && j.next_after(s - 1)?.is_some_and(|x| x.seq == s && x.op.is_base_part())) };
     let seq = match when {
-        Moment::Txid(n) if is_part(n) => {
-            let whole = e.iter().find(|x| x.seq > n && !is_part(x.seq)).map(|x| x.seq);
+        Moment::Txid(n) if is_part(n)? => {
+            let mut whole = None;
+            j.scan(n, |x| {
+                if x.op.is_base_part() {
+                    return true;
+                }
+                whole = Some(x.seq);
+                false
+            })?;
             return Err(ShadowError::Usage(format!(
                 "record {n} is a part of a database copy sent in several records, not a transaction{}",
                 whole.map(|w| format!(": the copy is whole at record {w}")).unwrap_or_default()
@@ -97,13 +103,13 @@ pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &P
         }
         _ => {
             let mut s = seq;
-            while s > j.base().seq && is_part(s) {
+            while s > j.base().seq && is_part(s)? {
                 s -= 1;
             }
             s
         }
     };
-    let m = j.manifest_at(seq);
+    let m = j.manifest_at(seq)?;
     let dbs: Vec<&Vec<u8>> = m.iter().filter(|(_, n)| crate::sqlite_stream::page_size_of(n).is_some()).map(|(k, _)| k).collect();
     let rel = match (only, dbs.as_slice()) {
         (Some(p), _) => dbs.iter().find(|k| k.as_slice() == p).copied().ok_or_else(|| ShadowError::Usage(format!("{} was not a SQLite database of the stream at record {seq}", path::show(p))))?,
@@ -136,7 +142,7 @@ pub fn restore_sqlite(j: &Journal, when: Moment, only: Option<&[u8]>, target: &P
         }
     }
     written?;
-    Ok(Restored { seq, time_ns: j.time_of(seq), files: 1, others: 0, bytes: node.size })
+    Ok(Restored { seq, time_ns: j.time_of(seq)?, files: 1, others: 0, bytes: node.size })
 }
 
 /// Chunks of a branch, or of the stream's journal (a branch stores only what the journal
@@ -166,7 +172,7 @@ pub fn restore_branch(dir: &Path, name: &str, only: Option<&[u8]>, target: &Path
         tracing::warn!("branch {name} is incomplete (its rejoin was interrupted): restoring what arrived");
     }
     prepare_target(only, target)?;
-    let m = b.manifest_at(b.head());
+    let m = b.manifest_at(b.head())?;
     write_tree(&m, only, target, &Both(&b, &main), Restored { seq: b.head(), time_ns: b.oldest_time(), ..Restored::default() })
 }
 
@@ -216,9 +222,6 @@ fn prepare_target(only: Option<&[u8]>, target: &Path) -> Result<(), ShadowError>
 }
 
 /// The records touching `only` (all when `None`) received at or after `since_ns`.
-pub fn log<'a>(j: &'a Journal, only: Option<&'a [u8]>, since_ns: i64) -> Vec<&'a Entry> {
-    match only {
-        Some(p) => j.touching(p).filter(|e| e.recv_ns >= since_ns).collect(),
-        None => j.entries().iter().filter(|e| e.recv_ns >= since_ns).collect(),
-    }
+pub fn log(j: &Journal, only: Option<&[u8]>, since_ns: i64) -> Result<Vec<Entry>, ShadowError> {
+    j.touching(only, since_ns)
 }

@@ -363,7 +363,7 @@ impl Stream {
             file.mirror = Some(mirror.to_path_buf());
             file.save(dir)?;
         }
-        let head = journal.manifest_at(journal.head());
+        let head = journal.manifest_at(journal.head())?;
         let mut applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0).min(journal.head()).max(journal.base().seq);
         // A promoted stream's later records came from the mirror itself.
         if file.primary && applied >= file.promoted_seq {
@@ -449,7 +449,7 @@ impl Stream {
         let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
         let _ = self.apply_lock.lock();
         let at = self.lock_inner().journal.manifest_skipping(applied, &skip);
-        let r = apply::reconcile(&self.mirror, &at, &JournalChunks(self));
+        let r = at.and_then(|at| apply::reconcile(&self.mirror, &at, &JournalChunks(self)));
         let _ = std::os::unix::fs::FileExt::write_at(&self.apply_lock, format!("{applied:020}\n").as_bytes(), 0);
         let _ = self.apply_lock.unlock();
         let r = r?;
@@ -798,7 +798,7 @@ impl Stream {
     /// The durable records after `after` (at most [`MAX_RECORDS`]), waiting at most `timeout`
     /// for one to come: what a host following a promoted stream applies. `Err(base)` when
     /// `after` was pruned from the journal (the follower resyncs from a tree).
-    pub fn records_after(&self, after: u64, timeout: Duration) -> Result<Records, u64> {
+    pub fn records_after(&self, after: u64, timeout: Duration) -> Result<Result<Records, u64>, ShadowError> {
         let deadline = std::time::Instant::now() + timeout;
         let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -808,20 +808,18 @@ impl Stream {
                 let inner = self.lock_inner();
                 let base = inner.journal.base().seq;
                 if after < base {
-                    return Err(base);
+                    return Ok(Err(base));
                 }
                 if durable > after || left.is_zero() || after > inner.journal.head() {
-                    let e = inner.journal.entries();
-                    let start = e.partition_point(|e| e.seq <= after);
-                    let records: Vec<Record> = e[start..].iter().take_while(|e| e.seq <= durable).take(MAX_RECORDS).map(|e| Record { seq: e.seq, at_ns: e.at_ns, op: e.op.clone() }).collect();
-                    return Ok(Records {
+                    let records: Vec<Record> = inner.journal.records(after, durable, MAX_RECORDS)?.into_iter().map(|e| Record { seq: e.seq, at_ns: e.at_ns, op: e.op }).collect();
+                    return Ok(Ok(Records {
                         version: RECORDS_VERSION,
                         epoch: self.epoch.load(Ordering::SeqCst),
                         primary: self.primary.load(Ordering::SeqCst),
                         demoted_seq: self.demoted_seq.load(Ordering::SeqCst),
                         head: inner.journal.head(),
                         records,
-                    });
+                    }));
                 }
             }
             g = self.sleep(g, left.min(Duration::from_millis(200)));
@@ -841,7 +839,7 @@ impl Stream {
         lock.lock().map_err(|e| ShadowError::io(&p, e))?;
         let applied = self.applied.load(Ordering::SeqCst);
         let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
-        let tree = self.lock_inner().journal.manifest_skipping(applied, &skip);
+        let tree = self.lock_inner().journal.manifest_skipping(applied, &skip)?;
         let mut mine = crate::verify::hash_tree(&self.mirror, self.id_key, self.chunker_seed, &tree)?;
         crate::sqlite_stream::hash_mirror_dbs(&mut mine, &tree, &self.mirror, &self.id_key, &JournalChunks(self));
         let drift = mine.differences(&tree);
@@ -862,9 +860,12 @@ impl Stream {
     }
 
     /// The tree as of record `seq`, encoded; `None` when `seq` is outside the journal.
-    pub fn manifest_at(&self, seq: u64) -> Option<Vec<u8>> {
+    pub fn manifest_at(&self, seq: u64) -> Result<Option<Vec<u8>>, ShadowError> {
         let inner = self.lock_inner();
-        (seq >= inner.journal.base().seq && seq <= inner.journal.head()).then(|| inner.journal.manifest_at(seq).encode())
+        if seq < inner.journal.base().seq || seq > inner.journal.head() {
+            return Ok(None);
+        }
+        Ok(Some(inner.journal.manifest_at(seq)?.encode()))
     }
 
     /// Notes that a primary is in touch (a push or its heartbeat).
@@ -880,10 +881,13 @@ impl Stream {
     /// Status figures; `secrets` adds the id key and chunker seed (for the stream's own token).
     pub fn status(&self, secrets: bool) -> StreamStatus {
         let inner = self.lock_inner();
-        let e = inner.journal.entries();
         let (chunks, bytes) = inner.journal.sizes();
         let applied = self.applied.load(Ordering::SeqCst);
-        let waiting = e.get(e.partition_point(|e| e.seq <= applied)).map(|e| e.recv_ns);
+        // Unreadable, the lag is taken from the oldest record known to wait.
+        let waiting = match inner.journal.next_after(applied) {
+            Ok(e) => e.map(|e| e.recv_ns),
+            Err(_) => (applied < inner.journal.head()).then(|| inner.journal.oldest_time()),
+        };
         StreamStatus {
             lag_secs: waiting.map(|t| crate::now_ns().saturating_sub(t).max(0) as f64 / 1e9).unwrap_or(0.0),
             last_contact_ns: self.last_contact.load(Ordering::SeqCst),
@@ -900,9 +904,9 @@ impl Stream {
             head: inner.journal.head(),
             applied: self.applied.load(Ordering::SeqCst),
             durable: self.durable.load(Ordering::SeqCst),
-            head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(inner.journal.base().recv_ns),
+            head_time_ns: inner.journal.last().map(|e| e.recv_ns).unwrap_or(inner.journal.base().recv_ns),
             oldest_time_ns: inner.journal.oldest_time(),
-            records: e.len() as u64,
+            records: inner.journal.len(),
             chunks: chunks as u64,
             journal_bytes: bytes,
             window_secs: self.window.as_secs(),
@@ -914,11 +918,21 @@ impl Stream {
             chunker_seed: if secrets { self.chunker_seed } else { 0 },
             sqlite_position: {
                 let upto = applied.min(self.durable.load(Ordering::SeqCst));
-                // The newest database commit at or before it (a look back of bounded length).
-                e[..e.partition_point(|e| e.seq <= upto)].iter().rev().take(4096).find_map(|e| match e.op {
-                    Op::Pages { change, salt, frame, .. } if !e.op.is_base_part() => Some(SqlitePosition { change, salt, frame }),
-                    _ => None,
-                })
+                // The newest database commit at or before it (a look back of bounded length; an
+                // unreadable journal tells none).
+                let mut found = None;
+                let _ = inner.journal.scan(upto.saturating_sub(4096), |e| {
+                    if e.seq > upto {
+                        return false;
+                    }
+                    if let Op::Pages { change, salt, frame, .. } = e.op
+                        && !e.op.is_base_part()
+                    {
+                        found = Some(SqlitePosition { change, salt, frame });
+                    }
+                    true
+                });
+                found
             },
         }
     }
@@ -972,7 +986,11 @@ impl Stream {
         // Branches may name chunks only the journal holds.
         let keep: std::collections::HashSet<Id> = {
             let inner = self.lock_inner();
-            inner.branches.values().flat_map(|b| b.journal.manifest_at(b.journal.head()).chunk_ids().copied().collect::<Vec<_>>()).collect()
+            let mut keep = std::collections::HashSet::new();
+            for b in inner.branches.values() {
+                keep.extend(b.journal.manifest_at(b.journal.head())?.chunk_ids().copied());
+            }
+            keep
         };
         let built = plan.build(&skip, &keep)?;
         let cleanup = self.lock_inner().journal.prune_commit(built)?;
@@ -998,7 +1016,11 @@ impl Stream {
         // The mirror's tree (the journal's, without discarded deletions).
         let mut tree = {
             let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
-            self.lock_inner().journal.manifest_skipping(self.applied.load(Ordering::SeqCst), &skip)
+            // Unreadable, the loop reconciles first and reads it again.
+            self.lock_inner().journal.manifest_skipping(self.applied.load(Ordering::SeqCst), &skip).unwrap_or_else(|_| {
+                self.reconciled.store(false, Ordering::SeqCst);
+                crate::Manifest::default()
+            })
         };
         while !self.stop.load(Ordering::SeqCst) {
             if !self.reconciled.load(Ordering::SeqCst) {
@@ -1012,7 +1034,19 @@ impl Stream {
                 }
                 // Records applied since are in the tree the reconcile wrote.
                 let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
-                tree = self.lock_inner().journal.manifest_skipping(self.applied.load(Ordering::SeqCst), &skip);
+                let read = self.lock_inner().journal.manifest_skipping(self.applied.load(Ordering::SeqCst), &skip);
+                match read {
+                    Ok(t) => tree = t,
+                    Err(e) => {
+                        if let Ok(mut a) = self.apply_error.lock() {
+                            *a = Some(format!("journal unreadable: {e}"));
+                        }
+                        self.reconciled.store(false, Ordering::SeqCst);
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
             }
             let applied = self.applied.load(Ordering::SeqCst);
             let promoted = self.primary.load(Ordering::SeqCst);
@@ -1032,23 +1066,31 @@ impl Stream {
                 (Vec::new(), None)
             } else {
                 let inner = self.lock_inner();
-                let e = inner.journal.entries();
-                let start = e.partition_point(|e| e.seq <= applied);
                 let mut out = Vec::new();
                 let mut due = None;
                 let limit = if promoted { self.promoted_seq.load(Ordering::SeqCst) } else { u64::MAX };
-                for e in e[start..].iter().take_while(|e| e.seq <= limit) {
+                let read = inner.journal.scan(applied, |e| {
+                    if e.seq > limit {
+                        return false;
+                    }
                     if e.recv_ns.saturating_add(delay) > now {
                         due = Some(e.recv_ns.saturating_add(delay));
-                        break;
+                        return false;
                     }
                     // A base's records before its last are no state of the database: the batch
                     // goes on to its last, which the run waits for (below).
                     let partial = e.op.is_base_part();
                     out.push((e.seq, e.recv_ns, e.op.clone()));
-                    if out.len() >= 256 && !partial {
-                        break;
+                    out.len() < 256 || partial
+                });
+                drop(inner);
+                if let Err(e) = read {
+                    if let Ok(mut a) = self.apply_error.lock() {
+                        *a = Some(format!("journal unreadable: {e}"));
                     }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
                 }
                 (out, due)
             };
@@ -1085,9 +1127,9 @@ impl Stream {
                 // tree per run cost a core on a large mirror).
                 let (after, truncated) = {
                     let inner = self.lock_inner();
-                    let e = inner.journal.entries();
-                    let start = e.partition_point(|e| e.seq < first.0);
-                    let ops = &e[start..];
+                    // Unreadable, the burst is judged on the records this run applies.
+                    let ops = inner.journal.records(first.0 - 1, u64::MAX, usize::MAX).unwrap_or_else(|_| batch.iter().filter(|b| b.0 >= first.0).map(|(seq, recv_ns, op)| crate::journal::Entry { seq: *seq, at_ns: 0, recv_ns: *recv_ns, op: op.clone() }).collect());
+                    drop(inner);
                     let mut m = tree.subset(ops.iter().flat_map(|e| match &e.op {
                         Op::Put { path, .. } | Op::Delete { path } | Op::Pages { path, .. } => [Some(path.as_slice()), None],
                         Op::Rename { from, to } => [Some(from.as_slice()), Some(to.as_slice())],
@@ -1227,7 +1269,7 @@ impl Stream {
                     let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                     let wait = match next_due {
                         Some(d) => Duration::from_nanos(d.saturating_sub(crate::now_ns()).max(0) as u64),
-                        None if self.lock_inner().journal.entries().last().is_some_and(|e| e.op.is_base_part()) => Duration::from_secs(1),
+                        None if self.lock_inner().journal.last().is_some_and(|e| e.op.is_base_part()) => Duration::from_secs(1),
                         None => Duration::ZERO,
                     };
                     if wait.is_zero() || self.stop.load(Ordering::SeqCst) {

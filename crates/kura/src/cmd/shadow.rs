@@ -135,7 +135,6 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                 }
                 (None, Some(dir)) => {
                     let j = kura_shadow::restore::open(dir)?;
-                    let e = j.entries();
                     let applied = std::fs::read_to_string(dir.join("applied")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
                     let (chunks, bytes) = j.sizes();
                     let f = kura_shadow::journal::StreamFile::load(dir, false)?;
@@ -148,9 +147,9 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                         head: j.head(),
                         applied,
                         durable: j.head(),
-                        head_time_ns: e.last().map(|e| e.recv_ns).unwrap_or(j.base().recv_ns),
+                        head_time_ns: j.last().map(|e| e.recv_ns).unwrap_or(j.base().recv_ns),
                         oldest_time_ns: j.oldest_time(),
-                        records: e.len() as u64,
+                        records: j.len(),
                         chunks: chunks as u64,
                         journal_bytes: bytes,
                         base_seq: j.base().seq,
@@ -249,7 +248,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let j = kura_shadow::restore::open(journal)?;
             let since = since.as_deref().map(crate::cmd::backup::parse_time).transpose()?.map(|t| t.as_nanosecond() as i64).unwrap_or(i64::MIN);
             let only = only.as_deref().map(|p| p.trim_matches('/').as_bytes().to_vec());
-            let entries = kura_shadow::restore::log(&j, only.as_deref(), since);
+            let entries = kura_shadow::restore::log(&j, only.as_deref(), since)?;
             if cli.json {
                 let list: Vec<_> = entries
                     .iter()
