@@ -65,6 +65,8 @@ struct Segment {
     last_seq: u64,
     /// Receive time of its newest frame, and of its first.
     max_recv: i64,
+    /// Receive time of the frame holding its newest record.
+    last_rec_recv: i64,
     first_recv: i64,
     /// Chunks first stored here.
     ids: Vec<Id>,
@@ -360,7 +362,7 @@ impl Journal {
         let mut bytes = Vec::new();
         (&file).read_to_end(&mut bytes).map_err(|e| ShadowError::io(p, e))?;
         let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
-        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() };
+        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() };
         let mut pos = 0usize;
         let mut expect = first;
         // Zeros from a point on are the space written ahead of the frames.
@@ -431,6 +433,9 @@ impl Journal {
             seg.first_recv = recv_ns;
         }
         seg.max_recv = seg.max_recv.max(recv_ns);
+        if !meta.records.is_empty() {
+            seg.last_rec_recv = recv_ns;
+        }
         for r in meta.records {
             seg.last_seq = r.seq;
             if r.seq <= self.base.seq {
@@ -591,7 +596,7 @@ impl Journal {
             self.next_index += 1;
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
-            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() });
+            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() });
         }
         let mut seg = self.segments.pop().ok_or_else(|| ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "no segment".into() })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
@@ -688,17 +693,17 @@ impl Journal {
         Ok(self.next_after(seq - 1)?.filter(|e| e.seq == seq).map_or(0, |e| e.recv_ns))
     }
 
-    /// Records after `since_ns` touching `p` (or anything below it; a rename when either end
-    /// does), all of them when `p` is `None`.
-    pub fn touching(&self, p: Option<&[u8]>, since_ns: i64) -> Result<Vec<Entry>, ShadowError> {
-        let mut out = Vec::new();
-        self.scan(0, |e| {
+    /// Calls `f` with each record received at or after `since_ns` touching `p` (or anything
+    /// below it; a rename when either end does), every one when `p` is `None`.
+    pub fn touching(&self, p: Option<&[u8]>, since_ns: i64, mut f: impl FnMut(&Entry)) -> Result<(), ShadowError> {
+        // Receive times never decrease: reading starts at the newest mark before `since_ns`.
+        let from = self.segments.iter().flat_map(|s| s.marks.iter()).take_while(|m| m.recv_ns < since_ns).last().map_or(0, |m| m.seq.saturating_sub(1));
+        self.scan(from, |e| {
             if e.recv_ns >= since_ns && p.is_none_or(|p| touches(&e.op, p)) {
-                out.push(e.clone());
+                f(e);
             }
             true
-        })?;
-        Ok(out)
+        })
     }
 
     fn forget_chunks_in<'a>(&mut self, files: &[Arc<File>], ids: impl Iterator<Item = &'a Id>) {
@@ -722,7 +727,7 @@ impl Journal {
             return None;
         }
         let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
-        let recv_ns = self.segments[..drop].iter().rev().find(|s| s.last_seq > self.base.seq).map_or(self.base.recv_ns, |s| s.max_recv);
+        let recv_ns = self.segments[..drop].iter().rev().find(|s| s.last_seq > self.base.seq).map_or(self.base.recv_ns, |s| s.last_rec_recv);
         let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, l.handle(*id), l.last_ref));
         let mut candidates = Vec::new();
         for s in &self.segments[..drop] {
@@ -1145,6 +1150,14 @@ mod tests {
             let before = kept.iter().take_while(|w| w.1 < recv).last().map_or(base, |w| w.0);
             assert_eq!(j.seq_at(recv - 1).unwrap(), before);
         }
+        for &(_, since) in kept.iter().step_by(7) {
+            let mut got = Vec::new();
+            j.touching(None, since, |e| got.push(e.seq)).unwrap();
+            assert_eq!(got, kept.iter().filter(|w| w.1 >= since).map(|w| w.0).collect::<Vec<_>>(), "records since {since}");
+        }
+        let mut got = Vec::new();
+        j.touching(Some(format!("f{}", j.head() / 2).as_bytes()), i64::MIN, |e| got.push(e.seq)).unwrap();
+        assert_eq!(got, if j.head() / 2 > base { vec![j.head() / 2] } else { vec![] });
         for seq in [base, (base + j.head()) / 2, j.head()] {
             let m = j.manifest_at(seq).unwrap();
             assert!((1..=seq).all(|s| m.get(format!("f{s}").as_bytes()).is_some()) && m.len() as u64 == seq, "tree at {seq}");
@@ -1185,6 +1198,7 @@ mod tests {
         c.finish().unwrap();
         assert!(j.base().seq > 0 && j.base().seq <= upto);
         assert_eq!(j.base().tree.len() as u64, j.base().seq, "the base folds every pruned record");
+        assert_eq!(j.base().recv_ns, want.iter().find(|w| w.0 == j.base().seq).unwrap().1);
         reads_agree(&j, &want);
         // A byte of an old frame damaged after the open: reading it back is an error naming the
         // segment, the records in memory still read.

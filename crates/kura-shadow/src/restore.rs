@@ -221,7 +221,8 @@ fn prepare_target(only: Option<&[u8]>, target: &Path) -> Result<(), ShadowError>
     }
 }
 
-/// The records touching `only` (all when `None`) received at or after `since_ns`.
-pub fn log(j: &Journal, only: Option<&[u8]>, since_ns: i64) -> Result<Vec<Entry>, ShadowError> {
-    j.touching(only, since_ns)
+/// Calls `f` with each record touching `only` (all when `None`) received at or after
+/// `since_ns`, in order.
+pub fn log(j: &Journal, only: Option<&[u8]>, since_ns: i64, f: impl FnMut(&Entry)) -> Result<(), ShadowError> {
+    j.touching(only, since_ns, f)
 }

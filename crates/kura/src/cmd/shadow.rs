@@ -248,17 +248,19 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let j = kura_shadow::restore::open(journal)?;
             let since = since.as_deref().map(crate::cmd::backup::parse_time).transpose()?.map(|t| t.as_nanosecond() as i64).unwrap_or(i64::MIN);
             let only = only.as_deref().map(|p| p.trim_matches('/').as_bytes().to_vec());
-            let entries = kura_shadow::restore::log(&j, only.as_deref(), since)?;
-            if cli.json {
-                let list: Vec<_> = entries
-                    .iter()
-                    .map(|e| serde_json::json!({"seq": e.seq, "received": show_time(e.recv_ns), "received_ns": e.recv_ns, "primary_time_ns": e.at_ns, "change": describe(&e.op)}))
-                    .collect();
-                outln!("{}", serde_json::to_string(&list)?);
-            } else {
-                for e in entries {
+            // Printed as read: the window may hold more records than fit in memory.
+            let mut first = true;
+            kura_shadow::restore::log(&j, only.as_deref(), since, |e| {
+                if cli.json {
+                    let one = serde_json::json!({"seq": e.seq, "received": show_time(e.recv_ns), "received_ns": e.recv_ns, "primary_time_ns": e.at_ns, "change": describe(&e.op)});
+                    outln!("{}{one}", if first { "[" } else { "," });
+                } else {
                     outln!("{:>8}  {}  {}", e.seq, show_time(e.recv_ns), describe(&e.op));
                 }
+                first = false;
+            })?;
+            if cli.json {
+                outln!("{}]", if first { "[" } else { "" });
             }
             Ok(Outcome::Ok)
         }
