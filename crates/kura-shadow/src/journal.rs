@@ -68,8 +68,6 @@ struct Segment {
     /// Receive time of the frame holding its newest record.
     last_rec_recv: i64,
     first_recv: i64,
-    /// Chunks first stored here.
-    ids: Vec<Id>,
     /// Where its frames can be read from, in order (the first at its first frame).
     marks: Vec<Mark>,
 }
@@ -234,6 +232,8 @@ pub struct BuiltPrune {
     base: Arc<Base>,
     /// Chunks not copied, which a record appended meanwhile may have named.
     left: Vec<(Id, ChunkHandle)>,
+    /// Every chunk the dropped segments held (copied or not).
+    dropped_ids: Vec<Id>,
     pack: Option<(PathBuf, Vec<ChunkMeta>)>,
     merged_packs: Vec<(PathBuf, Arc<File>)>,
     dir: PathBuf,
@@ -316,7 +316,8 @@ impl Journal {
             let covered = j.segments.iter().take(j.segments.len().saturating_sub(1)).take_while(|s| s.last_seq <= j.base.seq).count();
             if covered > 0 {
                 let files: Vec<Arc<File>> = j.segments[..covered].iter().map(|s| s.file.clone()).collect();
-                j.forget_chunks_in(&files, j.segments[..covered].iter().flat_map(|s| s.ids.iter().copied()).collect::<Vec<_>>().iter());
+                let ids: Vec<Id> = j.chunks.iter().filter(|(_, l)| files.iter().any(|f| Arc::ptr_eq(f, &l.file))).map(|(id, _)| *id).collect();
+                j.forget_chunks_in(&files, ids.iter());
                 for s in j.segments.drain(..covered) {
                     std::fs::remove_file(&s.path).map_err(|e| ShadowError::io(&s.path, e))?;
                 }
@@ -362,7 +363,7 @@ impl Journal {
         let mut bytes = Vec::new();
         (&file).read_to_end(&mut bytes).map_err(|e| ShadowError::io(p, e))?;
         let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
-        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() };
+        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() };
         let mut pos = 0usize;
         let mut expect = first;
         // Zeros from a point on are the space written ahead of the frames.
@@ -424,7 +425,6 @@ impl Journal {
         for c in &meta.chunks {
             if let std::collections::hash_map::Entry::Vacant(v) = self.chunks.entry(c.id) {
                 v.insert(Loc::new(seg.file.clone(), off, c, 0));
-                seg.ids.push(c.id);
             }
             off += u64::from(c.zlen);
         }
@@ -596,7 +596,7 @@ impl Journal {
             self.next_index += 1;
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
-            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, ids: Vec::new(), marks: Vec::new() });
+            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() });
         }
         let mut seg = self.segments.pop().ok_or_else(|| ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "no segment".into() })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
@@ -729,10 +729,10 @@ impl Journal {
         let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
         let recv_ns = self.segments[..drop].iter().rev().find(|s| s.last_seq > self.base.seq).map_or(self.base.recv_ns, |s| s.last_rec_recv);
         let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, l.handle(*id), l.last_ref));
-        let mut candidates = Vec::new();
-        for s in &self.segments[..drop] {
-            candidates.extend(s.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &s.file))).filter_map(handle));
-        }
+        // One pass over the index (no list of ids is kept per segment: that was a third of the
+        // index's memory; a round runs once a segment leaves the window).
+        let dropped: Vec<&Arc<File>> = self.segments[..drop].iter().map(|s| &s.file).collect();
+        let candidates: Vec<(Id, ChunkHandle, u64)> = self.chunks.iter().filter(|(_, l)| dropped.iter().any(|f| Arc::ptr_eq(f, &l.file))).map(|(id, l)| (*id, l.handle(*id), l.last_ref)).collect();
         let packs = self
             .packs
             .iter()
@@ -778,8 +778,7 @@ impl Journal {
             }
         }
         let files: Vec<Arc<File>> = dropped.iter().map(|s| s.file.clone()).chain(b.merged_packs.iter().map(|(_, f)| f.clone())).collect();
-        let ids: Vec<Id> = dropped.iter().flat_map(|s| s.ids.iter().copied()).collect();
-        self.forget_chunks_in(&files, ids.iter());
+        self.forget_chunks_in(&files, b.dropped_ids.iter());
         for s in dropped {
             bytes += s.len;
             remove.push(s.path);
@@ -860,6 +859,7 @@ impl PrunePlan {
         let needed = |id: &Id, last_ref: u64| live.contains(id) || keep.contains(id) || last_ref > self.seq;
         let mut copy = Vec::new();
         let mut left = Vec::new();
+        let dropped_ids = self.candidates.iter().map(|c| c.0).collect();
         for (id, h, last_ref) in self.candidates {
             if needed(&id, last_ref) { copy.push((id, h)) } else { left.push((id, h)) }
         }
@@ -886,6 +886,7 @@ impl PrunePlan {
             segment_files: self.segment_files,
             base: Arc::new(base),
             left,
+            dropped_ids,
             pack,
             merged_packs,
             dir: self.dir,
