@@ -2,9 +2,9 @@
 //! primary sent it, stamped with the standby's receive time and made durable before it is
 //! acknowledged. Opening it rebuilds the chunk index and a sparse index of the records (a mark
 //! every [`MARK_BYTES`] of frames); only the newest records stay in memory, older ones are read
-//! back from the segments. A torn last frame (a crash mid-append, never acknowledged) is cut off. The window is kept by pruning: segments
-//! older than it are folded into a base (the tree before the first kept record) and the chunks
-//! still needed move into packs.
+//! back from the segments. A torn last frame (a crash mid-append, never acknowledged) is cut
+//! off. The window is kept by pruning: segments older than it are folded into a base (the tree
+//! before the first kept record) and the chunks still needed move into packs.
 //!
 //! Frame: `"KSJ1" | recv_ns i64 LE | body_len u32 LE | BLAKE3(body)[..16] | body`.
 //! Base (`base.ksb`): `"KSB1" | BLAKE3(body)[..16] | body (postcard BaseFile)`.
