@@ -412,12 +412,16 @@ pub fn reconcile_verified(root: &Path, m: &Manifest, chunks: &dyn Chunks, local:
             }
         }
     }
+    let mut w = Writer::new(root);
     for rel in extra {
-        remove(&path::join(root, &rel))?;
+        // Through directories opened without following links: one swapped for a link since
+        // the walk read it cannot lead the removal out of the mirror.
+        if let Some(dir) = w.existing_parent(&rel)? {
+            remove_in(&dir, name_of(&rel), &path::join(root, &rel))?;
+        }
         done.removed += 1;
     }
     let mut dirs = Vec::new();
-    let mut w = Writer::new(root);
     for (rel, n) in m.iter() {
         let p = path::join(root, rel);
         if crate::sqlite_stream::page_size_of(n).is_some() {
