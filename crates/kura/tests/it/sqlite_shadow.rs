@@ -464,6 +464,34 @@ fn killed_transactions_forced_checkpoints_and_a_replaced_database_all_reach_the_
     kill9(&mut push);
 }
 
+/// More transactions than the standby keeps in memory (16,384 records): the older ones are
+/// read back from the journal's files, by a restore of any of them and by a log of them all.
+#[test]
+fn transactions_older_than_those_in_memory_restore_from_the_journals_files() {
+    let sb = Standby::start();
+    let work = tempfile::tempdir().unwrap();
+    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
+    let copy = sb.mirror().join("app.db");
+    App::start(&db, 10, "0").finish();
+    let mut push = pusher(&sb, &db, &sb.url(), &log);
+    converge(&sb, &db, &copy, &log);
+    App::start(&db, 20_000, "0").finish();
+    converge(&sb, &db, &copy, &log);
+    kill9(&mut push);
+    let head = sb.status()["head"].as_u64().unwrap();
+    assert!(head > 20_000, "{head} records for 20,010 transactions");
+    let mut last = -1;
+    for txid in [2, 100, 5_000, head / 2, head - 20_000 + 16_384, head] {
+        let n = restore_txid(&sb, work.path(), txid);
+        assert!(n > last, "transaction {txid} holds no more rows ({n}) than an earlier one ({last})");
+        last = n;
+    }
+    assert_eq!(last, 20_010);
+    let logged: Vec<serde_json::Value> = serde_json::from_str(&sb.ok(&["--json", "shadow", "log", "--journal", sb.journal().to_str().unwrap()])).unwrap();
+    let seqs: Vec<u64> = logged.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_copy_damaged_while_the_standby_was_down_is_rebuilt_from_the_journal() {
     let mut sb = Standby::start();
