@@ -262,8 +262,12 @@ impl Capture {
             let after = f.metadata().map_err(|e| ShadowError::io(p, e))?;
             let now = node_from_meta(b"", &after);
             let stable = now.size == size && now.mtime_ns == node.mtime_ns && now.size == node.size;
-            *node = Node { content: ids, ..now };
-            if stable || out.chunks.len() == chunks_before {
+            // The node says what was read: a file that grew while read (an empty read of a file
+            // being written) must not be recorded with its new size and the old content, or no
+            // comparison would ever send it again.
+            *node = Node { content: ids, size, ..now };
+            // Only the time changed and every chunk was known: nothing torn to read again.
+            if stable || (now.size == size && out.chunks.len() == chunks_before) {
                 return Ok(());
             }
         }
