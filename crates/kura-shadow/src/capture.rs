@@ -240,6 +240,8 @@ impl Capture {
     /// A file that changes while read is read again (three times at most, then taken as read:
     /// its next event brings the rest).
     fn read_file(&mut self, p: &Path, node: &mut Node, out: &mut Pending) -> Result<(), ShadowError> {
+        // Size and mtime before each read: the scan's lstat, then the previous read's fstat.
+        let mut before = (node.size, node.mtime_ns);
         for _ in 0..3 {
             let f = fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(p).map_err(|e| ShadowError::io(p, e))?;
             let mut ids = Vec::new();
@@ -261,7 +263,8 @@ impl Capture {
             let size = r.map_err(|e| ShadowError::io(p, e))?;
             let after = f.metadata().map_err(|e| ShadowError::io(p, e))?;
             let now = node_from_meta(b"", &after);
-            let stable = now.size == size && now.mtime_ns == node.mtime_ns && now.size == node.size;
+            let stable = now.size == size && (now.size, now.mtime_ns) == before;
+            before = (now.size, now.mtime_ns);
             // The node says what was read: a file that grew while read (an empty read of a file
             // being written) must not be recorded with its new size and the old content, or no
             // comparison would ever send it again.
