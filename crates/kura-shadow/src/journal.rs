@@ -482,24 +482,25 @@ impl Journal {
             let mut more = true;
             for s in self.segments.iter().skip_while(|s| s.last_seq < start) {
                 let Some(mark) = s.marks.iter().take_while(|m| m.seq <= start).last().or(s.marks.first()) else { continue };
-                let mut pos = mark.off;
-                let mut body = Vec::new();
-                while more && pos < s.len {
-                    let (recv_ns, next) = read_frame(&s.file, pos, s.len, &mut body).map_err(|detail| ShadowError::Corrupt { what: s.path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") })?;
-                    let (meta, _) = BatchMeta::decode(&body).map_err(|detail| ShadowError::Corrupt { what: s.path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") })?;
+                let mut stopped = false;
+                read_frames(&s.path, &s.file, mark.off, s.len, |recv_ns, meta| {
                     for r in meta.records {
                         if r.seq < start {
                             continue;
                         }
                         if r.seq >= in_memory {
                             more = false;
-                            break;
+                            return false;
                         }
                         if !f(&Entry { seq: r.seq, at_ns: r.at_ns, recv_ns, op: r.op }) {
-                            return Ok(());
+                            stopped = true;
+                            return false;
                         }
                     }
-                    pos = next;
+                    true
+                })?;
+                if stopped {
+                    return Ok(());
                 }
                 if !more {
                     break;
@@ -669,8 +670,7 @@ impl Journal {
     /// The newest record received at or before `t_ns` (the base's when none is kept from then;
     /// 0 when nothing is).
     pub fn seq_at(&self, t_ns: i64) -> Result<u64, ShadowError> {
-        // Read from the newest mark at or before the time (receive times never decrease).
-        let from = self.segments.iter().flat_map(|s| s.marks.iter()).take_while(|m| m.recv_ns <= t_ns).last().map_or(0, |m| m.seq.saturating_sub(1));
+        let from = self.before_time(t_ns);
         let mut seq = self.base.seq.max(from);
         self.scan(from, |e| {
             if e.recv_ns > t_ns {
@@ -680,6 +680,12 @@ impl Journal {
             true
         })?;
         Ok(seq)
+    }
+
+    /// A record received before `t_ns`, and every one before it (0 when none is known): where
+    /// reading for a time starts, at the newest mark before it (receive times never decrease).
+    fn before_time(&self, t_ns: i64) -> u64 {
+        self.segments.iter().flat_map(|s| s.marks.iter()).take_while(|m| m.recv_ns < t_ns).last().map_or(0, |m| m.seq.saturating_sub(1))
     }
 
     /// Receive time of record `seq`, 0 when it is not kept.
@@ -696,9 +702,7 @@ impl Journal {
     /// Calls `f` with each record received at or after `since_ns` touching `p` (or anything
     /// below it; a rename when either end does), every one when `p` is `None`.
     pub fn touching(&self, p: Option<&[u8]>, since_ns: i64, mut f: impl FnMut(&Entry)) -> Result<(), ShadowError> {
-        // Receive times never decrease: reading starts at the newest mark before `since_ns`.
-        let from = self.segments.iter().flat_map(|s| s.marks.iter()).take_while(|m| m.recv_ns < since_ns).last().map_or(0, |m| m.seq.saturating_sub(1));
-        self.scan(from, |e| {
+        self.scan(self.before_time(since_ns), |e| {
             if e.recv_ns >= since_ns && p.is_none_or(|p| touches(&e.op, p)) {
                 f(e);
             }
@@ -831,13 +835,8 @@ impl PrunePlan {
         if mirror.is_none() && skip.range(self.old.seq + 1..=self.seq).next().is_some() {
             mirror = Some(tree.clone());
         }
-        let mut body = Vec::new();
         for (path, file, len) in &self.fold {
-            let mut pos = 0;
-            while pos < *len {
-                let corrupt = |detail: String| ShadowError::Corrupt { what: path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") };
-                let (_, next) = read_frame(file, pos, *len, &mut body).map_err(corrupt)?;
-                let (meta, _) = BatchMeta::decode(&body).map_err(corrupt)?;
+            read_frames(path, file, 0, *len, |_, meta| {
                 for r in meta.records.iter().filter(|r| r.seq > self.old.seq && r.seq <= self.seq) {
                     tree.apply(&r.op);
                     if let Some(m) = &mut mirror
@@ -846,8 +845,8 @@ impl PrunePlan {
                         m.apply(&r.op);
                     }
                 }
-                pos = next;
-            }
+                true
+            })?;
         }
         if mirror.as_ref() == Some(&tree) {
             mirror = None;
@@ -921,6 +920,23 @@ fn touches(op: &Op, p: &[u8]) -> bool {
         Op::Put { path: q, .. } | Op::Delete { path: q } | Op::Pages { path: q, .. } => path::within(q, p) || path::within(p, q),
         Op::Rename { from, to } => path::within(from, p) || path::within(to, p) || path::within(p, from) || path::within(p, to),
     }
+}
+
+/// Calls `f` with the receive time and decoded batch of each frame of the segment at `path`
+/// from byte `from` to `end` (each checked again), while it returns true.
+fn read_frames(path: &Path, file: &File, from: u64, end: u64, mut f: impl FnMut(i64, BatchMeta) -> bool) -> Result<(), ShadowError> {
+    let mut body = Vec::new();
+    let mut pos = from;
+    while pos < end {
+        let corrupt = |detail: String| ShadowError::Corrupt { what: path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") };
+        let (recv_ns, next) = read_frame(file, pos, end, &mut body).map_err(corrupt)?;
+        let (meta, _) = BatchMeta::decode(&body).map_err(corrupt)?;
+        if !f(recv_ns, meta) {
+            break;
+        }
+        pos = next;
+    }
+    Ok(())
 }
 
 /// Reads the frame at `off` of a segment whose frames end at `end` into `body`, checking it;

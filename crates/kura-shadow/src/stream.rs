@@ -1125,11 +1125,20 @@ impl Stream {
                 // it would cut to less than half.
                 // Worked out on the part of the tree the burst touches (a copy of the whole
                 // tree per run cost a core on a large mirror).
+                // Unreadable, nothing is applied (a part of the burst would judge it wrongly).
+                let read = self.lock_inner().journal.records(first.0 - 1, u64::MAX, usize::MAX);
+                let ops = match read {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        if let Ok(mut a) = self.apply_error.lock() {
+                            *a = Some(format!("journal unreadable: {e}"));
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
                 let (after, truncated) = {
-                    let inner = self.lock_inner();
-                    // Unreadable, the burst is judged on the records this run applies.
-                    let ops = inner.journal.records(first.0 - 1, u64::MAX, usize::MAX).unwrap_or_else(|_| batch.iter().filter(|b| b.0 >= first.0).map(|(seq, recv_ns, op)| crate::journal::Entry { seq: *seq, at_ns: 0, recv_ns: *recv_ns, op: op.clone() }).collect());
-                    drop(inner);
                     let mut m = tree.subset(ops.iter().flat_map(|e| match &e.op {
                         Op::Put { path, .. } | Op::Delete { path } | Op::Pages { path, .. } => [Some(path.as_slice()), None],
                         Op::Rename { from, to } => [Some(from.as_slice()), Some(to.as_slice())],
