@@ -11,10 +11,11 @@
 //! Pack (`pack-N.ksp`): `"KSP1" | meta_len u32 LE | BLAKE3(meta)[..16] | meta (postcard
 //! Vec<ChunkMeta>) | the chunks as stored in frames, concatenated`.
 
+use crate::chunk_index::{ChunkIndex, FileNo, HOT_ENTRIES, IndexWrite, Loc};
 use crate::record::{BatchMeta, ChunkMeta, Op, open_chunk};
 use crate::{ShadowError, path};
 use kura_repo::Id;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -58,6 +59,7 @@ pub struct Entry {
 struct Segment {
     path: PathBuf,
     file: Arc<File>,
+    no: FileNo,
     /// End of its frames; the file may go on with zeros up to `alloc` ([`PREALLOC`]).
     len: u64,
     alloc: u64,
@@ -84,29 +86,16 @@ struct Mark {
 struct Pack {
     path: PathBuf,
     file: Arc<File>,
+    no: FileNo,
     ids: Vec<Id>,
 }
 
-/// Where a chunk is (the map's key is its id: not repeated here, the map is the largest part
-/// of a standby's memory).
-#[derive(Clone)]
-struct Loc {
-    file: Arc<File>,
-    off: u64,
-    raw_len: u32,
-    zlen: u32,
-    /// Newest record naming the chunk (0 when none within the window).
-    last_ref: u64,
+fn loc(file: FileNo, off: u64, c: &ChunkMeta, last_ref: u64) -> Loc {
+    Loc { file, off, raw_len: c.raw_len, zlen: c.zlen, last_ref }
 }
 
-impl Loc {
-    fn new(file: Arc<File>, off: u64, c: &ChunkMeta, last_ref: u64) -> Loc {
-        Loc { file, off, raw_len: c.raw_len, zlen: c.zlen, last_ref }
-    }
-
-    fn handle(&self, id: Id) -> ChunkHandle {
-        ChunkHandle { file: self.file.clone(), off: self.off, meta: ChunkMeta { id, raw_len: self.raw_len, zlen: self.zlen } }
-    }
+fn handle(file: &Arc<File>, id: Id, l: &Loc) -> ChunkHandle {
+    ChunkHandle { file: file.clone(), off: l.off, meta: ChunkMeta { id, raw_len: l.raw_len, zlen: l.zlen } }
 }
 
 /// The tree before the first kept record: every pruned record folded in.
@@ -147,7 +136,12 @@ pub struct Journal {
     /// [`TAIL_RECORDS`] and [`MARK_BYTES`] (smaller in tests, to read from disk often).
     tail_max: usize,
     mark_bytes: u64,
-    chunks: HashMap<Id, Loc>,
+    /// Where each chunk is: in memory, then (writable opens) a table on disk.
+    chunks: ChunkIndex,
+    /// Distinct chunks held.
+    chunk_count: usize,
+    /// Number of the next file opened or made (segments and packs, in the index).
+    next_file: FileNo,
     last_recv: i64,
     read_only: bool,
     /// A segment is closed once its first frame is this old (so pruning has whole segments to
@@ -202,8 +196,8 @@ impl ChunkHandle {
     }
 }
 
-/// A pack's path, file, and live chunks with their newest reference.
-type PackChunks = (PathBuf, Arc<File>, Vec<(Id, ChunkHandle, u64)>);
+/// A chunk as pruning sees it: its id, where it is, its newest reference and its file.
+type Held = (Id, ChunkHandle, u64, FileNo);
 
 /// What one pruning round takes out of the journal, gathered under the stream's lock and
 /// worked out without it ([`PrunePlan::build`]).
@@ -211,14 +205,17 @@ pub struct PrunePlan {
     old: Arc<Base>,
     seq: u64,
     recv_ns: i64,
-    /// The dropped segments' files and the length of their frames: their records are folded.
-    fold: Vec<(PathBuf, Arc<File>, u64)>,
+    /// The dropped segments' files, numbers and the length of their frames: their records are
+    /// folded, and the chunks whose place they are either move into a pack or go.
+    fold: Vec<(PathBuf, Arc<File>, FileNo, u64)>,
     /// Segments dropped (their count from the front) and packs that may be merged.
     drop_segments: usize,
     segment_files: Vec<Arc<File>>,
-    packs: Vec<PackChunks>,
-    /// Chunks first stored in the dropped segments, with their newest reference.
-    candidates: Vec<(Id, ChunkHandle, u64)>,
+    packs: Vec<(PathBuf, Arc<File>, FileNo, Vec<Id>)>,
+    /// Index entries in memory naming a dropped segment or a pack, as the plan was made; the
+    /// rest of the index is read from its table.
+    memory: HashMap<Id, Loc>,
+    reader: crate::chunk_index::IndexReader,
     dir: PathBuf,
     id_key: [u8; 32],
     pack_no: u64,
@@ -231,10 +228,10 @@ pub struct BuiltPrune {
     segment_files: Vec<Arc<File>>,
     base: Arc<Base>,
     /// Chunks not copied, which a record appended meanwhile may have named.
-    left: Vec<(Id, ChunkHandle)>,
-    /// Every chunk the dropped segments held (copied or not).
-    dropped_ids: Vec<Id>,
-    pack: Option<(PathBuf, Vec<ChunkMeta>)>,
+    left: Vec<(Id, ChunkHandle, u64)>,
+    /// Every chunk whose place was a dropped segment or merged pack (copied or not).
+    dropped: Vec<(Id, FileNo)>,
+    pack: Option<(PathBuf, Vec<ChunkMeta>, Vec<u64>)>,
     merged_packs: Vec<(PathBuf, Arc<File>)>,
     dir: PathBuf,
     id_key: [u8; 32],
@@ -281,6 +278,7 @@ impl Journal {
         names.sort();
         packs.sort();
         let base = load_base(&dir.join("base.ksb"))?;
+        let chunks = if read_only { ChunkIndex::memory() } else { ChunkIndex::create(&dir.join("index.redb"))? };
         let mut j = Journal {
             dir: dir.to_path_buf(),
             id_key,
@@ -293,7 +291,9 @@ impl Journal {
             gap: None,
             tail_max: limits.0,
             mark_bytes: limits.1,
-            chunks: HashMap::new(),
+            chunks,
+            chunk_count: 0,
+            next_file: 0,
             last_recv: 0,
             read_only,
             segment_age: None,
@@ -315,15 +315,70 @@ impl Journal {
             // Segments a killed pruning round folded into the base but did not remove yet.
             let covered = j.segments.iter().take(j.segments.len().saturating_sub(1)).take_while(|s| s.last_seq <= j.base.seq).count();
             if covered > 0 {
-                let files: Vec<Arc<File>> = j.segments[..covered].iter().map(|s| s.file.clone()).collect();
-                let ids: Vec<Id> = j.chunks.iter().filter(|(_, l)| files.iter().any(|f| Arc::ptr_eq(f, &l.file))).map(|(id, _)| *id).collect();
-                j.forget_chunks_in(&files, ids.iter());
+                for s in &j.segments[..covered] {
+                    let mut ids = Vec::new();
+                    read_frames(&s.path, &s.file, 0, s.len, |_, meta| {
+                        ids.extend(meta.chunks.iter().map(|c| c.id));
+                        true
+                    })?;
+                    for id in ids {
+                        if j.chunks.get(&id)?.is_some_and(|l| l.file == s.no) {
+                            j.chunks.forget(id, s.no);
+                            j.chunk_count -= 1;
+                        }
+                    }
+                }
                 for s in j.segments.drain(..covered) {
                     std::fs::remove_file(&s.path).map_err(|e| ShadowError::io(&s.path, e))?;
                 }
             }
+            j.write_out(1)?;
         }
         Ok(j)
+    }
+
+    /// Writes the index's entries in memory out to its table when at least `min` wait (while
+    /// opening: nothing else holds the journal).
+    fn write_out(&mut self, min: usize) -> Result<(), ShadowError> {
+        if let Some(w) = self.chunks.freeze(min) {
+            w.write()?;
+            self.chunks.written()?;
+        }
+        Ok(())
+    }
+
+    /// The index entries waiting in memory, to write out without the stream's lock when at
+    /// least `min` wait ([`IndexWrite::write`], then [`Journal::index_written`]).
+    pub(crate) fn index_freeze(&mut self, min: usize) -> Option<IndexWrite> {
+        self.chunks.freeze(min)
+    }
+
+    /// The frozen entries are in the table: they leave memory.
+    pub(crate) fn index_written(&mut self) -> Result<(), ShadowError> {
+        self.chunks.written()
+    }
+
+    /// Index entries held in memory.
+    pub fn index_in_memory(&self) -> usize {
+        self.chunks.in_memory()
+    }
+
+    /// The file numbered `no` if the journal still has it.
+    fn file(&self, no: FileNo) -> Option<&Arc<File>> {
+        if let Ok(i) = self.segments.binary_search_by_key(&no, |s| s.no) {
+            return Some(&self.segments[i].file);
+        }
+        self.packs.binary_search_by_key(&no, |p| p.no).ok().map(|i| &self.packs[i].file)
+    }
+
+    /// The live entry for `id` (one naming a file still held), `current` counting as held.
+    fn live(&self, id: &Id, current: Option<FileNo>) -> Result<Option<Loc>, ShadowError> {
+        Ok(self.chunks.get(id)?.filter(|l| Some(l.file) == current || self.file(l.file).is_some()))
+    }
+
+    fn take_file_no(&mut self) -> FileNo {
+        self.next_file += 1;
+        self.next_file
     }
 
     /// Closes segments once their first frame is `age` old.
@@ -347,15 +402,19 @@ impl Journal {
         }
         let list: Vec<ChunkMeta> = postcard::from_bytes(&meta).map_err(|e| corrupt(&e.to_string()))?;
         let file = Arc::new(file);
+        let no = self.take_file_no();
         let mut off = (24 + len) as u64;
         let mut ids = Vec::with_capacity(list.len());
         for c in list {
-            self.chunks.entry(c.id).or_insert_with(|| Loc::new(file.clone(), off, &c, 0));
+            if self.live(&c.id, None)?.is_none() {
+                self.chunks.put(c.id, loc(no, off, &c, 0));
+                self.chunk_count += 1;
+            }
             ids.push(c.id);
             off += u64::from(c.zlen);
         }
-        self.packs.push(Pack { path: p.to_path_buf(), file, ids });
-        Ok(())
+        self.packs.push(Pack { path: p.to_path_buf(), file, no, ids });
+        self.write_out(HOT_ENTRIES)
     }
 
     fn load_segment(&mut self, p: &Path, first: u64, last: bool) -> Result<(), ShadowError> {
@@ -363,7 +422,8 @@ impl Journal {
         let mut bytes = Vec::new();
         (&file).read_to_end(&mut bytes).map_err(|e| ShadowError::io(p, e))?;
         let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
-        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() };
+        let no = self.take_file_no();
+        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), no, len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() };
         let mut pos = 0usize;
         let mut expect = first;
         // Zeros from a point on are the space written ahead of the frames.
@@ -404,7 +464,8 @@ impl Journal {
                 return Err(corrupt(format!("frame at byte {pos} starts at record {} where {expect} was due", meta.records[0].seq)));
             }
             expect += meta.records.len() as u64;
-            self.index(&mut seg, pos as u64, (pos + HEADER + data_off) as u64, meta, recv);
+            self.index(&mut seg, pos as u64, (pos + HEADER + data_off) as u64, meta, recv)?;
+            self.write_out(HOT_ENTRIES)?;
             pos += HEADER + body.len();
         }
         if last && !self.read_only {
@@ -417,17 +478,50 @@ impl Journal {
         Ok(())
     }
 
-    fn index(&mut self, seg: &mut Segment, frame_off: u64, data_off: u64, meta: BatchMeta, recv_ns: i64) {
-        if seg.marks.last().is_none_or(|m| frame_off >= m.off + self.mark_bytes) {
-            seg.marks.push(Mark { off: frame_off, seq: seg.last_seq + 1, recv_ns });
-        }
+    /// Indexes a frame read back from a segment.
+    fn index(&mut self, seg: &mut Segment, frame_off: u64, data_off: u64, meta: BatchMeta, recv_ns: i64) -> Result<(), ShadowError> {
+        let plan = self.index_plan(&meta, seg.no, data_off)?;
+        self.index_apply(seg, frame_off, plan, meta, recv_ns);
+        Ok(())
+    }
+
+    /// The index entries a batch stored at `data_off` of file `no` sets (its new chunks, and
+    /// the newest reference of those its records name), and how many chunks are new. Worked
+    /// out before the frame is written: a lookup that fails leaves nothing half done.
+    fn index_plan(&self, meta: &BatchMeta, no: FileNo, data_off: u64) -> Result<(HashMap<Id, Loc>, usize), ShadowError> {
+        let mut puts: HashMap<Id, Loc> = HashMap::new();
+        let mut new = 0;
         let mut off = data_off;
         for c in &meta.chunks {
-            if let std::collections::hash_map::Entry::Vacant(v) = self.chunks.entry(c.id) {
-                v.insert(Loc::new(seg.file.clone(), off, c, 0));
+            if !puts.contains_key(&c.id) && self.live(&c.id, Some(no))?.is_none() {
+                puts.insert(c.id, loc(no, off, c, 0));
+                new += 1;
             }
             off += u64::from(c.zlen);
         }
+        for r in meta.records.iter().filter(|r| r.seq > self.base.seq) {
+            for id in r.op.chunk_ids() {
+                let found = match puts.get(id) {
+                    Some(l) => Some(*l),
+                    None => self.live(id, Some(no))?,
+                };
+                if let Some(mut l) = found {
+                    l.last_ref = r.seq;
+                    puts.insert(*id, l);
+                }
+            }
+        }
+        Ok((puts, new))
+    }
+
+    fn index_apply(&mut self, seg: &mut Segment, frame_off: u64, (puts, new): (HashMap<Id, Loc>, usize), meta: BatchMeta, recv_ns: i64) {
+        if seg.marks.last().is_none_or(|m| frame_off >= m.off + self.mark_bytes) {
+            seg.marks.push(Mark { off: frame_off, seq: seg.last_seq + 1, recv_ns });
+        }
+        for (id, l) in puts {
+            self.chunks.put(id, l);
+        }
+        self.chunk_count += new;
         self.last_recv = self.last_recv.max(recv_ns);
         if seg.first_recv == 0 {
             seg.first_recv = recv_ns;
@@ -440,11 +534,6 @@ impl Journal {
             seg.last_seq = r.seq;
             if r.seq <= self.base.seq {
                 continue;
-            }
-            for id in r.op.chunk_ids() {
-                if let Some(l) = self.chunks.get_mut(id) {
-                    l.last_ref = r.seq;
-                }
             }
             if r.seq != self.head + 1 && self.gap.is_none() {
                 self.gap = Some((self.head + 1, r.seq.saturating_sub(1)));
@@ -558,19 +647,19 @@ impl Journal {
     }
 
     /// Whether the journal holds a chunk.
-    pub fn has_chunk(&self, id: &Id) -> bool {
-        self.chunks.contains_key(id)
+    pub fn has_chunk(&self, id: &Id) -> Result<bool, ShadowError> {
+        Ok(self.live(id, None)?.is_some())
     }
 
     /// Number of distinct chunks held, and bytes of all segments and packs.
     pub fn sizes(&self) -> (usize, u64) {
         let packs: u64 = self.packs.iter().filter_map(|p| p.file.metadata().ok()).map(|m| m.len()).sum();
-        (self.chunks.len(), self.segments.iter().map(|s| s.len).sum::<u64>() + packs)
+        (self.chunk_count, self.segments.iter().map(|s| s.len).sum::<u64>() + packs)
     }
 
     /// Where a chunk is, to read it without holding the journal.
-    pub fn chunk(&self, id: &Id) -> Option<ChunkHandle> {
-        self.chunks.get(id).map(|l| l.handle(*id))
+    pub fn chunk(&self, id: &Id) -> Result<Option<ChunkHandle>, ShadowError> {
+        Ok(self.chunks.get(id)?.and_then(|l| self.file(l.file).map(|f| handle(f, *id, &l))))
     }
 
     /// Appends a checked batch (`body` as received, `meta` decoded from it). It is written but
@@ -597,7 +686,8 @@ impl Journal {
             self.next_index += 1;
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
-            self.segments.push(Segment { path: p, file: Arc::new(file), len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() });
+            let no = self.take_file_no();
+            self.segments.push(Segment { path: p, file: Arc::new(file), no, len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() });
         }
         let mut seg = self.segments.pop().ok_or_else(|| ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "no segment".into() })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
@@ -608,6 +698,13 @@ impl Journal {
         frame.extend_from_slice(body);
         let at = seg.len;
         let end = at + frame.len() as u64;
+        let plan = match self.index_plan(meta, seg.no, at + (HEADER + data_off) as u64) {
+            Ok(p) => p,
+            Err(e) => {
+                self.segments.push(seg);
+                return Err(e);
+            }
+        };
         if let Err(e) = seg.file.write_all_at(&frame, at) {
             // Leave no partial frame for the next append to follow: zeros where it was.
             let _ = seg.file.set_len(at).and_then(|()| seg.file.set_len(seg.alloc.max(at)));
@@ -628,7 +725,7 @@ impl Journal {
             };
         }
         seg.len = end;
-        self.index(&mut seg, at, at + (HEADER + data_off) as u64, meta.clone(), recv_ns);
+        self.index_apply(&mut seg, at, plan, meta.clone(), recv_ns);
         self.segments.push(seg);
         Ok(recv_ns)
     }
@@ -710,68 +807,61 @@ impl Journal {
         })
     }
 
-    fn forget_chunks_in<'a>(&mut self, files: &[Arc<File>], ids: impl Iterator<Item = &'a Id>) {
-        for id in ids {
-            if self.chunks.get(id).is_some_and(|l| files.iter().any(|f| Arc::ptr_eq(f, &l.file))) {
-                self.chunks.remove(id);
-            }
-        }
-    }
-
     /// Plans a pruning round: the leading segments whose every frame arrived before
     /// `before_ns` and whose records are all at or below `upto` (applied and durable) are
     /// folded into the base. The segment appends go to is never dropped. `None`: nothing to do.
-    pub fn prune_plan(&self, before_ns: i64, upto: u64) -> Option<PrunePlan> {
+    /// Run it, [`PrunePlan::build`] and [`Journal::prune_commit`] from the thread that writes
+    /// the index out, never beside a write-out: what the table misses is then in memory.
+    pub fn prune_plan(&self, before_ns: i64, upto: u64) -> Result<Option<PrunePlan>, ShadowError> {
         if self.read_only {
-            return None;
+            return Ok(None);
         }
         let n = self.segments.len().saturating_sub(1);
         let drop = self.segments[..n].iter().take_while(|s| s.max_recv < before_ns && s.last_seq <= upto).count();
         if drop == 0 {
-            return None;
+            return Ok(None);
         }
         let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
         let recv_ns = self.segments[..drop].iter().rev().find(|s| s.last_seq > self.base.seq).map_or(self.base.recv_ns, |s| s.last_rec_recv);
-        let handle = |id: &Id| self.chunks.get(id).map(|l| (*id, l.handle(*id), l.last_ref));
-        // One pass over the index (no list of ids is kept per segment: that was a third of the
-        // index's memory; a round runs once a segment leaves the window).
-        let dropped: Vec<&Arc<File>> = self.segments[..drop].iter().map(|s| &s.file).collect();
-        let candidates: Vec<(Id, ChunkHandle, u64)> = self.chunks.iter().filter(|(_, l)| dropped.iter().any(|f| Arc::ptr_eq(f, &l.file))).map(|(id, l)| (*id, l.handle(*id), l.last_ref)).collect();
-        let packs = self
-            .packs
-            .iter()
-            .map(|p| (p.path.clone(), p.file.clone(), p.ids.iter().filter(|id| self.chunks.get(*id).is_some_and(|l| Arc::ptr_eq(&l.file, &p.file))).filter_map(handle).collect()))
-            .collect();
-        Some(PrunePlan {
+        // Which chunks the dropped segments and the packs hold is worked out without the lock,
+        // from their frames and lists; only the entries in memory are taken now.
+        let files: Vec<FileNo> = self.segments[..drop].iter().map(|s| s.no).chain(self.packs.iter().map(|p| p.no)).collect();
+        Ok(Some(PrunePlan {
             old: self.base.clone(),
             seq,
             recv_ns,
-            fold: self.segments[..drop].iter().map(|s| (s.path.clone(), s.file.clone(), s.len)).collect(),
+            fold: self.segments[..drop].iter().map(|s| (s.path.clone(), s.file.clone(), s.no, s.len)).collect(),
             drop_segments: drop,
             segment_files: self.segments[..drop].iter().map(|s| s.file.clone()).collect(),
-            packs,
-            candidates,
+            packs: self.packs.iter().map(|p| (p.path.clone(), p.file.clone(), p.no, p.ids.clone())).collect(),
+            memory: self.chunks.memory_in(&files),
+            reader: self.chunks.reader()?,
             dir: self.dir.clone(),
             id_key: self.id_key,
             pack_no: self.next_pack,
-        })
+        }))
     }
 
     /// Commits a built round: the base and index change, the dropped segments leave the
     /// journal (their files are removed by [`Cleanup::finish`], after the base is written).
     pub fn prune_commit(&mut self, mut b: BuiltPrune) -> Result<Cleanup, ShadowError> {
         // A record appended while the round was built may name a chunk it left behind: those
-        // join the pack now (rare and few).
-        let late: Vec<(Id, ChunkHandle)> = b.left.drain(..).filter(|(id, _)| self.chunks.get(id).is_some_and(|l| l.last_ref > b.plan_seq)).collect();
+        // join the pack now (rare and few). Such a record set the entry in memory.
+        let late: Vec<(Id, ChunkHandle, u64)> = b
+            .left
+            .drain(..)
+            .filter_map(|(id, h, _)| self.chunks.get_memory(&id).filter(|l| l.last_ref > b.plan_seq).map(|l| (id, h, l.last_ref)))
+            .collect();
+        let gone = b.dropped.len().saturating_sub(late.len() + b.pack.as_ref().map_or(0, |p| p.1.len()));
         if !late.is_empty() {
             let no = self.next_pack.max(b.pack_no + 1);
-            let (path, list) = write_pack(&b.dir, no, &b.id_key, late.into_iter())?;
+            let (path, list, refs) = write_pack(&b.dir, no, &b.id_key, late.into_iter())?;
             self.next_pack = no + 1;
-            self.adopt_pack(&path, list)?;
+            self.adopt_pack(&path, list, refs)?;
         }
-        if let Some((path, list)) = b.pack.take() {
+        if let Some((path, list, refs)) = b.pack.take() {
             self.next_pack = self.next_pack.max(b.pack_no + 1);
-            self.adopt_pack(&path, list)?;
+            self.adopt_pack(&path, list, refs)?;
         }
         let dropped: Vec<Segment> = self.segments.drain(..b.drop_segments).collect();
         let mut remove = Vec::new();
@@ -781,8 +871,10 @@ impl Journal {
                 return Err(ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "segments changed during pruning".into() });
             }
         }
-        let files: Vec<Arc<File>> = dropped.iter().map(|s| s.file.clone()).chain(b.merged_packs.iter().map(|(_, f)| f.clone())).collect();
-        self.forget_chunks_in(&files, b.dropped_ids.iter());
+        for (id, file) in b.dropped.drain(..) {
+            self.chunks.forget(id, file);
+        }
+        self.chunk_count = self.chunk_count.saturating_sub(gone);
         for s in dropped {
             bytes += s.len;
             remove.push(s.path);
@@ -791,8 +883,6 @@ impl Journal {
         let mut kept = Vec::new();
         for p in std::mem::take(&mut self.packs) {
             if merged.contains(&p.path) {
-                let ids = p.ids.clone();
-                self.forget_chunks_in(std::slice::from_ref(&p.file), ids.iter());
                 bytes += p.file.metadata().map(|m| m.len()).unwrap_or(0);
                 remove.push(p.path);
             } else {
@@ -808,19 +898,21 @@ impl Journal {
         Ok(Cleanup { base: b.base, remove, dir: self.dir.clone(), records: before - self.len(), bytes })
     }
 
-    fn adopt_pack(&mut self, path: &Path, list: Vec<ChunkMeta>) -> Result<(), ShadowError> {
+    /// Takes in a pack written by pruning: its chunks now live in it (the segments or packs
+    /// they came from are going). `refs`: each chunk's newest reference as the round saw it.
+    fn adopt_pack(&mut self, path: &Path, list: Vec<ChunkMeta>, refs: Vec<u64>) -> Result<(), ShadowError> {
         let file = Arc::new(File::open(path).map_err(|e| ShadowError::io(path, e))?);
+        let no = self.take_file_no();
         let meta_len = postcard::to_allocvec(&list).map(|v| v.len()).unwrap_or(0);
         let mut off = (24 + meta_len) as u64;
         let mut ids = Vec::with_capacity(list.len());
-        for c in list {
-            // The chunk now lives in the pack (the segment or pack it came from is going).
-            let last_ref = self.chunks.get(&c.id).map(|l| l.last_ref).unwrap_or(0);
-            self.chunks.insert(c.id, Loc::new(file.clone(), off, &c, last_ref));
+        for (c, r) in list.into_iter().zip(refs) {
+            let last_ref = self.chunks.get_memory(&c.id).map_or(r, |l| l.last_ref.max(r));
+            self.chunks.put(c.id, loc(no, off, &c, last_ref));
             ids.push(c.id);
             off += u64::from(c.zlen);
         }
-        self.packs.push(Pack { path: path.to_path_buf(), file, ids });
+        self.packs.push(Pack { path: path.to_path_buf(), file, no, ids });
         Ok(())
     }
 }
@@ -829,14 +921,25 @@ impl PrunePlan {
     /// Folds the pruned records into a new base (`skip`: records the mirror never got) and
     /// writes the chunks still needed into a pack. Runs without the stream's lock.
     /// `keep`: chunks needed elsewhere (branches).
-    pub fn build(self, skip: &std::collections::BTreeSet<u64>, keep: &std::collections::HashSet<Id>) -> Result<BuiltPrune, ShadowError> {
+    pub fn build(self, skip: &std::collections::BTreeSet<u64>, keep: &HashSet<Id>) -> Result<BuiltPrune, ShadowError> {
         let mut tree = self.old.tree.clone();
         let mut mirror = self.old.mirror.clone();
         if mirror.is_none() && skip.range(self.old.seq + 1..=self.seq).next().is_some() {
             mirror = Some(tree.clone());
         }
-        for (path, file, len) in &self.fold {
+        // A chunk's entry: the one in memory when the plan was made, else the table's.
+        let lookup = |id: &Id| -> Result<Option<Loc>, ShadowError> {
+            match self.memory.get(id) {
+                Some(l) => Ok(Some(*l)),
+                None => self.reader.get(id),
+            }
+        };
+        let mut candidates: Vec<Held> = Vec::new();
+        let mut seen: HashSet<Id> = HashSet::new();
+        for (path, file, no, len) in &self.fold {
+            let mut ids = Vec::new();
             read_frames(path, file, 0, *len, |_, meta| {
+                ids.extend(meta.chunks.iter().map(|c| c.id));
                 for r in meta.records.iter().filter(|r| r.seq > self.old.seq && r.seq <= self.seq) {
                     tree.apply(&r.op);
                     if let Some(m) = &mut mirror
@@ -847,33 +950,48 @@ impl PrunePlan {
                 }
                 true
             })?;
+            // The chunks whose place is this segment (a copy stored again later is not).
+            for id in ids {
+                if seen.insert(id)
+                    && let Some(l) = lookup(&id)?.filter(|l| l.file == *no)
+                {
+                    candidates.push((id, handle(file, id, &l), l.last_ref, *no));
+                }
+            }
         }
         if mirror.as_ref() == Some(&tree) {
             mirror = None;
         }
-        let mut live: std::collections::HashSet<Id> = tree.chunk_ids().copied().collect();
+        let mut live: HashSet<Id> = tree.chunk_ids().copied().collect();
         if let Some(m) = &mirror {
             live.extend(m.chunk_ids().copied());
         }
         let needed = |id: &Id, last_ref: u64| live.contains(id) || keep.contains(id) || last_ref > self.seq;
         let mut copy = Vec::new();
         let mut left = Vec::new();
-        let dropped_ids = self.candidates.iter().map(|c| c.0).collect();
-        for (id, h, last_ref) in self.candidates {
-            if needed(&id, last_ref) { copy.push((id, h)) } else { left.push((id, h)) }
+        let mut dropped: Vec<(Id, FileNo)> = candidates.iter().map(|c| (c.0, c.3)).collect();
+        for (id, h, last_ref, _) in candidates {
+            if needed(&id, last_ref) { copy.push((id, h, last_ref)) } else { left.push((id, h, last_ref)) }
         }
         // Packs more than half dead (by bytes) are merged into the new one, and so are small
         // ones once there are many (a short window makes a small pack each round).
         let mut merged_packs = Vec::new();
         let many = self.packs.len() >= PACKS_BEFORE_COMPACTION;
-        for (path, file, chunks) in self.packs {
-            let size = |c: &(Id, ChunkHandle, u64)| u64::from(c.1.meta.zlen);
+        for (path, file, no, ids) in &self.packs {
+            let mut chunks: Vec<Held> = Vec::new();
+            for id in ids {
+                if let Some(l) = lookup(id)?.filter(|l| l.file == *no) {
+                    chunks.push((*id, handle(file, *id, &l), l.last_ref, *no));
+                }
+            }
+            let size = |c: &Held| u64::from(c.1.meta.zlen);
             let total: u64 = chunks.iter().map(size).sum();
-            let alive: u64 = chunks.iter().filter(|(id, _, r)| needed(id, *r)).map(size).sum();
+            let alive: u64 = chunks.iter().filter(|(id, _, r, _)| needed(id, *r)).map(size).sum();
             if alive * 2 < total || chunks.is_empty() || (many && total < SMALL_PACK) {
-                merged_packs.push((path, file));
-                for (id, h, r) in chunks {
-                    if needed(&id, r) { copy.push((id, h)) } else { left.push((id, h)) }
+                merged_packs.push((path.clone(), file.clone()));
+                for (id, h, r, no) in chunks {
+                    dropped.push((id, no));
+                    if needed(&id, r) { copy.push((id, h, r)) } else { left.push((id, h, r)) }
                 }
             }
         }
@@ -885,7 +1003,7 @@ impl PrunePlan {
             segment_files: self.segment_files,
             base: Arc::new(base),
             left,
-            dropped_ids,
+            dropped,
             pack,
             merged_packs,
             dir: self.dir,
@@ -978,12 +1096,14 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ShadowError>
     r.map_err(|e| ShadowError::io(&dst, e))
 }
 
-/// Writes pack number `no` of the given chunks (each read and verified); returns its path and
-/// chunk list.
-fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item = (Id, ChunkHandle)>) -> Result<(PathBuf, Vec<ChunkMeta>), ShadowError> {
+/// Writes pack number `no` of the given chunks (each read and verified, with its newest
+/// reference); returns its path, chunk list and those references.
+fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item = (Id, ChunkHandle, u64)>) -> Result<(PathBuf, Vec<ChunkMeta>, Vec<u64>), ShadowError> {
     let mut list = Vec::new();
+    let mut refs = Vec::new();
     let mut data = Vec::new();
-    for (_, h) in chunks {
+    for (_, h, r) in chunks {
+        refs.push(r);
         let stored = h.read_stored()?;
         open_chunk(id_key, &h.meta, &stored).map_err(|detail| ShadowError::Corrupt { what: format!("journal chunk {}", h.meta.id.short()), detail })?;
         list.push(h.meta);
@@ -998,7 +1118,7 @@ fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item
     out.extend_from_slice(&data);
     let name = format!("pack-{no:08}.ksp");
     write_atomic(dir, &name, &out)?;
-    Ok((dir.join(name), list))
+    Ok((dir.join(name), list, refs))
 }
 
 /// Reads `base.ksb` (the empty base when there is none).
@@ -1210,7 +1330,7 @@ mod tests {
         reads_agree(&j, &want);
         // Pruned: what is left reads the same, from the new base on.
         let upto = want[want.len() / 2].0;
-        let plan = j.prune_plan(i64::MAX, upto).unwrap();
+        let plan = j.prune_plan(i64::MAX, upto).unwrap().unwrap();
         let c = j.prune_commit(plan.build(&std::collections::BTreeSet::new(), &Default::default()).unwrap()).unwrap();
         c.finish().unwrap();
         assert!(j.base().seq > 0 && j.base().seq <= upto);
@@ -1241,7 +1361,7 @@ mod tests {
             Op::Put { node, .. } => node.content[0],
             _ => unreachable!(),
         };
-        assert_eq!(j.chunk(&id).unwrap().read(&key).unwrap(), "b".repeat(1000).as_bytes());
+        assert_eq!(j.chunk(&id).unwrap().unwrap().read(&key).unwrap(), "b".repeat(1000).as_bytes());
         drop(j);
         // A crash mid-append: half a frame at the end.
         let seg = d.path().join(seg_name(1, 0));
@@ -1318,17 +1438,26 @@ mod prune_tests {
 
     fn content_of(j: &Journal, m: &crate::Manifest, name: &str) -> Vec<u8> {
         let node = m.get(name.as_bytes()).unwrap_or_else(|| panic!("{name} missing"));
-        node.content.iter().flat_map(|id| j.chunk(id).unwrap_or_else(|| panic!("chunk of {name} gone")).read(j.id_key()).unwrap()).collect()
+        node.content.iter().flat_map(|id| j.chunk(id).unwrap().unwrap_or_else(|| panic!("chunk of {name} gone")).read(j.id_key()).unwrap()).collect()
     }
 
     /// a, b put; a deleted; c put; each in its own segment (the first three pruned).
     fn journal(dir: &Path, key: [u8; 32]) -> Journal {
+        journal_written(dir, key, false)
+    }
+
+    /// The same, the index written out of memory after each append when `written`.
+    fn journal_written(dir: &Path, key: [u8; 32], written: bool) -> Journal {
         let mut j = Journal::open(dir, key, false).unwrap();
         j.set_segment_age(std::time::Duration::ZERO);
         for (seq, (body, m, off)) in [put(&key, 1, "a", &[b'a'; 3000]), put(&key, 2, "b", &[b'b'; 3000]), delete(3, "a"), put(&key, 4, "c", &[b'c'; 3000])].into_iter().enumerate() {
             std::thread::sleep(std::time::Duration::from_millis(2));
             j.append(&body, &m, off).unwrap();
             assert_eq!(j.head(), seq as u64 + 1);
+            if written {
+                j.write_out(1).unwrap();
+                assert_eq!(j.index_in_memory(), 0);
+            }
         }
         j
     }
@@ -1339,20 +1468,33 @@ mod prune_tests {
 
     #[test]
     fn pruning_folds_old_records_into_the_base_and_keeps_only_live_chunks() {
+        for written in [false, true] {
+            pruning_folds(written);
+        }
+    }
+
+    fn pruning_folds(written: bool) {
         let d = tempfile::tempdir().unwrap();
         let key = [5u8; 32];
-        let mut j = journal(d.path(), key);
+        let mut j = journal_written(d.path(), key, written);
         assert_eq!(segments(d.path()), 4);
         let a_id = j.manifest_at(1).unwrap().get(b"a").unwrap().content[0];
         let before = j.time_of(4).unwrap();
         // Record 4 is not yet applied: only 1..=3 may go.
-        let plan = j.prune_plan(before, 3).unwrap();
+        let plan = j.prune_plan(before, 3).unwrap().unwrap();
         let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
         let c = j.prune_commit(built).unwrap();
         assert_eq!(c.records, 3);
         c.finish().unwrap();
         assert_eq!((j.base().seq, j.head(), j.len() as usize), (3, 4, 1));
-        assert!(!j.has_chunk(&a_id), "a chunk only a deleted file named stays");
+        assert!(!j.has_chunk(&a_id).unwrap(), "a chunk only a deleted file named stays");
+        assert_eq!(j.sizes().0, 2);
+        if written {
+            // The entries of the gone segment leave the table at the next write-out.
+            j.write_out(1).unwrap();
+            assert!(j.chunks.reader().unwrap().get(&a_id).unwrap().is_none());
+            assert!(!j.has_chunk(&a_id).unwrap());
+        }
         let m = j.manifest_at(4).unwrap();
         assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
         assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
@@ -1362,7 +1504,7 @@ mod prune_tests {
         // Moments before the base resolve to it; the oldest is its time.
         assert_eq!(j.seq_at(0).unwrap(), 3);
         assert_eq!(j.oldest_time(), j.base().recv_ns);
-        assert!(j.prune_plan(i64::MAX, 4).is_none(), "the segment appends go to is never dropped");
+        assert!(j.prune_plan(i64::MAX, 4).unwrap().is_none(), "the segment appends go to is never dropped");
         drop(j);
         let j = Journal::open(d.path(), key, false).unwrap();
         assert_eq!((j.base().seq, j.head()), (3, 4));
@@ -1384,7 +1526,7 @@ mod prune_tests {
         let d = tempfile::tempdir().unwrap();
         let key = [6u8; 32];
         let mut j = journal(d.path(), key);
-        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap();
+        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap().unwrap();
         let skip: BTreeSet<u64> = [3].into();
         let c = j.prune_commit(plan.build(&skip, &Default::default()).unwrap()).unwrap();
         c.finish().unwrap();
@@ -1403,7 +1545,7 @@ mod prune_tests {
         // still stand; the pack's copies are harmless.
         let d = tempfile::tempdir().unwrap();
         let j = journal(d.path(), key);
-        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap();
+        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap().unwrap();
         let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
         drop(built);
         drop(j);
@@ -1422,7 +1564,7 @@ mod prune_tests {
             .filter(|p| p.extension().is_some_and(|x| x == "ksj"))
             .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
             .collect();
-        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap();
+        let plan = j.prune_plan(j.time_of(4).unwrap(), 3).unwrap().unwrap();
         j.prune_commit(plan.build(&BTreeSet::new(), &Default::default()).unwrap()).unwrap().finish().unwrap();
         drop(j);
         for (p, b) in &saved {
@@ -1435,5 +1577,103 @@ mod prune_tests {
         let m = j.manifest_at(4).unwrap();
         assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
         assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
+    }
+
+    /// A put of `name` naming a chunk the journal already holds, without carrying it.
+    fn put_held(seq: u64, name: &str, id: Id, len: usize) -> (Vec<u8>, BatchMeta, usize) {
+        let mut node = kura_repo::Node::new(Vec::new(), kura_repo::NodeKind::File);
+        node.content = vec![id];
+        node.size = len as u64;
+        let meta = BatchMeta { version: BATCH_VERSION, epoch: 1, records: vec![Record { seq, at_ns: 0, op: Op::Put { path: name.as_bytes().to_vec(), node: Box::new(node) } }], chunks: vec![] };
+        let body = meta.encode(&[]);
+        let (m, off) = BatchMeta::decode(&body).unwrap();
+        (body, m, off)
+    }
+
+    /// Appends, re-stored and re-named chunks, deletions, pruning rounds and reopens, with the
+    /// index written out of memory at odd moments: every chunk the base or a kept record names
+    /// stays readable, and the index answers as one rebuilt in memory from the files does.
+    #[test]
+    fn the_index_written_out_of_memory_answers_as_memory_does() {
+        let d = tempfile::tempdir().unwrap();
+        let key = [8u8; 32];
+        let mut j = Journal::open(d.path(), key, false).unwrap();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut contents: Vec<Vec<u8>> = Vec::new();
+        let mut seen: Vec<Id> = Vec::new();
+        let (mut pruned, mut written) = (0, 0);
+        for step in 0..400u64 {
+            let seq = j.head() + 1;
+            let name = format!("f{}", next() % 12);
+            let r = next() % 10;
+            let (body, m, off) = if r < 5 || contents.is_empty() {
+                let c: Vec<u8> = (0..300 + next() % 700).map(|_| next() as u8).collect();
+                contents.push(c.clone());
+                put(&key, seq, &name, &c)
+            } else if r < 7 {
+                // A chunk stored before, carried again.
+                let c = contents[(next() % contents.len() as u64) as usize].clone();
+                put(&key, seq, &name, &c)
+            } else if r < 9 {
+                let c = &contents[(next() % contents.len() as u64) as usize];
+                let id = Id(*blake3::keyed_hash(&key, c).as_bytes());
+                if j.has_chunk(&id).unwrap() { put_held(seq, &name, id, c.len()) } else { put(&key, seq, &name, c) }
+            } else {
+                delete(seq, &name)
+            };
+            seen.extend(m.chunks.iter().map(|c| c.id));
+            j.set_segment_age(if next() % 4 == 0 { std::time::Duration::ZERO } else { std::time::Duration::from_secs(3600) });
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            j.append(&body, &m, off).unwrap();
+            if next() % 5 == 0 {
+                j.write_out(1 + (next() % 8) as usize).unwrap();
+                written += 1;
+            }
+            if next() % 25 == 0 {
+                let upto = j.head() - next() % 5;
+                if let Some(plan) = j.prune_plan(crate::now_ns(), upto).unwrap() {
+                    let built = plan.build(&BTreeSet::new(), &Default::default()).unwrap();
+                    // Records appended while the round was built name chunks it left behind.
+                    for c in contents.iter().rev().take(40) {
+                        let id = Id(*blake3::keyed_hash(&key, c).as_bytes());
+                        if j.has_chunk(&id).unwrap() && next() % 3 == 0 {
+                            let (body, m, off) = put_held(j.head() + 1, &format!("late{}", next() % 4), id, c.len());
+                            j.append(&body, &m, off).unwrap();
+                        }
+                    }
+                    j.prune_commit(built).unwrap().finish().unwrap();
+                    pruned += 1;
+                }
+            }
+            if step % 97 == 96 {
+                drop(j);
+                j = Journal::open(d.path(), key, false).unwrap();
+            }
+            // Every chunk still named reads back whole.
+            let mut named: Vec<Id> = j.base().tree.chunk_ids().copied().collect();
+            j.scan(0, |e| {
+                named.extend(e.op.chunk_ids().copied());
+                true
+            })
+            .unwrap();
+            for id in &named {
+                let h = j.chunk(id).unwrap().unwrap_or_else(|| panic!("step {step}: chunk {} named but gone", id.short()));
+                h.read(&key).unwrap();
+            }
+            if step % 20 == 19 {
+                let mem = Journal::open(d.path(), key, true).unwrap();
+                assert_eq!(j.sizes().0, mem.sizes().0, "step {step}: chunk count");
+                for id in &seen {
+                    assert_eq!(j.has_chunk(id).unwrap(), mem.has_chunk(id).unwrap(), "step {step}: chunk {}", id.short());
+                }
+            }
+        }
+        assert!(pruned >= 5 && written >= 40, "pruned {pruned}, written {written}");
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod capture;
+pub(crate) mod chunk_index;
 pub mod journal;
 pub mod manifest;
 pub mod path;

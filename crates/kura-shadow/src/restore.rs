@@ -13,7 +13,7 @@ struct ReadOnly<'a>(&'a Journal);
 impl Chunks for ReadOnly<'_> {
     fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
         self.0
-            .chunk(id)
+            .chunk(id)?
             .ok_or_else(|| ShadowError::Corrupt { what: "journal".into(), detail: format!("chunk {} is not in the journal", id.short()) })?
             .read(self.0.id_key())
     }
@@ -151,7 +151,7 @@ struct Both<'a>(&'a Journal, &'a Journal);
 
 impl Chunks for Both<'_> {
     fn chunk(&self, id: &Id) -> Result<Vec<u8>, ShadowError> {
-        match self.0.chunk(id) {
+        match self.0.chunk(id)? {
             Some(h) => h.read(self.0.id_key()),
             None => ReadOnly(self.1).chunk(id),
         }

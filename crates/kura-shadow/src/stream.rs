@@ -244,6 +244,9 @@ pub struct Stream {
     /// The deletions the applier made within the breaker's window (kept across a restart of
     /// the applier: a burst split around it is still judged whole).
     burst: Mutex<BurstWindow>,
+    /// Held by a pruning round and by a write-out of the journal's index: never both at once
+    /// (pruning reads the index's table and trusts memory for what it lacks).
+    upkeep: Mutex<()>,
     /// The burst the breaker holds, if any.
     held: Mutex<Option<Held>>,
     /// Records up to this one pass the breaker (released by an operator).
@@ -331,7 +334,7 @@ impl Chunks for JournalChunks<'_> {
         if let Some(plain) = self.0.fresh.lock().ok().and_then(|mut f| f.take(id)) {
             return Ok(plain);
         }
-        let h = self.0.lock_inner().journal.chunk(id);
+        let h = self.0.lock_inner().journal.chunk(id)?;
         h.ok_or_else(|| ShadowError::Corrupt { what: format!("stream {}", self.0.name), detail: format!("chunk {} is not in the journal", id.short()) })?
             .read(&self.0.id_key)
     }
@@ -408,6 +411,7 @@ impl Stream {
             max_database: opts.max_database,
             reconciled: AtomicBool::new(true),
             burst: Mutex::new(BurstWindow::default()),
+            upkeep: Mutex::new(()),
             held: Mutex::new(None),
             release_upto: AtomicU64::new(0),
             discard_upto: AtomicU64::new(0),
@@ -431,13 +435,11 @@ impl Stream {
         s.durable.store(s.lock_inner().journal.head(), Ordering::SeqCst);
         // The applier; a promoted stream's records its own mirror once the applier is done.
         s.spawn_applier()?;
-        if !opts.window.is_zero() {
-            let me = s.clone();
-            std::thread::Builder::new()
-                .name(format!("kura-prune-{name}"))
-                .spawn(move || me.prune_loop())
-                .map_err(|e| ShadowError::io(mirror, e))?;
-        }
+        let me = s.clone();
+        std::thread::Builder::new()
+            .name(format!("kura-prune-{name}"))
+            .spawn(move || me.prune_loop())
+            .map_err(|e| ShadowError::io(mirror, e))?;
         Ok(s)
     }
 
@@ -588,8 +590,15 @@ impl Stream {
         // Only a database's commits have rules of their own: a directory's batches (thousands of
         // records and chunks) pay nothing for them.
         if meta.records.iter().any(|r| matches!(r.op, Op::Pages { .. })) {
-            let in_batch: std::collections::HashMap<Id, u32> = meta.chunks.iter().map(|c| (c.id, c.raw_len)).collect();
-            crate::sqlite_stream::check_records(&inner.head, &meta.records, self.max_database, &|id| in_batch.get(id).copied().or_else(|| inner.journal.chunk(id).map(|h| h.raw_len())))
+            let mut lens: std::collections::HashMap<Id, u32> = meta.chunks.iter().map(|c| (c.id, c.raw_len)).collect();
+            for id in meta.records.iter().flat_map(|r| r.op.chunk_ids()) {
+                if !lens.contains_key(id)
+                    && let Some(h) = inner.journal.chunk(id)?
+                {
+                    lens.insert(*id, h.raw_len());
+                }
+            }
+            crate::sqlite_stream::check_records(&inner.head, &meta.records, self.max_database, &|id| lens.get(id).copied())
                 .map_err(AppendError::Malformed)?;
         }
         inner.journal.append(body, &meta, data_off)?;
@@ -699,7 +708,7 @@ impl Stream {
         {
             return Err(AppendError::OutOfOrder { expected, got: first.seq });
         }
-        all_chunks_held(&meta, |id| b.journal.has_chunk(id) || inner.journal.has_chunk(id))?;
+        all_chunks_held(&meta, |id| Ok(b.journal.has_chunk(id)? || inner.journal.has_chunk(id)?))?;
         if !meta.records.is_empty() || !meta.chunks.is_empty() {
             b.journal.append(body, &meta, data_off)?;
         }
@@ -952,7 +961,8 @@ impl Stream {
         true
     }
 
-    /// Prunes the journal to its window now and then, until the stream stops.
+    /// Writes the journal's index out of memory as it fills and prunes the journal to its
+    /// window now and then, until the stream stops.
     fn prune_loop(self: Arc<Self>) {
         let every = (self.window / 10).clamp(Duration::from_millis(200), Duration::from_secs(60));
         // The first round soon after start: a standby that was down for days has catching up
@@ -960,7 +970,10 @@ impl Stream {
         let mut next = std::time::Instant::now() + every.min(Duration::from_secs(1));
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100).min(every));
-            if std::time::Instant::now() < next {
+            if let Err(e) = self.write_out_index(crate::chunk_index::HOT_ENTRIES) {
+                tracing::error!(stream = %self.name, "cannot write the journal's chunk index out of memory: {e}");
+            }
+            if self.window.is_zero() || std::time::Instant::now() < next {
                 continue;
             }
             next = std::time::Instant::now() + every;
@@ -979,7 +992,8 @@ impl Stream {
         }
         let before = crate::now_ns().saturating_sub(i64::try_from(self.window.as_nanos()).unwrap_or(i64::MAX));
         let upto = self.applied.load(Ordering::SeqCst).min(self.durable.load(Ordering::SeqCst));
-        let Some(plan) = self.lock_inner().journal.prune_plan(before, upto) else {
+        let _upkeep = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(plan) = self.lock_inner().journal.prune_plan(before, upto)? else {
             return Ok((0, 0));
         };
         let skip = self.discarded.lock().map(|d| d.clone()).unwrap_or_default();
@@ -998,6 +1012,18 @@ impl Stream {
         cleanup.finish()?;
         tracing::info!(stream = %self.name, records = done.0, bytes = done.1, "journal pruned to its window");
         Ok(done)
+    }
+
+    /// Writes the journal's index entries out of memory into its table when at least `min`
+    /// wait; the table is written without the stream's lock (the entries stay readable in
+    /// memory until it holds them).
+    pub fn write_out_index(&self, min: usize) -> Result<(), ShadowError> {
+        let _upkeep = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = self.lock_inner().journal.index_freeze(min) else {
+            return Ok(());
+        };
+        w.write()?;
+        self.lock_inner().journal.index_written()
     }
 
     /// Applies records as they arrive (each once its delay has passed), noting progress in
@@ -1461,15 +1487,14 @@ impl BurstWindow {
 }
 
 /// Checks that every file of the batch names chunks it carries or `held` says are held.
-fn all_chunks_held(meta: &BatchMeta, held: impl Fn(&Id) -> bool) -> Result<(), AppendError> {
+fn all_chunks_held(meta: &BatchMeta, held: impl Fn(&Id) -> Result<bool, ShadowError>) -> Result<(), AppendError> {
     let in_batch: std::collections::HashSet<Id> = meta.chunks.iter().map(|c| c.id).collect();
-    let mut missing: Vec<Id> = meta
-        .records
-        .iter()
-        .flat_map(|r| r.op.chunk_ids())
-        .filter(|id| !in_batch.contains(id) && !held(id))
-        .copied()
-        .collect();
+    let mut missing: Vec<Id> = Vec::new();
+    for id in meta.records.iter().flat_map(|r| r.op.chunk_ids()) {
+        if !in_batch.contains(id) && !held(id)? {
+            missing.push(*id);
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
