@@ -69,12 +69,18 @@ PY
   J0=$(jbytes)
   P0=$(ticks $PUSH); S0=$(ticks $SERVE); T0=$(date +%s.%N)
   M0=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
+  W0=$(awk '/^wchar/ {print $2}' /proc/$SERVE/io)
   if [ -n "${PERF:-}" ]; then perf record -q ${PERF_EVENT:+-e $PERF_EVENT} -F 499 ${PERF_CG:--g} -p "$SERVE" -o "$R/serve.perf" 2>/dev/null & PERFPID=$!; fi
   if [ -n "${STRACE:-}" ]; then strace -c -f -p "$SERVE" -o "$R/serve.strace" & PERFPID=$!; fi
+  # The server's RSS once a minute during the load: flat when nothing it holds grows with the window.
+  (while kill -0 $SERVE 2>/dev/null; do sleep 60; awk '/VmRSS/ {printf "%.1f ", $2/1024}' /proc/$SERVE/status 2>/dev/null; done) >"$R/rss.txt" &
+  RSSPID=$!
   python3 "$HERE/sqlite_writer.py" write "$R/app.db" "$RATE" "$LOAD" >"$R/writer.log"
+  kill $RSSPID 2>/dev/null; wait $RSSPID 2>/dev/null || true
   if [ -n "${PERF:-}${STRACE:-}" ]; then kill -INT $PERFPID; wait $PERFPID || true; fi
   P1=$(ticks $PUSH); S1=$(ticks $SERVE); T1=$(date +%s.%N)
   M1=$(awk '/VmRSS/ {print $2}' /proc/$SERVE/status)
+  W1=$(awk '/^wchar/ {print $2}' /proc/$SERVE/io)
   wait $OBS
   J1=$(jbytes)
   HEAD=$("$KURA" --json shadow status --to "kura://$ADDR/db" | python3 -c 'import json,sys; print(json.load(sys.stdin)["head"])')
@@ -83,15 +89,15 @@ PY
   "$KURA" shadow restore --journal "$R/state/shadow/db" --sqlite --target "$R/restored.db" 2>/dev/null
   RE=$(date +%s.%N)
   ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from t').fetchone()[0])" "$R/restored.db")
-  python3 - "$P0" "$P1" "$S0" "$S1" "$T0" "$T1" "$HZ" "$J0" "$J1" "$RS" "$RE" "$HEAD" "$ROWS" "$(cat "$R/observer.txt")" "$(cat "$R/writer.log")" "$M0" "$M1" <<'PY' | tee -a "$W/results.txt"
+  python3 - "$P0" "$P1" "$S0" "$S1" "$T0" "$T1" "$HZ" "$J0" "$J1" "$RS" "$RE" "$HEAD" "$ROWS" "$(cat "$R/observer.txt")" "$(cat "$R/writer.log")" "$M0" "$M1" "$(cat "$R/rss.txt")" "$W0" "$W1" <<'PY' | tee -a "$W/results.txt"
 import sys
 p0, p1, s0, s1 = map(int, sys.argv[1:5]); t0, t1 = float(sys.argv[5]), float(sys.argv[6]); hz = int(sys.argv[7])
 j0, j1 = int(sys.argv[8]), int(sys.argv[9]); rs, re = float(sys.argv[10]), float(sys.argv[11])
 wall = t1 - t0
 commits = max(1, int(sys.argv[15].split()[1])); m0, m1 = int(sys.argv[16]), int(sys.argv[17])
-print("%s | %s | cpu_pct pusher %.2f server %.2f | journal +%.1f MB (%.0f B/commit) | server RSS +%.1f MB (%.0f B/commit) | records %s | restore head %.2f s, %s rows" % (
+print("%s | %s | cpu_pct pusher %.2f server %.2f | journal +%.1f MB (%.0f B/commit; the server wrote %.1f MB in all) | server RSS +%.1f MB (%.0f B/commit; from %.1f MB, then MB each minute: %s) | records %s | restore head %.2f s, %s rows" % (
     sys.argv[14], sys.argv[15], 100 * (p1 - p0) / hz / wall, 100 * (s1 - s0) / hz / wall,
-    (j1 - j0) / 1e6, (j1 - j0) / commits, (m1 - m0) / 1e3, (m1 - m0) * 1024 / commits, sys.argv[12], re - rs, sys.argv[13]))
+    (j1 - j0) / 1e6, (j1 - j0) / commits, (int(sys.argv[20]) - int(sys.argv[19])) / 1e6, (m1 - m0) / 1e3, (m1 - m0) * 1024 / commits, m0 / 1024, sys.argv[18].strip() or "-", sys.argv[12], re - rs, sys.argv[13]))
 PY
 done
 

@@ -110,6 +110,7 @@ fn shadow(reg: &mut Registry, streams: &HashMap<String, Arc<kura_shadow::Stream>
             ("kura_shadow_last_contact_age_seconds", "Seconds since the primary last pushed or sent its heartbeat", age(s.last_contact_ns)),
             ("kura_shadow_held", "1 while the breaker holds a mass deletion", f64::from(u8::from(s.held.is_some()))),
             ("kura_shadow_journal_bytes", "Bytes of journal segments and packs", s.journal_bytes as f64),
+            ("kura_shadow_index_in_memory", "Chunk index entries the standby holds in memory", s.index_in_memory as f64),
             ("kura_shadow_records", "Records kept in the window", s.records as f64),
             ("kura_shadow_window_age_seconds", "Age of the oldest moment the journal can restore", age(s.oldest_time_ns)),
             ("kura_shadow_branches", "Branches kept from fenced primaries", s.branches.len() as f64),

@@ -11,7 +11,7 @@
 //! Pack (`pack-N.ksp`): `"KSP1" | meta_len u32 LE | BLAKE3(meta)[..16] | meta (postcard
 //! Vec<ChunkMeta>) | the chunks as stored in frames, concatenated`.
 
-use crate::chunk_index::{ChunkIndex, FileNo, HOT_ENTRIES, IndexWrite, Loc};
+use crate::chunk_index::{ChunkIndex, FileNo, HOT_ENTRIES, IndexMerge, IndexWrite, Loc, Merged, Run};
 use crate::record::{BatchMeta, ChunkMeta, Op, open_chunk};
 use crate::{ShadowError, path};
 use kura_repo::Id;
@@ -72,6 +72,8 @@ struct Segment {
     first_recv: i64,
     /// Where its frames can be read from, in order (the first at its first frame).
     marks: Vec<Mark>,
+    /// Chunks stored in it.
+    chunks: u64,
 }
 
 /// A frame's place in a segment, the first record at or after it and its receive time.
@@ -87,11 +89,24 @@ struct Pack {
     path: PathBuf,
     file: Arc<File>,
     no: FileNo,
-    ids: Vec<Id>,
+    /// Its chunks, stored one after the other from `data_off`.
+    list: Vec<ChunkMeta>,
+    data_off: u64,
 }
 
-fn loc(file: FileNo, off: u64, c: &ChunkMeta, last_ref: u64) -> Loc {
-    Loc { file, off, raw_len: c.raw_len, zlen: c.zlen, last_ref }
+impl Pack {
+    /// Each chunk with its offset.
+    fn chunks(&self) -> impl Iterator<Item = (&ChunkMeta, u64)> {
+        self.list.iter().scan(self.data_off, |off, c| {
+            let at = *off;
+            *off += u64::from(c.zlen);
+            Some((c, at))
+        })
+    }
+}
+
+fn loc(file: FileNo, off: u64, c: &ChunkMeta) -> Loc {
+    Loc { file, off, raw_len: c.raw_len, zlen: c.zlen }
 }
 
 fn handle(file: &Arc<File>, id: Id, l: &Loc) -> ChunkHandle {
@@ -138,8 +153,12 @@ pub struct Journal {
     mark_bytes: u64,
     /// Where each chunk is: in memory, then (writable opens) a table on disk.
     chunks: ChunkIndex,
-    /// Distinct chunks held.
-    chunk_count: usize,
+    /// Chunks named by a record of a later batch than the one that stored them: the newest
+    /// such record (pruning keeps the chunk while one is in the window). Few: a file put again
+    /// with content the standby has, a page written back to an earlier content.
+    rerefs: HashMap<Id, u64>,
+    /// A write-out while opening failed (warned once; the open goes on in memory).
+    index_warned: bool,
     /// Number of the next file opened or made (segments and packs, in the index).
     next_file: FileNo,
     last_recv: i64,
@@ -196,8 +215,13 @@ impl ChunkHandle {
     }
 }
 
-/// A chunk as pruning sees it: its id, where it is, its newest reference and its file.
-type Held = (Id, ChunkHandle, u64, FileNo);
+/// A chunk as pruning sees it: its id, where it is, and its file.
+type Held = (Id, ChunkHandle, FileNo);
+/// A pack as pruning sees it: path, file, number, and chunks with their offsets.
+type PackChunks = (PathBuf, Arc<File>, FileNo, Vec<(ChunkMeta, u64)>);
+/// What a batch sets in the index: entries of the chunks it stores, and (chunk, record) for
+/// each chunk a record names without the batch carrying it.
+type IndexPlan = (Vec<(Id, Loc)>, Vec<(Id, u64)>);
 
 /// What one pruning round takes out of the journal, gathered under the stream's lock and
 /// worked out without it ([`PrunePlan::build`]).
@@ -211,11 +235,13 @@ pub struct PrunePlan {
     /// Segments dropped (their count from the front) and packs that may be merged.
     drop_segments: usize,
     segment_files: Vec<Arc<File>>,
-    packs: Vec<(PathBuf, Arc<File>, FileNo, Vec<Id>)>,
-    /// Index entries in memory naming a dropped segment or a pack, as the plan was made; the
-    /// rest of the index is read from its table.
-    memory: HashMap<Id, Loc>,
-    reader: crate::chunk_index::IndexReader,
+    packs: Vec<PackChunks>,
+    /// The ids in the index's memory as the plan was made, with their entry when it names a
+    /// dropped segment or a pack: a chunk whose newest copy is elsewhere is not this file's.
+    /// One not in memory is taken to be (copying it is harmless; leaving it is not).
+    memory: HashMap<Id, Option<Loc>>,
+    /// Chunks a record after the round's last names (kept for it).
+    named_after: HashSet<Id>,
     dir: PathBuf,
     id_key: [u8; 32],
     pack_no: u64,
@@ -228,10 +254,10 @@ pub struct BuiltPrune {
     segment_files: Vec<Arc<File>>,
     base: Arc<Base>,
     /// Chunks not copied, which a record appended meanwhile may have named.
-    left: Vec<(Id, ChunkHandle, u64)>,
+    left: Vec<(Id, ChunkHandle)>,
     /// Every chunk whose place was a dropped segment or merged pack (copied or not).
     dropped: Vec<(Id, FileNo)>,
-    pack: Option<(PathBuf, Vec<ChunkMeta>, Vec<u64>)>,
+    pack: Option<(PathBuf, Vec<ChunkMeta>)>,
     merged_packs: Vec<(PathBuf, Arc<File>)>,
     dir: PathBuf,
     id_key: [u8; 32],
@@ -278,7 +304,9 @@ impl Journal {
         names.sort();
         packs.sort();
         let base = load_base(&dir.join("base.ksb"))?;
-        let chunks = if read_only { ChunkIndex::memory() } else { ChunkIndex::create(&dir.join("index.redb"))? };
+        // A read-only open's table (when the journal holds too many chunks to keep in memory)
+        // goes where the journal is if it can, else to the temporary directory.
+        let chunks = ChunkIndex::new(if read_only { vec![dir.to_path_buf(), std::env::temp_dir()] } else { vec![dir.to_path_buf()] });
         let mut j = Journal {
             dir: dir.to_path_buf(),
             id_key,
@@ -292,7 +320,8 @@ impl Journal {
             tail_max: limits.0,
             mark_bytes: limits.1,
             chunks,
-            chunk_count: 0,
+            rerefs: HashMap::new(),
+            index_warned: false,
             next_file: 0,
             last_recv: 0,
             read_only,
@@ -301,12 +330,14 @@ impl Journal {
         };
         j.last_recv = j.base.recv_ns;
         j.head = j.base.seq;
-        for (_, p) in packs {
-            j.load_pack(&p)?;
-        }
         let count = names.len();
         for (i, ((first, _), p)) in names.into_iter().enumerate() {
             j.load_segment(&p, first, i + 1 == count)?;
+        }
+        // After the segments: a chunk a pack holds is named there (a kept segment holding it
+        // again may be one a killed pruning round already folded, removed below).
+        for (_, p) in packs {
+            j.load_pack(&p)?;
         }
         if let Some((from, to)) = j.gap {
             return Err(ShadowError::Corrupt { what: dir.display().to_string(), detail: format!("records {from} to {to} are missing") });
@@ -317,34 +348,47 @@ impl Journal {
             if covered > 0 {
                 for s in &j.segments[..covered] {
                     let mut ids = Vec::new();
-                    read_frames(&s.path, &s.file, 0, s.len, |_, meta| {
+                    read_frames(&s.path, &s.file, 0, s.len, |_, meta, _| {
                         ids.extend(meta.chunks.iter().map(|c| c.id));
                         true
                     })?;
                     for id in ids {
-                        if j.chunks.get(&id)?.is_some_and(|l| l.file == s.no) {
-                            j.chunks.forget(id, s.no);
-                            j.chunk_count -= 1;
-                        }
+                        j.chunks.forget(id, s.no);
                     }
                 }
                 for s in j.segments.drain(..covered) {
                     std::fs::remove_file(&s.path).map_err(|e| ShadowError::io(&s.path, e))?;
                 }
             }
-            j.write_out(1)?;
         }
         Ok(j)
     }
 
-    /// Writes the index's entries in memory out to its table when at least `min` wait (while
-    /// opening: nothing else holds the journal).
-    fn write_out(&mut self, min: usize) -> Result<(), ShadowError> {
+    /// Writes the index's entries in memory out as a run when at least `min` wait, and merges
+    /// runs (while opening: nothing else holds the journal). `current`: a segment being read,
+    /// not yet among the segments.
+    fn write_out(&mut self, min: usize, current: Option<FileNo>) -> Result<(), ShadowError> {
         if let Some(w) = self.chunks.freeze(min) {
-            w.write()?;
-            self.chunks.written()?;
+            let run = w.write()?;
+            self.chunks.written(run);
+            while let Some(m) = self.index_merge_plan(current) {
+                let merged = m.run()?;
+                self.chunks.merged(merged);
+            }
         }
         Ok(())
+    }
+
+    /// [`Journal::write_out`] while opening: a run that cannot be written (a full disk)
+    /// leaves the index in memory, where the stream's thread tries again later.
+    fn write_out_opening(&mut self, current: Option<FileNo>) {
+        if self.index_warned {
+            return;
+        }
+        if let Err(e) = self.write_out(HOT_ENTRIES, current) {
+            tracing::warn!(journal = %self.dir.display(), "the chunk index stays in memory for now: {e}");
+            self.index_warned = true;
+        }
     }
 
     /// The index entries waiting in memory, to write out without the stream's lock when at
@@ -353,9 +397,22 @@ impl Journal {
         self.chunks.freeze(min)
     }
 
-    /// The frozen entries are in the table: they leave memory.
-    pub(crate) fn index_written(&mut self) -> Result<(), ShadowError> {
-        self.chunks.written()
+    /// The frozen entries are in a run: they leave memory.
+    pub(crate) fn index_written(&mut self, run: Run) {
+        self.chunks.written(run);
+    }
+
+    /// A merge of the index's newest runs when their tier is full ([`IndexMerge::run`], then
+    /// [`Journal::index_merged`]); runs naming only files gone are dropped.
+    pub(crate) fn index_merge_plan(&mut self, current: Option<FileNo>) -> Option<IndexMerge> {
+        let mut live: Vec<FileNo> = self.segments.iter().map(|s| s.no).chain(self.packs.iter().map(|p| p.no)).chain(current).collect();
+        live.sort_unstable();
+        self.chunks.merge_plan(&live)
+    }
+
+    /// Takes in a merged run.
+    pub(crate) fn index_merged(&mut self, m: Merged) {
+        self.chunks.merged(m);
     }
 
     /// Index entries held in memory.
@@ -371,9 +428,9 @@ impl Journal {
         self.packs.binary_search_by_key(&no, |p| p.no).ok().map(|i| &self.packs[i].file)
     }
 
-    /// The live entry for `id` (one naming a file still held), `current` counting as held.
-    fn live(&self, id: &Id, current: Option<FileNo>) -> Result<Option<Loc>, ShadowError> {
-        Ok(self.chunks.get(id)?.filter(|l| Some(l.file) == current || self.file(l.file).is_some()))
+    /// The entry for `id` if it names a file still held.
+    fn live(&self, id: &Id) -> Result<Option<Loc>, ShadowError> {
+        self.chunks.get(id, |f| self.file(f).is_some())
     }
 
     fn take_file_no(&mut self) -> FileNo {
@@ -401,20 +458,13 @@ impl Journal {
             return Err(corrupt("chunk list checksum mismatch"));
         }
         let list: Vec<ChunkMeta> = postcard::from_bytes(&meta).map_err(|e| corrupt(&e.to_string()))?;
-        let file = Arc::new(file);
-        let no = self.take_file_no();
-        let mut off = (24 + len) as u64;
-        let mut ids = Vec::with_capacity(list.len());
-        for c in list {
-            if self.live(&c.id, None)?.is_none() {
-                self.chunks.put(c.id, loc(no, off, &c, 0));
-                self.chunk_count += 1;
-            }
-            ids.push(c.id);
-            off += u64::from(c.zlen);
+        let pack = Pack { path: p.to_path_buf(), file: Arc::new(file), no: self.take_file_no(), list, data_off: (24 + len) as u64 };
+        for (c, off) in pack.chunks() {
+            self.chunks.put(c.id, loc(pack.no, off, c));
         }
-        self.packs.push(Pack { path: p.to_path_buf(), file, no, ids });
-        self.write_out(HOT_ENTRIES)
+        self.packs.push(pack);
+        self.write_out_opening(None);
+        Ok(())
     }
 
     fn load_segment(&mut self, p: &Path, first: u64, last: bool) -> Result<(), ShadowError> {
@@ -423,7 +473,7 @@ impl Journal {
         (&file).read_to_end(&mut bytes).map_err(|e| ShadowError::io(p, e))?;
         let corrupt = |detail: String| ShadowError::Corrupt { what: p.display().to_string(), detail };
         let no = self.take_file_no();
-        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), no, len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() };
+        let mut seg = Segment { path: p.to_path_buf(), file: Arc::new(file), no, len: 0, alloc: bytes.len() as u64, last_seq: first.saturating_sub(1), max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new(), chunks: 0 };
         let mut pos = 0usize;
         let mut expect = first;
         // Zeros from a point on are the space written ahead of the frames.
@@ -464,8 +514,9 @@ impl Journal {
                 return Err(corrupt(format!("frame at byte {pos} starts at record {} where {expect} was due", meta.records[0].seq)));
             }
             expect += meta.records.len() as u64;
-            self.index(&mut seg, pos as u64, (pos + HEADER + data_off) as u64, meta, recv)?;
-            self.write_out(HOT_ENTRIES)?;
+            let plan = self.index_plan(&meta, seg.no, (pos + HEADER + data_off) as u64);
+            self.index_apply(&mut seg, pos as u64, plan, meta, recv);
+            self.write_out_opening(Some(seg.no));
             pos += HEADER + body.len();
         }
         if last && !self.read_only {
@@ -478,50 +529,40 @@ impl Journal {
         Ok(())
     }
 
-    /// Indexes a frame read back from a segment.
-    fn index(&mut self, seg: &mut Segment, frame_off: u64, data_off: u64, meta: BatchMeta, recv_ns: i64) -> Result<(), ShadowError> {
-        let plan = self.index_plan(&meta, seg.no, data_off)?;
-        self.index_apply(seg, frame_off, plan, meta, recv_ns);
-        Ok(())
-    }
-
-    /// The index entries a batch stored at `data_off` of file `no` sets (its new chunks, and
-    /// the newest reference of those its records name), and how many chunks are new. Worked
-    /// out before the frame is written: a lookup that fails leaves nothing half done.
-    fn index_plan(&self, meta: &BatchMeta, no: FileNo, data_off: u64) -> Result<(HashMap<Id, Loc>, usize), ShadowError> {
-        let mut puts: HashMap<Id, Loc> = HashMap::new();
-        let mut new = 0;
+    /// The index entries of a batch stored at `data_off` of file `no` (the newest copy of a
+    /// chunk is the one named: nothing is looked up), and the records naming chunks the batch
+    /// does not carry.
+    fn index_plan(&self, meta: &BatchMeta, no: FileNo, data_off: u64) -> IndexPlan {
+        let mut puts = Vec::with_capacity(meta.chunks.len());
         let mut off = data_off;
         for c in &meta.chunks {
-            if !puts.contains_key(&c.id) && self.live(&c.id, Some(no))?.is_none() {
-                puts.insert(c.id, loc(no, off, c, 0));
-                new += 1;
-            }
+            puts.push((c.id, loc(no, off, c)));
             off += u64::from(c.zlen);
         }
+        let mut refs = Vec::new();
+        let carried: HashSet<&Id> = meta.chunks.iter().map(|c| &c.id).collect();
         for r in meta.records.iter().filter(|r| r.seq > self.base.seq) {
             for id in r.op.chunk_ids() {
-                let found = match puts.get(id) {
-                    Some(l) => Some(*l),
-                    None => self.live(id, Some(no))?,
-                };
-                if let Some(mut l) = found {
-                    l.last_ref = r.seq;
-                    puts.insert(*id, l);
+                if !carried.contains(id) {
+                    refs.push((*id, r.seq));
                 }
             }
         }
-        Ok((puts, new))
+        (puts, refs)
     }
 
-    fn index_apply(&mut self, seg: &mut Segment, frame_off: u64, (puts, new): (HashMap<Id, Loc>, usize), meta: BatchMeta, recv_ns: i64) {
+    fn index_apply(&mut self, seg: &mut Segment, frame_off: u64, (puts, refs): IndexPlan, meta: BatchMeta, recv_ns: i64) {
         if seg.marks.last().is_none_or(|m| frame_off >= m.off + self.mark_bytes) {
             seg.marks.push(Mark { off: frame_off, seq: seg.last_seq + 1, recv_ns });
         }
-        for (id, l) in puts {
+        seg.chunks += puts.len() as u64;
+        // In order: a chunk stored twice in one batch is named at its first copy.
+        for (id, l) in puts.into_iter().rev() {
             self.chunks.put(id, l);
         }
-        self.chunk_count += new;
+        for (id, seq) in refs {
+            self.rerefs.insert(id, seq);
+        }
         self.last_recv = self.last_recv.max(recv_ns);
         if seg.first_recv == 0 {
             seg.first_recv = recv_ns;
@@ -572,7 +613,7 @@ impl Journal {
             for s in self.segments.iter().skip_while(|s| s.last_seq < start) {
                 let Some(mark) = s.marks.iter().take_while(|m| m.seq <= start).last().or(s.marks.first()) else { continue };
                 let mut stopped = false;
-                read_frames(&s.path, &s.file, mark.off, s.len, |recv_ns, meta| {
+                read_frames(&s.path, &s.file, mark.off, s.len, |recv_ns, meta, _| {
                     for r in meta.records {
                         if r.seq < start {
                             continue;
@@ -648,18 +689,20 @@ impl Journal {
 
     /// Whether the journal holds a chunk.
     pub fn has_chunk(&self, id: &Id) -> Result<bool, ShadowError> {
-        Ok(self.live(id, None)?.is_some())
+        Ok(self.live(id)?.is_some())
     }
 
-    /// Number of distinct chunks held, and bytes of all segments and packs.
+    /// Number of chunks held (a chunk stored again counts again until pruning drops the older
+    /// copy), and bytes of all segments and packs.
     pub fn sizes(&self) -> (usize, u64) {
         let packs: u64 = self.packs.iter().filter_map(|p| p.file.metadata().ok()).map(|m| m.len()).sum();
-        (self.chunk_count, self.segments.iter().map(|s| s.len).sum::<u64>() + packs)
+        let chunks = self.segments.iter().map(|s| s.chunks).sum::<u64>() + self.packs.iter().map(|p| p.list.len() as u64).sum::<u64>();
+        (chunks as usize, self.segments.iter().map(|s| s.len).sum::<u64>() + packs)
     }
 
     /// Where a chunk is, to read it without holding the journal.
     pub fn chunk(&self, id: &Id) -> Result<Option<ChunkHandle>, ShadowError> {
-        Ok(self.chunks.get(id)?.and_then(|l| self.file(l.file).map(|f| handle(f, *id, &l))))
+        Ok(self.live(id)?.and_then(|l| self.file(l.file).map(|f| handle(f, *id, &l))))
     }
 
     /// Appends a checked batch (`body` as received, `meta` decoded from it). It is written but
@@ -687,7 +730,7 @@ impl Journal {
             let file = OpenOptions::new().read(true).write(true).create_new(true).open(&p).map_err(|e| ShadowError::io(&p, e))?;
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| ShadowError::io(&self.dir, e))?;
             let no = self.take_file_no();
-            self.segments.push(Segment { path: p, file: Arc::new(file), no, len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new() });
+            self.segments.push(Segment { path: p, file: Arc::new(file), no, len: 0, alloc: 0, last_seq: first - 1, max_recv: 0, last_rec_recv: 0, first_recv: 0, marks: Vec::new(), chunks: 0 });
         }
         let mut seg = self.segments.pop().ok_or_else(|| ShadowError::Corrupt { what: self.dir.display().to_string(), detail: "no segment".into() })?;
         let mut frame = Vec::with_capacity(HEADER + body.len());
@@ -698,13 +741,7 @@ impl Journal {
         frame.extend_from_slice(body);
         let at = seg.len;
         let end = at + frame.len() as u64;
-        let plan = match self.index_plan(meta, seg.no, at + (HEADER + data_off) as u64) {
-            Ok(p) => p,
-            Err(e) => {
-                self.segments.push(seg);
-                return Err(e);
-            }
-        };
+        let plan = self.index_plan(meta, seg.no, at + (HEADER + data_off) as u64);
         if let Err(e) = seg.file.write_all_at(&frame, at) {
             // Leave no partial frame for the next append to follow: zeros where it was.
             let _ = seg.file.set_len(at).and_then(|()| seg.file.set_len(seg.alloc.max(at)));
@@ -824,7 +861,7 @@ impl Journal {
         let seq = self.segments[drop - 1].last_seq.max(self.base.seq);
         let recv_ns = self.segments[..drop].iter().rev().find(|s| s.last_seq > self.base.seq).map_or(self.base.recv_ns, |s| s.last_rec_recv);
         // Which chunks the dropped segments and the packs hold is worked out without the lock,
-        // from their frames and lists; only the entries in memory are taken now.
+        // from their frames and lists; only what the index has in memory is taken now.
         let files: Vec<FileNo> = self.segments[..drop].iter().map(|s| s.no).chain(self.packs.iter().map(|p| p.no)).collect();
         Ok(Some(PrunePlan {
             old: self.base.clone(),
@@ -833,9 +870,9 @@ impl Journal {
             fold: self.segments[..drop].iter().map(|s| (s.path.clone(), s.file.clone(), s.no, s.len)).collect(),
             drop_segments: drop,
             segment_files: self.segments[..drop].iter().map(|s| s.file.clone()).collect(),
-            packs: self.packs.iter().map(|p| (p.path.clone(), p.file.clone(), p.no, p.ids.clone())).collect(),
+            packs: self.packs.iter().map(|p| (p.path.clone(), p.file.clone(), p.no, p.chunks().map(|(c, o)| (*c, o)).collect())).collect(),
             memory: self.chunks.memory_in(&files),
-            reader: self.chunks.reader()?,
+            named_after: self.rerefs.iter().filter(|(_, s)| **s > seq).map(|(id, _)| *id).collect(),
             dir: self.dir.clone(),
             id_key: self.id_key,
             pack_no: self.next_pack,
@@ -847,21 +884,16 @@ impl Journal {
     pub fn prune_commit(&mut self, mut b: BuiltPrune) -> Result<Cleanup, ShadowError> {
         // A record appended while the round was built may name a chunk it left behind: those
         // join the pack now (rare and few). Such a record set the entry in memory.
-        let late: Vec<(Id, ChunkHandle, u64)> = b
-            .left
-            .drain(..)
-            .filter_map(|(id, h, _)| self.chunks.get_memory(&id).filter(|l| l.last_ref > b.plan_seq).map(|l| (id, h, l.last_ref)))
-            .collect();
-        let gone = b.dropped.len().saturating_sub(late.len() + b.pack.as_ref().map_or(0, |p| p.1.len()));
+        let late: Vec<(Id, ChunkHandle)> = b.left.drain(..).filter(|(id, _)| self.rerefs.get(id).is_some_and(|s| *s > b.plan_seq)).collect();
         if !late.is_empty() {
             let no = self.next_pack.max(b.pack_no + 1);
-            let (path, list, refs) = write_pack(&b.dir, no, &b.id_key, late.into_iter())?;
+            let (path, list) = write_pack(&b.dir, no, &b.id_key, late.into_iter())?;
             self.next_pack = no + 1;
-            self.adopt_pack(&path, list, refs)?;
+            self.adopt_pack(&path, list)?;
         }
-        if let Some((path, list, refs)) = b.pack.take() {
+        if let Some((path, list)) = b.pack.take() {
             self.next_pack = self.next_pack.max(b.pack_no + 1);
-            self.adopt_pack(&path, list, refs)?;
+            self.adopt_pack(&path, list)?;
         }
         let dropped: Vec<Segment> = self.segments.drain(..b.drop_segments).collect();
         let mut remove = Vec::new();
@@ -874,7 +906,8 @@ impl Journal {
         for (id, file) in b.dropped.drain(..) {
             self.chunks.forget(id, file);
         }
-        self.chunk_count = self.chunk_count.saturating_sub(gone);
+        let base_seq = b.base.seq;
+        self.rerefs.retain(|_, s| *s > base_seq);
         for s in dropped {
             bytes += s.len;
             remove.push(s.path);
@@ -898,21 +931,16 @@ impl Journal {
         Ok(Cleanup { base: b.base, remove, dir: self.dir.clone(), records: before - self.len(), bytes })
     }
 
-    /// Takes in a pack written by pruning: its chunks now live in it (the segments or packs
-    /// they came from are going). `refs`: each chunk's newest reference as the round saw it.
-    fn adopt_pack(&mut self, path: &Path, list: Vec<ChunkMeta>, refs: Vec<u64>) -> Result<(), ShadowError> {
+    /// Takes in a pack written by pruning: the index names its copies of its chunks (the
+    /// segments or packs they came from are going).
+    fn adopt_pack(&mut self, path: &Path, list: Vec<ChunkMeta>) -> Result<(), ShadowError> {
         let file = Arc::new(File::open(path).map_err(|e| ShadowError::io(path, e))?);
-        let no = self.take_file_no();
         let meta_len = postcard::to_allocvec(&list).map(|v| v.len()).unwrap_or(0);
-        let mut off = (24 + meta_len) as u64;
-        let mut ids = Vec::with_capacity(list.len());
-        for (c, r) in list.into_iter().zip(refs) {
-            let last_ref = self.chunks.get_memory(&c.id).map_or(r, |l| l.last_ref.max(r));
-            self.chunks.put(c.id, loc(no, off, &c, last_ref));
-            ids.push(c.id);
-            off += u64::from(c.zlen);
+        let pack = Pack { path: path.to_path_buf(), file, no: self.take_file_no(), list, data_off: (24 + meta_len) as u64 };
+        for (c, off) in pack.chunks() {
+            self.chunks.put(c.id, loc(pack.no, off, c));
         }
-        self.packs.push(Pack { path: path.to_path_buf(), file, no, ids });
+        self.packs.push(pack);
         Ok(())
     }
 }
@@ -927,19 +955,19 @@ impl PrunePlan {
         if mirror.is_none() && skip.range(self.old.seq + 1..=self.seq).next().is_some() {
             mirror = Some(tree.clone());
         }
-        // A chunk's entry: the one in memory when the plan was made, else the table's.
-        let lookup = |id: &Id| -> Result<Option<Loc>, ShadowError> {
-            match self.memory.get(id) {
-                Some(l) => Ok(Some(*l)),
-                None => self.reader.get(id),
-            }
-        };
+        // Whether file `no` holds the copy of `id` the index names.
+        let home = |id: &Id, no: FileNo| self.memory.get(id).is_none_or(|l| l.is_some_and(|l| l.file == no));
         let mut candidates: Vec<Held> = Vec::new();
         let mut seen: HashSet<Id> = HashSet::new();
         for (path, file, no, len) in &self.fold {
-            let mut ids = Vec::new();
-            read_frames(path, file, 0, *len, |_, meta| {
-                ids.extend(meta.chunks.iter().map(|c| c.id));
+            read_frames(path, file, 0, *len, |_, meta, data_at| {
+                let mut off = data_at;
+                for c in &meta.chunks {
+                    if seen.insert(c.id) && home(&c.id, *no) {
+                        candidates.push((c.id, ChunkHandle { file: file.clone(), off, meta: *c }, *no));
+                    }
+                    off += u64::from(c.zlen);
+                }
                 for r in meta.records.iter().filter(|r| r.seq > self.old.seq && r.seq <= self.seq) {
                     tree.apply(&r.op);
                     if let Some(m) = &mut mirror
@@ -950,14 +978,6 @@ impl PrunePlan {
                 }
                 true
             })?;
-            // The chunks whose place is this segment (a copy stored again later is not).
-            for id in ids {
-                if seen.insert(id)
-                    && let Some(l) = lookup(&id)?.filter(|l| l.file == *no)
-                {
-                    candidates.push((id, handle(file, id, &l), l.last_ref, *no));
-                }
-            }
         }
         if mirror.as_ref() == Some(&tree) {
             mirror = None;
@@ -966,32 +986,27 @@ impl PrunePlan {
         if let Some(m) = &mirror {
             live.extend(m.chunk_ids().copied());
         }
-        let needed = |id: &Id, last_ref: u64| live.contains(id) || keep.contains(id) || last_ref > self.seq;
+        let needed = |id: &Id| live.contains(id) || keep.contains(id) || self.named_after.contains(id);
         let mut copy = Vec::new();
         let mut left = Vec::new();
-        let mut dropped: Vec<(Id, FileNo)> = candidates.iter().map(|c| (c.0, c.3)).collect();
-        for (id, h, last_ref, _) in candidates {
-            if needed(&id, last_ref) { copy.push((id, h, last_ref)) } else { left.push((id, h, last_ref)) }
+        let mut dropped: Vec<(Id, FileNo)> = candidates.iter().map(|c| (c.0, c.2)).collect();
+        for (id, h, _) in candidates {
+            if needed(&id) { copy.push((id, h)) } else { left.push((id, h)) }
         }
         // Packs more than half dead (by bytes) are merged into the new one, and so are small
         // ones once there are many (a short window makes a small pack each round).
         let mut merged_packs = Vec::new();
         let many = self.packs.len() >= PACKS_BEFORE_COMPACTION;
-        for (path, file, no, ids) in &self.packs {
-            let mut chunks: Vec<Held> = Vec::new();
-            for id in ids {
-                if let Some(l) = lookup(id)?.filter(|l| l.file == *no) {
-                    chunks.push((*id, handle(file, *id, &l), l.last_ref, *no));
-                }
-            }
+        for (path, file, no, list) in &self.packs {
+            let chunks: Vec<Held> = list.iter().filter(|(c, _)| home(&c.id, *no)).map(|(c, off)| (c.id, ChunkHandle { file: file.clone(), off: *off, meta: *c }, *no)).collect();
             let size = |c: &Held| u64::from(c.1.meta.zlen);
             let total: u64 = chunks.iter().map(size).sum();
-            let alive: u64 = chunks.iter().filter(|(id, _, r, _)| needed(id, *r)).map(size).sum();
+            let alive: u64 = chunks.iter().filter(|(id, _, _)| needed(id)).map(size).sum();
             if alive * 2 < total || chunks.is_empty() || (many && total < SMALL_PACK) {
                 merged_packs.push((path.clone(), file.clone()));
-                for (id, h, r, no) in chunks {
+                for (id, h, no) in chunks {
                     dropped.push((id, no));
-                    if needed(&id, r) { copy.push((id, h, r)) } else { left.push((id, h, r)) }
+                    if needed(&id) { copy.push((id, h)) } else { left.push((id, h)) }
                 }
             }
         }
@@ -1042,14 +1057,14 @@ fn touches(op: &Op, p: &[u8]) -> bool {
 
 /// Calls `f` with the receive time and decoded batch of each frame of the segment at `path`
 /// from byte `from` to `end` (each checked again), while it returns true.
-fn read_frames(path: &Path, file: &File, from: u64, end: u64, mut f: impl FnMut(i64, BatchMeta) -> bool) -> Result<(), ShadowError> {
+fn read_frames(path: &Path, file: &File, from: u64, end: u64, mut f: impl FnMut(i64, BatchMeta, u64) -> bool) -> Result<(), ShadowError> {
     let mut body = Vec::new();
     let mut pos = from;
     while pos < end {
         let corrupt = |detail: String| ShadowError::Corrupt { what: path.display().to_string(), detail: format!("frame at byte {pos}: {detail}") };
         let (recv_ns, next) = read_frame(file, pos, end, &mut body).map_err(corrupt)?;
-        let (meta, _) = BatchMeta::decode(&body).map_err(corrupt)?;
-        if !f(recv_ns, meta) {
+        let (meta, data_off) = BatchMeta::decode(&body).map_err(corrupt)?;
+        if !f(recv_ns, meta, pos + (HEADER + data_off) as u64) {
             break;
         }
         pos = next;
@@ -1096,14 +1111,12 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ShadowError>
     r.map_err(|e| ShadowError::io(&dst, e))
 }
 
-/// Writes pack number `no` of the given chunks (each read and verified, with its newest
-/// reference); returns its path, chunk list and those references.
-fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item = (Id, ChunkHandle, u64)>) -> Result<(PathBuf, Vec<ChunkMeta>, Vec<u64>), ShadowError> {
+/// Writes pack number `no` of the given chunks (each read and verified); returns its path and
+/// chunk list.
+fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item = (Id, ChunkHandle)>) -> Result<(PathBuf, Vec<ChunkMeta>), ShadowError> {
     let mut list = Vec::new();
-    let mut refs = Vec::new();
     let mut data = Vec::new();
-    for (_, h, r) in chunks {
-        refs.push(r);
+    for (_, h) in chunks {
         let stored = h.read_stored()?;
         open_chunk(id_key, &h.meta, &stored).map_err(|detail| ShadowError::Corrupt { what: format!("journal chunk {}", h.meta.id.short()), detail })?;
         list.push(h.meta);
@@ -1118,7 +1131,7 @@ fn write_pack(dir: &Path, no: u64, id_key: &[u8; 32], chunks: impl Iterator<Item
     out.extend_from_slice(&data);
     let name = format!("pack-{no:08}.ksp");
     write_atomic(dir, &name, &out)?;
-    Ok((dir.join(name), list, refs))
+    Ok((dir.join(name), list))
 }
 
 /// Reads `base.ksb` (the empty base when there is none).
@@ -1455,7 +1468,7 @@ mod prune_tests {
             j.append(&body, &m, off).unwrap();
             assert_eq!(j.head(), seq as u64 + 1);
             if written {
-                j.write_out(1).unwrap();
+                j.write_out(1, None).unwrap();
                 assert_eq!(j.index_in_memory(), 0);
             }
         }
@@ -1490,9 +1503,9 @@ mod prune_tests {
         assert!(!j.has_chunk(&a_id).unwrap(), "a chunk only a deleted file named stays");
         assert_eq!(j.sizes().0, 2);
         if written {
-            // The entries of the gone segment leave the table at the next write-out.
-            j.write_out(1).unwrap();
-            assert!(j.chunks.reader().unwrap().get(&a_id).unwrap().is_none());
+            // A run naming only files gone is dropped at the next write-out.
+            j.write_out(1, None).unwrap();
+            assert!(j.chunks.get(&a_id, |_| true).unwrap().is_none());
             assert!(!j.has_chunk(&a_id).unwrap());
         }
         let m = j.manifest_at(4).unwrap();
@@ -1632,7 +1645,7 @@ mod prune_tests {
             std::thread::sleep(std::time::Duration::from_micros(50));
             j.append(&body, &m, off).unwrap();
             if next() % 5 == 0 {
-                j.write_out(1 + (next() % 8) as usize).unwrap();
+                j.write_out(1 + (next() % 8) as usize, None).unwrap();
                 written += 1;
             }
             if next() % 25 == 0 {

@@ -96,6 +96,9 @@ pub struct StreamStatus {
     pub chunks: u64,
     /// Bytes of journal segments and packs.
     pub journal_bytes: u64,
+    /// Chunk index entries held in memory (the others are in the journal's index table).
+    #[serde(default)]
+    pub index_in_memory: u64,
     /// Records older than this are folded into the base (0: kept for ever).
     #[serde(default)]
     pub window_secs: u64,
@@ -244,8 +247,8 @@ pub struct Stream {
     /// The deletions the applier made within the breaker's window (kept across a restart of
     /// the applier: a burst split around it is still judged whole).
     burst: Mutex<BurstWindow>,
-    /// Held by a pruning round and by a write-out of the journal's index: never both at once
-    /// (pruning reads the index's table and trusts memory for what it lacks).
+    /// Held by a pruning round and by a write-out (and merge) of the journal's index: one at a
+    /// time, each reading files the other writes.
     upkeep: Mutex<()>,
     /// The burst the breaker holds, if any.
     held: Mutex<Option<Held>>,
@@ -278,6 +281,10 @@ pub struct StreamOptions {
 
 /// The applier notes its progress on disk at most this often while records keep coming.
 const NOTE_APPLIED_EVERY: Duration = Duration::from_millis(100);
+/// The chunk index's entries in memory are written out at least this often.
+const INDEX_WRITE_EVERY: Duration = Duration::from_secs(5);
+/// A failed write-out of the index is tried again this much later.
+const INDEX_RETRY: Duration = Duration::from_secs(5);
 
 /// Plain bytes the applier may keep of chunks just received.
 const FRESH_BYTES: usize = 64 << 20;
@@ -918,6 +925,7 @@ impl Stream {
             records: inner.journal.len(),
             chunks: chunks as u64,
             journal_bytes: bytes,
+            index_in_memory: inner.journal.index_in_memory() as u64,
             window_secs: self.window.as_secs(),
             base_seq: inner.journal.base().seq,
             apply_error: self.apply_error.lock().ok().and_then(|e| e.clone()),
@@ -968,10 +976,25 @@ impl Stream {
         // The first round soon after start: a standby that was down for days has catching up
         // to do.
         let mut next = std::time::Instant::now() + every.min(Duration::from_secs(1));
+        // The index is written out once HOT_ENTRIES wait, and whatever waits every
+        // INDEX_WRITE_EVERY (a slow stream's memory is freed too); after a failure (a full
+        // disk) it is tried again INDEX_RETRY later, the entries still readable in memory.
+        let (mut written_at, mut retry_at) = (Instant::now(), Instant::now());
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100).min(every));
-            if let Err(e) = self.write_out_index(crate::chunk_index::HOT_ENTRIES) {
-                tracing::error!(stream = %self.name, "cannot write the journal's chunk index out of memory: {e}");
+            if Instant::now() >= retry_at {
+                let all = written_at.elapsed() >= INDEX_WRITE_EVERY;
+                match self.write_out_index(if all { 1 } else { crate::chunk_index::HOT_ENTRIES }) {
+                    Ok(wrote) => {
+                        if wrote || all {
+                            written_at = Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(stream = %self.name, "cannot write the journal's chunk index out of memory (kept there, tried again in {}s): {e}", INDEX_RETRY.as_secs());
+                        retry_at = Instant::now() + INDEX_RETRY;
+                    }
+                }
             }
             if self.window.is_zero() || std::time::Instant::now() < next {
                 continue;
@@ -1014,16 +1037,25 @@ impl Stream {
         Ok(done)
     }
 
-    /// Writes the journal's index entries out of memory into its table when at least `min`
-    /// wait; the table is written without the stream's lock (the entries stay readable in
-    /// memory until it holds them).
-    pub fn write_out_index(&self, min: usize) -> Result<(), ShadowError> {
+    /// Writes the journal's index entries out of memory as a run when at least `min` wait,
+    /// without the stream's lock (the entries stay readable in memory until the run holds
+    /// them), and merges runs. Returns whether it wrote.
+    pub fn write_out_index(&self, min: usize) -> Result<bool, ShadowError> {
         let _upkeep = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
         let Some(w) = self.lock_inner().journal.index_freeze(min) else {
-            return Ok(());
+            return Ok(false);
         };
-        w.write()?;
-        self.lock_inner().journal.index_written()
+        let run = w.write()?;
+        self.lock_inner().journal.index_written(run);
+        // Merged by tiers, without the lock; the merged runs stay in use until it is done.
+        loop {
+            let Some(m) = self.lock_inner().journal.index_merge_plan(None) else {
+                break;
+            };
+            let merged = m.run()?;
+            self.lock_inner().journal.index_merged(merged);
+        }
+        Ok(true)
     }
 
     /// Applies records as they arrive (each once its delay has passed), noting progress in

@@ -152,6 +152,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
                         records: j.len(),
                         chunks: chunks as u64,
                         journal_bytes: bytes,
+                        index_in_memory: j.index_in_memory() as u64,
                         base_seq: j.base().seq,
                         ..Default::default()
                     }
