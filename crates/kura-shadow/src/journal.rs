@@ -151,7 +151,7 @@ pub struct Journal {
     /// [`TAIL_RECORDS`] and [`MARK_BYTES`] (smaller in tests, to read from disk often).
     tail_max: usize,
     mark_bytes: u64,
-    /// Where each chunk is: in memory, then (writable opens) a table on disk.
+    /// Where each chunk is: in memory, then in sorted runs on disk (chunk_index).
     chunks: ChunkIndex,
     /// Chunks named by a record of a later batch than the one that stored them: the newest
     /// such record (pruning keeps the chunk while one is in the window). Few: a file put again
@@ -304,8 +304,8 @@ impl Journal {
         names.sort();
         packs.sort();
         let base = load_base(&dir.join("base.ksb"))?;
-        // A read-only open's table (when the journal holds too many chunks to keep in memory)
-        // goes where the journal is if it can, else to the temporary directory.
+        // The index's runs go where the journal is; a read-only open's, when it cannot write
+        // there, to the temporary directory.
         let chunks = ChunkIndex::new(if read_only { vec![dir.to_path_buf(), std::env::temp_dir()] } else { vec![dir.to_path_buf()] });
         let mut j = Journal {
             dir: dir.to_path_buf(),
@@ -402,7 +402,7 @@ impl Journal {
         self.chunks.written(run);
     }
 
-    /// A merge of the index's newest runs when their tier is full ([`IndexMerge::run`], then
+    /// A merge of the index's runs when a tier is full ([`IndexMerge::run`], then
     /// [`Journal::index_merged`]); runs naming only files gone are dropped.
     pub(crate) fn index_merge_plan(&mut self, current: Option<FileNo>) -> Option<IndexMerge> {
         let mut live: Vec<FileNo> = self.segments.iter().map(|s| s.no).chain(self.packs.iter().map(|p| p.no)).chain(current).collect();
