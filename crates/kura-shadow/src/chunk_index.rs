@@ -405,4 +405,28 @@ mod tests {
         // No file of the index is left behind in the directory.
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
+
+    /// A write-out that cannot make its file (here: its directory is missing; a full disk
+    /// takes the same path) leaves the entries readable in memory; the next try writes them.
+    #[test]
+    fn a_write_out_that_fails_keeps_its_entries_and_is_tried_again() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("later");
+        let mut ix = ChunkIndex::new(vec![dir.clone()]);
+        ix.put(id(1), at(1, 1));
+        let w = ix.freeze(1).unwrap();
+        assert!(matches!(w.write(), Err(ShadowError::Io { .. })));
+        ix.put(id(2), at(1, 2));
+        assert_eq!(ix.get(&id(1), |_| true).unwrap(), Some(at(1, 1)));
+        assert_eq!(ix.in_memory(), 2);
+        std::fs::create_dir(&dir).unwrap();
+        let w = ix.freeze(1).unwrap();
+        ix.written(w.write().unwrap());
+        assert_eq!(ix.in_memory(), 1, "the failed write-out's entries, not the newer one");
+        let w = ix.freeze(1).unwrap();
+        ix.written(w.write().unwrap());
+        assert_eq!(ix.in_memory(), 0);
+        assert_eq!((ix.get(&id(1), |_| true).unwrap(), ix.get(&id(2), |_| true).unwrap()), (Some(at(1, 1)), Some(at(1, 2))));
+        assert_eq!(ix.get(&id(2), |f| f != 1).unwrap(), None, "an entry of a file gone is not answered");
+    }
 }

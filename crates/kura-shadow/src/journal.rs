@@ -148,9 +148,11 @@ pub struct Journal {
     head: u64,
     /// The first run of records missing after the base (a damaged journal; found on open).
     gap: Option<(u64, u64)>,
-    /// [`TAIL_RECORDS`] and [`MARK_BYTES`] (smaller in tests, to read from disk often).
+    /// [`TAIL_RECORDS`], [`MARK_BYTES`] and [`HOT_ENTRIES`] while opening (smaller in tests,
+    /// to read from disk often).
     tail_max: usize,
     mark_bytes: u64,
+    hot_max: usize,
     /// Where each chunk is: in memory, then in sorted runs on disk (chunk_index).
     chunks: ChunkIndex,
     /// Chunks named by a record of a later batch than the one that stored them: the newest
@@ -279,11 +281,12 @@ impl Journal {
     /// Opens (or, when `create`, makes) the journal in `dir`. Read-only opens never cut a torn
     /// tail or remove anything; they just stop before a torn tail.
     pub fn open(dir: &Path, id_key: [u8; 32], read_only: bool) -> Result<Journal, ShadowError> {
-        Self::open_with(dir, id_key, read_only, (TAIL_RECORDS, MARK_BYTES))
+        Self::open_with(dir, id_key, read_only, (TAIL_RECORDS, MARK_BYTES, HOT_ENTRIES))
     }
 
-    /// [`Journal::open`] keeping `limits.0` records in memory, a mark every `limits.1` bytes.
-    fn open_with(dir: &Path, id_key: [u8; 32], read_only: bool, limits: (usize, u64)) -> Result<Journal, ShadowError> {
+    /// [`Journal::open`] keeping `limits.0` records in memory, a mark every `limits.1` bytes,
+    /// and writing the index out while opening once `limits.2` entries wait.
+    fn open_with(dir: &Path, id_key: [u8; 32], read_only: bool, limits: (usize, u64, usize)) -> Result<Journal, ShadowError> {
         if !read_only {
             std::fs::create_dir_all(dir).map_err(|e| ShadowError::io(dir, e))?;
         }
@@ -319,6 +322,7 @@ impl Journal {
             gap: None,
             tail_max: limits.0,
             mark_bytes: limits.1,
+            hot_max: limits.2,
             chunks,
             rerefs: HashMap::new(),
             index_warned: false,
@@ -385,7 +389,7 @@ impl Journal {
         if self.index_warned {
             return;
         }
-        if let Err(e) = self.write_out(HOT_ENTRIES, current) {
+        if let Err(e) = self.write_out(self.hot_max, current) {
             tracing::warn!(journal = %self.dir.display(), "the chunk index stays in memory for now: {e}");
             self.index_warned = true;
         }
@@ -1318,7 +1322,7 @@ mod tests {
     fn records_beyond_the_memory_tail_are_read_back_from_the_segments() {
         let d = tempfile::tempdir().unwrap();
         let key = [9u8; 32];
-        let limits = (7, 600);
+        let limits = (7, 600, HOT_ENTRIES);
         let mut j = Journal::open_with(d.path(), key, false, limits).unwrap();
         let mut want = Vec::new();
         let mut seq = 1;
@@ -1339,7 +1343,7 @@ mod tests {
         drop(j);
         // Reopened, writable and read-only: the same records, rebuilt from the segments.
         reads_agree(&Journal::open_with(d.path(), key, true, limits).unwrap(), &want);
-        let mut j = Journal::open_with(d.path(), key, false, (3, 2000)).unwrap();
+        let mut j = Journal::open_with(d.path(), key, false, (3, 2000, HOT_ENTRIES)).unwrap();
         reads_agree(&j, &want);
         // Pruned: what is left reads the same, from the new base on.
         let upto = want[want.len() / 2].0;
@@ -1666,7 +1670,11 @@ mod prune_tests {
             }
             if step % 97 == 96 {
                 drop(j);
-                j = Journal::open(d.path(), key, false).unwrap();
+                // Every other reopen writes the index out every few entries while it reads
+                // the segments (runs and merges before the segment being read is listed).
+                let hot = if step % 194 == 96 { 3 } else { HOT_ENTRIES };
+                j = Journal::open_with(d.path(), key, false, (TAIL_RECORDS, MARK_BYTES, hot)).unwrap();
+                assert!(hot == HOT_ENTRIES || j.index_in_memory() < 3);
             }
             // Every chunk still named reads back whole.
             let mut named: Vec<Id> = j.base().tree.chunk_ids().copied().collect();
@@ -1680,7 +1688,7 @@ mod prune_tests {
                 h.read(&key).unwrap();
             }
             if step % 20 == 19 {
-                let mem = Journal::open(d.path(), key, true).unwrap();
+                let mem = Journal::open_with(d.path(), key, true, (TAIL_RECORDS, MARK_BYTES, if step % 40 == 19 { 2 } else { HOT_ENTRIES })).unwrap();
                 assert_eq!(j.sizes().0, mem.sizes().0, "step {step}: chunk count");
                 for id in &seen {
                     assert_eq!(j.has_chunk(id).unwrap(), mem.has_chunk(id).unwrap(), "step {step}: chunk {}", id.short());

@@ -92,7 +92,7 @@ pub struct StreamStatus {
     pub oldest_time_ns: i64,
     /// Records kept.
     pub records: u64,
-    /// Distinct chunks kept, and journal bytes.
+    /// Chunks kept (one stored again counts again until pruning drops the older copy).
     pub chunks: u64,
     /// Bytes of journal segments and packs.
     pub journal_bytes: u64,
