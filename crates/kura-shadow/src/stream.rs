@@ -96,7 +96,7 @@ pub struct StreamStatus {
     pub chunks: u64,
     /// Bytes of journal segments and packs.
     pub journal_bytes: u64,
-    /// Chunk index entries held in memory (the others are in the journal's index table).
+    /// Chunk index entries held in memory (the others are in its runs on disk).
     #[serde(default)]
     pub index_in_memory: u64,
     /// Records older than this are folded into the base (0: kept for ever).
