@@ -967,7 +967,9 @@ impl PrunePlan {
             read_frames(path, file, 0, *len, |_, meta, data_at| {
                 let mut off = data_at;
                 for c in &meta.chunks {
-                    if seen.insert(c.id) && home(&c.id, *no) {
+                    // Home first: a chunk stored in two dropped segments is the later one's
+                    // when the index names that copy.
+                    if home(&c.id, *no) && seen.insert(c.id) {
                         candidates.push((c.id, ChunkHandle { file: file.clone(), off, meta: *c }, *no));
                     }
                     off += u64::from(c.zlen);
@@ -1594,6 +1596,35 @@ mod prune_tests {
         let m = j.manifest_at(4).unwrap();
         assert_eq!(content_of(&j, &m, "b"), vec![b'b'; 3000]);
         assert_eq!(content_of(&j, &m, "c"), vec![b'c'; 3000]);
+    }
+
+    /// A chunk stored in two segments that leave in the same round, named by the tree that
+    /// stays: it moves into the pack from the copy the index names.
+    #[test]
+    fn a_chunk_stored_in_two_pruned_segments_stays() {
+        for written in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let key = [4u8; 32];
+            let mut j = Journal::open(d.path(), key, false).unwrap();
+            j.set_segment_age(std::time::Duration::ZERO);
+            let same = vec![b's'; 2000];
+            for (body, m, off) in [put(&key, 1, "x", &same), put(&key, 2, "y", &same), put(&key, 3, "z", b"other")] {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                j.append(&body, &m, off).unwrap();
+            }
+            if written {
+                j.write_out(1, None).unwrap();
+            }
+            let plan = j.prune_plan(j.time_of(3).unwrap(), 2).unwrap().unwrap();
+            j.prune_commit(plan.build(&BTreeSet::new(), &Default::default()).unwrap()).unwrap().finish().unwrap();
+            assert_eq!(j.base().seq, 2);
+            let m = j.manifest_at(3).unwrap();
+            assert_eq!(content_of(&j, &m, "x"), same, "written out: {written}");
+            assert_eq!(content_of(&j, &m, "y"), same);
+            drop(j);
+            let j = Journal::open(d.path(), key, true).unwrap();
+            assert_eq!(content_of(&j, &j.manifest_at(3).unwrap(), "x"), same);
+        }
     }
 
     /// A put of `name` naming a chunk the journal already holds, without carrying it.
