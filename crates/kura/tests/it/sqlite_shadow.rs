@@ -479,7 +479,13 @@ fn transactions_older_than_those_in_memory_restore_from_the_journals_files() {
     converge(&sb, &db, &copy, &log);
     kill9(&mut push);
     let head = sb.status()["head"].as_u64().unwrap();
-    assert!(head > 20_000, "{head} records for 20,010 transactions");
+    // One record per commit, unless the pusher attached again (a timeout on a loaded machine):
+    // its new base then stands for the commits it had not sent. Either way more records than
+    // the journal keeps in memory.
+    let pushed = std::fs::read_to_string(&log).unwrap();
+    let warned: Vec<&str> = pushed.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+    let reattached = pushed.contains("attaching again");
+    assert!(head > 20_000 || (reattached && head > 16_384 + 1_000), "{head} records for 20,010 transactions; the pusher warned:\n{}", warned.join("\n"));
     // The chunk index leaves the standby's memory (written out every few seconds); the journal
     // still holds every chunk.
     let t = Instant::now();
@@ -489,7 +495,7 @@ fn transactions_older_than_those_in_memory_restore_from_the_journals_files() {
     }
     assert!(sb.status()["chunks"].as_u64().unwrap() > 20_000, "{}", sb.status());
     let mut last = -1;
-    for txid in [2, 100, 5_000, head / 2, head - 20_000 + 16_384, head] {
+    for txid in [2, 100, 5_000, head / 2, head - (20_000 - 16_384), head] {
         let n = restore_txid(&sb, work.path(), txid);
         assert!(n > last, "transaction {txid} holds no more rows ({n}) than an earlier one ({last})");
         last = n;
