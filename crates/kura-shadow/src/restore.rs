@@ -3,7 +3,7 @@
 //! finds the moment before a mistake.
 
 use crate::apply::{self, Chunks};
-use crate::journal::{Entry, Journal, StreamFile};
+use crate::journal::{Journal, StreamFile};
 use crate::{ShadowError, path};
 use kura_repo::{Id, NodeKind};
 use std::path::Path;
@@ -219,10 +219,4 @@ fn prepare_target(only: Option<&[u8]>, target: &Path) -> Result<(), ShadowError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(target).map_err(|e| ShadowError::io(target, e)),
         Err(e) => Err(ShadowError::io(target, e)),
     }
-}
-
-/// Calls `f` with each record touching `only` (all when `None`) received at or after
-/// `since_ns`, in order.
-pub fn log(j: &Journal, only: Option<&[u8]>, since_ns: i64, f: impl FnMut(&Entry)) -> Result<(), ShadowError> {
-    j.touching(only, since_ns, f)
 }

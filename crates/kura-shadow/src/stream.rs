@@ -1058,6 +1058,16 @@ impl Stream {
         Ok(true)
     }
 
+    /// Reports why the applier is stuck in its status and waits `backoff`, doubling it (up to
+    /// 10 s) for the next try.
+    fn stall(&self, why: String, backoff: &mut Duration) {
+        if let Ok(mut a) = self.apply_error.lock() {
+            *a = Some(why);
+        }
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+
     /// Applies records as they arrive (each once its delay has passed), noting progress in
     /// `applied`. A failure (full disk) is reported in the status and retried. The breaker holds
     /// a burst of deletions before it reaches the mirror.
@@ -1083,11 +1093,7 @@ impl Stream {
         while !self.stop.load(Ordering::SeqCst) {
             if !self.reconciled.load(Ordering::SeqCst) {
                 if let Err(e) = self.reconcile() {
-                    if let Ok(mut a) = self.apply_error.lock() {
-                        *a = Some(format!("mirror not reconciled: {e}"));
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.stall(format!("mirror not reconciled: {e}"), &mut backoff);
                     continue;
                 }
                 // Records applied since are in the tree the reconcile wrote.
@@ -1096,12 +1102,8 @@ impl Stream {
                 match read {
                     Ok(t) => tree = t,
                     Err(e) => {
-                        if let Ok(mut a) = self.apply_error.lock() {
-                            *a = Some(format!("journal unreadable: {e}"));
-                        }
                         self.reconciled.store(false, Ordering::SeqCst);
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        self.stall(format!("journal unreadable: {e}"), &mut backoff);
                         continue;
                     }
                 }
@@ -1143,11 +1145,7 @@ impl Stream {
                 });
                 drop(inner);
                 if let Err(e) = read {
-                    if let Ok(mut a) = self.apply_error.lock() {
-                        *a = Some(format!("journal unreadable: {e}"));
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.stall(format!("journal unreadable: {e}"), &mut backoff);
                     continue;
                 }
                 (out, due)
@@ -1188,11 +1186,7 @@ impl Stream {
                 let ops = match read {
                     Ok(ops) => ops,
                     Err(e) => {
-                        if let Ok(mut a) = self.apply_error.lock() {
-                            *a = Some(format!("journal unreadable: {e}"));
-                        }
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        self.stall(format!("journal unreadable: {e}"), &mut backoff);
                         continue;
                     }
                 };
@@ -1351,11 +1345,7 @@ impl Stream {
             match failed {
                 Some(e) => {
                     tracing::warn!(stream = %self.name, "cannot apply record {}: {e}", done + 1);
-                    if let Ok(mut a) = self.apply_error.lock() {
-                        *a = Some(format!("record {}: {e}", done + 1));
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.stall(format!("record {}: {e}", done + 1), &mut backoff);
                 }
                 None => {
                     backoff = Duration::from_millis(100);

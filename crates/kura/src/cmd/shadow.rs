@@ -251,7 +251,7 @@ pub fn run(cli: &Cli, c: &ShadowCommand) -> Result<Outcome> {
             let only = only.as_deref().map(|p| p.trim_matches('/').as_bytes().to_vec());
             // Printed as read: the window may hold more records than fit in memory.
             let mut first = true;
-            kura_shadow::restore::log(&j, only.as_deref(), since, |e| {
+            j.touching(only.as_deref(), since, |e| {
                 if cli.json {
                     let one = serde_json::json!({"seq": e.seq, "received": show_time(e.recv_ns), "received_ns": e.recv_ns, "primary_time_ns": e.at_ns, "change": describe(&e.op)});
                     outln!("{}{one}", if first { "[" } else { "," });

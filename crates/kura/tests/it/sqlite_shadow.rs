@@ -87,6 +87,23 @@ fn pusher_with(sb: &Standby, db: &Path, url: &str, log: &Path, extra: &[&str]) -
     sb.kura(&sb.token, &args).env("KURA_LOG", "debug").stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
+/// A working directory with the application's database and the pusher's log, and where the
+/// standby keeps its copy.
+fn places(sb: &Standby) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
+    let copy = sb.mirror().join("app.db");
+    (work, db, log, copy)
+}
+
+/// `rows` transactions written, then a pusher started and the copy caught up with them.
+fn pushing(sb: &Standby, db: &Path, log: &Path, copy: &Path, rows: u32, pause: &str) -> Child {
+    App::start(db, rows, pause).finish();
+    let push = pusher(sb, db, &sb.url(), log);
+    converge(sb, db, copy, log);
+    push
+}
+
 /// Waits until the standby's copy holds exactly the application's rows.
 fn converge(sb: &Standby, db: &Path, copy: &Path, log: &Path) {
     converge_by(sb, db, copy, log, try_rows);
@@ -152,9 +169,7 @@ fn restore_txid(sb: &Standby, work: &Path, txid: u64) -> i64 {
 #[test]
 fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_transaction_restores() {
     let mut sb = Standby::start();
-    let work = tempfile::tempdir().unwrap();
-    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
-    let copy = sb.mirror().join("app.db");
+    let (work, db, log, copy) = places(&sb);
     let app = App::start(&db, 2500, "0.001");
     let mut push = pusher(&sb, &db, &sb.url(), &log);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -281,9 +296,7 @@ fn a_live_database_is_shadowed_through_kill9_of_pusher_and_receiver_and_every_tr
 fn the_copy_converges_after_the_network_is_cut_during_a_write_storm() {
     let sb = Standby::start();
     let cable = Cable::to(&sb.server.addr);
-    let work = tempfile::tempdir().unwrap();
-    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
-    let copy = sb.mirror().join("app.db");
+    let (_work, db, log, copy) = places(&sb);
     let url = format!("kura://127.0.0.1:{}/www", cable.port);
     let app = App::start(&db, 3000, "0.0005");
     // Commits travel in groups of up to 20 ms here (the default is 5 ms).
@@ -398,12 +411,8 @@ print("busy", busy, flush=True)
 #[test]
 fn killed_transactions_forced_checkpoints_and_a_replaced_database_all_reach_the_copy_correctly() {
     let sb = Standby::start();
-    let work = tempfile::tempdir().unwrap();
-    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
-    let copy = sb.mirror().join("app.db");
-    App::start(&db, 300, "0.001").finish();
-    let mut push = pusher(&sb, &db, &sb.url(), &log);
-    converge(&sb, &db, &copy, &log);
+    let (work, db, log, copy) = places(&sb);
+    let mut push = pushing(&sb, &db, &log, &copy, 300, "0.001");
 
     // kill -9 of the application in the middle of a transaction that spilled into the log.
     let mut spill = Command::new("python3").arg("-c").arg(SPILL).arg(&db).stdout(Stdio::piped()).spawn().unwrap();
@@ -469,12 +478,8 @@ fn killed_transactions_forced_checkpoints_and_a_replaced_database_all_reach_the_
 #[test]
 fn transactions_older_than_those_in_memory_restore_from_the_journals_files() {
     let sb = Standby::start();
-    let work = tempfile::tempdir().unwrap();
-    let (db, log) = (work.path().join("app.db"), work.path().join("push.log"));
-    let copy = sb.mirror().join("app.db");
-    App::start(&db, 10, "0").finish();
-    let mut push = pusher(&sb, &db, &sb.url(), &log);
-    converge(&sb, &db, &copy, &log);
+    let (work, db, log, copy) = places(&sb);
+    let mut push = pushing(&sb, &db, &log, &copy, 10, "0");
     App::start(&db, 20_000, "0").finish();
     converge(&sb, &db, &copy, &log);
     kill9(&mut push);
